@@ -1,0 +1,370 @@
+"""Base model → 4-bit NF4 (double quant) → LoRA adapters, and reloading a trained run.
+
+Data path: ``resolve_source`` finds a local HF directory (hub snapshot, local dir, or a
+GGUF file converted once into a cached HF directory), ``load_quantized_base`` loads it
+with bitsandbytes 4-bit, ``attach_lora`` adds adapters to the attention projections
+(found per architecture), and ``load_run_for_inference`` rebuilds NF4 base + adapter
+from a run directory for evaluation, generation and export verification.
+
+Deliberate choice: peft's ``prepare_model_for_kbit_training`` is *not* used, because it
+casts every 16-bit parameter (embeddings, lm_head, norms) to float32 (+2.1 GB on
+Llama-3-8B).  We freeze the base, keep those layers in the compute dtype, and use
+non-reentrant gradient checkpointing, which needs no input-gradient hook for adapters to
+receive gradients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qlora_kit.config import LoraConfig, ModelConfig
+from qlora_kit.errors import ModelError
+
+log = logging.getLogger("qlora_kit")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+# --------------------------------------------------------------------------- device / dtype
+
+
+def pick_device() -> torch.device:
+    """CUDA device 0 when available, else CPU."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_compute_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """Pick the compute/adapter dtype: bf16 on CUDA (fp16 without bf16 support), fp32 on CPU."""
+    if requested != "auto":
+        dtype = DTYPES[requested]
+        if device.type == "cpu" and dtype != torch.float32:
+            log.warning("compute_dtype=%s on CPU is ~6x slower than float32 here; consider 'auto'", requested)
+        if dtype == torch.float16:
+            log.warning("float16 compute can overflow to NaN during training; bfloat16 is safer where supported")
+        return dtype
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        log.warning("this GPU has no bfloat16 support: using float16 compute (watch for NaN losses)")
+        return torch.float16
+    log.info("CPU run: using float32 compute and adapter dtype (bf16 is ~6x slower on CPU)")
+    return torch.float32
+
+
+# --------------------------------------------------------------------------- source resolution
+
+
+def cache_root() -> Path:
+    """Where converted GGUF models are cached ($QLORA_KIT_CACHE or ~/.cache/qlora-kit)."""
+    env = os.environ.get("QLORA_KIT_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora-kit"
+    return base
+
+
+def resolve_source(cfg: ModelConfig) -> Path:
+    """Return a local HF model directory for ``cfg.name_or_path``.
+
+    Raises:
+        ModelError: the path does not exist, is not a model, or the hub id cannot be fetched.
+    """
+    name = cfg.name_or_path
+    path = Path(name).expanduser()
+    if name.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file {path} not found", "check model.name_or_path")
+        return convert_gguf(path)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"{path} is not a Hugging Face model directory (no config.json)",
+                "point model.name_or_path at the folder holding config.json, or at a .gguf file",
+            )
+        return path
+    if not _HUB_ID.match(name):
+        raise ModelError(f"model {name!r} not found: not a local path and not a hub id (org/name)")
+    return _download_from_hub(name, cfg.revision)
+
+
+def _download_from_hub(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.py"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except RepositoryNotFoundError as exc:
+        raise ModelError(f"model {repo_id!r} not found on the hub", "check the id, or log in for gated models") from exc
+    except LocalEntryNotFoundError as exc:
+        raise ModelError(
+            f"model {repo_id!r} is not in the local HF cache and the hub cannot be reached",
+            "download it first, or point model.name_or_path at a local directory",
+        ) from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise ModelError(f"could not fetch {repo_id!r} from the hub: {exc}") from exc
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Dequantise a GGUF model once into a cached HF directory (float16 safetensors).
+
+    transformers loads GGUF dequantised but refuses ``save_pretrained`` on that model, so
+    the weights are moved into a model built from its config first.  The cache key is the
+    file's path, size and mtime; a finished conversion is marked by ``.complete``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (out / ".complete").exists():
+        return out
+    log.info("converting GGUF %s to a cached HF checkpoint at %s (once)", gguf_path.name, out)
+    folder, fname = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(folder, gguf_file=fname)
+    except Exception as exc:  # gguf parsing errors come in many types
+        raise ModelError(f"cannot load GGUF {gguf_path}: {exc}", "is the gguf package installed and the file intact?") from exc
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    model.load_state_dict({k: v.to(torch.float16) for k, v in loaded.state_dict().items()}, strict=False)
+    model.generation_config = loaded.generation_config
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / ".complete").write_text(str(gguf_path.resolve()))
+    tmp.replace(out) if not out.exists() else None
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(source: Path, cfg: ModelConfig):
+    """Load the tokenizer, apply a chat-template override, and make sure a pad token exists."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"cannot load the tokenizer from {source}: {exc}") from exc
+    if cfg.chat_template:
+        tok.chat_template = cfg.chat_template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+        log.info("tokenizer has no pad token: using %r for padding (padding is never trained on)", tok.pad_token)
+    return tok
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How the base was quantised; the exporter reproduces exactly this."""
+
+    quant_type: str
+    double_quant: bool
+    blocksize: int
+    compute_dtype: str
+    load_dtype: str
+    quant_storage: str = "uint8"
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def load_quantized_base(source: Path, cfg: ModelConfig, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Load ``source`` with every linear layer (except lm_head) in bitsandbytes 4-bit.
+
+    Non-quantised layers (embeddings, norms, lm_head) stay in ``compute_dtype``.  All
+    parameters are frozen.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            quantization_config=bnb,
+            dtype=compute_dtype,
+            device_map={"": device},
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelError(f"cannot load model from {source}: {exc}") from exc
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def quant_spec(model: nn.Module, cfg: ModelConfig, compute_dtype: torch.dtype) -> QuantSpec:
+    """Read the 4-bit layout actually used by the loaded model."""
+    import bitsandbytes as bnb
+
+    layer = next((m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)), None)
+    if layer is None:
+        raise ModelError("no bitsandbytes 4-bit layer found after loading: quantisation did not happen")
+    qs = layer.weight.quant_state
+    name = str(compute_dtype).removeprefix("torch.")
+    return QuantSpec(cfg.quant_type, cfg.double_quant, int(qs.blocksize), name, name)
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Leaf names of all linear layers (4-bit or not) except the output head."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def attention_module_names(model: nn.Module) -> list[str]:
+    """Leaf names of the linear layers inside attention blocks, whatever the architecture.
+
+    Found structurally (children of modules whose class name contains ``Attention``), so
+    Llama/Mistral/Qwen2/Gemma (q/k/v/o_proj), Phi-3 (qkv_proj, o_proj) and others work
+    without a table of names.
+    """
+    names: set[str] = set()
+    for module in model.modules():
+        if "attention" not in type(module).__name__.lower():
+            continue
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                names.add(child_name)
+    return sorted(names)
+
+
+def resolve_target_modules(model: nn.Module, spec: str | list[str]) -> list[str] | str:
+    """Turn ``lora.target_modules`` into names peft accepts.
+
+    Raises:
+        ModelError: requested names are not linear layers of this model (candidates listed).
+    """
+    candidates = linear_module_names(model)
+    if spec == "all-linear":
+        return candidates
+    if spec == "attention":
+        found = attention_module_names(model)
+        if not found:
+            raise ModelError(
+                "could not find attention projections in this architecture",
+                f"set lora.target_modules to some of: {', '.join(candidates)}",
+            )
+        return found
+    missing = [name for name in spec if name not in candidates]
+    if missing:
+        raise ModelError(
+            f"lora.target_modules {missing} are not linear layers of this model",
+            f"choose from: {', '.join(candidates)} (or 'attention' / 'all-linear')",
+        )
+    return list(spec)
+
+
+def attach_lora(model: nn.Module, cfg: LoraConfig, adapter_dtype: torch.dtype, gradient_checkpointing: bool):
+    """Add trainable LoRA adapters (B = 0, so the model starts unchanged) in ``adapter_dtype``."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = resolve_target_modules(model, cfg.target_modules)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, peft_cfg, autocast_adapter_dtype=False)
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(adapter_dtype)
+    return peft_model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their logical size."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = 0
+    for p in model.parameters():
+        total += p.numel() * 2 if p.dtype == torch.uint8 else p.numel()
+    return trainable, total
+
+
+def set_inference_mode(model: nn.Module) -> None:
+    """eval(), no gradient checkpointing, KV cache on: generating in train mode is wrong and slow."""
+    model.eval()
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    for m in (model, getattr(model, "base_model", None), getattr(model, "model", None)):
+        if m is not None and getattr(m, "config", None) is not None:
+            m.config.use_cache = True
+
+
+def set_training_mode(model: nn.Module, gradient_checkpointing: bool) -> None:
+    """train() with non-reentrant checkpointing restored after an inference pass."""
+    model.train()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+
+
+# --------------------------------------------------------------------------- reloading a run
+
+
+def load_run_for_inference(run_dir: str | Path, device: torch.device | None = None, adapter_subdir: str = "adapter"):
+    """Rebuild NF4 base + trained adapter from a run directory, ready for generation.
+
+    Returns ``(model, tokenizer, manifest)``.  The base is quantised exactly as in
+    training (the spec recorded in ``manifest.json``).
+
+    Raises:
+        ModelError: the run directory is incomplete.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from qlora_kit.config import load_config
+
+    run = Path(run_dir)
+    manifest_path = run / "manifest.json"
+    adapter = run / adapter_subdir
+    for needed in (manifest_path, run / "config.yaml", adapter / "adapter_config.json", run / "tokenizer"):
+        if not needed.exists():
+            raise ModelError(f"{run} is not a finished qlora-kit run: {needed.name} is missing",
+                             "pass the output_dir of a completed `qlora-kit train`")
+    manifest = json.loads(manifest_path.read_text())
+    cfg, _ = load_config(run / "config.yaml")
+    device = device or pick_device()
+    source = Path(manifest["base"]["source_dir"])
+    if not (source / "config.json").exists():
+        source = resolve_source(cfg.model)
+    compute_dtype = DTYPES[manifest["quant"]["compute_dtype"]] if device.type == "cuda" else torch.float32
+    base = load_quantized_base(source, cfg.model, compute_dtype, device)
+    model = PeftModel.from_pretrained(base, adapter, is_trainable=False)
+    set_inference_mode(model)
+    tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
+    return model, tokenizer, manifest

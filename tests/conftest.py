@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny random chat models built in code, data files, configs, CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from qlora_kit.tiny import build_tiny_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: ``tiny_models("llama")`` → path of a cached tiny model directory."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    made: dict[str, Path] = {}
+
+    def get(arch: str = "llama") -> Path:
+        if arch not in made:
+            made[arch] = build_tiny_model(root / arch, arch)
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models("llama")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep GGUF conversions etc. out of the user's ~/.cache (shared across one session)."""
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path_factory.getbasetemp() / "qlora-kit-cache"))
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def arithmetic_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Small chat rows in `messages` format with a learnable pattern."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append({"messages": [
+            {"role": "user", "content": f"{a} + {b} ?"},
+            {"role": "assistant", "content": f"{a} + {b} = {a + b}"},
+        ]})
+    return rows
+
+
+def write_config(path: Path, model: Path, data: Path, output_dir: Path, **sections: dict[str, Any]) -> Path:
+    """Write a small CPU config; ``sections`` override/extend model/lora/data/train."""
+    cfg: dict[str, Any] = {
+        "model": {"name_or_path": str(model)},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"path": str(data), "val_fraction": 0.1},
+        "train": {
+            "max_steps": 6, "learning_rate": 5e-3, "micro_batch_size": 4, "gradient_accumulation_steps": 1,
+            "max_length": 64, "logging_steps": 1, "save_steps": 3, "warmup_steps": 0, "seed": 0,
+            "optimizer": "adamw_torch",
+        },
+        "output_dir": str(output_dir),
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg.setdefault(key, {}).update(value)
+        else:
+            cfg[key] = value
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    """Run ``qlora-kit`` in a subprocess (real signals, real exit codes)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "qlora_kit.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
