@@ -211,7 +211,24 @@ def load_quantized_base(source: Path, cfg: ModelConfig, compute_dtype: torch.dty
         raise ModelError(f"cannot load model from {source}: {exc}") from exc
     for p in model.parameters():
         p.requires_grad_(False)
+    disable_cpu_weight_repacking(model)
     return model
+
+
+def disable_cpu_weight_repacking(model: nn.Module) -> None:
+    """Keep one 4-bit layout for training and inference on CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight in place the first
+    time it runs without gradients (eval) and un-nests the double-quantised absmax; saving
+    or training afterwards re-quantises it.  That silently changes the frozen base after
+    the first evaluation (measured here: different losses after resume, and eval numerics
+    that differ from training).  Turning it off keeps the base bit-identical throughout.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def quant_spec(model: nn.Module, cfg: ModelConfig, compute_dtype: torch.dtype) -> QuantSpec:

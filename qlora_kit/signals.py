@@ -1,0 +1,43 @@
+"""Graceful preemption: SIGTERM/SIGINT ask the run to checkpoint at the next step boundary.
+
+The first signal only sets a flag that the training loop polls between optimizer steps
+(and between evaluation batches); the loop then saves a checkpoint and exits with
+``EXIT_PREEMPTED`` (75).  A second SIGINT aborts at once (KeyboardInterrupt, exit 130).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+
+log = logging.getLogger("qlora_kit")
+
+
+class StopRequest:
+    """Installs the handlers for the duration of a ``with`` block."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.requested:
+            self.signal_name = name
+            log.warning("%s received: saving a checkpoint at the next step boundary (Ctrl-C again aborts)", name)
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
