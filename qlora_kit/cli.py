@@ -199,6 +199,21 @@ def doctor() -> None:
     _run(body)
 
 
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("demo-run"), "--workdir", help="Where the demo writes data and its run."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Override the number of training steps."),
+) -> None:
+    """CPU demo: fine-tune SmolLM2-135M-Instruct (GGUF, from PyPI) on a generated task; exact match before/after."""
+
+    def body() -> int:
+        from qlora_kit.demo import run_demo
+
+        return run_demo(workdir, steps=steps)
+
+    _run(body)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="qlora-kit")
