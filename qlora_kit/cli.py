@@ -32,11 +32,13 @@ OOM_HINT = (
 
 
 def _setup_logging(debug: bool) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     level = logging.DEBUG if debug else logging.INFO
-    handler = RichHandler(show_path=False, show_time=False, markup=False, rich_tracebacks=False)
+    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False, markup=False,
+                          rich_tracebacks=False)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
     logging.getLogger("qlora_kit").setLevel(level)
     if not debug:

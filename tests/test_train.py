@@ -1,0 +1,131 @@
+"""Training on a tiny random chat model: 4-bit base frozen, adapters trained, outputs complete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from conftest import arithmetic_rows, gpu, run_cli, write_config, write_jsonl
+from safetensors.torch import load_file
+
+from qlora_kit.config import load_config
+from qlora_kit.signals import StopRequest
+from qlora_kit.train import dump_config, prepare_output_dir, setup, train
+
+
+def _setup_run(tmp_path: Path, model: Path, **sections):
+    data = write_jsonl(tmp_path / "data.jsonl", arithmetic_rows(48))
+    cfg_path = write_config(tmp_path / "cfg.yaml", model, data, tmp_path / "out", **sections)
+    cfg, sources = load_config(cfg_path)
+    prepare_output_dir(Path(cfg.output_dir), resume=False, overwrite=False)
+    return setup(cfg, dump_config(cfg, sources), Path(cfg.output_dir), None, skip_memory_check=True)
+
+
+@pytest.mark.parametrize("arch, expected", [
+    ("llama", {"q_proj", "k_proj", "v_proj", "o_proj"}),
+    ("qwen2", {"q_proj", "k_proj", "v_proj", "o_proj"}),
+    ("mistral", {"q_proj", "k_proj", "v_proj", "o_proj"}),
+    ("phi3", {"qkv_proj", "o_proj"}),
+])
+def test_base_frozen_in_4bit_and_adapters_trained(tmp_path: Path, tiny_models, arch: str, expected: set) -> None:
+    run = _setup_run(tmp_path, tiny_models(arch), train={"max_steps": 3, "save_steps": 3})
+    linears = {n: m for n, m in run.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert linears, "base linear layers must be bitsandbytes 4-bit"
+    assert all(m.weight.quant_state.quant_type == "nf4" and m.weight.quant_state.nested for m in linears.values())
+    base_before = {n: (m.weight.data.clone(), m.weight.quant_state.absmax.clone()) for n, m in linears.items()}
+    lora_before = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    # Default targets: the attention projections only, with B zero-initialised.
+    assert set(run.model.peft_config["default"].target_modules) == expected
+    assert {n.split(".")[-4] for n in lora_before} == expected
+    assert all(torch.count_nonzero(p) == 0 for n, p in lora_before.items() if "lora_B" in n)
+    assert all(not p.requires_grad for n, p in run.model.named_parameters() if "lora_" not in n)
+
+    with StopRequest() as stop:
+        train(run, stop)
+
+    for name, m in linears.items():
+        assert torch.equal(m.weight.data, base_before[name][0]), f"4-bit weights of {name} changed"
+        assert torch.equal(m.weight.quant_state.absmax, base_before[name][1]), f"absmax of {name} changed"
+    changed = [n for n, p in run.model.named_parameters() if p.requires_grad and not torch.equal(p, lora_before[n])]
+    assert len(changed) == len(lora_before), "every adapter matrix should have been updated"
+
+
+def test_all_linear_and_explicit_targets(tmp_path: Path, tiny_llama: Path) -> None:
+    run = _setup_run(tmp_path, tiny_llama, lora={"target_modules": "all-linear"})
+    assert set(run.model.peft_config["default"].target_modules) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    run = _setup_run(tmp_path / "b", tiny_llama, lora={"target_modules": ["q_proj", "v_proj"], "use_rslora": True,
+                                                        "use_dora": True})
+    assert set(run.model.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
+    assert run.model.peft_config["default"].use_dora and run.model.peft_config["default"].use_rslora
+
+
+def test_cli_train_end_to_end(tmp_path: Path, tiny_llama: Path) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", arithmetic_rows(64))
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data, tmp_path / "run",
+                       train={"max_steps": 24, "save_steps": 8, "logging_steps": 2, "learning_rate": 1e-2,
+                              "optimizer": "paged_adamw_8bit"})
+    proc = run_cli("train", str(cfg), "--set", "train.lr_scheduler=linear")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    for name in ("config.yaml", "manifest.json", "metrics.jsonl", "loss.png", "data_summary.json", "heldout.jsonl",
+                 "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "tokenizer/tokenizer.json",
+                 "checkpoint-24/state.json", "checkpoint-16/optimizer.safetensors"):
+        assert (run / name).is_file(), f"{name} missing"
+    assert not (run / "checkpoint-8").exists(), "save_total_limit=2 keeps the newest two"
+    pickles = [p for p in run.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle"}]
+    assert not pickles
+    tok_cfg = json.loads((run / "tokenizer/tokenizer_config.json").read_text())
+    assert "chat_template" in tok_cfg or (run / "tokenizer/chat_template.jinja").is_file()
+    assert "lr_scheduler: linear  # override --set" in (run / "config.yaml").read_text()
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["end_time"]
+    assert manifest["versions"]["torch"] and manifest["versions"]["bitsandbytes"]
+    assert manifest["device"]["type"] == "cpu" and len(manifest["data"]["sha256"]) == 64
+    assert manifest["quant"] == {"quant_type": "nf4", "double_quant": True, "blocksize": 64,
+                                 "compute_dtype": "float32", "load_dtype": "float32", "quant_storage": "uint8"}
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(2, 25, 2))
+    assert all({"step", "loss", "learning_rate", "tokens_per_second"} <= r.keys() for r in train_records)
+    assert any("eval_loss" in r for r in records)
+    first, last = train_records[0]["loss"], train_records[-1]["loss"]
+    assert last < first - 0.25, f"loss did not fall: {first} -> {last}"
+    assert "float32" in proc.stderr  # the CPU dtype choice is logged
+
+    # The adapter loads with plain peft onto the NF4 base and changes the outputs.
+    from peft import PeftModel
+
+    from qlora_kit import model as qmodel
+
+    model_cfg = load_config(run / "config.yaml")[0].model
+    base = qmodel.load_quantized_base(tiny_llama, model_cfg, torch.float32, torch.device("cpu"))
+    ids = torch.tensor([[4, 10, 20, 30, 5]])
+    before = base(ids).logits
+    tuned = PeftModel.from_pretrained(base, run / "adapter")
+    assert not torch.allclose(tuned(ids).logits, before)
+    adapter = load_file(run / "adapter/adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+
+
+def test_packing_run(tmp_path: Path, tiny_llama: Path) -> None:
+    run = _setup_run(tmp_path, tiny_llama, data={"packing": True}, train={"max_steps": 2, "max_length": 128})
+    with StopRequest() as stop:
+        train(run, stop)
+    assert run.step == 2
+
+
+@gpu
+def test_cuda_bf16_adapters_and_paged_optimizer(tmp_path: Path, tiny_llama: Path) -> None:
+    run = _setup_run(tmp_path, tiny_llama, train={"optimizer": "paged_adamw_8bit", "max_steps": 2})
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.bfloat16 and p.is_cuda for p in trainable)
+    assert type(run.optimizer).__name__ == "PagedAdamW8bit"
+    with StopRequest() as stop:
+        train(run, stop)
+    assert run.step == 2
