@@ -119,6 +119,15 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = Field(description="Run directory: adapter, checkpoints, metrics, manifest.")
 
+    @model_validator(mode="after")
+    def _check_packing_attention(self) -> "Config":
+        if self.data.packing and self.model.attn_implementation == "flash_attention_2" and self.train.micro_batch_size > 1:
+            raise ValueError(
+                "data.packing with model.attn_implementation=flash_attention_2 needs train.micro_batch_size=1 "
+                "(transformers only isolates packed samples in a single row there); use sdpa or micro_batch_size 1"
+            )
+        return self
+
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "model": ModelConfig,

@@ -398,7 +398,8 @@ def train(run: Run, stop: StopRequest) -> None:
             lr = run.optimizer.param_groups[0]["lr"]
             micro = [next(stream)[1] for _ in range(cfg.gradient_accumulation_steps)]
             batches = [collate(run.data.train, rows, pad_id, cfg.max_length) for rows in micro]
-            loss, grad_norm, n_tokens = train_step(run, batches)
+            loss, grad_norm = train_step(run, batches)
+            n_tokens = sum(len(run.data.train[i]["input_ids"]) for rows in micro for row in rows for i in row)
             run.micro_index += cfg.gradient_accumulation_steps
             if not _guard_nonfinite(run, loss, grad_norm):
                 run.optimizer.step()
@@ -416,24 +417,23 @@ def train(run: Run, stop: StopRequest) -> None:
         progress.close()
 
 
-def train_step(run: Run, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Forward/backward over the accumulated micro-batches; returns (loss, grad norm, tokens) on device.
+def train_step(run: Run, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward over the accumulated micro-batches; returns (loss, grad norm) on device.
 
     The loss is the mean over *all* trainable tokens of the step (``num_items_in_batch``), so
-    micro-batches with few trainable tokens are not over-weighted.
+    micro-batches with few trainable tokens are not over-weighted.  ``use_cache=False``
+    matters: with a KV cache transformers skips the block-diagonal mask of packed rows.
     """
     n_items = max(1, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
-    n_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                   for b in batches)
     loss_sum = torch.zeros((), device=run.device)
     for batch in batches:
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
-        out = run.model(**batch, num_items_in_batch=n_items)
-        out.loss.backward()
-        loss_sum += out.loss.detach().float()
+        loss = run.model(**batch, num_items_in_batch=n_items, use_cache=False).loss
+        loss.backward()  # the logits die with the forward's output before the backward pass
+        loss_sum += loss.detach().float()
     max_norm = run.cfg.train.max_grad_norm or float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
-    return loss_sum, grad_norm.detach().float(), n_tokens
+    return loss_sum, grad_norm.detach().float()
 
 
 def _guard_nonfinite(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
@@ -536,7 +536,7 @@ def evaluate(run: Run, stop: StopRequest) -> float | None:
                 batch = collate(run.data.val, rows, run.tokenizer.pad_token_id, run.cfg.train.max_length)
                 n = int((batch["labels"][:, 1:] != -100).sum())
                 batch = {k: v.to(run.device) for k, v in batch.items()}
-                total += run.model(**batch, num_items_in_batch=max(n, 1)).loss.float() * n
+                total += run.model(**batch, num_items_in_batch=max(n, 1), use_cache=False).loss.float() * n
                 count += n
     finally:
         run.model.train()

@@ -69,12 +69,12 @@ def arithmetic_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
-def write_config(path: Path, model: Path, data: Path, output_dir: Path, **sections: dict[str, Any]) -> Path:
+def write_config(path: Path, model: Path, data_path: Path, output_dir: Path, **sections: dict[str, Any]) -> Path:
     """Write a small CPU config; ``sections`` override/extend model/lora/data/train."""
     cfg: dict[str, Any] = {
         "model": {"name_or_path": str(model)},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"path": str(data), "val_fraction": 0.1},
+        "data": {"path": str(data_path), "val_fraction": 0.1},
         "train": {
             "max_steps": 6, "learning_rate": 5e-3, "micro_batch_size": 4, "gradient_accumulation_steps": 1,
             "max_length": 64, "logging_steps": 1, "save_steps": 3, "warmup_steps": 0, "seed": 0,

@@ -1,0 +1,249 @@
+"""Exact resume, preemption, kill -9 during a checkpoint write, non-finite guard, output-dir safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import arithmetic_rows, run_cli, write_config, write_jsonl
+from safetensors.torch import load_file
+
+from qlora_kit import train as qtrain
+from qlora_kit.checkpoint import list_checkpoints
+from qlora_kit.errors import EXIT_PREEMPTED, NonFiniteLossError, Preempted
+from qlora_kit.signals import StopRequest
+
+TRAIN = {"max_steps": 16, "save_steps": 4, "logging_steps": 1, "save_total_limit": 10, "learning_rate": 5e-3,
+         "optimizer": "paged_adamw_8bit", "gradient_accumulation_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "data.jsonl", arithmetic_rows(48))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, data_file: Path) -> Path:
+    """An uninterrupted run every interrupted one must reproduce exactly."""
+    root = tmp_path_factory.mktemp("ref")
+    cfg = write_config(root / "cfg.yaml", tiny_llama, data_file, root / "run", train=TRAIN,
+                       lora={"dropout": 0.1})
+    proc = run_cli("train", str(cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "run"
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_second"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_result(run: Path, reference: Path) -> None:
+    a = load_file(reference / "adapter/adapter_model.safetensors")
+    b = load_file(run / "adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, f"resumed adapter differs from the uninterrupted one by {worst}"
+    assert _metrics(run) == _metrics(reference), "losses / learning rates differ from the uninterrupted run"
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and sum(1 for line in metrics.read_text().splitlines() if '"loss"' in line) >= step:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    raise AssertionError("training did not reach the step in time")
+
+
+def test_sigterm_then_resume_is_exact(tmp_path: Path, tiny_llama: Path, data_file: Path, reference_run: Path) -> None:
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, tmp_path / "run", train=TRAIN,
+                       lora={"dropout": 0.1})
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_kit.cli", "train", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(tmp_path / "run", 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "error: stopped by SIGTERM at step" in err and "--resume" in err and "Traceback" not in err
+    manifest = json.loads((tmp_path / "run/manifest.json").read_text())
+    assert manifest["status"] == "preempted"
+    saved = list_checkpoints(tmp_path / "run")[-1][0]
+    assert 5 <= saved < 16 and not (tmp_path / "run/adapter").exists()
+
+    resumed = run_cli("train", str(cfg), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from checkpoint-{saved}" in resumed.stderr
+    _assert_same_result(tmp_path / "run", reference_run)
+    adapter_config = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
+    assert adapter_config["r"] == 8  # one adapter, not two stacked
+    keys = load_file(tmp_path / "run/adapter/adapter_model.safetensors").keys()
+    assert len(keys) == len(load_file(reference_run / "adapter/adapter_model.safetensors").keys())
+
+
+KILL_DURING_WRITE = """
+import os, signal, sys
+from qlora_kit import checkpoint, cli
+real = checkpoint.publish_dir
+def publish(tmp, final):
+    if final.name == "checkpoint-8":
+        checkpoint.fsync_tree(tmp)
+        os.kill(os.getpid(), signal.SIGKILL)  # dies with the checkpoint half-published
+    real(tmp, final)
+checkpoint.publish_dir = publish
+sys.argv = ["qlora-kit", "train", sys.argv[1]]
+cli.main()
+"""
+
+
+def test_kill9_during_checkpoint_write(tmp_path: Path, tiny_llama: Path, data_file: Path,
+                                       reference_run: Path) -> None:
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, tmp_path / "run", train=TRAIN,
+                       lora={"dropout": 0.1})
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_WRITE, str(cfg)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    run = tmp_path / "run"
+    assert [s for s, _ in list_checkpoints(run)] == [4], "the half-written checkpoint must not count"
+    assert any(p.name.startswith(".tmp-checkpoint-8") for p in run.iterdir())
+
+    resumed = run_cli("train", str(cfg), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from checkpoint-4" in resumed.stderr and "removed incomplete checkpoint" in resumed.stderr
+    assert not any(p.name.startswith(".tmp-") for p in run.iterdir())
+    _assert_same_result(run, reference_run)
+
+
+def test_resume_refuses_changed_config_and_data(tmp_path: Path, tiny_llama: Path, reference_run: Path,
+                                                data_file: Path) -> None:
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(reference_run), str(run)], check=True)
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, run, train=TRAIN, lora={"dropout": 0.1})
+    proc = run_cli("train", str(cfg), "--resume", "--set", "lora.r=4", "--set", "train.seed=1")
+    assert proc.returncode == 2
+    assert "lora.r: 8 -> 4" in proc.stderr and "train.seed: 0 -> 1" in proc.stderr
+
+    other = write_jsonl(tmp_path / "other.jsonl", arithmetic_rows(48, seed=5))
+    proc = run_cli("train", str(cfg), "--resume", "--set", f"data.path={other}")
+    assert proc.returncode == 2 and "data.path" in proc.stderr
+
+    changed = write_jsonl(tmp_path / "changed.jsonl", arithmetic_rows(48, seed=5))
+    cfg2 = write_config(tmp_path / "cfg2.yaml", tiny_llama, changed, run, train=TRAIN, lora={"dropout": 0.1})
+    cfg_text = (run / "checkpoint-16/config.yaml").read_text().replace(str(data_file), str(changed))
+    (run / "checkpoint-16/config.yaml").write_text(cfg_text)
+    proc = run_cli("train", str(cfg2), "--resume")
+    assert proc.returncode == 2 and "data file changed" in proc.stderr
+
+
+def _poison(monkeypatch: pytest.MonkeyPatch, at_step: int, corrupt_weights: bool) -> None:
+    real = qtrain.train_step
+
+    def step(run, batches):
+        loss, norm = real(run, batches)
+        if run.step + 1 == at_step:
+            if corrupt_weights:
+                with torch.no_grad():
+                    run.params[0].fill_(float("nan"))
+            return loss * float("nan"), norm
+        return loss, norm
+
+    monkeypatch.setattr(qtrain, "train_step", step)
+
+
+@pytest.mark.parametrize("logging_steps", [1, 10])
+def test_nonfinite_stops_without_saving_nan(tmp_path: Path, tiny_llama: Path, data_file: Path,
+                                            monkeypatch: pytest.MonkeyPatch, logging_steps: int) -> None:
+    _poison(monkeypatch, at_step=3, corrupt_weights=True)
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, tmp_path / "run",
+                       train={**TRAIN, "save_steps": 2, "logging_steps": logging_steps})
+    with pytest.raises(NonFiniteLossError, match="non-finite loss or gradient at step 3") as err:
+        qtrain.run_training(cfg, [])
+    assert "checkpoint-2" in str(err.value)
+    run = tmp_path / "run"
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+    assert not (run / "adapter").exists()
+    for path in run.rglob("*.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(path).values() if t.is_floating_point()), path
+    assert json.loads((run / "manifest.json").read_text())["status"] == "failed"
+
+
+def test_nonfinite_skip_mode(tmp_path: Path, tiny_llama: Path, data_file: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    _poison(monkeypatch, at_step=3, corrupt_weights=False)
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, tmp_path / "run",
+                       train={**TRAIN, "max_steps": 5, "on_nonfinite": "skip"})
+    assert qtrain.run_training(cfg, []) == 0
+    records = _metrics(tmp_path / "run")
+    assert records[-1].get("skipped_steps") == 1 or any(r.get("skipped_steps") == 1 for r in records)
+    adapter = load_file(tmp_path / "run/adapter/adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+
+
+def test_stop_signal_during_evaluation(tmp_path: Path, tiny_llama: Path, data_file: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, tmp_path / "run",
+                       train={**TRAIN, "micro_batch_size": 2, "eval_steps": 2},
+                       data={"val_fraction": 0.2})
+    real_evaluate = qtrain.evaluate
+
+    def evaluate(run, stop):
+        def hook(module, args, kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while evaluating
+        handle = run.model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            return real_evaluate(run, stop)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(qtrain, "evaluate", evaluate)
+    with pytest.raises(Preempted, match="stopped by SIGTERM at step 2"):
+        qtrain.run_training(cfg, [])
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
+    assert not any("eval_loss" in r for r in _metrics(tmp_path / "run"))
+
+
+def test_second_sigint_aborts() -> None:
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_output_dir_is_never_clobbered(tmp_path: Path, tiny_llama: Path, data_file: Path,
+                                       reference_run: Path) -> None:
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(reference_run), str(run)], check=True)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, run, train={**TRAIN, "max_steps": 2})
+    proc = run_cli("train", str(cfg))
+    assert proc.returncode == 2 and "already holds a qlora-kit run" in proc.stderr and "--resume" in proc.stderr
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes/mine.txt").write_text("keep me")
+    cfg2 = write_config(tmp_path / "cfg2.yaml", tiny_llama, data_file, tmp_path / "notes", train=TRAIN)
+    proc = run_cli("train", str(cfg2))
+    assert proc.returncode == 2 and "not from qlora-kit" in proc.stderr
+    assert (tmp_path / "notes/mine.txt").read_text() == "keep me"
+
+    proc = run_cli("train", str(cfg), "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and sorted(p.relative_to(aside[0]) for p in aside[0].rglob("*")) == before
+
+    proc = run_cli("train", str(cfg), "--resume", "--overwrite")
+    assert proc.returncode == 2 and "contradict" in proc.stderr
+    fresh = write_config(tmp_path / "cfg3.yaml", tiny_llama, data_file, tmp_path / "nothing", train=TRAIN)
+    proc = run_cli("train", str(fresh), "--resume")
+    assert proc.returncode == 2 and "nothing to resume" in proc.stderr
