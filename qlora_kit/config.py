@@ -240,10 +240,13 @@ def validate(raw: dict[str, Any], origin: str = "config") -> Config:
     except ValidationError as exc:
         problems += _format_validation_error(exc)
         cfg = None
-    if problems:
-        listed = "\n  - ".join(dict.fromkeys(problems))
-        n = len(dict.fromkeys(problems))
-        raise ConfigError(f"{origin}: {n} problem{'s' if n > 1 else ''}:\n  - {listed}")
+    unique = list(dict.fromkeys(problems))
+    if len(unique) == 1:
+        raise ConfigError(f"{origin}: {unique[0]}", "correct it in the file or with --set section.key=value")
+    if unique:
+        listed = "\n  - ".join(unique)
+        raise ConfigError(f"{origin}: {len(unique)} problems:\n  - {listed}",
+                          "correct them in the file or with --set section.key=value")
     assert cfg is not None
     return cfg
 

@@ -91,8 +91,9 @@ def resolve_source(cfg: ModelConfig) -> Path:
                 "point model.name_or_path at the folder holding config.json, or at a .gguf file",
             )
         return path
-    if not _HUB_ID.match(name):
-        raise ModelError(f"model {name!r} not found: not a local path and not a hub id (org/name)")
+    if name.startswith(("/", ".", "~")) or not _HUB_ID.match(name):
+        raise ModelError(f"model path {path} does not exist",
+                         "set model.name_or_path to a local HF model directory, a .gguf file, or a hub id (org/name)")
     return _download_from_hub(name, cfg.revision)
 
 
@@ -352,11 +353,13 @@ def set_training_mode(model: nn.Module, gradient_checkpointing: bool) -> None:
 # --------------------------------------------------------------------------- reloading a run
 
 
-def load_run_for_inference(run_dir: str | Path, device: torch.device | None = None, adapter_subdir: str = "adapter"):
+def load_run_for_inference(run_dir: str | Path, device: torch.device | None = None, adapter_subdir: str = "adapter",
+                           compute_dtype: torch.dtype | None = None):
     """Rebuild NF4 base + trained adapter from a run directory, ready for generation.
 
     Returns ``(model, tokenizer, manifest)``.  The base is quantised exactly as in
-    training (the spec recorded in ``manifest.json``).
+    training (the spec recorded in ``manifest.json``).  ``compute_dtype`` overrides the
+    training compute dtype (export verification computes in float32).
 
     Raises:
         ModelError: the run directory is incomplete.
@@ -379,7 +382,8 @@ def load_run_for_inference(run_dir: str | Path, device: torch.device | None = No
     source = Path(manifest["base"]["source_dir"])
     if not (source / "config.json").exists():
         source = resolve_source(cfg.model)
-    compute_dtype = DTYPES[manifest["quant"]["compute_dtype"]] if device.type == "cuda" else torch.float32
+    if compute_dtype is None:
+        compute_dtype = DTYPES[manifest["quant"]["compute_dtype"]] if device.type == "cuda" else torch.float32
     base = load_quantized_base(source, cfg.model, compute_dtype, device)
     model = PeftModel.from_pretrained(base, adapter, is_trainable=False)
     set_inference_mode(model)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -98,7 +99,12 @@ def run_training(
     resume_from = prepare_output_dir(out, resume=resume, overwrite=overwrite)
     if resume_from is not None:
         check_resume_compatible(resume_from, cfg)
-    run = setup(cfg, dump_config(cfg, sources), out, resume_from, skip_memory_check)
+    try:
+        run = setup(cfg, dump_config(cfg, sources), out, resume_from, skip_memory_check)
+    except BaseException:
+        if resume_from is None:  # a fresh run that never started leaves nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     with StopRequest() as stop:
         try:
             train(run, stop)

@@ -1,0 +1,140 @@
+"""Every bad input: one-line error naming problem and fix, non-zero exit, no traceback, nothing clobbered."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import yaml
+from conftest import arithmetic_rows, write_config, write_jsonl
+from typer.testing import CliRunner
+
+from qlora_kit.cli import app
+from qlora_kit.errors import EXIT_OOM, EXIT_USER_ERROR
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
+    root = tmp_path_factory.mktemp("bad")
+    write_jsonl(root / "good.jsonl", arithmetic_rows(20))
+    no_template = root / "no-template-model"
+    shutil.copytree(tiny_llama, no_template)
+    tok_cfg = json.loads((no_template / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    return root
+
+
+def _config(ws: Path, model: Path, name: str, data: Path | None = None, **sections) -> Path:
+    return write_config(ws / f"{name}.yaml", model, data or ws / "good.jsonl", ws / f"out-{name}", **sections)
+
+
+def _yaml_syntax(ws: Path, model: Path) -> list[str]:
+    (ws / "syntax.yaml").write_text("model:\n  name_or_path: x\n  bad: [1,\ndata: {}\n")
+    return ["train", str(ws / "syntax.yaml")]
+
+
+def _unknown_key(ws: Path, model: Path) -> list[str]:
+    path = _config(ws, model, "unknown")
+    raw = yaml.safe_load(path.read_text())
+    raw["train"]["max_step"] = 3
+    path.write_text(yaml.safe_dump(raw))
+    return ["train", str(path)]
+
+
+def _bad_rows(ws: Path, model: Path) -> list[str]:
+    rows = arithmetic_rows(20)
+    rows[3] = {"messages": "nope"}
+    rows[7] = {"messages": [{"role": "user"}]}
+    return ["train", str(_config(ws, model, "badrows", write_jsonl(ws / "badrows.jsonl", rows)))]
+
+
+def _data_file(name: str, text: str) -> Callable[[Path, Path], list[str]]:
+    def make(ws: Path, model: Path) -> list[str]:
+        (ws / name).write_text(text)
+        return ["train", str(_config(ws, model, name.replace(".", "-"), ws / name))]
+    return make
+
+
+CASES: dict[str, tuple[Callable[[Path, Path], list[str]], list[str]]] = {
+    "missing config": (lambda ws, m: ["train", str(ws / "nope.yaml")], ["does not exist"]),
+    "unreadable config (a directory)": (lambda ws, m: ["train", str(ws)], ["is a directory"]),
+    "yaml syntax error": (_yaml_syntax, ["YAML syntax error", "line 5"]),
+    "unknown key": (_unknown_key, ["unknown key 'train.max_step'", "did you mean 'max_steps'"]),
+    "wrong type": (lambda ws, m: ["train", str(_config(ws, m, "wt")), "--set", "train.learning_rate=fast"],
+                   ["train.learning_rate", "valid number"]),
+    "out of range": (lambda ws, m: ["train", str(_config(ws, m, "oor")), "--set", "lora.dropout=1.5"],
+                     ["lora.dropout", "less than 1"]),
+    "model path not found": (lambda ws, m: ["train", str(_config(ws, ws / "no-model", "mp"))],
+                             ["model path", "does not exist"]),
+    "hub id unreachable": (lambda ws, m: ["train", str(_config(ws, "nobody/no-such-model", "hub"))],
+                           ["nobody/no-such-model"]),
+    "lora targets not in model": (
+        lambda ws, m: ["train", str(_config(ws, m, "tg", lora={"target_modules": ["query", "value"]}))],
+        ["['query', 'value'] are not linear layers", "q_proj"]),
+    "tokenizer without chat template": (
+        lambda ws, m: ["train", str(_config(ws, ws / "no-template-model", "nt"))], ["no chat template"]),
+    "data file missing": (lambda ws, m: ["train", str(_config(ws, m, "dm", ws / "missing.jsonl"))],
+                          ["missing.jsonl does not exist"]),
+    "data file empty": (_data_file("empty.jsonl", ""), ["is empty"]),
+    "invalid jsonl": (_data_file("broken.jsonl", '{"messages": []}\n{"messages": [oops\n'),
+                      ["line 2 is not valid JSON"]),
+    "rows missing the format's fields": (_data_file("fields.jsonl", '{"foo": 1}\n' * 5),
+                                         ["cannot detect the data format", "['foo']"]),
+    "format does not match rows": (
+        lambda ws, m: ["train", str(_config(ws, m, "fm")), "--set", "data.format=alpaca"],
+        ["needs fields ['instruction', 'output']", "have fields ['messages']"]),
+    "too many bad rows": (_bad_rows, ["2 of 20 rows", "line 4", "line 8", "max_bad_fraction"]),
+    "all rows truncated to zero trainable tokens": (
+        lambda ws, m: ["train", str(_config(ws, m, "tr", train={"max_length": 16}))],
+        ["all 20 rows were truncated to zero trainable tokens"]),
+    "export of a missing run": (lambda ws, m: ["export", str(ws / "norun"), "--out", str(ws / "exp")],
+                                ["norun"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gives_one_clear_line(case: str, workspace: Path, tiny_llama: Path) -> None:
+    make, expected = CASES[case]
+    args = make(workspace, tiny_llama)
+    before = sorted(p.name for p in workspace.iterdir())
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == EXIT_USER_ERROR, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    error_line = next(line for line in result.output.splitlines() if line.startswith("error: "))
+    for fragment in expected:
+        assert fragment in result.output, f"{fragment!r} not in: {result.output[-1500:]}"
+    assert any(line.startswith("fix: ") for line in result.output.splitlines()), result.output
+    assert len(error_line) < 400
+    after = sorted(p.name for p in workspace.iterdir())
+    assert not [name for name in after if name.startswith("out-") and name not in before], "left an output dir"
+
+
+def test_cuda_oom_names_the_knobs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import qlora_kit.train as qtrain
+
+    def boom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(qtrain, "run_training", boom)
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "cfg.yaml")])
+    assert result.exit_code == EXIT_OOM
+    assert "error: CUDA out of memory" in result.output and "micro_batch_size" in result.output
+
+
+def test_debug_shows_the_traceback(workspace: Path) -> None:
+    result = CliRunner().invoke(app, ["--debug", "train", str(workspace / "nope.yaml")])
+    assert result.exit_code != 0 and result.exception is not None and not isinstance(result.exception, SystemExit)
+
+
+def test_trust_remote_code_is_off_by_default(workspace: Path, tiny_llama: Path) -> None:
+    from qlora_kit.config import load_config
+
+    cfg, _ = load_config(_config(workspace, tiny_llama, "trc"))
+    assert cfg.model.trust_remote_code is False
