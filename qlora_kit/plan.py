@@ -43,8 +43,9 @@ Assumptions (each is one term of the breakdown):
   dtype for the matmul (largest matrix, s bytes/value).
 * ``logits_and_loss``: logits in the compute dtype (B*T*V*s) plus the fp32 loss: the
   log-softmax output and, during its backward, the incoming and outgoing fp32 gradients
-  (3 * 4 bytes) — often the largest term for 128K vocabularies.  The logits stay alive
-  during the whole backward pass (the step keeps the model output).  ``final_norm``: the
+  (3 * 4 bytes) — often the largest term for 128K vocabularies.  The training step keeps
+  only the loss of the model output, so the logits are gone once the loss's backward has
+  run and do not count in the ``backward`` phase.  ``final_norm``: the
   fp32 input of the final RMSNorm (4H per token).
 * ``quantisation_buffer`` (load phase): a 16-bit matrix and its fp32 absmax while it is
   being quantised at load time.
@@ -568,8 +569,7 @@ def _activation_phases(shape: ModelShape, cfg: Config, targets: list[str], batch
         recompute = {}
     common = {**stored, "attention_mask": mask}
     loss = {**common, "final_norm": 4 * h * tokens, "logits_and_loss": (s + LOSS_FP32_BYTES) * v * tokens}
-    backward = {**common, **recompute, "backward_working": working, "dequant_buffer": dequant,
-                "logits_kept": s * v * tokens}
+    backward = {**common, **recompute, "backward_working": working, "dequant_buffer": dequant}
     return {"loss": loss, "backward": backward}
 
 
@@ -764,7 +764,6 @@ _LABELS = {
     "dequant_buffer": "dequantised weight buffer",
     "final_norm": "final norm input (fp32)",
     "logits_and_loss": "logits + fp32 loss and its gradient",
-    "logits_kept": "logits kept during backward",
     "quantisation_buffer": "16-bit matrix being quantised",
     "fragmentation_margin": "allocator fragmentation margin (10%)",
     "cuda_context": "CUDA context + kernels",
