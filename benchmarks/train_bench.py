@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata as md
 import json
 import math
 import os
@@ -63,7 +62,6 @@ PEAK_TFLOPS = (
     ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0),
     ("RTX 4090", 165.2), ("RTX 3090", 71.0), ("RTX A6000", 154.8),
 )
-VERSIONED = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "datasets", "qlora-kit")
 TRIAL_STEPS = 2  # optimizer steps per max-length trial (the 2nd step has optimizer state resident)
 LENGTH_GRANULARITY = 256
 MAX_SEARCH_LEN = 65536  # far beyond what a 7B QLoRA fits in 24 GiB; bounds the synthetic rows too
@@ -470,13 +468,9 @@ def environment() -> tuple[dict[str, Any], dict[str, Any]]:
     """(device, versions) for the results file."""
     import torch
 
-    versions = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
-    versions["cuda"] = torch.version.cuda
+    from qlora_kit.manifest import package_versions
+
+    versions = package_versions()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         device = {"type": "cuda", "name": props.name, "total_memory_bytes": int(props.total_memory),
