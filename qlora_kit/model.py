@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,9 @@ def convert_gguf(gguf_path: Path) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / ".complete").write_text(str(gguf_path.resolve()))
-    tmp.replace(out) if not out.exists() else None
+    if out.exists():  # an interrupted earlier conversion (no .complete marker)
+        shutil.rmtree(out)
+    tmp.rename(out)
     return out
 
 
