@@ -103,23 +103,8 @@ def _load_run(run: Path, device: torch.device | None) -> Loaded:
     from qlora_kit.model import load_run_for_inference
 
     model, tokenizer, manifest = load_run_for_inference(run, device=device)
-    exact_nf4_weights(model)
     base_eos = getattr(model.generation_config, "eos_token_id", None)
     return Loaded(model, tokenizer, eos_token_ids(tokenizer, base_eos), "run", {"manifest": manifest})
-
-
-def exact_nf4_weights(model: torch.nn.Module) -> None:
-    """Make bitsandbytes' CPU 4-bit layers compute with exactly the weights training used.
-
-    In eval mode on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for a faster
-    kernel and rounds the block scales to bfloat16 on the way; training never does that, so
-    a run directory would answer slightly differently from its export.
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 def _load_export(path: Path, device: torch.device | None) -> Loaded:

@@ -161,11 +161,10 @@ def collect(model: Any, prompts: list[Prompt], eos_ids: list[int], pad_id: int |
 def run_reference(run_dir: Path, prompts: list[Prompt], eos_ids: list[int], pad_id: int | None,
                   device: torch.device, max_new_tokens: int) -> Outputs:
     """Outputs of the trained model (NF4 base + adapter, the training weights), computing in float32."""
-    from qlora_kit.generate import exact_nf4_weights
     from qlora_kit.model import load_run_for_inference
 
+    # load_quantized_base already keeps bitsandbytes from repacking the 4-bit weights on CPU.
     model, _, _ = load_run_for_inference(run_dir, device=device, compute_dtype=torch.float32)
-    exact_nf4_weights(model)
     outputs = collect(model, prompts, eos_ids, pad_id, max_new_tokens)
     _free(model)
     return outputs

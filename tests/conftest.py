@@ -23,6 +23,15 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls are ~1000x slower with 2 spinning OpenMP threads on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory):
     """Factory: ``tiny_models("llama")`` → path of a cached tiny model directory."""
