@@ -91,12 +91,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
     from qlora_kit.model import resolve_source
 
     run = Path(run_dir)
-    needed = [run / rundir.MANIFEST, run / rundir.CONFIG, run / rundir.ADAPTER / "adapter_config.json",
-              run / rundir.TOKENIZER]
-    for path in needed:
-        if not path.exists():
-            raise ModelError(f"{run} is not a finished qlora-kit run: {path.relative_to(run)} is missing",
-                             "pass the output_dir of a completed `qlora-kit train`")
+    rundir.require_finished_run(run)
     manifest = json.loads((run / rundir.MANIFEST).read_text())
     if manifest.get("status") not in (None, "completed"):
         log.warning("run status is %r, not 'completed': exporting the adapter it saved last",

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlora_kit import rundir
 from qlora_kit.config import LoraConfig, ModelConfig
 from qlora_kit.errors import ModelError
 
@@ -356,7 +357,7 @@ def set_training_mode(model: nn.Module, gradient_checkpointing: bool) -> None:
 # --------------------------------------------------------------------------- reloading a run
 
 
-def load_run_for_inference(run_dir: str | Path, device: torch.device | None = None, adapter_subdir: str = "adapter",
+def load_run_for_inference(run_dir: str | Path, device: torch.device | None = None,
                            compute_dtype: torch.dtype | None = None):
     """Rebuild NF4 base + trained adapter from a run directory, ready for generation.
 
@@ -373,14 +374,9 @@ def load_run_for_inference(run_dir: str | Path, device: torch.device | None = No
     from qlora_kit.config import load_config
 
     run = Path(run_dir)
-    manifest_path = run / "manifest.json"
-    adapter = run / adapter_subdir
-    for needed in (manifest_path, run / "config.yaml", adapter / "adapter_config.json", run / "tokenizer"):
-        if not needed.exists():
-            raise ModelError(f"{run} is not a finished qlora-kit run: {needed.name} is missing",
-                             "pass the output_dir of a completed `qlora-kit train`")
-    manifest = json.loads(manifest_path.read_text())
-    cfg, _ = load_config(run / "config.yaml")
+    rundir.require_finished_run(run)
+    manifest = json.loads((run / rundir.MANIFEST).read_text())
+    cfg, _ = load_config(run / rundir.CONFIG)
     device = device or pick_device()
     source = Path(manifest["base"]["source_dir"])
     if not (source / "config.json").exists():
@@ -388,7 +384,7 @@ def load_run_for_inference(run_dir: str | Path, device: torch.device | None = No
     if compute_dtype is None:
         compute_dtype = DTYPES[manifest["quant"]["compute_dtype"]] if device.type == "cuda" else torch.float32
     base = load_quantized_base(source, cfg.model, compute_dtype, device)
-    model = PeftModel.from_pretrained(base, adapter, is_trainable=False)
+    model = PeftModel.from_pretrained(base, run / rundir.ADAPTER, is_trainable=False)
     set_inference_mode(model)
-    tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(run / rundir.TOKENIZER)
     return model, tokenizer, manifest

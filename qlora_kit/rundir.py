@@ -33,3 +33,19 @@ RUN_MARKERS = (CONFIG, MANIFEST)
 def is_run_dir(path: Path) -> bool:
     """True when ``path`` holds a qlora-kit run (finished or not)."""
     return any((path / name).exists() for name in RUN_MARKERS)
+
+
+def require_finished_run(run: Path) -> None:
+    """Check that ``run`` holds a completed training run (adapter, tokenizer, config, manifest).
+
+    Raises:
+        ModelError: the directory is missing or incomplete (naming the first missing file).
+    """
+    from qlora_kit.errors import ModelError
+
+    hint = "pass the output_dir of a completed `qlora-kit train`"
+    if not run.is_dir():
+        raise ModelError(f"run directory {run} does not exist", hint)
+    for path in (run / MANIFEST, run / CONFIG, run / ADAPTER / "adapter_config.json", run / TOKENIZER):
+        if not path.exists():
+            raise ModelError(f"{run} is not a finished qlora-kit run: {path.relative_to(run)} is missing", hint)

@@ -620,18 +620,20 @@ def _set_status(run: Run, status: str, error: str | None = None) -> None:
 
 
 def _oom_error(run: Run, exc: BaseException) -> OutOfMemoryError:
+    """Turn a CUDA OOM into the knob to turn, with what the planner predicted for this config."""
+    knobs = ("lower train.micro_batch_size or train.max_length (raise gradient_accumulation_steps to keep the "
+             "batch); `qlora-kit plan CONFIG` shows what fits")
     predicted = ""
     try:
-        from qlora_kit.plan import estimate_for_run
+        from qlora_kit.plan import GiB, estimate, load_shape_file, suggest
 
-        predicted = f" (planner predicted {estimate_for_run(run.cfg) / 2**30:.1f} GiB)"
-    except Exception:  # planner is advisory here
-        pass
-    return OutOfMemoryError(
-        f"CUDA out of memory at step {run.step + 1}{predicted}",
-        "lower train.micro_batch_size or train.max_length (raise gradient_accumulation_steps to keep the batch); "
-        "`qlora-kit plan CONFIG` shows what fits",
-    )
+        shape = load_shape_file(Path(run.manifest["base"]["source_dir"]) / "config.json")
+        predicted = f"; the planner predicted {estimate(run.cfg, shape).total_bytes / GiB:.1f} GiB for this config"
+        if run.device.type == "cuda":
+            knobs = suggest(run.cfg, shape, torch.cuda.get_device_properties(run.device).total_memory)
+    except Exception as plan_exc:  # the planner is advisory here; never hide the OOM behind it
+        log.debug("memory planner failed: %s", plan_exc)
+    return OutOfMemoryError(f"CUDA out of memory at step {run.step + 1}{predicted}", knobs)
 
 
 class _Progress:

@@ -138,3 +138,30 @@ def test_trust_remote_code_is_off_by_default(workspace: Path, tiny_llama: Path) 
 
     cfg, _ = load_config(_config(workspace, tiny_llama, "trc"))
     assert cfg.model.trust_remote_code is False
+
+
+def test_oom_during_training_reports_the_plan(tmp_path: Path, tiny_llama: Path) -> None:
+    from types import SimpleNamespace
+
+    from qlora_kit.config import load_config
+    from qlora_kit.train import _oom_error
+
+    cfg, _ = load_config(_config(tmp_path, tiny_llama, "oom"))
+    run = SimpleNamespace(cfg=cfg, step=6, device=torch.device("cpu"),
+                          manifest={"base": {"source_dir": str(tiny_llama)}})
+    err = _oom_error(run, torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert err.exit_code == EXIT_OOM
+    assert "CUDA out of memory at step 7; the planner predicted" in err.message and "GiB" in err.message
+    assert "micro_batch_size" in err.hint
+
+
+@pytest.mark.parametrize("target", ["run", "run/adapter", "run/tokenizer"])
+def test_export_onto_the_run_itself_is_refused(tmp_path: Path, target: str) -> None:
+    from run_fixture import make_run
+
+    run = make_run(tmp_path, "llama")
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    result = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / target)])
+    assert result.exit_code == EXIT_USER_ERROR, result.output
+    assert result.output.startswith("error: ") and "fix: " in result.output and "Traceback" not in result.output
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
