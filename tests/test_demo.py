@@ -77,6 +77,7 @@ def _tiny(path: Path):
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_exact_match_scores_references_against_greedy_output(tiny_llama: Path, tmp_path: Path) -> None:
     model, tokenizer = _tiny(tiny_llama)
     rows = demo.read_jsonl(demo.make_demo_data(tmp_path, n_train=1, n_heldout=5)[1])
