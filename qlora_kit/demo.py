@@ -348,7 +348,7 @@ def print_result(result: dict[str, Any], run_dir: Path, n_examples: int = 6) -> 
     secs = result["seconds"]
     console.print("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in secs.items()))
     verdict = "[green]the tuned model learned the task[/]" if result["passed"] else (
-        f"[red]the tuned model did not beat the base by {result['min_gain']:.0%}[/]")
+        f"[red]demo failed: the tuned model is not {result['min_gain']:.0%} (absolute) above the base[/]")
     console.print(f"{verdict}; details in {run_dir / RESULT_FILE}")
 
 
