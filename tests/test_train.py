@@ -129,3 +129,16 @@ def test_cuda_bf16_adapters_and_paged_optimizer(tmp_path: Path, tiny_llama: Path
     with StopRequest() as stop:
         train(run, stop)
     assert run.step == 2
+
+
+def test_epochs_decide_the_step_count_when_max_steps_is_unset(tmp_path: Path, tiny_llama: Path) -> None:
+    from qlora_kit.train import compute_total_steps, warmup_steps
+
+    cfg, _ = load_config(write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "d.jsonl", tmp_path / "o"),
+                         ["train.max_steps=null", "train.num_epochs=2.5", "train.gradient_accumulation_steps=4",
+                          "train.warmup_steps=null", "train.warmup_ratio=0.1"])
+    assert compute_total_steps(cfg, micro_per_epoch=10) == 7  # ceil(2.5 * 10 / 4)
+    assert warmup_steps(cfg, 7) == 1
+    run = _setup_run(tmp_path / "e", tiny_llama, train={"max_steps": None, "num_epochs": 1,
+                                                         "gradient_accumulation_steps": 2})
+    assert run.total_steps == -(-run.micro_per_epoch // 2)
