@@ -522,7 +522,7 @@ def _turn(turn: Any, key: str, index: int) -> dict[str, Any]:
     content = turn.get("content", turn.get("value"))
     if role is None or "content" not in turn and "value" not in turn:
         raise RowProblem(f"{where} needs 'role' and 'content' (or 'from' and 'value')")
-    if role not in ROLE_NAMES:
+    if not isinstance(role, str) or role not in ROLE_NAMES:
         raise RowProblem(f"{where} has unsupported role {role!r} (use system, user or assistant)")
     out = {"role": ROLE_NAMES[role], "content": _content_text(content, where)}
     if "weight" in turn:
@@ -714,10 +714,12 @@ def encode_with_offsets(tokenizer: PreTrainedTokenizerBase, texts: list[str]) ->
     """(ids, character offsets) per text, without special tokens added.
 
     Calls the Rust backend directly when it is safe: the transformers wrapper spends
-    longer converting the encodings than the backend spends tokenising.
+    longer converting the encodings than the backend spends tokenising.  Not when the
+    tokenizer file carries truncation or padding settings: the raw backend would apply them.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and not getattr(tokenizer, "split_special_tokens", False):
+    stored_settings = backend is not None and (backend.truncation is not None or backend.padding is not None)
+    if backend is not None and not stored_settings and not getattr(tokenizer, "split_special_tokens", False):
         return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     return list(zip(enc["input_ids"], enc["offset_mapping"]))

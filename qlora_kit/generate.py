@@ -152,7 +152,14 @@ def _stored_dtype(path: Path) -> str | None:
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Prompt ids for ``messages`` through the chat template (plain text join when there is none)."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as exc:  # e.g. "System role not supported", roles must alternate
+            raise ModelError(f"the chat template rejected this conversation: {exc}",
+                             "drop --system if the template has no system role, or keep user/assistant turns "
+                             "alternating") from exc
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     text = "\n".join(m["content"] for m in messages) + "\n"
     return tokenizer(text)["input_ids"]

@@ -346,14 +346,6 @@ def set_inference_mode(model: nn.Module) -> None:
             m.config.use_cache = True
 
 
-def set_training_mode(model: nn.Module, gradient_checkpointing: bool) -> None:
-    """train() with non-reentrant checkpointing restored after an inference pass."""
-    model.train()
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-
-
 # --------------------------------------------------------------------------- reloading a run
 
 

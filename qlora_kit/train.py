@@ -95,16 +95,22 @@ def run_training(
 ) -> int:
     """``qlora-kit train``: returns 0, or raises a QloraKitError with a documented exit code."""
     cfg, sources = load_config(config_path, overrides)
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir).expanduser()
     resume_from = prepare_output_dir(out, resume=resume, overwrite=overwrite)
     if resume_from is not None:
         check_resume_compatible(resume_from, cfg)
+    previous = ckpt.read_json(out / rundir.MANIFEST) if resume_from is not None else {}
     try:
         run = setup(cfg, dump_config(cfg, sources), out, resume_from, skip_memory_check)
     except BaseException:
         if resume_from is None:  # a fresh run that never started leaves nothing behind
             shutil.rmtree(out, ignore_errors=True)
         raise
+    if run.step >= run.total_steps and previous.get("status") == "completed" and (out / rundir.ADAPTER).is_dir():
+        write_manifest(out / rundir.MANIFEST, previous)  # nothing to do: keep the finished run as it was
+        log.info("%s is already complete (%d of %d steps); raise train.max_steps with --set to train further",
+                 out, run.step, run.total_steps)
+        return 0
     with StopRequest() as stop:
         try:
             train(run, stop)
@@ -214,7 +220,10 @@ def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, sk
         _check_memory(cfg, source, device)
     model = qmodel.load_quantized_base(source, cfg.model, compute_dtype, device)
     spec = qmodel.quant_spec(model, cfg.model, compute_dtype)
-    model = qmodel.attach_lora(model, cfg.lora, compute_dtype, cfg.train.gradient_checkpointing)
+    # bf16 adapters on CUDA; with fp16 compute (no loss scaling here) adapters stay fp32 so small
+    # gradients do not underflow.
+    adapter_dtype = torch.float32 if compute_dtype == torch.float16 else compute_dtype
+    model = qmodel.attach_lora(model, cfg.lora, adapter_dtype, cfg.train.gradient_checkpointing)
     model.train()
     trainable, total = qmodel.count_parameters(model)
     log.info("model: %s | 4-bit %s (double quant: %s) | LoRA r=%d on %s | trainable %s of %s parameters",
@@ -271,12 +280,13 @@ def _check_data_unchanged(resume_from: Path, fingerprint: dict[str, Any]) -> Non
 
 
 def _check_memory(cfg: Config, source: Path, device: torch.device) -> None:
+    from qlora_kit.errors import ModelError
+    from qlora_kit.plan import check_fits
+
     try:
-        from qlora_kit.plan import check_fits
-    except ImportError:
-        log.warning("memory planner unavailable: skipping the pre-flight memory check")
-        return
-    check_fits(cfg, source, device)
+        check_fits(cfg, source, device)
+    except ModelError as exc:  # an architecture the planner cannot model: train without the check
+        log.warning("memory pre-flight skipped: %s", exc.message)
 
 
 def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
@@ -301,14 +311,21 @@ def compute_total_steps(cfg: Config, micro_per_epoch: int) -> int:
     """``train.max_steps``, or enough optimizer steps for ``train.num_epochs``."""
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
-    return max(1, math.ceil(cfg.train.num_epochs * micro_per_epoch / cfg.train.gradient_accumulation_steps))
+    wanted = cfg.train.num_epochs * micro_per_epoch
+    steps = max(1, math.ceil(wanted / cfg.train.gradient_accumulation_steps))
+    if steps * cfg.train.gradient_accumulation_steps > 1.5 * wanted:
+        log.warning("the data gives %d micro-batches per epoch but one optimizer step takes %d: the run covers "
+                    "%.1f epochs instead of %s (lower train.gradient_accumulation_steps)", micro_per_epoch,
+                    cfg.train.gradient_accumulation_steps,
+                    steps * cfg.train.gradient_accumulation_steps / micro_per_epoch, cfg.train.num_epochs)
+    return steps
 
 
 def warmup_steps(cfg: Config, total_steps: int) -> int:
     """Explicit ``warmup_steps`` or ``warmup_ratio`` of the run."""
     if cfg.train.warmup_steps is not None:
         return min(cfg.train.warmup_steps, max(total_steps - 1, 0))
-    return math.ceil(cfg.train.warmup_ratio * total_steps)
+    return min(int(cfg.train.warmup_ratio * total_steps), max(total_steps - 1, 0))
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
@@ -407,12 +424,14 @@ def train(run: Run, stop: StopRequest) -> None:
             loss, grad_norm = train_step(run, batches)
             n_tokens = sum(len(run.data.train[i]["input_ids"]) for rows in micro for row in rows for i in row)
             run.micro_index += cfg.gradient_accumulation_steps
-            if not _guard_nonfinite(run, loss, grad_norm):
+            skipped = _guard_nonfinite(run, loss, grad_norm)
+            if not skipped:
                 run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             run.scheduler.step()
             run.step += 1
-            window.add(loss, n_tokens)
+            if not skipped:
+                window.add(loss, n_tokens)
             if run.step % cfg.logging_steps == 0 or run.step == run.total_steps:
                 _log_step(run, window, lr, grad_norm, progress)
             if run.data.val and (run.step % eval_every == 0 or run.step == run.total_steps):
@@ -500,7 +519,9 @@ class _Window:
 
 
 def _log_step(run: Run, window: _Window, lr: float, grad_norm: torch.Tensor, progress: "_Progress") -> None:
-    assert window.loss is not None
+    if window.loss is None:  # every step of the window was skipped (on_nonfinite=skip)
+        window.reset()
+        return
     values = torch.stack([window.loss / window.steps, grad_norm, run.nonfinite.float()]).tolist()  # one sync
     loss, gnorm, bad = values
     _raise_if_nonfinite(run, bad > 0)

@@ -644,3 +644,31 @@ def test_unpacked_padding_does_not_change_logits(tiny_llama, packed_samples):
     for b, idx in enumerate([5, 0]):
         ids = torch.tensor([packed_samples[idx]["input_ids"]])
         torch.testing.assert_close(out[b, : ids.shape[1]], model(input_ids=ids).logits[0], atol=1e-5, rtol=0)
+
+
+def test_stored_truncation_and_padding_in_tokenizer_file_are_ignored(tiny_llama) -> None:
+    """A tokenizer.json saved with truncation/padding must not cut or pad the training samples."""
+    from transformers import AutoTokenizer
+
+    from qlora_kit.data import encode_with_offsets
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    texts = ["the people who were there could see the water and the light of the day " * 3, "hello"]
+    plain = [list(ids) for ids, _ in encode_with_offsets(tok, texts)]
+    assert len(plain[0]) > 8
+    tok.backend_tokenizer.enable_truncation(max_length=8)
+    tok.backend_tokenizer.enable_padding(pad_id=tok.pad_token_id, pad_token=tok.pad_token)
+    assert [list(ids) for ids, _ in encode_with_offsets(tok, texts)] == plain
+
+
+def test_row_with_unhashable_role_is_a_bad_row(tmp_path, tiny_llama) -> None:
+    from transformers import AutoTokenizer
+
+    from qlora_kit.config import DataConfig
+    from qlora_kit.data import build_data
+
+    rows = arithmetic_rows(200)
+    rows[5] = {"messages": [{"role": ["user"], "content": "x"}, {"role": "assistant", "content": "y"}]}
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    bundle = build_data(DataConfig(path=str(data)), AutoTokenizer.from_pretrained(tiny_llama), 64, 0)
+    assert 6 in bundle.summary.bad_rows

@@ -149,3 +149,16 @@ def test_sampling_with_temperature(run_and_export: tuple[Path, Path]) -> None:
     ids = gen.generate_ids(loaded, prompt, max_new_tokens=5, temperature=0.9)
     assert 1 <= len(ids) <= 5
     assert gen.strip_stop(ids + [loaded.eos_ids[0], 7], loaded.eos_ids) == gen.strip_stop(ids, loaded.eos_ids)
+
+
+def test_template_that_rejects_the_conversation_is_a_clear_error(tiny_llama) -> None:
+    from transformers import AutoTokenizer
+
+    from qlora_kit.errors import ModelError
+    from qlora_kit.generate import encode_chat
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ModelError, match="System role not supported"):
+        encode_chat(tok, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])

@@ -247,3 +247,15 @@ def test_output_dir_is_never_clobbered(tmp_path: Path, tiny_llama: Path, data_fi
     fresh = write_config(tmp_path / "cfg3.yaml", tiny_llama, data_file, tmp_path / "nothing", train=TRAIN)
     proc = run_cli("train", str(fresh), "--resume")
     assert proc.returncode == 2 and "nothing to resume" in proc.stderr
+
+
+def test_resume_of_a_completed_run_changes_nothing(tmp_path: Path, tiny_llama: Path, data_file: Path,
+                                                   reference_run: Path) -> None:
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(reference_run), str(run)], check=True)
+    manifest = (run / "manifest.json").read_text()
+    adapter = (run / "adapter/adapter_model.safetensors").read_bytes()
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, run, train=TRAIN, lora={"dropout": 0.1})
+    assert qtrain.run_training(cfg, [], resume=True) == 0
+    assert (run / "manifest.json").read_text() == manifest
+    assert (run / "adapter/adapter_model.safetensors").read_bytes() == adapter

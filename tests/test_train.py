@@ -138,7 +138,7 @@ def test_epochs_decide_the_step_count_when_max_steps_is_unset(tmp_path: Path, ti
                          ["train.max_steps=null", "train.num_epochs=2.5", "train.gradient_accumulation_steps=4",
                           "train.warmup_steps=null", "train.warmup_ratio=0.1"])
     assert compute_total_steps(cfg, micro_per_epoch=10) == 7  # ceil(2.5 * 10 / 4)
-    assert warmup_steps(cfg, 7) == 1
+    assert warmup_steps(cfg, 7) == 0 and warmup_steps(cfg, 30) == 3  # floor: no step spent at LR 0 in short runs
     run = _setup_run(tmp_path / "e", tiny_llama, train={"max_steps": None, "num_epochs": 1,
                                                          "gradient_accumulation_steps": 2})
     assert run.total_steps == -(-run.micro_per_epoch // 2)
