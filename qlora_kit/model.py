@@ -35,7 +35,7 @@ from qlora_kit.errors import ModelError
 log = logging.getLogger("qlora_kit")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")  # org/name
 
 
 # --------------------------------------------------------------------------- device / dtype
@@ -93,7 +93,7 @@ def resolve_source(cfg: ModelConfig) -> Path:
                 "point model.name_or_path at the folder holding config.json, or at a .gguf file",
             )
         return path
-    if name.startswith(("/", ".", "~")) or not _HUB_ID.match(name):
+    if name.startswith(("/", ".", "~")) or not HUB_ID.match(name):
         raise ModelError(f"model path {path} does not exist",
                          "set model.name_or_path to a local HF model directory, a .gguf file, or a hub id (org/name)")
     return _download_from_hub(name, cfg.revision)

@@ -62,7 +62,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -101,7 +100,6 @@ BUILTIN_IDS = {
     "qwen/qwen2.5-7b": "qwen2.5-7b",
     "qwen/qwen2.5-7b-instruct": "qwen2.5-7b",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _QKV_BIAS_TYPES = {"qwen2"}
 _QK_NORM_TYPES = {"qwen3"}
 _FUSED_TYPES = {"phi3"}  # qkv_proj and gate_up_proj
@@ -240,7 +238,9 @@ def read_shape(model: ModelConfig) -> ModelShape:
     stem = builtin_shape_name(name)
     if stem is not None:
         return load_builtin_shape(stem)
-    if not _HUB_ID.match(name):
+    from qlora_kit.model import HUB_ID
+
+    if not HUB_ID.match(name):
         raise ModelError(f"model {name!r} not found: not a local path and not a hub id (org/name)")
     return _shape_from_hub(name, model.revision)
 
