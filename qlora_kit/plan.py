@@ -375,13 +375,13 @@ def optimizer_bytes(numels: list[int], optimizer: str, adapter_bytes: int) -> tu
         if optimizer == "adamw_torch":
             total += 2 * adapter_bytes * n
             continue
-        if optimizer == "paged_adamw_8bit" and n >= OPT8_MIN_NUMEL:
+        if optimizer in ("paged_adamw_8bit", "adamw_8bit", "auto") and n >= OPT8_MIN_NUMEL:
             state = 2 * n
             absmax = 2 * 4 * math.ceil(n / OPT8_BLOCK)
         else:
             state, absmax = 8 * n, 0
         total += state + absmax
-        if n >= PAGED_MIN_NUMEL:
+        if optimizer.startswith("paged_") and n >= PAGED_MIN_NUMEL:
             paged += state
     return total, paged
 
@@ -642,6 +642,36 @@ def _variant(cfg: Config, section: str, **values: Any) -> Config:
     copy = cfg.model_copy(deep=True)
     for key, value in values.items():
         setattr(getattr(copy, section), key, value)
+    return copy
+
+
+# --------------------------------------------------------------------------- "auto" settings
+
+
+def resolve_auto(cfg: Config, shape: ModelShape, budget_bytes: int) -> Config:
+    """A copy of ``cfg`` with every ``"auto"`` memory setting made concrete.
+
+    Interim rule until the planner models the techniques (issue 8, i8-plan): the
+    conservative settings of :func:`conservative_settings`.  ``shape`` and
+    ``budget_bytes`` are the inputs the planner's rule will use.
+    """
+    del shape, budget_bytes  # used by the planner's version
+    return conservative_settings(cfg)
+
+
+def conservative_settings(cfg: Config) -> Config:
+    """``"auto"`` made concrete without a plan: offload off, every layer checkpointed, MLP untiled,
+    non-paged 8-bit AdamW (used when the model's shape cannot be planned)."""
+    copy = cfg.model_copy(deep=True)
+    train = copy.train
+    if train.activation_offload == "auto":
+        train.activation_offload = False
+    if train.checkpoint_every_n_layers == "auto":
+        train.checkpoint_every_n_layers = 1
+    if train.tiled_mlp == "auto":
+        train.tiled_mlp = False
+    if train.optimizer == "auto":
+        train.optimizer = "adamw_8bit"
     return copy
 
 
