@@ -29,6 +29,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -386,8 +387,6 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch
     name = cfg.train.optimizer
     if name == "adamw_torch":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=device.type == "cuda")
-    import warnings
-
     import bitsandbytes as bnb
 
     if device.type != "cuda" and name.startswith("paged_"):
@@ -521,7 +520,7 @@ def train(run: Run, stop: StopRequest) -> None:
             skipped = _guard_nonfinite(run, loss, grad_norm)
             optimizer_step(run, skipped)
             run.optimizer.zero_grad(set_to_none=True)
-            run.scheduler.step()
+            scheduler_step(run)
             run.step += 1
             if not skipped:
                 window.add(loss, n_tokens)
@@ -575,6 +574,13 @@ def optimizer_step(run: Run, skipped: bool) -> None:
     if not skipped:
         run.scaler.step(run.optimizer)  # one host sync: the scaler reads its overflow flag
     run.scaler.update()
+
+
+def scheduler_step(run: Run) -> None:
+    """Advance the LR schedule (a pure function of the step, skipped steps included)."""
+    with warnings.catch_warnings():  # torch warns when the loss scaler skipped the very first optimizer step
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        run.scheduler.step()
 
 
 def _guard_nonfinite(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:

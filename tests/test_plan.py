@@ -19,9 +19,10 @@ SHIPPED_24GB = [p for p in CONFIGS if p.name.endswith("_qlora_24gb.yaml")]
 
 
 def make_cfg(name: str = "meta-llama/Llama-3.1-8B-Instruct", **sections) -> plan.Config:
-    raw = {"model": {"name_or_path": name}, "data": {"path": "/data/x.jsonl"}, "output_dir": "/out/x",
+    # The hand computations below model the paged 8-bit optimizer, unpacked rows and full logits.
+    raw = {"model": {"name_or_path": name}, "data": {"path": "/data/x.jsonl", "packing": False}, "output_dir": "/out/x",
            "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
-           "train": {"micro_batch_size": 1, "max_length": 2048}}
+           "train": {"micro_batch_size": 1, "max_length": 2048, "optimizer": "paged_adamw_8bit", "fused_loss": False}}
     for key, value in sections.items():
         raw.setdefault(key, {}).update(value)
     return validate(raw)

@@ -84,12 +84,15 @@ def tiled_forward(module: nn.Module, forward_fn: Callable[[torch.Tensor], torch.
     return forward
 
 
-def tile_mlps(model: nn.Module, tile_tokens: int = MLP_TILE_TOKENS) -> int:
+def tile_mlps(model: nn.Module, tile_tokens: int | None = None) -> int:
     """Give every dense decoder MLP (a child named ``mlp`` of class ``*MLP``) a tiled forward.
+
+    ``tile_tokens`` defaults to :data:`MLP_TILE_TOKENS`.
 
     Returns the number of MLPs tiled (0 for architectures without one, e.g. mixtures of
     experts, which are logged and left as they are).
     """
+    tile_tokens = tile_tokens or MLP_TILE_TOKENS
     count, skipped = 0, set()
     for name, module in model.named_modules():
         if not name.endswith(".mlp") and name != "mlp":
