@@ -239,6 +239,8 @@ def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, sk
     if device.type == "cuda" and not skip_memory_check:
         _check_memory(cfg, source, device)
     model = build_model(cfg, source, precision)
+    if cfg.train.fused_loss:
+        cfg = _check_fused_loss(cfg, model, data, tokenizer, precision)
     spec = qmodel.quant_spec(model, cfg.model, compute_dtype)
     trainable, total = qmodel.count_parameters(model)
     log.info("model: %s | 4-bit %s (double quant: %s) | LoRA r=%d on %s | trainable %s of %s parameters",
@@ -313,6 +315,24 @@ def build_model(cfg: Config, source: Path, precision: Any) -> Any:
         _enable_offload(model, cfg, device)
     model.train()
     return model
+
+
+def _check_fused_loss(cfg: Config, model: Any, data: Any, tokenizer: Any, precision: Any) -> Config:
+    """Keep the fused loss only if it reproduces the model's own loss on the first batch."""
+    from qlora_kit.data import collate
+    from qlora_kit.ops.loss import check_fused_loss
+
+    rows = _epoch_plan(cfg, data, 0)[0]
+    batch = to_device(collate(data.train, rows, tokenizer.pad_token_id, cfg.train.max_length, cfg.data.packing),
+                      precision.device)
+    with precision.forward_context():
+        if check_fused_loss(model, batch):
+            return cfg
+    log.warning("fused_loss: the fused loss differs from this model's own loss (its forward changes the logits "
+                "in a way the fused path does not know); training with the full-logits loss instead")
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.fused_loss = False
+    return cfg
 
 
 def _enable_offload(model: Any, cfg: Config, device: torch.device) -> None:

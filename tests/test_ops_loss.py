@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import adapter_grads, arithmetic_rows, assert_grads_close, make_qlora_model, write_jsonl
+from conftest import (adapter_grads, arithmetic_rows, assert_grads_close, make_qlora_model, write_config,
+                      write_jsonl)
 
 from qlora_kit import data as D
 from qlora_kit.ops.loss import causal_lm_loss, count_targets
@@ -77,3 +78,57 @@ def test_generation_is_untouched_by_the_fused_head(tiny_llama, one_thread) -> No
     ids = torch.tensor([[4, 9, 10, 11]])
     with torch.no_grad():
         torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_models_that_transform_logits_use_trls_head(tmp_path, one_thread) -> None:
+    """Gemma-2 soft-caps its logits: the fused loss must go through trl's head, which applies it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_kit.ops.loss import add_fused_loss, transforms_logits
+
+    config = AutoConfig.for_model("gemma2", vocab_size=300, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  final_logit_softcapping=2.0, attn_implementation="eager")
+    assert transforms_logits(config)
+    ids = torch.randint(0, 300, (2, 19), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        if fused:
+            add_fused_loss(model)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        loss = causal_lm_loss(model, {"input_ids": ids, "labels": labels}, count_targets(labels), fused)
+        loss.backward()
+        results.append((loss.detach(), adapter_grads(model)))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
+    assert_grads_close(results[1][1], results[0][1])
+
+
+def test_check_catches_a_logit_transform_the_fused_path_does_not_know(tiny_llama, one_thread) -> None:
+    from qlora_kit.ops.loss import causal_lm, check_fused_loss
+
+    model = make_qlora_model(tiny_llama, fused_loss=True)
+    ids = torch.randint(6, 400, (1, 30), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    assert check_fused_loss(model, batch)
+    causal_lm(model).lm_head.register_forward_hook(lambda module, args, out: out * 2.0)  # unknown to the fused path
+    assert not check_fused_loss(model, batch)
+
+
+def test_training_falls_back_to_full_logits_when_the_check_fails(tmp_path, tiny_llama, monkeypatch, caplog) -> None:
+    from qlora_kit.config import load_config
+    from qlora_kit.ops import loss as loss_module
+    from qlora_kit.train import dump_config, prepare_output_dir, setup
+
+    monkeypatch.setattr(loss_module, "check_fused_loss", lambda model, batch: False)
+    data = write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(20))
+    cfg, sources = load_config(write_config(tmp_path / "c.yaml", tiny_llama, data, tmp_path / "out"))
+    prepare_output_dir(tmp_path / "out", resume=False, overwrite=False)
+    with caplog.at_level("WARNING", logger="qlora_kit"):
+        run = setup(cfg, dump_config(cfg, sources), tmp_path / "out", None, skip_memory_check=True)
+    assert run.cfg.train.fused_loss is False and run.manifest["memory"]["fused_loss"] is False
+    assert "full-logits loss instead" in caplog.text
