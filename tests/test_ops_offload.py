@@ -125,3 +125,33 @@ def test_cuda_offload_matches_and_frees_device_memory(tiny_models) -> None:
     assert hooks.stats["offloaded"] == 8
     assert kept_offloaded < kept - 6 * 4096 * 256 * 2  # at least 6 of the 8 layer inputs left the device
     assert_grads_close(got, want, atol=1e-3, rtol=1e-2)
+
+
+def test_all_techniques_together_equal_the_plain_path(tiny_llama, one_thread) -> None:
+    """Packed row + fused loss + tiled MLP + offloaded checkpoints: the plain path's loss and gradients."""
+    from qlora_kit import data as D
+    from qlora_kit.ops.loss import causal_lm_loss, count_targets
+    from qlora_kit.ops.packing import use_packed_attention
+    from qlora_kit.ops.tiled_mlp import tile_mlps
+
+    g = torch.Generator().manual_seed(4)
+    samples = []
+    for n in (14, 9, 20):
+        ids = torch.randint(6, 400, (n,), generator=g).tolist()
+        samples.append({"input_ids": ids, "labels": [-100] * 4 + ids[4:]})
+    batch = D.collate(samples, [[0, 1], [2]], pad_id=0, max_length=64, packing=True)
+    n_items = count_targets(batch["labels"])
+
+    plain = make_qlora_model(tiny_llama, targets="all-linear")
+    use_packed_attention(plain)
+    causal_lm_loss(plain, batch, n_items, fused=False).backward()
+
+    model = make_qlora_model(tiny_llama, targets="all-linear", fused_loss=True)
+    use_packed_attention(model)
+    tile_mlps(model, tile_tokens=8)
+    offload = ActivationOffload(torch.device("cpu"), min_bytes=0)
+    enable_offload(model, offload)
+    causal_lm_loss(model, batch, n_items, fused=True).backward()
+
+    assert offload.stats["offloaded"] == LAYERS
+    assert_grads_close(adapter_grads(model), adapter_grads(plain), atol=1e-6, rtol=1e-5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import adapter_grads, assert_grads_close, make_qlora_model
+from conftest import adapter_grads, assert_grads_close, gpu, make_qlora_model
 
 from qlora_kit.ops.tiled_mlp import TiledMLPFunction, tile_mlps
 
@@ -109,3 +109,31 @@ def test_mixture_of_experts_blocks_stay_untiled(caplog) -> None:
     with caplog.at_level("WARNING", logger="qlora_kit"):
         assert tile_mlps(model) == 0
     assert "SparseMoeBlock" in caplog.text
+
+
+@gpu
+def test_cuda_tiled_mlp_matches_under_autocast(tiny_models) -> None:
+    """NF4 on CUDA, bf16 autocast, fp32 adapters on gate/up/down: tiled equals untiled to bf16 precision."""
+    from qlora_kit.config import LoraConfig, ModelConfig
+    from qlora_kit.model import attach_lora, load_quantized_base
+
+    source = tiny_models("llama")
+    ids = torch.randint(6, 400, (1, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    results = []
+    for tiled in (False, True):
+        torch.manual_seed(0)
+        base = load_quantized_base(source, ModelConfig(name_or_path=str(source)), torch.bfloat16,
+                                   torch.device("cuda"))
+        model = attach_lora(base, LoraConfig(r=8, dropout=0.0, target_modules="all-linear"), torch.float32, True)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+        if tiled:
+            tile_mlps(model, tile_tokens=64)
+        model.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        results.append((loss.detach().float(), adapter_grads(model)))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-2, rtol=1e-2)
+    assert_grads_close(results[1][1], results[0][1], atol=1e-2, rtol=5e-2)
