@@ -49,7 +49,7 @@ class TiledMLPFunction(torch.autograd.Function):
         ctx.autocast = _autocast_state(x.device)
         ctx.save_for_backward(x)
         with torch.no_grad():
-            return torch.cat([forward_fn(tile) for tile in x.split(tile_tokens, dim=-2)], dim=-2)
+            return torch.cat([forward_fn(tile) for tile in x.detach().split(tile_tokens, dim=-2)], dim=-2)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
