@@ -58,9 +58,10 @@ def count_targets(labels: torch.Tensor) -> int:
 def check_fused_loss(model: nn.Module, batch: dict[str, Any]) -> bool:
     """True when the fused loss equals the model's own (full-logits) loss on the start of ``batch``.
 
-    Run once before training, without gradients, on at most :data:`CHECK_TOKENS` tokens: a
-    model whose forward changes the logits in a way the fused path does not know would
-    otherwise train on a different loss without anyone noticing.
+    Run once before training, without gradients and in eval mode (dropout off, so both
+    passes see the same network and no random numbers are drawn), on at most
+    :data:`CHECK_TOKENS` tokens: a model whose forward changes the logits in a way the fused
+    path does not know would otherwise train on a different loss without anyone noticing.
     """
     short = {k: v[:, :CHECK_TOKENS] if isinstance(v, torch.Tensor) and v.dim() == 2 else v for k, v in batch.items()}
     if "cu_seq_lens_q" in batch:  # packed: keep the samples that fit whole in the slice
@@ -68,9 +69,14 @@ def check_fused_loss(model: nn.Module, batch: dict[str, Any]) -> bool:
     n = count_targets(short["labels"])
     if n == 0:
         return True
-    with torch.no_grad():
-        fused = causal_lm_loss(model, short, n, fused=True).float()
-        plain = causal_lm_loss(model, short, n, fused=False).float()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            fused = causal_lm_loss(model, short, n, fused=True).float()
+            plain = causal_lm_loss(model, short, n, fused=False).float()
+    finally:
+        model.train(was_training)
     return bool(torch.isclose(fused, plain, rtol=CHECK_TOLERANCE, atol=1e-5))
 
 
