@@ -81,16 +81,15 @@ def test_generation_is_untouched_by_the_fused_head(tiny_llama, one_thread) -> No
 
 
 def test_models_that_transform_logits_use_trls_head(tmp_path, one_thread) -> None:
-    """Gemma-2 soft-caps its logits: the fused loss must go through trl's head, which applies it."""
+    """Gemma-2 soft-caps its logits: trl's head applies it, so the fused loss still equals the model's own."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora_kit.ops.loss import add_fused_loss, transforms_logits
+    from qlora_kit.ops.loss import add_fused_loss
 
     config = AutoConfig.for_model("gemma2", vocab_size=300, hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                   final_logit_softcapping=2.0, attn_implementation="eager")
-    assert transforms_logits(config)
     ids = torch.randint(0, 300, (2, 19), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[:, :6] = -100
@@ -108,14 +107,27 @@ def test_models_that_transform_logits_use_trls_head(tmp_path, one_thread) -> Non
     assert_grads_close(results[1][1], results[0][1])
 
 
-def test_check_catches_a_logit_transform_the_fused_path_does_not_know(tiny_llama, one_thread) -> None:
-    from qlora_kit.ops.loss import causal_lm, check_fused_loss
-
+def test_fused_loss_goes_through_the_peft_wrapper(tiny_llama, one_thread) -> None:
+    """peft's model-level forward runs (AdaLoRA adds its regulariser there; hooks see the call)."""
     model = make_qlora_model(tiny_llama, fused_loss=True)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs.get("fused_lm_head")),
+                                    with_kwargs=True)
+    ids = torch.randint(6, 400, (1, 12))
+    causal_lm_loss(model, {"input_ids": ids, "labels": ids}, 11, fused=True).backward()
+    assert calls == [True]
+
+
+def test_check_catches_a_logit_transform_the_fused_path_does_not_know(tiny_llama, one_thread) -> None:
+    from qlora_kit.ops.loss import check_fused_loss
+
+    model = make_qlora_model(tiny_llama, fused_loss=True, dropout=0.3)  # dropout must not fail the check
     ids = torch.randint(6, 400, (1, 30), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone()}
-    assert check_fused_loss(model, batch)
-    causal_lm(model).lm_head.register_forward_hook(lambda module, args, out: out * 2.0)  # unknown to the fused path
+    rng = torch.get_rng_state()
+    assert check_fused_loss(model, batch) and model.training
+    assert torch.equal(torch.get_rng_state(), rng), "the check must not move the RNG (exact resume)"
+    model.get_base_model().lm_head.register_forward_hook(lambda module, args, out: out * 2.0)  # unknown to the fused path
     assert not check_fused_loss(model, batch)
 
 
@@ -132,3 +144,17 @@ def test_training_falls_back_to_full_logits_when_the_check_fails(tmp_path, tiny_
         run = setup(cfg, dump_config(cfg, sources), tmp_path / "out", None, skip_memory_check=True)
     assert run.cfg.train.fused_loss is False and run.manifest["memory"]["fused_loss"] is False
     assert "full-logits loss instead" in caplog.text
+
+
+def test_check_on_a_packed_batch_uses_whole_samples(tiny_llama, one_thread) -> None:
+    from qlora_kit.ops.loss import CHECK_TOKENS, _packed_prefix, check_fused_loss
+
+    g = torch.Generator().manual_seed(1)
+    samples = [{"input_ids": (ids := torch.randint(6, 400, (n,), generator=g).tolist()), "labels": [-100] + ids[1:]}
+               for n in (200, 100, 50)]
+    batch = D.collate(samples, [[0, 1, 2]], pad_id=0, max_length=512, packing=True)
+    short = _packed_prefix(batch, CHECK_TOKENS)
+    assert short["packed_seq_lens"] == (200,) and short["input_ids"].shape == (1, 200)
+    model = make_qlora_model(tiny_llama, fused_loss=True)
+    use_packed_attention(model)
+    assert check_fused_loss(model, batch)
