@@ -365,12 +365,15 @@ def run_qlora_kit(job: dict[str, Any]) -> dict[str, Any]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     memory = json.loads((run_dir / "manifest.json").read_text()).get("memory", {})
     every = memory.get("checkpoint_every_n_layers", 1) if memory.get("gradient_checkpointing", True) else None
+    fused = bool(memory.get("fused_loss", True))
     recipe = {
         "what": "qlora_kit.train.run_training (qlora-kit defaults; auto settings resolved for the cap)",
         "memory_settings": memory, "config_train": mapping["train"], "packing": memory.get("packing"),
+        "loss_path": ("trl fused LM head via qlora_kit.ops.loss: " + ("labelled positions only (Triton)" if
+                      fused_head_compacts() else "every position (no Triton here)")) if fused else "full logits",
         "checkpointed_layers": None if every is None else ("every", int(every)),
-        "lm_head_positions": "labelled" if memory.get("fused_loss", True) else "all",
-        "loss_recomputes_projection": bool(memory.get("fused_loss", True)),
+        "lm_head_positions": "labelled" if fused and fused_head_compacts() else "all",
+        "loss_recomputes_projection": fused,
         "tiled_mlp": bool(memory.get("tiled_mlp")),
     }
     return {"losses": [r["loss"] for r in records if "loss" in r], "stamps": stamps,
@@ -432,17 +435,23 @@ def run_stock(job: dict[str, Any]) -> dict[str, Any]:
             "stats": stats[:job["steps"]], "wall_seconds": time.perf_counter() - start, "recipe_info": recipe}
 
 
+def fused_head_compacts() -> bool:
+    """True where trl's fused LM head projects only labelled positions (a Triton device)."""
+    import torch
+    from transformers.utils import is_triton_available
+
+    return torch.cuda.is_available() and is_triton_available()
+
+
 def stock_recipe_info(trainer: Any) -> dict[str, Any]:
     """What trl's defaults chose: the loss path (fused LM head or full logits), packing, checkpointing, dtypes."""
     import trl
-    from trl.kernels.chunked_logprob import _use_triton
 
     base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     forward = getattr(base.forward, "__func__", base.forward)
     fused = getattr(getattr(forward, "__code__", None), "co_name", "") == "_fused_forward"
     plain_branch = trainer.compute_loss_func is None and trainer.label_smoother is None
-    device = next(base.parameters()).device
-    compact = _use_triton(device)
+    compact = fused_head_compacts()
     args = trainer.args
     adapter_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trainer.model.parameters() if p.requires_grad})
     return {
