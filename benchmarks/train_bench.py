@@ -919,8 +919,9 @@ def _notes(cuda: bool, peak: float | None, search: bool) -> list[str]:
 
 
 def default_out(shape: str, device: dict[str, Any]) -> Path:
-    """benchmarks/results/train-<shape>-<device>-<YYYYmmdd-HHMM>.json"""
-    slug = "".join(c if c.isalnum() else "-" for c in str(device["name"]).lower()).strip("-")[:40] or device["type"]
+    """benchmarks/results/train-<shape>-<GPU name, or "cpu">-<YYYYmmdd-HHMM>.json"""
+    name = device["name"] if device["type"] == "cuda" else "cpu"
+    slug = "".join(c if c.isalnum() else "-" for c in str(name).lower()).strip("-")[:40] or device["type"]
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
     return RESULTS_DIR / f"train-{shape}-{slug}-{stamp}.json"
 
