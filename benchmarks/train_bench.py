@@ -543,11 +543,16 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     """Run one recipe on one mix at one length; never raises (errors and OOM are results)."""
     import torch
 
+    if job["recipe"].startswith("qlora-kit"):  # its allocator setting, which must precede CUDA's start
+        from qlora_kit.ops.allocator import configure_cuda_allocator
+
+        configure_cuda_allocator()
     cuda = torch.cuda.is_available()
     if cuda:
         _apply_cap(job["settings"]["cap_gib"])
         torch.cuda.reset_peak_memory_stats()
-    result: dict[str, Any] = {"recipe": job["recipe"], "mix": job["mix"], "seq_len": job["seq_len"], "status": "ok"}
+    result: dict[str, Any] = {"recipe": job["recipe"], "mix": job["mix"], "seq_len": job["seq_len"], "status": "ok",
+                              "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     try:
         result.update(RUNNERS[job["recipe"]](job))
     except Exception as exc:  # OOM in any of its wrappings, or a real failure to report
