@@ -1,6 +1,7 @@
 """The planner against measured memory: one real training step on CPU, component by component.
 
-Builds a model with a **real vocabulary** (128,256, Llama-3's) and a small hidden size,
+Builds a model with a **real vocabulary** (128,256, Llama-3's; one case uses a small one) and a
+small hidden size,
 runs qlora-kit's own training step (``train.build_model`` → ``train.train_step``: NF4 base,
 fp32 LoRA adapters under bf16 autocast, fused loss, padding-free packing, checkpointing,
 tiled MLP when asked) on one packed row of long samples, and records every allocation of
@@ -50,9 +51,10 @@ class Case:
     """One measured configuration: model shape, row layout and memory techniques."""
 
     name: str
-    tokens: int = 4096  # one packed row
+    tokens: int = 1024  # one packed row
     samples: int = 4
-    labelled_per_sample: int = 128  # the reply at the end of each sample carries the labels
+    labelled_per_sample: int = 64  # the reply at the end of each sample carries the labels
+    vocab: int = VOCAB
     hidden: int = 64
     intermediate: int = 224
     layers: int = 3
@@ -74,10 +76,14 @@ class Case:
 CASES = {
     "small": Case("small"),
     "no-dropout": Case("no-dropout", dropout=0.0),
-    "long-tiled": Case("long-tiled", tokens=16384, samples=4, labelled_per_sample=64, tiled_mlp=True),
     "every-2": Case("every-2", layers=5, every_n=2),
+    # 16K tokens, the MLP in 4K tiles: the post-attention RMSNorm's backward becomes the layer's peak.  A small
+    # vocabulary keeps the CPU's loss tiles (every position is scored on CPU) from hiding the layer.
+    "long-tiled": Case("long-tiled", tokens=16384, labelled_per_sample=256, tiled_mlp=True, vocab=8192),
+    # The same with the real vocabulary: ~4 GiB of fp32 loss tiles on CPU.
+    "long-real-vocab": Case("long-real-vocab", tokens=16384, labelled_per_sample=256, tiled_mlp=True),
 }
-DEFAULT_CASES = ("small", "no-dropout", "long-tiled", "every-2")
+DEFAULT_CASES = ("small", "no-dropout", "every-2", "long-tiled", "long-real-vocab")
 
 
 # --------------------------------------------------------------------------- model, config, batch
@@ -87,10 +93,10 @@ def build_model_dir(case: Case, root: Path) -> Path:
     """A random Llama of the case's shape with the real vocabulary (saved once per shape)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    out = root / f"llama-{case.hidden}-{case.intermediate}-{case.layers}-{case.heads}-{case.kv_heads}"
+    out = root / f"llama-{case.vocab}-{case.hidden}-{case.intermediate}-{case.layers}-{case.heads}-{case.kv_heads}"
     if (out / "config.json").is_file():
         return out
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=case.hidden, intermediate_size=case.intermediate,
+    config = LlamaConfig(vocab_size=case.vocab, hidden_size=case.hidden, intermediate_size=case.intermediate,
                          num_hidden_layers=case.layers, num_attention_heads=case.heads,
                          num_key_value_heads=case.kv_heads, max_position_embeddings=131072,
                          tie_word_embeddings=False)
@@ -122,7 +128,7 @@ def packed_row(case: Case, seed: int) -> dict[str, Any]:
     n = case.tokens // case.samples
     pieces = []
     for _ in range(case.samples):
-        ids = torch.randint(0, VOCAB, (n,), generator=gen).tolist()
+        ids = torch.randint(0, case.vocab, (n,), generator=gen).tolist()
         pieces.append((ids, [-100] * (n - case.labelled_per_sample) + ids[n - case.labelled_per_sample:]))
     return pack_batch(pieces)
 
@@ -263,7 +269,7 @@ def predict(case: Case, model_dir: Path) -> dict[str, Any]:
         "checkpoint_per_layer": s * h * n + copies_per_layer,
         "non_checkpointed_layer": layer_full + copies_per_layer if layer_full is not None else None,
         # the backbone's output (s*H per token) already exists when the window starts
-        "loss": plan.fused_loss_bytes(shape, tech, n, case.labelled) - s * h * n,
+        "loss": plan.fused_loss_bytes(shape, tech, 1, n, case.labelled) - s * h * n,
         # the gradient arriving at the layer already exists when its backward starts
         "recomputed_layer": sum(stage.values()) - s * h * n,
         "static": static,

@@ -41,8 +41,8 @@ on CUDA, 4 for fp32), a bytes of an adapter weight (4: fp32 master copies by def
   expanded to every query head for grouped-query attention).  ``dequant_buffer``: one 4-bit
   matrix dequantised to the compute dtype for the matmul.
 * Loss: ``fused_loss`` (default): no logits; a 4096 x 32768 projection tile, the
-  labelled hidden states (s bytes, saved) and their fp32 gradient: flat in T for the
-  vocabulary, linear in N_lab*H.  ``logits_and_loss`` (``fused_loss: false``): B*T*V
+  labelled hidden states (s bytes, saved; CUDA projects only labelled positions) and their
+  fp32 gradient: flat in T for the vocabulary, linear in N_lab*H.  ``logits_and_loss`` (``fused_loss: false``): B*T*V
   logits in the compute dtype + fp32 log-probabilities and gradients (12 bytes/logit).
   ``final_norm``: the final RMSNorm's fp32 input.
 * The peak is the largest of three phases: ``load`` (a 16-bit matrix being quantised),
@@ -77,7 +77,7 @@ OPT8_BLOCK = 256  # values per fp32 absmax in 8-bit optimizer states
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages only state buffers at least this large
 LOSS_FP32_BYTES = 12  # fp32 log-probs + fp32 gradient in + fp32 gradient out, per logit
 LOSS_TOKEN_TILE = 4096  # trl's ChunkedLogProbFunction: tokens per projection tile (TOKEN_CHUNK_SIZE)
-LOSS_VOCAB_TILE = 32768  # vocabulary entries per tile (qlora_kit.ops.loss.VOCAB_CHUNK)
+LOSS_VOCAB_TILE = 32768  # vocabulary entries per tile (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
 LOSS_SCALARS_PER_LABEL = 48  # fp32 online-softmax statistics, log-probs, int64 target per labelled token
 MLP_TILE_TOKENS = 4096  # qlora_kit.ops.tiled_mlp.MLP_TILE_TOKENS
 NORM_BACKWARD_FP32_COPIES = 5  # fp32 [N, H] temporaries of an RMSNorm's backward (measured on CPU, same ops)
@@ -679,22 +679,35 @@ def adapter_components(numels: list[int], tech: Techniques) -> dict[str, int]:
     return {"lora_parameters": n * a, "lora_gradients": n * a, "optimizer_state": opt}
 
 
-def fused_loss_bytes(shape: ModelShape, tech: Techniques, tokens: int, labelled: int) -> int:
-    """Peak of trl's chunked log-prob loss (``ops.loss``) on ``labelled`` of ``tokens`` positions.
+def fused_loss_rows(tech: Techniques, batch: int, length: int, labelled: int) -> int:
+    """Positions trl's fused LM head projects: the labelled ones with Triton (CUDA), every position elsewhere."""
+    return labelled if tech.device == "cuda" else batch * (length - 1)
 
-    Forward: the backbone's last hidden state ``[tokens, H]``, its labelled rows copied out
-    (saved), one projection tile of ``min(labelled, 4096) x 32768`` values.  Backward: the
-    saved copy, an fp32 gradient accumulator and its cast, the tile.  On CUDA Triton folds
-    the tile in place; on CPU trl folds it with torch ops, holding fp32 temporaries of tile
-    size (3 in the forward, 7 + a bool mask in the backward: trl 1.16 ``_forward_tile`` /
-    ``_backward_tile``).  Per labelled position a few fp32 scalars and the int64 target.
+
+def fused_loss_bytes(shape: ModelShape, tech: Techniques, batch: int, length: int, labelled: int) -> int:
+    """Peak of trl's fused LM-head loss (``ops.loss``: ``add_fused_lm_head`` → ``ChunkedLogProbFunction``).
+
+    With Triton (CUDA) the labelled rows of the backbone's last hidden state are copied out
+    (saved) and the full hidden state is freed after the forward; elsewhere every position is
+    scored from the hidden state itself (a view for one row, kept until the backward).  One
+    projection buffer of ``min(rows, 4096) x 32768`` values in the compute dtype; the backward
+    adds an fp32 gradient accumulator ``[rows, H]`` and its cast.  Triton folds the tile in
+    place; on CPU trl folds it with torch ops, holding fp32 temporaries of tile size (3 in the
+    forward, 7 + a bool mask in the backward: trl 1.16 ``_forward_tile`` / ``_backward_tile``).
+    Per row a few fp32 statistics and the int64 target.
     """
-    s, h = tech.s, shape.hidden_size
-    tile = min(labelled, LOSS_TOKEN_TILE) * min(shape.vocab_size, LOSS_VOCAB_TILE)
-    fold_fwd, fold_bwd = (0, 0) if tech.device == "cuda" else (3 * 4 * tile, 29 * tile)
-    forward = s * h * (tokens + labelled) + s * tile + fold_fwd
-    backward = (2 * s + 4) * h * labelled + s * tile + fold_bwd
-    return max(forward, backward) + LOSS_SCALARS_PER_LABEL * labelled
+    s, h, n = tech.s, shape.hidden_size, batch * length
+    rows = fused_loss_rows(tech, batch, length, labelled)
+    buffer = s * min(rows, LOSS_TOKEN_TILE) * LOSS_VOCAB_TILE  # allocated 32768 wide even for smaller vocabularies
+    if tech.device == "cuda":
+        forward = s * h * (n + rows) + buffer
+        backward = (2 * s + 4) * h * rows + buffer
+    else:
+        tile = min(rows, LOSS_TOKEN_TILE) * min(shape.vocab_size, LOSS_VOCAB_TILE)
+        copy = s * h * rows if batch > 1 else 0  # [:, :-1] of one row is a view; of several rows, a copy
+        forward = s * h * n + copy + buffer + 3 * 4 * tile
+        backward = s * h * n + copy + (s + 4) * h * rows + buffer + 29 * tile
+    return max(forward, backward) + LOSS_SCALARS_PER_LABEL * rows
 
 
 def activation_phases(shape: ModelShape, tech: Techniques, batch: int, length: int, labelled: int,
@@ -716,7 +729,7 @@ def activation_phases(shape: ModelShape, tech: Techniques, batch: int, length: i
     loss = {**common, "autocast_adapter_copies": s * sum(numels) if tech.autocast else 0,
             "final_norm": norm_saved_per_token(shape, tech) * n}
     if tech.fused_loss:
-        loss["fused_loss"] = fused_loss_bytes(shape, tech, n, labelled)
+        loss["fused_loss"] = fused_loss_bytes(shape, tech, batch, length, labelled)
     else:
         loss["logits_and_loss"] = (s + LOSS_FP32_BYTES) * shape.vocab_size * n
     stages = backward_stages(shape, tech, batch, length, attn_part, mlp_part, tiled)
