@@ -23,8 +23,9 @@ the CPU's loss fold, per-sample attention and dropout masks) and the number of l
 tokens.  Compute is bf16 with fp32 adapters, as on a GPU, so the autograd graph is the one
 the GPU runs except for the attention kernel and the loss fold.
 
-    python benchmarks/memory_check.py                       # the default cases, JSON to benchmarks/results/
+    python benchmarks/memory_check.py                       # the CPU cases, JSON to benchmarks/results/
     python benchmarks/memory_check.py --cases small --out /tmp/check.json
+    python benchmarks/memory_check.py --device cuda         # on a GPU: flash attention, Triton loss, offload
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Case:
     targets: str = "all-linear"
     tiled_mlp: bool = False
     every_n: int = 1
+    offload: bool = False  # CUDA only (a no-op on CPU)
     compute_dtype: str = "bfloat16"
     notes: list[str] = field(default_factory=list)
 
@@ -82,8 +84,11 @@ CASES = {
     "long-tiled": Case("long-tiled", tokens=16384, labelled_per_sample=256, tiled_mlp=True, vocab=8192),
     # The same with the real vocabulary: ~4 GiB of fp32 loss tiles on CPU.
     "long-real-vocab": Case("long-real-vocab", tokens=16384, labelled_per_sample=256, tiled_mlp=True),
+    # CUDA only: checkpointed inputs in pinned host memory, two on the GPU at a time.
+    "offload": Case("offload", tokens=16384, labelled_per_sample=256, tiled_mlp=True, offload=True),
 }
-DEFAULT_CASES = ("small", "no-dropout", "every-2", "long-tiled", "long-real-vocab")
+DEFAULT_CASES = {"cpu": ("small", "no-dropout", "every-2", "long-tiled", "long-real-vocab"),
+                 "cuda": ("small", "no-dropout", "every-2", "long-tiled", "long-real-vocab", "offload")}
 
 
 # --------------------------------------------------------------------------- model, config, batch
@@ -114,7 +119,7 @@ def case_config(case: Case, model_dir: Path) -> Any:
         "lora": {"r": case.r, "alpha": 2 * case.r, "dropout": case.dropout, "target_modules": case.targets},
         "data": {"path": "unused.jsonl", "packing": True},
         "train": {"max_length": case.tokens, "micro_batch_size": 1, "gradient_accumulation_steps": 1,
-                  "fused_loss": True, "tiled_mlp": case.tiled_mlp, "activation_offload": False,
+                  "fused_loss": True, "tiled_mlp": case.tiled_mlp, "activation_offload": case.offload,
                   "checkpoint_every_n_layers": case.every_n, "optimizer": "adamw_8bit"},
         "output_dir": "unused",
     })
@@ -136,16 +141,16 @@ def packed_row(case: Case, seed: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- measuring
 
 
-def measure(case: Case, model_dir: Path) -> dict[str, Any]:
+def measure(case: Case, model_dir: Path, device_type: str = "cpu") -> dict[str, Any]:
     """Run one warm-up step, then profile one training step; return the measured windows (bytes)."""
     from qlora_kit.ops.precision import resolve_precision
     from qlora_kit.train import build_model, build_optimizer, train_step
 
     cfg = case_config(case, model_dir)
-    device = torch.device("cpu")
+    device = torch.device(device_type)
     precision = resolve_precision(getattr(torch, case.compute_dtype), cfg.lora.adapter_dtype, device)
     torch.manual_seed(0)
-    model = build_model(cfg, model_dir, precision)
+    model = build_model(cfg, model_dir, precision)  # offload too, on CUDA
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params, device)
     run = SimpleNamespace(device=device, precision=precision, model=model, cfg=cfg, scaler=None,
@@ -156,10 +161,16 @@ def measure(case: Case, model_dir: Path) -> dict[str, Any]:
     batch = packed_row(case, 1)
     baseline = live_bytes(model, optimizer)
     add_markers(model)
-    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    profiler = torch.profiler.profile(activities=activities, profile_memory=True)
     with profiler:
         train_step(run, [batch])
-    timeline = Timeline.from_profiler(profiler)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    timeline = Timeline.from_profiler(profiler, device.type)
     return windows(timeline, baseline, case)
 
 
@@ -169,10 +180,19 @@ def live_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    tensors += [t for p in model.parameters() for t in quant_state_tensors(getattr(p, "quant_state", None))]
     for t in tensors:
         storage = t.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
+
+
+def quant_state_tensors(state: Any) -> list[torch.Tensor]:
+    """The absmax/code/offset tensors of a bitsandbytes QuantState (nested state included)."""
+    if state is None:
+        return []
+    found = [v for v in vars(state).values() if isinstance(v, torch.Tensor)]
+    return found + quant_state_tensors(getattr(state, "state2", None))
 
 
 def add_markers(model: torch.nn.Module) -> None:
@@ -203,10 +223,11 @@ class Timeline:
     marks: dict[str, int]  # first occurrence of each marker: index into in_use
 
     @classmethod
-    def from_profiler(cls, profiler: Any) -> "Timeline":
+    def from_profiler(cls, profiler: Any, device_type: str = "cpu") -> "Timeline":
+        kind = torch.autograd.DeviceType.CUDA if device_type == "cuda" else torch.autograd.DeviceType.CPU
         events = []
         for e in profiler.profiler.kineto_results.events():
-            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU:
+            if e.name() == "[memory]" and e.device_type() == kind:
                 events.append((e.start_ns(), 0, e.nbytes()))
             elif e.name().startswith("MARK:"):
                 events.append((e.start_ns(), 1, e.name()[5:]))
@@ -249,14 +270,14 @@ def windows(tl: Timeline, baseline: int, case: Case) -> dict[str, Any]:
 # --------------------------------------------------------------------------- predicting
 
 
-def predict(case: Case, model_dir: Path) -> dict[str, Any]:
+def predict(case: Case, model_dir: Path, device_type: str = "cpu") -> dict[str, Any]:
     """The planner's numbers for the same windows (bytes), from the config and shape alone."""
     from qlora_kit import plan
 
     cfg = case_config(case, model_dir)
     shape = plan.load_shape_file(model_dir / "config.json")
-    est = plan.estimate(cfg, shape, device="cpu", labelled_tokens=case.labelled)
-    tech = plan.techniques(cfg, shape, "cpu")
+    est = plan.estimate(cfg, shape, device=device_type, labelled_tokens=case.labelled)
+    tech = plan.techniques(cfg, shape, device_type)
     n, s, h = case.tokens, tech.s, shape.hidden_size
     numels = plan.adapter_tensors(shape, list(tech.targets), tech.r, tech.dora)
     copies_per_layer = s * sum(numels) // shape.num_layers if tech.autocast else 0
@@ -266,7 +287,8 @@ def predict(case: Case, model_dir: Path) -> dict[str, Any]:
     static = sum(loss_phase[k] for k in ("nf4_weights", "weights_16bit", "lora_parameters", "lora_gradients",
                                          "optimizer_state"))
     return {
-        "checkpoint_per_layer": s * h * n + copies_per_layer,
+        # offloaded inputs leave the GPU once copied: not compared (the phase peaks are)
+        "checkpoint_per_layer": None if tech.offload else s * h * n + copies_per_layer,
         "non_checkpointed_layer": layer_full + copies_per_layer if layer_full is not None else None,
         # the backbone's output (s*H per token) already exists when the window starts
         "loss": plan.fused_loss_bytes(shape, tech, 1, n, case.labelled) - s * h * n,
@@ -280,10 +302,10 @@ def predict(case: Case, model_dir: Path) -> dict[str, Any]:
     }
 
 
-def compare(case: Case, root: Path) -> dict[str, Any]:
+def compare(case: Case, root: Path, device_type: str = "cpu") -> dict[str, Any]:
     """Measure and predict one case; rows of (measured, predicted, ratio, within tolerance)."""
     model_dir = build_model_dir(case, root)
-    measured, predicted = measure(case, model_dir), predict(case, model_dir)
+    measured, predicted = measure(case, model_dir, device_type), predict(case, model_dir, device_type)
     rows = {}
     for key, value in measured.items():
         want = predicted.get(key)
@@ -292,12 +314,15 @@ def compare(case: Case, root: Path) -> dict[str, Any]:
         ratio = want / value if value else float("inf")
         rows[key] = {"measured_bytes": int(value), "predicted_bytes": int(want), "predicted_over_measured":
                      round(ratio, 4), "within_tolerance": abs(ratio - 1) <= TOLERANCE}
-    return {"case": asdict(case), "backward_stage": predicted["backward_stage"], "components": rows}
+    return {"case": asdict(case), "device": device_type, "backward_stage": predicted["backward_stage"],
+            "components": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), choices=sorted(CASES))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--cases", nargs="+", default=None, choices=sorted(CASES),
+                        help="default: every case that runs on --device")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -306,21 +331,21 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     with tempfile.TemporaryDirectory(prefix="qlora-memcheck-") as tmp:
-        for name in args.cases:
-            result = compare(CASES[name], Path(tmp))
+        for name in args.cases or DEFAULT_CASES[args.device]:
+            result = compare(CASES[name], Path(tmp), args.device)
             results.append(result)
             print_case(result)
     report = {
         "benchmark": "memory_check",
-        "what": "qlora_kit.plan.estimate(device='cpu') vs the CPU allocator's records of one real training step "
-                "(torch profiler, profile_memory=True); bf16 autocast, fp32 adapters, real vocabulary 128,256",
+        "what": f"qlora_kit.plan.estimate(device='{args.device}') vs the {args.device.upper()} allocator's records of "
+                "one real training step (torch profiler, profile_memory=True); bf16 autocast, fp32 adapters",
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": device_info(torch.device("cpu")),
+        "device": device_info(torch.device(args.device)),
         "versions": package_versions(),
         "tolerance": TOLERANCE,
         "results": results,
     }
-    out = args.out or RESULTS / f"memory-check-cpu-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    out = args.out or RESULTS / f"memory-check-{args.device}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

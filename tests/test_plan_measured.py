@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import gpu
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_check.py"
 spec = importlib.util.spec_from_file_location("memory_check", SCRIPT)
 memory_check = importlib.util.module_from_spec(spec)
@@ -38,3 +40,13 @@ def test_planner_components_within_15_percent_of_the_measured_step(name: str, tm
         assert "non_checkpointed_layer" in rows
     off = {k: r for k, r in rows.items() if not r["within_tolerance"]}
     assert not off, f"{name}: outside ±15 %: {off}"
+
+
+@gpu
+@pytest.mark.parametrize("name", memory_check.DEFAULT_CASES["cuda"])
+def test_planner_components_on_cuda(name: str, tmp_path: Path):
+    # The CUDA-only terms: flash attention (varlen) buffers, Triton loss on labelled rows, bool dropout masks,
+    # offloaded checkpoints in flight.  The allocator margin and the CUDA context are outside these windows.
+    result = memory_check.compare(memory_check.CASES[name], tmp_path, "cuda")
+    off = {k: r for k, r in result["components"].items() if not r["within_tolerance"]}
+    assert not off, f"{name} on CUDA: outside ±15 %: {off}"
