@@ -1148,7 +1148,7 @@ def print_report(report: dict[str, Any]) -> None:
     context = {"dq": " + double quant" if report["double_quant"] else "", "opt": report["optimizer"],
                "adapter": report["adapter_dtype"], "stage": report["peak_stage"] or "loss",
                "frag": report["fragmentation_fraction"],
-               "offload": " (on the GPU; the rest in host memory)" if settings["activation_offload"] else ""}
+               "offload": " (2 on the GPU, the rest on the host)" if settings["activation_offload"] else ""}
     for key, value in report["breakdown"].items():
         if value:
             table.add_row(_LABELS.get(key, key).format(**context), _human(value))
