@@ -801,17 +801,19 @@ def memory_minimal(cfg: Config, offload: bool | None = None) -> Config:
     given) sets activation offload whatever the config says (off without checkpointing).
     Values the user set are kept.
     """
+    copy = _fill_auto(cfg, tiled_mlp=True, checkpoint_every_n_layers=1, optimizer="adamw_8bit",
+                      activation_offload=cfg.train.gradient_checkpointing)
+    if offload is not None:
+        copy.train.activation_offload = offload and copy.train.gradient_checkpointing
+    return copy
+
+
+def _fill_auto(cfg: Config, **choices: Any) -> Config:
+    """A copy of ``cfg`` whose ``train`` settings still at ``"auto"`` take the given values."""
     copy = cfg.model_copy(deep=True)
-    t = copy.train
-    if t.tiled_mlp == "auto":
-        t.tiled_mlp = True
-    if t.checkpoint_every_n_layers == "auto":
-        t.checkpoint_every_n_layers = 1
-    if t.optimizer == "auto":
-        t.optimizer = "adamw_8bit"
-    if offload is not None or t.activation_offload == "auto":
-        wanted = True if offload is None else offload
-        t.activation_offload = wanted and t.gradient_checkpointing
+    for key, value in choices.items():
+        if getattr(copy.train, key) == "auto":
+            setattr(copy.train, key, value)
     return copy
 
 
@@ -962,17 +964,8 @@ def _log_resolution(cfg: Config, resolved: Config) -> None:
 def conservative_settings(cfg: Config) -> Config:
     """``"auto"`` made concrete without a plan: offload off, every layer checkpointed, MLP untiled,
     non-paged 8-bit AdamW (used when the model's shape cannot be planned)."""
-    copy = cfg.model_copy(deep=True)
-    train = copy.train
-    if train.activation_offload == "auto":
-        train.activation_offload = False
-    if train.checkpoint_every_n_layers == "auto":
-        train.checkpoint_every_n_layers = 1
-    if train.tiled_mlp == "auto":
-        train.tiled_mlp = False
-    if train.optimizer == "auto":
-        train.optimizer = "adamw_8bit"
-    return copy
+    return _fill_auto(cfg, activation_offload=False, checkpoint_every_n_layers=1, tiled_mlp=False,
+                      optimizer="adamw_8bit")
 
 
 MEMORY_KEYS = ("packing", "fused_loss", "gradient_checkpointing", "checkpoint_every_n_layers", "tiled_mlp",
