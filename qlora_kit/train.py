@@ -231,7 +231,7 @@ def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, sk
     compute_dtype = qmodel.resolve_compute_dtype(cfg.model.compute_dtype, device)
     precision = resolve_precision(compute_dtype, cfg.lora.adapter_dtype, device)
     source = qmodel.resolve_source(cfg.model)
-    cfg = resolve_memory_settings(cfg, source, device)
+    cfg = resolve_memory_settings(cfg, source, device, _recorded_memory(out) if resume_from is not None else None)
     tokenizer = qmodel.load_tokenizer(source, cfg.model)
     data = _setup_data(cfg, tokenizer, out)
     if resume_from is not None:
@@ -241,6 +241,8 @@ def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, sk
     model = build_model(cfg, source, precision)
     if cfg.train.fused_loss:
         cfg = _check_fused_loss(cfg, model, data, tokenizer, precision)
+        if not cfg.train.fused_loss and device.type == "cuda" and not skip_memory_check:
+            _check_memory(cfg, source, device)  # full logits need more memory: re-check before training
     spec = qmodel.quant_spec(model, cfg.model, compute_dtype)
     trainable, total = qmodel.count_parameters(model)
     log.info("model: %s | 4-bit %s (double quant: %s) | LoRA r=%d on %s | trainable %s of %s parameters",
@@ -266,11 +268,28 @@ def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, sk
     return run
 
 
-def resolve_memory_settings(cfg: Config, source: Path, device: torch.device) -> Config:
-    """``cfg`` with every ``"auto"`` memory setting made concrete by the planner (logged)."""
+MEMORY_KEYS = ("checkpoint_every_n_layers", "tiled_mlp", "activation_offload", "optimizer")
+
+
+def resolve_memory_settings(cfg: Config, source: Path, device: torch.device,
+                            recorded: dict[str, Any] | None = None) -> Config:
+    """``cfg`` with every ``"auto"`` memory setting made concrete by the planner (logged).
+
+    On ``--resume`` the choices recorded in the run's manifest are kept for the settings left
+    "auto" (``recorded``): another card or more free memory must not change the optimizer class
+    or the computation of a resumed run.
+    """
     from qlora_kit.errors import ModelError
     from qlora_kit.plan import conservative_settings, load_shape_file, resolve_auto
 
+    pinned = {k: recorded[k] for k in MEMORY_KEYS if recorded and k in recorded and
+              getattr(cfg.train, k) == "auto"}
+    if pinned:
+        cfg = cfg.model_copy(deep=True)
+        for key, value in pinned.items():
+            setattr(cfg.train, key, value)
+        log.info("resume: keeping the memory settings the run started with (%s)",
+                 ", ".join(f"{k}={v}" for k, v in pinned.items()))
     try:
         shape = load_shape_file(source / "config.json")
     except ModelError as exc:  # an architecture the planner cannot model: safe settings
@@ -286,9 +305,16 @@ def resolve_memory_settings(cfg: Config, source: Path, device: torch.device) -> 
 
 
 def device_memory(device: torch.device) -> int:
-    """Total memory of ``device`` in bytes (host RAM for the CPU)."""
+    """Memory the run may plan for on ``device`` (host RAM for the CPU).
+
+    CUDA: what is free now (other processes and a desktop already hold some), plus what our
+    allocator holds and the CUDA context the planner counts, capped at the card's total.
+    """
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
+        from qlora_kit.plan import CUDA_CONTEXT_BYTES
+
+        free, total = torch.cuda.mem_get_info(device)
+        return min(total, free + torch.cuda.memory_reserved(device) + CUDA_CONTEXT_BYTES)
     import psutil
 
     return psutil.virtual_memory().total
@@ -343,6 +369,13 @@ def _enable_offload(model: Any, cfg: Config, device: torch.device) -> None:
         return
     enable_offload(model, ActivationOffload(device), cfg.train.checkpoint_every_n_layers)
     log.info("activation_offload: checkpointed layer inputs kept in pinned host memory")
+
+
+def _recorded_memory(out: Path) -> dict[str, Any] | None:
+    """The memory settings recorded in ``out``'s manifest (None for runs that predate them)."""
+    manifest = ckpt.read_json(out / rundir.MANIFEST)
+    memory = manifest.get("memory") if isinstance(manifest, dict) else None
+    return memory if isinstance(memory, dict) else None
 
 
 def memory_record(cfg: Config, model: Any, precision: Any) -> dict[str, Any]:

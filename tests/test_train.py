@@ -173,3 +173,19 @@ def test_epochs_decide_the_step_count_when_max_steps_is_unset(tmp_path: Path, ti
     run = _setup_run(tmp_path / "e", tiny_llama, train={"max_steps": None, "num_epochs": 1,
                                                          "gradient_accumulation_steps": 2})
     assert run.total_steps == -(-run.micro_per_epoch // 2)
+
+
+def test_resume_keeps_the_memory_settings_the_run_started_with(tiny_llama: Path) -> None:
+    """"auto" settings are re-decided only for new runs: a resumed run keeps its optimizer class etc."""
+    from qlora_kit.config import validate
+    from qlora_kit.train import resolve_memory_settings
+
+    cfg = validate({"model": {"name_or_path": str(tiny_llama)}, "data": {"path": "x"}, "output_dir": "x",
+                    "train": {"tiled_mlp": False}})
+    recorded = {"optimizer": "paged_adamw_8bit", "checkpoint_every_n_layers": 2, "tiled_mlp": True,
+                "activation_offload": False}
+    resumed = resolve_memory_settings(cfg, tiny_llama, torch.device("cpu"), recorded)
+    assert resumed.train.optimizer == "paged_adamw_8bit" and resumed.train.checkpoint_every_n_layers == 2
+    assert resumed.train.tiled_mlp is False  # set explicitly in the config: the user's value wins
+    fresh = resolve_memory_settings(cfg, tiny_llama, torch.device("cpu"))
+    assert fresh.train.optimizer != "auto" and fresh.train.checkpoint_every_n_layers != "auto"
