@@ -247,7 +247,7 @@ def read_jsonl(p: Path) -> list[tuple[int, Any]]:
                 raise DataError(
                     f"{p}: line {number} is not valid JSON ({exc.msg}, column {exc.colno})", _jsonl_hint(number, line)
                 ) from exc
-            except RecursionError as exc:
+            except RecursionError:
                 raise DataError(f"{p}: line {number} nests JSON too deeply to be a training row",
                                 "fix or remove that line (a row is a few levels of objects and lists)") from None
     return records

@@ -1,6 +1,6 @@
 """A training run's output directory: what may be done to it, and undoing a failed start.
 
-``train`` uses these steps, all while holding the directory's lock (runlock.py):
+``train`` uses these steps, all but the first (read-only) while holding the directory's lock (runlock.py):
 
 1. :func:`check_target` refuses targets that must never be written or moved aside: a
    dangling symlink, a file, ``/``, the home directory; with ``--overwrite`` also the

@@ -41,6 +41,9 @@ def is_run_dir(path: Path) -> bool:
     return any((path / name).exists() for name in RUN_MARKERS)
 
 
+_MANIFEST_FIX = "restore it from a backup, or finish the run again with `qlora-kit train ... --resume`"
+
+
 def read_manifest(run: Path) -> dict[str, Any]:
     """``manifest.json`` of a run as a dict.
 
@@ -56,11 +59,9 @@ def read_manifest(run: Path) -> dict[str, Any]:
         raise ModelError(f"{run} is not a finished qlora-kit run: {MANIFEST} is missing",
                          "pass the output_dir of a completed `qlora-kit train`") from exc
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ModelError(f"{path} is damaged (not readable JSON)",
-                         "restore it from a backup, or finish the run again with `qlora-kit train ... --resume`") from exc
+        raise ModelError(f"{path} is damaged (not readable JSON)", _MANIFEST_FIX) from exc
     if not isinstance(manifest, dict):
-        raise ModelError(f"{path} is damaged (a JSON {type(manifest).__name__}, not an object)",
-                         "restore it from a backup, or finish the run again with `qlora-kit train ... --resume`")
+        raise ModelError(f"{path} is damaged (a JSON {type(manifest).__name__}, not an object)", _MANIFEST_FIX)
     return manifest
 
 

@@ -39,8 +39,15 @@ import torch
 from qlora_kit import checkpoint as ckpt
 from qlora_kit import diskspace, outdir, rundir, runlock
 from qlora_kit.config import Config, dump_config, load_config, read_yaml, validate
-from qlora_kit.errors import (ConfigError, NonFiniteLossError, OutOfMemoryError, OutputError, Preempted,
-                              QloraKitError, short_repr)
+from qlora_kit.errors import (
+    ConfigError,
+    NonFiniteLossError,
+    OutOfMemoryError,
+    OutputError,
+    Preempted,
+    QloraKitError,
+    short_repr,
+)
 from qlora_kit.manifest import device_info, now_iso, package_versions, write_manifest
 from qlora_kit.metrics import MetricsLog, plot_loss
 from qlora_kit.signals import StopNow, StopRequest
@@ -110,6 +117,7 @@ def run_training(
     """
     cfg, sources = load_config(config_path, overrides)
     out = Path(cfg.output_dir).expanduser()
+    _check_target(out, cfg, config_path, overwrite)  # read-only: refuse "/", home, ... before locking beside them
     try:
         with StopRequest(immediate=True) as stop, runlock.exclusive(out, "train"):
             return _run_locked(cfg, dump_config(cfg, sources), out, config_path, resume, overwrite,
@@ -122,7 +130,9 @@ def run_training(
 def _run_locked(cfg: Config, config_text: str, out: Path, config_path: str | Path, resume: bool, overwrite: bool,
                 skip_memory_check: bool, stop: StopRequest) -> int:
     """The recipe, with ``output_dir`` locked: inspect → setup (in memory) → begin → train → finish."""
-    start = _inspect_output(out, cfg, config_path, resume, overwrite)
+    start = outdir.inspect(out, resume, overwrite)
+    if not start.fresh:
+        check_resume_compatible(start.resume_from or out, cfg)
     run = setup(cfg, config_text, out, start, skip_memory_check)
     if run.step >= run.total_steps and _already_complete(out):
         log.info("%s is already complete (%d of %d steps); raise train.max_steps with --set to train further",
@@ -141,12 +151,11 @@ def _run_locked(cfg: Config, config_text: str, out: Path, config_path: str | Pat
     return 0
 
 
-def _inspect_output(out: Path, cfg: Config, config_path: str | Path, resume: bool, overwrite: bool
-                    ) -> outdir.Start:
-    """Refuse dangerous targets, decide fresh/overwrite/resume, check the config against the run's (no writes).
+def _check_target(out: Path, cfg: Config, config_path: str | Path, overwrite: bool) -> None:
+    """Refuse output directories that must never be written or moved aside (see outdir.check_target).
 
     Raises:
-        OutputError / ConfigError: see outdir.check_target, outdir.inspect, check_resume_compatible.
+        OutputError: a dangerous target, naming what it would clobber.
     """
     protected = {"the data file": Path(cfg.data.path), "the config file": Path(config_path)}
     if cfg.data.val_path:
@@ -154,10 +163,6 @@ def _inspect_output(out: Path, cfg: Config, config_path: str | Path, resume: boo
     if Path(cfg.model.name_or_path).expanduser().exists():
         protected["the model"] = Path(cfg.model.name_or_path)
     outdir.check_target(out, overwrite, protected)
-    start = outdir.inspect(out, resume, overwrite)
-    if not start.fresh:
-        check_resume_compatible(start.resume_from or out, cfg)
-    return start
 
 
 def _already_complete(out: Path) -> bool:
@@ -182,6 +187,8 @@ def _fail(run: "Run", start: outdir.Start, exc: BaseException) -> None:
         return
     if isinstance(exc, Preempted):
         status, error = "preempted", None
+    elif isinstance(exc, KeyboardInterrupt):
+        status, error = "preempted", "aborted by a second Ctrl-C (the last checkpoint is intact)"
     elif isinstance(exc, torch.cuda.OutOfMemoryError):
         status, error = "failed", "CUDA out of memory"
     else:

@@ -13,14 +13,24 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import RESUME_TRAIN as TRAIN
-from conftest import (arithmetic_rows, assert_same_result, metrics_of, reseal_checkpoint, run_cli, snapshot,
-                      wait_for_step, write_config, write_jsonl)
+from conftest import (
+    arithmetic_rows,
+    assert_same_result,
+    metrics_of,
+    reseal_checkpoint,
+    run_cli,
+    snapshot,
+    wait_for_step,
+    write_config,
+    write_jsonl,
+)
 from safetensors.torch import load_file
 
 from qlora_kit import train as qtrain
 from qlora_kit.checkpoint import list_checkpoints
 from qlora_kit.errors import EXIT_PREEMPTED, NonFiniteLossError, Preempted
 from qlora_kit.signals import StopRequest
+
 
 def test_sigterm_then_resume_is_exact(tmp_path: Path, tiny_llama: Path, data_file: Path, reference_run: Path) -> None:
     cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, tmp_path / "run", train=TRAIN,

@@ -12,8 +12,8 @@ from conftest import arithmetic_rows, gpu, run_cli, write_config, write_jsonl
 from safetensors.torch import load_file
 
 from qlora_kit.config import load_config
-from qlora_kit.signals import StopRequest
 from qlora_kit.outdir import Start
+from qlora_kit.signals import StopRequest
 from qlora_kit.train import begin, dump_config, setup, train
 
 
