@@ -8,16 +8,25 @@ It is written into a temporary sibling directory, every file fsync'ed, then rena
 place in one step; ``state.json`` is written last.  A directory is a complete checkpoint
 only when its name is ``checkpoint-<step>`` and ``state.json`` exists, so a process killed
 mid-write leaves at most a ``.tmp-checkpoint-*`` directory that is never mistaken for one
-and is cleaned up on the next start.
+and is cleaned up on the next start.  Pruning renames a checkpoint to ``.old-checkpoint-*``
+before deleting it, so a kill during pruning never leaves a half-deleted ``checkpoint-<step>``.
+
+Integrity: ``state.json`` lists every other file with its size and sha256, and carries the
+sha256 of its own content (``state_sha256``).  :func:`verify_checkpoint` checks all of it,
+:func:`load_checkpoint` then parses and validates every part in memory before applying any
+of it; whatever does not verify or parse raises :class:`CorruptCheckpoint`, and the
+recipe falls back to the checkpoint before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +42,13 @@ OPTIMIZER_JSON = "optimizer.json"
 RNG_TENSORS = "rng.safetensors"
 STATE_JSON = "state.json"  # written last: its presence marks a complete checkpoint
 _TMP_PREFIX = ".tmp-" + CHECKPOINT_PREFIX
+_OLD_PREFIX = ".old-" + CHECKPOINT_PREFIX
 _CKPT = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint that does not verify, parse or fit: the message says what is wrong with it."""
 
 
 # --------------------------------------------------------------------------- pickle-free state
@@ -134,11 +149,25 @@ def read_json(path: Path) -> dict[str, Any]:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON via a temporary file + rename, so readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, default=str)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_in_place(path: Path, data: Any) -> None:
+    """Overwrite an existing JSON file in place: the fallback when a full disk has no room for an atomic rewrite."""
+    text = json.dumps(data, indent=2, default=str).encode()
+    with open(path, "r+b") as fh:
+        fh.write(text)
+        fh.truncate()
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def publish_dir(tmp: Path, final: Path) -> None:
@@ -171,27 +200,53 @@ def save_checkpoint(
     state: dict[str, Any],
     config_text: str,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically and return its path."""
+    """Write ``checkpoint-<step>`` atomically and return its path; on any failure nothing is left behind."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f"{_TMP_PREFIX}{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_adapter(model, tmp)
-    opt_tensors, opt_skeleton = flatten_state(optimizer.state_dict(), "opt")
-    save_file(opt_tensors, str(tmp / OPTIMIZER_TENSORS))
-    rng_tensors, rng_skeleton = flatten_state(rng_state(), "rng")
-    save_file(rng_tensors, str(tmp / RNG_TENSORS))
-    (tmp / OPTIMIZER_JSON).write_text(json.dumps(opt_skeleton))
-    (tmp / "config.yaml").write_text(config_text)
-    full_state = {
-        **state,
-        "step": step,
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_skeleton,
-    }
-    (tmp / STATE_JSON).write_text(json.dumps(full_state, indent=2))
-    publish_dir(tmp, final)
+    try:
+        tmp.mkdir(parents=True)
+        save_adapter(model, tmp)
+        opt_tensors, opt_skeleton = flatten_state(optimizer.state_dict(), "opt")
+        save_file(opt_tensors, str(tmp / OPTIMIZER_TENSORS))
+        rng_tensors, rng_skeleton = flatten_state(rng_state(), "rng")
+        save_file(rng_tensors, str(tmp / RNG_TENSORS))
+        (tmp / OPTIMIZER_JSON).write_text(json.dumps(opt_skeleton))
+        (tmp / "config.yaml").write_text(config_text)
+        full_state = {
+            **state,
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_skeleton,
+            "files": file_hashes(tmp),
+        }
+        full_state["state_sha256"] = _state_digest(full_state)
+        (tmp / STATE_JSON).write_text(json.dumps(full_state, indent=2))
+        publish_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
+
+
+def file_hashes(directory: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size": bytes, "sha256": hex}}`` for every file below ``directory``."""
+    found = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        with open(path, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        found[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size, "sha256": digest}
+    return found
+
+
+def _state_digest(state: dict[str, Any]) -> str:
+    body = {k: v for k, v in state.items() if k != "state_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """Bytes a checkpoint occupies (used to predict the next one)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -212,45 +267,200 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def remove_incomplete(output_dir: Path) -> list[Path]:
-    """Delete leftovers of interrupted checkpoint writes; return what was removed."""
+    """Delete leftovers of interrupted checkpoint writes or prunes; return what was removed.
+
+    That is ``.tmp-checkpoint-*`` and ``.old-checkpoint-*`` directories, and ``checkpoint-<step>``
+    directories without ``state.json`` (never complete, e.g. from older versions killed while pruning).
+    """
     removed = []
     if output_dir.is_dir():
         for child in output_dir.iterdir():
-            if child.name.startswith((_TMP_PREFIX, ".old-" + CHECKPOINT_PREFIX)) and child.is_dir():
+            leftover = child.name.startswith((_TMP_PREFIX, _OLD_PREFIX))
+            unfinished = bool(_CKPT.match(child.name)) and not (child / STATE_JSON).is_file()
+            if (leftover or unfinished) and child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child, ignore_errors=True)
                 removed.append(child)
     return removed
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints."""
+    """Keep the newest ``keep`` complete checkpoints; each is renamed away before it is deleted."""
     for _step, path in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        doomed = path.with_name(f"{_OLD_PREFIX}{path.name.removeprefix(CHECKPOINT_PREFIX)}-{os.getpid()}")
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a checkpoint that does not verify to ``checkpoint-<step>.corrupt[-n]`` (kept for inspection)."""
+    target = path.with_name(path.name + CORRUPT_SUFFIX)
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}{CORRUPT_SUFFIX}-{n}")
+    os.rename(path, target)
+    return target
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step in a ``checkpoint-<step>`` name."""
+    m = _CKPT.match(path.name)
+    if m is None:
+        raise ValueError(f"{path} is not a checkpoint directory")
+    return int(m.group(1))
+
+
+# --------------------------------------------------------------------------- verifying and loading
 
 
 def read_checkpoint_state(path: Path) -> dict[str, Any]:
-    """The JSON state of a checkpoint (step, data position, scheduler, rng skeleton, ...)."""
-    return json.loads((path / STATE_JSON).read_text())
+    """The JSON state of a checkpoint (step, data position, scheduler, rng skeleton, file list, ...).
+
+    Raises:
+        CorruptCheckpoint: state.json is missing, not UTF-8 JSON, or not an object.
+    """
+    try:
+        state = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CorruptCheckpoint(f"{STATE_JSON} is missing") from exc
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptCheckpoint(f"{STATE_JSON} is not readable JSON") from exc
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(f"{STATE_JSON} holds a {type(state).__name__}, not an object")
+    return state
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Check ``state.json``'s own digest and the size and sha256 of every file it lists; return the state.
+
+    Checkpoints written before file lists existed are accepted unverified (their parts are still
+    validated when loaded).
+
+    Raises:
+        CorruptCheckpoint: naming the first file that is missing, of the wrong size or content.
+    """
+    state = read_checkpoint_state(path)
+    files = state.get("files")
+    if files is None and "state_sha256" not in state:
+        return state  # written by an older qlora-kit
+    if state.get("state_sha256") != _state_digest(state):
+        raise CorruptCheckpoint(f"{STATE_JSON} was modified after it was written (its digest does not match)")
+    if not isinstance(files, dict) or not files:
+        raise CorruptCheckpoint(f"{STATE_JSON} has no list of files")
+    verify_files(path, files)
+    return state
+
+
+def verify_files(directory: Path, files: dict[str, Any]) -> None:
+    """Check that every file listed by :func:`file_hashes` is there with its size and sha256.
+
+    Raises:
+        CorruptCheckpoint: naming the first file that is missing, truncated or changed.
+    """
+    for name, entry in files.items():
+        file = directory / name
+        if not isinstance(entry, dict) or not file.is_file():
+            raise CorruptCheckpoint(f"{name} is missing")
+        size = file.stat().st_size
+        if size != entry.get("size"):
+            raise CorruptCheckpoint(f"{name} has {size} bytes, {entry.get('size')} were written (truncated?)")
+        with open(file, "rb") as fh:
+            if hashlib.file_digest(fh, "sha256").hexdigest() != entry.get("sha256"):
+                raise CorruptCheckpoint(f"{name} does not match its sha256 (changed on disk)")
+
+
+@dataclass
+class _Parts:
+    """A checkpoint read into memory and validated, not yet applied."""
+
+    state: dict[str, Any]
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: dict[str, Any]
+
+
+def read_checkpoint(path: Path, scheduler: Any) -> _Parts:
+    """Verify, then read and validate every part of a checkpoint (nothing is applied yet).
+
+    Raises:
+        CorruptCheckpoint: a file does not verify, does not parse, or has the wrong structure.
+    """
+    state = verify_checkpoint(path)
+    for key in ("step", "micro_index"):
+        if not isinstance(state.get(key), int) or isinstance(state.get(key), bool) or state[key] < 0:
+            raise CorruptCheckpoint(f"{STATE_JSON} has no valid {key!r}")
+    _check_scheduler_state(state.get("scheduler"), scheduler.state_dict())
+    adapter = _load_tensors(path / ADAPTER_FILE)
+    optimizer = _parse_skeleton(path, OPTIMIZER_JSON, _load_tensors(path / OPTIMIZER_TENSORS))
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) \
+            or not isinstance(optimizer.get("param_groups"), list):
+        raise CorruptCheckpoint(f"{OPTIMIZER_JSON} is not an optimizer state (state, param_groups)")
+    try:
+        rng = unflatten_state(state["rng"], _load_tensors(path / RNG_TENSORS))
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        raise CorruptCheckpoint("the RNG state in state.json does not match rng.safetensors") from exc
+    if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= set(rng):
+        raise CorruptCheckpoint(f"{STATE_JSON} has no complete RNG state")
+    return _Parts(state, adapter, optimizer, rng)
+
+
+def _check_scheduler_state(saved: Any, fresh: dict[str, Any]) -> None:
+    if not isinstance(saved, dict):
+        raise CorruptCheckpoint(f"the scheduler state in {STATE_JSON} is a {type(saved).__name__}, not an object")
+    if set(saved) != set(fresh):
+        raise CorruptCheckpoint(f"the scheduler state in {STATE_JSON} has keys {sorted(saved)[:6]}, "
+                                f"expected {sorted(fresh)[:6]}")
+    for key, value in fresh.items():
+        if type(saved[key]) is not type(value) and not (isinstance(value, float) and isinstance(saved[key], int)):
+            raise CorruptCheckpoint(f"the scheduler state in {STATE_JSON} has a {type(saved[key]).__name__} "
+                                    f"for {key!r}")
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CorruptCheckpoint(f"{file.name} is missing")
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
+        raise CorruptCheckpoint(f"{file.name} is not a readable safetensors file") from exc
+
+
+def _parse_skeleton(path: Path, name: str, tensors: dict[str, torch.Tensor]) -> Any:
+    try:
+        skeleton = json.loads((path / name).read_text(encoding="utf-8"))
+        return unflatten_state(skeleton, tensors)
+    except FileNotFoundError as exc:
+        raise CorruptCheckpoint(f"{name} is missing") from exc
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CorruptCheckpoint(f"{name} is not a valid state description") from exc
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
     """Restore adapter weights, optimizer, scheduler and RNGs in place; return the JSON state.
 
-    The adapter weights are loaded into the adapters already attached to ``model`` (never a
-    second set of adapters).
+    Everything is verified and parsed before anything is applied.  The adapter weights are
+    loaded into the adapters already attached to ``model`` (never a second set of adapters).
+
+    Raises:
+        CorruptCheckpoint: the checkpoint does not verify, parse, or fit this model/optimizer.
     """
     from peft import set_peft_model_state_dict
 
-    state = read_checkpoint_state(path)
+    parts = read_checkpoint(path, scheduler)
+    expected = {k for k, p in model.named_parameters() if p.requires_grad}
     device = next(p.device for p in model.parameters() if p.requires_grad)
-    adapter = load_file(str(path / ADAPTER_FILE), device=str(device))
-    result = set_peft_model_state_dict(model, adapter)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise RuntimeError(f"checkpoint {path} has adapter tensors this model lacks: {unexpected[:5]}")
-    opt_tensors = load_file(str(path / OPTIMIZER_TENSORS))
-    opt_state = unflatten_state(json.loads((path / OPTIMIZER_JSON).read_text()), opt_tensors)
-    optimizer.load_state_dict(opt_state)
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(unflatten_state(state["rng"], load_file(str(path / RNG_TENSORS))))
-    return state
+    try:
+        result = set_peft_model_state_dict(model, {k: v.to(device) for k, v in parts.adapter.items()})
+        unexpected = getattr(result, "unexpected_keys", [])
+        missing = [k for k in getattr(result, "missing_keys", []) if k in expected]
+        if unexpected or missing:
+            raise CorruptCheckpoint(f"{ADAPTER_FILE} does not match this model's adapters "
+                                    f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
+        optimizer.load_state_dict(parts.optimizer)
+        scheduler.load_state_dict(parts.state["scheduler"])
+        set_rng_state(parts.rng)
+    except CorruptCheckpoint:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+        raise CorruptCheckpoint(f"it does not fit this model or optimizer ({str(exc).splitlines()[0][:150]})") from exc
+    return parts.state

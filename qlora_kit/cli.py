@@ -7,6 +7,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -15,7 +16,7 @@ from typing import Callable, Optional
 
 import typer
 
-from qlora_kit.errors import EXIT_OOM, QloraKitError
+from qlora_kit.errors import EXIT_NO_SPACE, EXIT_OOM, EXIT_USER_ERROR, QloraKitError
 
 app = typer.Typer(
     add_completion=False,
@@ -71,6 +72,10 @@ def _run(fn: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         typer.echo("aborted.", err=True)
         raise typer.Exit(130) from None
+    except OSError as exc:
+        if _DEBUG["on"] or exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        _report_os_error(exc)
     except Exception as exc:
         if _is_cuda_oom(exc) and not _DEBUG["on"]:
             typer.echo(f"error: CUDA out of memory: {str(exc).splitlines()[0]}", err=True)
@@ -78,6 +83,20 @@ def _run(fn: Callable[[], int | None]) -> None:
             raise typer.Exit(EXIT_OOM) from None
         raise
     raise typer.Exit(code or 0)
+
+
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _report_os_error(exc: OSError) -> None:
+    """A full disk or a permission problem the modules did not foresee: one line, not a traceback."""
+    where = f": {exc.filename}" if exc.filename else ""
+    typer.echo(f"error: {exc.strerror or exc}{where}", err=True)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        typer.echo("fix: free space on that disk and run the command again (train: with --resume)", err=True)
+        raise typer.Exit(EXIT_NO_SPACE) from None
+    typer.echo("fix: check that you may write there, or choose another path", err=True)
+    raise typer.Exit(EXIT_USER_ERROR) from None
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:

@@ -15,13 +15,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qlora_kit.errors import ConfigError
+from qlora_kit.errors import ConfigError, short_repr, shorten
 
 DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -133,7 +133,7 @@ class TrainConfig(_Section):
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="stop: end the run on NaN/inf (no host sync); skip: drop that step (one sync/step)."
     )
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds python, numpy and torch (numpy needs < 2**32).")
 
     @model_validator(mode="after")
     def _check_warmup(self) -> "TrainConfig":
@@ -186,11 +186,96 @@ SECTIONS: dict[str, type[BaseModel]] = {
 # --------------------------------------------------------------------------- loading
 
 
+MAX_CONFIG_BYTES = 1024**2  # a config is a few KB; a chat template a few more
+MAX_DEPTH = 32  # nesting levels, after expanding YAML aliases
+MAX_VALUES = 20_000  # values (scalars, lists, mappings), after expanding YAML aliases
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing absurd nesting while it composes (before any recursion limit)."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.depth = 0
+
+    def fetch_flow_collection_start(self, token_class: Any) -> None:
+        # The scanner looks ahead over open brackets (possible simple keys): refuse before it does.
+        if self.flow_level >= MAX_DEPTH:
+            raise _Unbounded(f"nests deeper than {MAX_DEPTH} levels")
+        super().fetch_flow_collection_start(token_class)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise _Unbounded(f"nests deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+class _Unbounded(Exception):
+    """A YAML document too large to be a config (reason in the message)."""
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, tuple[int, int]], active: set[int]) -> tuple[int, int]:
+    """(values, depth) of ``node`` once aliases are expanded; shared nodes are measured once.
+
+    Raises:
+        _Unbounded: a recursive alias, too many values or too deep.
+    """
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise _Unbounded("has a recursive YAML alias")
+    active.add(key)
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    size, depth = 1, 0
+    for child in children:
+        child_size, child_depth = _expanded_size(child, memo, active)
+        size, depth = size + child_size, max(depth, child_depth)
+        if size > MAX_VALUES:
+            raise _Unbounded(f"expands to more than {MAX_VALUES:,} values (YAML aliases?)")
+    if depth + 1 > MAX_DEPTH:
+        raise _Unbounded(f"nests deeper than {MAX_DEPTH} levels once its aliases are expanded")
+    active.discard(key)
+    memo[key] = (size, depth + 1)
+    return memo[key]
+
+
+def load_yaml_bounded(text: str) -> Any:
+    """``yaml.safe_load`` with bounded nesting and alias expansion (an alias bomb is refused at once).
+
+    Raises:
+        _Unbounded: the document is too deep, too large once expanded, or recursive.
+        yaml.YAMLError: invalid YAML.
+        ValueError: a scalar Python refuses to build (e.g. an integer of thousands of digits).
+    """
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; raise ConfigError with the line for syntax errors.
 
+    Reading is bounded: files over 1 MiB, nesting deeper than 32 levels and YAML alias
+    expansions beyond 20,000 values are refused at once (an alias bomb would otherwise
+    expand into billions of values when validated or printed).
+
     Raises:
-        ConfigError: missing/unreadable file, YAML syntax error, or a top level that is not a mapping.
+        ConfigError: missing/unreadable/oversized file, YAML syntax error, or a top level that is not a mapping.
     """
     p = Path(path)
     if not p.exists():
@@ -198,35 +283,59 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if p.is_dir():
         raise ConfigError(f"config path {p} is a directory, not a YAML file", "pass the .yaml file itself")
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES // 1024} KiB: not a qlora-kit config",
+                              "pass the YAML config (configs/ has examples); put long chat templates in a short file")
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config {p}: {exc}", "check the file's permissions and encoding") from exc
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"YAML syntax error in {p}{where}: {problem}", "fix the YAML at that line") from exc
+        reason = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 text ({exc.reason})"
+        raise ConfigError(f"cannot read config {p}: {reason}", "check the file's permissions and encoding") from exc
+    raw = _parse_yaml(text, str(p), "fix the YAML at that line")
     if raw is None:
         raise ConfigError(f"config file {p} is empty", "start from one of the files in configs/")
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {p} must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"config file {p} must be a mapping of sections, got {type(raw).__name__}",
+                          "start from one of the files in configs/")
     return raw
+
+
+def _parse_yaml(text: str, where: str, fix: str) -> Any:
+    """Bounded YAML parsing with every failure as one ConfigError line naming ``where``.
+
+    Raises:
+        ConfigError: syntax error (with line and column), oversized/deep/recursive document, bad scalar.
+    """
+    try:
+        return load_yaml_bounded(text)
+    except _Unbounded as exc:
+        raise ConfigError(f"{where} {exc}: refused", "write the values out plainly (no deep nesting or alias "
+                                                     "expansions)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"YAML syntax error in {where}{at}: {shorten(str(problem))}", fix) from exc
+    except (ValueError, OverflowError, RecursionError) as exc:
+        reason = "an integer with more than 4300 digits" if "integer string conversion" in str(exc) \
+            else shorten(str(exc), 120)
+        raise ConfigError(f"{where}: a value cannot be read ({reason})", "write a value of a sensible size") from exc
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """Split ``section.key=value`` into a key path and a YAML-parsed value."""
+    shown = short_repr(item)
     if "=" not in item:
-        raise ConfigError(f"--set {item!r} is not of the form section.key=value", "e.g. --set train.max_steps=100")
+        raise ConfigError(f"--set {shown} is not of the form section.key=value", "e.g. --set train.max_steps=100")
     key, _, value = item.partition("=")
     keys = [k for k in key.strip().split(".") if k]
     if not keys:
-        raise ConfigError(f"--set {item!r} has an empty key", "e.g. --set train.max_steps=100")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from exc
+        raise ConfigError(f"--set {shown} has an empty key", "e.g. --set train.max_steps=100")
+    if len(item) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"--set {shown} is longer than {MAX_CONFIG_BYTES // 1024} KiB", "put the value in the file")
+    parsed = _parse_yaml(value, f"--set {short_repr(key, 60)}", "quote the value or fix its YAML") \
+        if value.strip() else ""
     return keys, parsed
 
 
@@ -237,7 +346,8 @@ def _apply_override(raw: dict[str, Any], keys: list[str], value: Any) -> None:
         if child is None:
             child = node[k] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {'.'.join(keys)}: {k!r} is not a section")
+            raise ConfigError(f"--set {short_repr('.'.join(keys))}: {short_repr(k)} is not a section",
+                              "e.g. --set train.max_steps=100")
         node = child
     node[keys[-1]] = value
 
@@ -252,12 +362,12 @@ def _unknown_key_problems(raw: dict[str, Any]) -> list[str]:
     top = list(SECTIONS) + ["output_dir"]
     for key, value in raw.items():
         if key not in top:
-            problems.append(f"unknown key {key!r}{_closest(str(key), top)}")
+            problems.append(f"unknown key {short_repr(key)}{_closest(str(key)[:100], top)}")
         elif key in SECTIONS and isinstance(value, dict):
             fields = list(SECTIONS[key].model_fields)
             for sub in value:
                 if sub not in fields:
-                    problems.append(f"unknown key '{key}.{sub}'{_closest(str(sub), fields)}")
+                    problems.append(f"unknown key {short_repr(f'{key}.{sub}')}{_closest(str(sub)[:100], fields)}")
     return problems
 
 
@@ -266,10 +376,11 @@ def _format_validation_error(exc: ValidationError) -> list[str]:
     for err in exc.errors():
         if err["type"] == "extra_forbidden":
             continue  # reported with a suggestion by _unknown_key_problems
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", "literal[", "list[")))
-        msg = err["msg"].removeprefix("Value error, ")
+        loc = ".".join(str(p)[:60] for p in err["loc"]
+                       if not str(p).startswith(("function-after", "literal[", "list[")))
+        msg = shorten(err["msg"].removeprefix("Value error, "), 300)
         got = err.get("input")
-        shown = "" if err["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
+        shown = "" if err["type"] == "missing" or isinstance(got, dict) else f" (got {short_repr(got)})"
         problems.append(f"{loc or 'config'}: {msg}{shown}")
     return problems
 

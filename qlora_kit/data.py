@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 
 from qlora_kit.config import DataConfig
-from qlora_kit.errors import DataError
+from qlora_kit.errors import DataError, short_repr
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -77,6 +77,12 @@ ENCODE_CHUNK = 512  # rows tokenised per batch call
 PROGRESS_MIN_ROWS = 5000  # show a progress bar from this many rows
 MAX_REASONS = 20  # bad-row reasons kept in the summary
 PACK_WINDOW = 16  # open rows considered when packing (first fit)
+# Tokenising is bounded: a row's text is cut to MAX_CHARS_PER_TOKEN * max_length characters first.
+# The cut is kept only when the tokens before it, not counting the last CUT_MARGIN_CHARS characters, are
+# already more than max_length (so the kept tokens are far from the cut); otherwise (a row of very long
+# tokens) the whole row is tokenised.  Rows that fit max_length are therefore encoded exactly as before.
+MAX_CHARS_PER_TOKEN = 32
+CUT_MARGIN_CHARS = 1024
 _PROBE = "qlorakitprobe"
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
@@ -241,6 +247,9 @@ def read_jsonl(p: Path) -> list[tuple[int, Any]]:
                 raise DataError(
                     f"{p}: line {number} is not valid JSON ({exc.msg}, column {exc.colno})", _jsonl_hint(number, line)
                 ) from exc
+            except RecursionError:
+                raise DataError(f"{p}: line {number} nests JSON too deeply to be a training row",
+                                "fix or remove that line (a row is a few levels of objects and lists)") from None
     return records
 
 
@@ -269,6 +278,9 @@ def read_json(p: Path) -> list[tuple[int, Any]]:
             f"{p}: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})",
             "fix the JSON there (one row per line needs the .jsonl suffix)",
         ) from exc
+    except RecursionError:
+        raise DataError(f"{p} nests JSON too deeply to hold training rows",
+                        "fix the file (a row is a few levels of objects and lists)") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -402,7 +414,7 @@ def _fields_seen(records: list[tuple[int, Any]]) -> list[str]:
     keys: dict[str, None] = {}
     for _, rec in records[:DETECT_SAMPLE]:
         if isinstance(rec, dict):
-            keys.update(dict.fromkeys(map(str, rec)))
+            keys.update(dict.fromkeys(str(k)[:40] for k in rec))
     return list(keys)[:12]
 
 
@@ -497,7 +509,7 @@ def _maybe_json(value: Any) -> Any:
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             return json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return value
     return value
 
@@ -523,7 +535,7 @@ def _turn(turn: Any, key: str, index: int) -> dict[str, Any]:
     if role is None or "content" not in turn and "value" not in turn:
         raise RowProblem(f"{where} needs 'role' and 'content' (or 'from' and 'value')")
     if not isinstance(role, str) or role not in ROLE_NAMES:
-        raise RowProblem(f"{where} has unsupported role {role!r} (use system, user or assistant)")
+        raise RowProblem(f"{where} has unsupported role {short_repr(role, 40)} (use system, user or assistant)")
     out = {"role": ROLE_NAMES[role], "content": _content_text(content, where)}
     if "weight" in turn:
         out["weight"] = turn["weight"]
@@ -685,19 +697,50 @@ def encode_rows(
 def encode_jobs(
     jobs: list[_Job], tokenizer: PreTrainedTokenizerBase, max_length: int, train_on_inputs: bool
 ) -> list[Encoded]:
-    """Tokenise a batch of jobs, label the target spans, add BOS/EOS, truncate."""
+    """Tokenise a batch of jobs (each cut to a bounded length first), label the targets, add BOS/EOS, truncate."""
     if not jobs:
         return []
-    pieces = token_labels_fast(jobs, tokenizer) if getattr(tokenizer, "is_fast", False) else [
-        token_labels_slow(job, tokenizer) for job in jobs
-    ]
-    return [
-        finish_sample(job, ids, labels, tokenizer, max_length, train_on_inputs)
-        for job, (ids, labels) in zip(jobs, pieces)
-    ]
+    limit = MAX_CHARS_PER_TOKEN * max_length + CUT_MARGIN_CHARS
+    short = [cut_job(job, limit) for job in jobs]
+    pieces = token_labels(short, tokenizer)
+    out = []
+    for job, cut, (ids, labels, ends) in zip(jobs, short, pieces):
+        cut_targets = False
+        if cut is not job:
+            if _tokens_before(ends, ids, len(cut.text) - CUT_MARGIN_CHARS) > max_length + 2:
+                cut_targets = any(b > len(cut.text) for _, b in job.spans)
+                ids, labels = ids[: max_length + 2], labels[: max_length + 2]
+            else:  # very long tokens: the cut may reach into the kept part, tokenise the whole row
+                ids, labels, _ = token_labels([job], tokenizer)[0]
+        out.append(finish_sample(job, ids, labels, tokenizer, max_length, train_on_inputs, cut_targets))
+    return out
 
 
-def token_labels_fast(jobs: list[_Job], tokenizer: PreTrainedTokenizerBase) -> list[tuple[list[int], list[int]]]:
+def cut_job(job: _Job, limit: int) -> _Job:
+    """``job`` with its text cut to ``limit`` characters (the same job when it is shorter); no EOS after a cut."""
+    if len(job.text) <= limit:
+        return job
+    spans = [(a, min(b, limit)) for a, b in job.spans if a < limit]
+    return _Job(job.number, job.text[:limit], spans, bos=job.bos, eos=False)
+
+
+def _tokens_before(ends: list[int] | None, ids: list[int], position: int) -> int:
+    """Tokens that end before character ``position`` (all but a safety margin of tokens without offsets)."""
+    if ends is None:
+        return len(ids) - CUT_MARGIN_CHARS
+    return bisect.bisect_right(ends, position)
+
+
+def token_labels(jobs: list[_Job], tokenizer: PreTrainedTokenizerBase
+                 ) -> list[tuple[list[int], list[int], list[int] | None]]:
+    """(ids, labels, token end offsets or None) per job, with the fast tokenizer when there is one."""
+    if getattr(tokenizer, "is_fast", False):
+        return token_labels_fast(jobs, tokenizer)
+    return [(*token_labels_slow(job, tokenizer), None) for job in jobs]
+
+
+def token_labels_fast(jobs: list[_Job], tokenizer: PreTrainedTokenizerBase
+                      ) -> list[tuple[list[int], list[int], list[int]]]:
     """Batch-tokenise with offsets; a token is a target when it starts inside a target span."""
     out = []
     for job, (ids, offsets) in zip(jobs, encode_with_offsets(tokenizer, [j.text for j in jobs])):
@@ -706,7 +749,7 @@ def token_labels_fast(jobs: list[_Job], tokenizer: PreTrainedTokenizerBase) -> l
         for a, b in job.spans:
             lo, hi = bisect.bisect_left(starts, a), bisect.bisect_left(starts, b)
             labels[lo:hi] = ids[lo:hi]
-        out.append((list(ids), labels))
+        out.append((list(ids), labels, [e for _, e in offsets]))
     return out
 
 
@@ -745,8 +788,12 @@ def finish_sample(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     train_on_inputs: bool,
+    cut_targets: bool = False,
 ) -> Encoded:
-    """Add BOS/EOS, apply train_on_inputs, force labels[0] = -100, truncate, count targets."""
+    """Add BOS/EOS, apply train_on_inputs, force labels[0] = -100, truncate, count targets.
+
+    ``cut_targets``: the row was cut before tokenising and had targets beyond the cut.
+    """
     if job.bos and tokenizer.bos_token_id is not None:
         ids, labels = [tokenizer.bos_token_id] + ids, [IGNORE_INDEX] + labels
     if job.eos and tokenizer.eos_token_id is not None:
@@ -755,7 +802,7 @@ def finish_sample(
         labels = list(ids)
     if labels:
         labels[0] = IGNORE_INDEX
-    had_targets = any(x != IGNORE_INDEX for x in labels)
+    had_targets = cut_targets or any(x != IGNORE_INDEX for x in labels)
     truncated = len(ids) > max_length
     ids, labels = ids[:max_length], labels[:max_length]
     if not any(x != IGNORE_INDEX for x in labels):

@@ -13,7 +13,8 @@ EXIT_USER_ERROR = 2  # bad input: config, paths, data, arguments
 EXIT_NONFINITE = 3  # training stopped on a non-finite loss or gradient
 EXIT_OOM = 4  # CUDA out of memory, or the memory plan says it will not fit
 EXIT_VERIFY_FAILED = 5  # export verification outside tolerance
-EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: checkpoint saved, resume with --resume (EX_TEMPFAIL)
+EXIT_NO_SPACE = 6  # not enough disk space: nothing half-written was left; free space and run again
+EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: stopped cleanly; run again (train: with --resume) (EX_TEMPFAIL)
 
 
 class QloraKitError(Exception):
@@ -48,6 +49,16 @@ class OutputError(QloraKitError):
     """An output directory would be overwritten or is otherwise unusable."""
 
 
+class RunInUseError(OutputError):
+    """Another qlora-kit process holds the lock of a run directory (one writer per run)."""
+
+
+class DiskFullError(OutputError):
+    """Not enough disk space for what is about to be written (checked first, or ENOSPC)."""
+
+    exit_code = EXIT_NO_SPACE
+
+
 class NonFiniteLossError(QloraKitError):
     """Training produced a NaN/inf loss or gradient and was stopped."""
 
@@ -67,6 +78,28 @@ class VerificationError(QloraKitError):
 
 
 class Preempted(QloraKitError):
-    """A stop signal arrived; a checkpoint was saved and the run can be resumed."""
+    """A stop signal arrived; the command stopped cleanly (training: after a checkpoint) and can be rerun."""
 
     exit_code = EXIT_PREEMPTED
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters (with "...") and to its first line, for one-line messages."""
+    first = text.splitlines()[0] if text else ""
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr`` for messages, bounded in time and length whatever ``value`` holds (huge lists, strings)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 5, 5, 5, 5
+    r.maxstring, r.maxother, r.maxlong = limit, limit, 40
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    try:
+        text = r.repr(value)
+    except Exception:  # e.g. a repr that raises: name the type instead
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

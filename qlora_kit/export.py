@@ -45,8 +45,8 @@ from typing import Any, Iterator
 
 import torch
 
-from qlora_kit import rundir
-from qlora_kit.errors import EXIT_VERIFY_FAILED, ModelError, OutputError, QloraKitError
+from qlora_kit import diskspace, rundir, runlock
+from qlora_kit.errors import EXIT_VERIFY_FAILED, ModelError, OutputError, Preempted, QloraKitError
 
 log = logging.getLogger("qlora_kit")
 
@@ -91,13 +91,12 @@ def read_run(run_dir: str | Path) -> RunInfo:
     from qlora_kit.model import resolve_source
 
     run = Path(run_dir)
-    rundir.require_finished_run(run)
-    manifest = json.loads((run / rundir.MANIFEST).read_text())
+    manifest = rundir.require_finished_run(run)
     if manifest.get("status") not in (None, "completed"):
         log.warning("run status is %r, not 'completed': exporting the adapter it saved last",
                     manifest.get("status"))
     cfg, _ = load_config(run / rundir.CONFIG)
-    source = Path(manifest.get("base", {}).get("source_dir") or "")
+    source = Path(str((manifest.get("base") or {}).get("source_dir") or ""))
     if not (source / "config.json").is_file():
         source = resolve_source(cfg.model)
     quant = manifest.get("quant") or {}
@@ -247,7 +246,13 @@ def read_adapter(adapter_dir: Path) -> Adapter:
     """
     from safetensors import safe_open
 
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{adapter_dir / 'adapter_config.json'} is not readable JSON",
+                         "restore the adapter, or resume the training to rewrite it") from exc
+    if not isinstance(config, dict):
+        raise ModelError(f"{adapter_dir / 'adapter_config.json'} is not a JSON object", "restore the adapter")
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise ModelError(f"{weights} is missing (pickle adapter_model.bin is not read)",
@@ -784,6 +789,18 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 @contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises ``_Terminated`` (like Ctrl-C) for the whole export, so every phase stops within seconds."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    try:
+        yield
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
 def staging_dir(target: Path) -> Iterator[Path]:
     """A fresh hidden directory beside ``target``; removed on any error, Ctrl-C or SIGTERM."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -1007,17 +1024,34 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str = "float16", mer
     kept, with the failure in its report and README).
 
     Raises:
-        QloraKitError: bad arguments; ModelError: unusable run/base/adapter; OutputError: bad ``out``.
+        QloraKitError: bad arguments; ModelError: unusable run/base/adapter; OutputError: bad ``out``;
+        RunInUseError: the run is being written (or ``out`` exported to) by another process;
+        DiskFullError: not enough space for the export; Preempted: SIGTERM (nothing left at ``out``).
     """
+    torch_dtype = _check_args(dtype, merge_base)
+    try:
+        with _sigterm_unwinds(), runlock.shared(Path(run_dir), "export"):  # nobody writes the run meanwhile
+            run = read_run(run_dir)
+            target = check_target(Path(out), run, overwrite)
+            with runlock.exclusive(target, "export"):
+                return _export_locked(run, target, dtype, torch_dtype, merge_base, verify, device, max_shard_bytes,
+                                      verify_prompts, show_progress)
+    except _Terminated:
+        raise Preempted(f"export stopped by SIGTERM; nothing was written to {out}",
+                        "run the same export command again") from None
+
+
+def _export_locked(run: RunInfo, target: Path, dtype: str, torch_dtype: torch.dtype, merge_base: str, verify: bool,
+                   device: str | None, max_shard_bytes: int, verify_prompts: int, show_progress: bool) -> int:
     from qlora_kit.model import DTYPES
 
-    torch_dtype = _check_args(dtype, merge_base)
-    run = read_run(run_dir)
-    target = check_target(Path(out), run, overwrite)
     compute, quant_device = resolve_devices(device, run)
     ctx = MergeContext(merge_base, run.quant, DTYPES[run.quant["load_dtype"]], compute, quant_device)
     plan = plan_export(run, torch_dtype, max_shard_bytes)
-    with staging_dir(target) as staging:
+    fix = "free space on that disk, or choose --out on another one"
+    needed = plan.total_bytes + diskspace.tree_bytes(run.run_dir / rundir.TOKENIZER)
+    diskspace.require_free(target.parent, needed, "the export", fix)
+    with staging_dir(target) as staging, diskspace.no_space_as_error(target.parent, "the export", fix):
         stats = write_weights(plan, staging, ctx, show_progress)
         eos = write_model_files(run, staging, dtype)
         report = base_report(run, target, dtype, ctx, plan, stats, eos)

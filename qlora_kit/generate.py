@@ -81,15 +81,17 @@ def load_for_generation(path: str | Path, device: torch.device | None = None) ->
     """Load a run directory (NF4 + adapter) or an exported/plain HF model directory.
 
     Raises:
-        ModelError: ``path`` is neither a qlora-kit run nor a model directory.
+        ModelError: ``path`` is neither a qlora-kit run nor a model directory, or the run is damaged.
+        RunInUseError: a training run is writing ``path``.
     """
-    from qlora_kit import rundir
+    from qlora_kit import rundir, runlock
 
     p = Path(path)
     if not p.exists():
         raise ModelError(f"{p} does not exist", "pass a run directory (output_dir of `qlora-kit train`) or an export")
     if p.is_dir() and rundir.is_run_dir(p):
-        return _load_run(p, device)
+        with runlock.shared(p, "generate"):  # not while a training run writes it
+            return _load_run(p, device)
     if p.is_dir() and (p / "config.json").is_file():
         return _load_export(p, device)
     raise ModelError(

@@ -35,8 +35,12 @@ class MetricsLog:
         """Drop records after ``step`` (used on resume, so no step is logged twice)."""
         kept = [r for r in self.read() if r.get("step", 0) <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def plot_loss(records: list[dict[str, Any]], png: Path) -> Path | None:

@@ -16,7 +16,6 @@ receive gradients.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -194,14 +193,44 @@ class QuantSpec:
         return dict(self.__dict__)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(source: Path) -> None:
+    """Refuse a base whose weights exist only as pickle files, before anything is trained on it.
+
+    Loading a pickle can run code, and the exporter streams safetensors only: training on
+    such a base would end in an export that refuses it, hours later.
+
+    Raises:
+        ModelError: no ``*.safetensors`` in ``source`` (naming the pickle files found).
+    """
+    if any(source.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in source.iterdir() if p.suffix in PICKLE_SUFFIXES)[:3]
+    if pickles:
+        raise ModelError(
+            f"the base {source} has only pickle weights ({', '.join(pickles)}): qlora-kit does not unpickle "
+            "model files (loading a pickle can run code) and could not export a run trained on them",
+            "convert it once, where you trust the file: AutoModelForCausalLM.from_pretrained(path)"
+            ".save_pretrained(new_path, safe_serialization=True); then point model.name_or_path at new_path")
+    raise ModelError(f"no safetensors weights found in {source}",
+                     "point model.name_or_path at a Hugging Face model directory with *.safetensors files, "
+                     "or at a .gguf file")
+
+
 def load_quantized_base(source: Path, cfg: ModelConfig, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
     """Load ``source`` with every linear layer (except lm_head) in bitsandbytes 4-bit.
 
     Non-quantised layers (embeddings, norms, lm_head) stay in ``compute_dtype``.  All
     parameters are frozen.
+
+    Raises:
+        ModelError: pickle-only weights, or transformers cannot load the model.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    require_safetensors(source)
     bnb = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quant_type,
@@ -387,17 +416,22 @@ def load_run_for_inference(run_dir: str | Path, device: torch.device | None = No
     from qlora_kit.config import load_config
 
     run = Path(run_dir)
-    rundir.require_finished_run(run)
-    manifest = json.loads((run / rundir.MANIFEST).read_text())
+    manifest = rundir.require_finished_run(run)
     cfg, _ = load_config(run / rundir.CONFIG)
     device = device or pick_device()
-    source = Path(manifest["base"]["source_dir"])
+    source = Path(str((manifest.get("base") or {}).get("source_dir") or ""))
     if not (source / "config.json").exists():
         source = resolve_source(cfg.model)
     if compute_dtype is None:
-        compute_dtype = DTYPES[manifest["quant"]["compute_dtype"]] if device.type == "cuda" else torch.float32
+        stored = str((manifest.get("quant") or {}).get("compute_dtype"))
+        compute_dtype = DTYPES.get(stored, torch.bfloat16) if device.type == "cuda" else torch.float32
     base = load_quantized_base(source, cfg.model, compute_dtype, device)
-    model = PeftModel.from_pretrained(base, run / rundir.ADAPTER, is_trainable=False)
+    try:
+        model = PeftModel.from_pretrained(base, run / rundir.ADAPTER, is_trainable=False)
+        tokenizer = AutoTokenizer.from_pretrained(run / rundir.TOKENIZER)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise ModelError(f"cannot load the run {run}: {str(exc).splitlines()[0][:200]}",
+                         "its adapter/ or tokenizer/ is damaged: resume the training to rewrite them, or restore "
+                         "the run from a backup") from exc
     set_inference_mode(model)
-    tokenizer = AutoTokenizer.from_pretrained(run / rundir.TOKENIZER)
     return model, tokenizer, manifest

@@ -1037,8 +1037,9 @@ def run_plan(config_path: str | Path, overrides: list[str], gpu_memory: float | 
 def gpu_budget(gpu_memory: float | None) -> tuple[int, str]:
     """Bytes to plan for: ``--gpu-memory`` GiB, else this GPU's total, else an assumed 24 GiB card."""
     if gpu_memory is not None:
-        if gpu_memory <= 0:
-            raise ConfigError(f"--gpu-memory must be positive GiB, got {gpu_memory}")
+        if not math.isfinite(gpu_memory) or gpu_memory <= 0 or gpu_memory > 1e6:
+            raise ConfigError(f"--gpu-memory must be a positive number of GiB, got {gpu_memory:g}",
+                              "give the card's memory in GiB, e.g. --gpu-memory 24")
         return int(gpu_memory * GiB), f"--gpu-memory {gpu_memory:g} GiB"
     try:
         import torch

@@ -10,14 +10,20 @@
       metrics.jsonl        one JSON object per logged step / eval
       loss.png             loss curve
       checkpoint-<step>/   resumable state (see checkpoint.py); only complete ones are ever renamed here
+      checkpoint-<step>.corrupt/  a checkpoint that did not verify on resume, kept for inspection
+
+    ../.<output_dir name>.lock    the run's lock file (runlock.py), beside the directory
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 CONFIG = "config.yaml"
 MANIFEST = "manifest.json"
+ADAPTER_FILES = "adapter_files"  # manifest key: {file: {size, sha256}} of adapter/, written when it is published
 DATA_SUMMARY = "data_summary.json"
 HELDOUT = "heldout.jsonl"
 TOKENIZER = "tokenizer"
@@ -35,11 +41,39 @@ def is_run_dir(path: Path) -> bool:
     return any((path / name).exists() for name in RUN_MARKERS)
 
 
-def require_finished_run(run: Path) -> None:
-    """Check that ``run`` holds a completed training run (adapter, tokenizer, config, manifest).
+_MANIFEST_FIX = "restore it from a backup, or finish the run again with `qlora-kit train ... --resume`"
+
+
+def read_manifest(run: Path) -> dict[str, Any]:
+    """``manifest.json`` of a run as a dict.
 
     Raises:
-        ModelError: the directory is missing or incomplete (naming the first missing file).
+        ModelError: it is missing, not JSON, or not an object.
+    """
+    from qlora_kit.errors import ModelError
+
+    path = run / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelError(f"{run} is not a finished qlora-kit run: {MANIFEST} is missing",
+                         "pass the output_dir of a completed `qlora-kit train`") from exc
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelError(f"{path} is damaged (not readable JSON)", _MANIFEST_FIX) from exc
+    if not isinstance(manifest, dict):
+        raise ModelError(f"{path} is damaged (a JSON {type(manifest).__name__}, not an object)", _MANIFEST_FIX)
+    return manifest
+
+
+def require_finished_run(run: Path) -> dict[str, Any]:
+    """Check that ``run`` holds a completed training run and that its adapter is intact; return the manifest.
+
+    The adapter files are checked against the sizes and sha256 the manifest recorded when
+    training published them (runs from before that record: the safetensors header is parsed).
+
+    Raises:
+        ModelError: the directory is missing or incomplete (naming the first missing file), the
+            manifest is damaged, or the adapter is truncated or changed.
     """
     from qlora_kit.errors import ModelError
 
@@ -49,3 +83,45 @@ def require_finished_run(run: Path) -> None:
     for path in (run / MANIFEST, run / CONFIG, run / ADAPTER / "adapter_config.json", run / TOKENIZER):
         if not path.exists():
             raise ModelError(f"{run} is not a finished qlora-kit run: {path.relative_to(run)} is missing", hint)
+    manifest = read_manifest(run)
+    check_adapter(run / ADAPTER, manifest.get(ADAPTER_FILES))
+    return manifest
+
+
+def check_adapter(adapter: Path, files: Any) -> None:
+    """Verify the adapter against the manifest's file list, or at least parse its safetensors header.
+
+    Raises:
+        ModelError: missing, truncated or changed adapter files.
+    """
+    from qlora_kit.checkpoint import CorruptCheckpoint, verify_files
+    from qlora_kit.errors import ModelError
+
+    fix = ("resume training to rewrite it (`qlora-kit train ... --resume` republishes the adapter of the last "
+           "checkpoint), or restore the run from a backup")
+    try:
+        if isinstance(files, dict) and files:
+            verify_files(adapter, files)
+        else:
+            _parse_safetensors_header(adapter / "adapter_model.safetensors")
+    except CorruptCheckpoint as exc:
+        raise ModelError(f"the adapter in {adapter} is damaged: {exc}", fix) from exc
+
+
+def _parse_safetensors_header(path: Path) -> None:
+    from qlora_kit.checkpoint import CorruptCheckpoint
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise CorruptCheckpoint(f"{path.name} is truncated")
+            header = json.loads(fh.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except FileNotFoundError as exc:
+        raise CorruptCheckpoint(f"{path.name} is missing") from exc
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise CorruptCheckpoint(f"{path.name} is not a readable safetensors file") from exc
+    if 8 + n + end != size:
+        raise CorruptCheckpoint(f"{path.name} has {size} bytes, its header describes {8 + n + end} (truncated?)")

@@ -1,41 +1,68 @@
-"""Graceful preemption: SIGTERM/SIGINT ask the run to checkpoint at the next step boundary.
+"""Graceful preemption: SIGTERM/SIGINT stop a run within seconds, in every phase, leaving a rerunnable state.
 
-The first signal only sets a flag that the training loop polls between optimizer steps
-(and between evaluation batches); the loop then saves a checkpoint and exits with
-``EXIT_PREEMPTED`` (75).  A second SIGINT aborts at once (KeyboardInterrupt, exit 130).
+Two modes, switched by the recipe:
+
+- *immediate* (setup: reading data, loading the model, restoring a checkpoint — all in
+  memory, nothing written yet): the signal raises :class:`StopNow` at once, wherever the
+  main thread is; the run directory is untouched, so the same command can simply be rerun.
+  ``StopNow`` is a ``BaseException`` so that library ``except Exception`` blocks cannot
+  swallow it.
+- *deferred* (writing the run's files, training, evaluation, saving): the signal only sets
+  a flag that the loop polls between micro-batches and evaluation batches; the loop then
+  saves a checkpoint of the last finished step and exits with ``EXIT_PREEMPTED`` (75).
+
+A second SIGINT aborts at once (KeyboardInterrupt, exit 130).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import threading
 from types import FrameType
 
 log = logging.getLogger("qlora_kit")
 
 
-class StopRequest:
-    """Installs the handlers for the duration of a ``with`` block."""
+class StopNow(BaseException):
+    """A stop signal arrived while nothing was being written: unwind at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+class StopRequest:
+    """Installs the handlers for the duration of a ``with`` block (main thread only)."""
+
+    def __init__(self, immediate: bool = False) -> None:
         self.signal_name: str | None = None
+        self.immediate = immediate
         self._previous: dict[int, object] = {}
 
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
 
+    def defer(self) -> None:
+        """From now on only record signals (files are being written); the loop polls ``requested``."""
+        self.immediate = False
+
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.immediate:
+            self.signal_name = name
+            raise StopNow(name)
         if not self.requested:
             self.signal_name = name
             log.warning("%s received: saving a checkpoint at the next step boundary (Ctrl-C again aborts)", name)
 
     def __enter__(self) -> "StopRequest":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,4 +1,4 @@
-"""The QLoRA SFT recipe: ``setup`` → ``train`` → ``finish``.
+"""The QLoRA SFT recipe: ``setup`` → ``begin`` → ``train`` → ``finish``.
 
 One readable loop instead of a trainer class hierarchy, because the guarantees users
 need here are easier to keep in plain code:
@@ -8,8 +8,12 @@ need here are easier to keep in plain code:
 - loss normalised over all trainable tokens of the accumulated batch (not per micro-batch);
 - non-finite loss/gradient detection with no extra host sync in ``stop`` mode: a device
   flag is read together with the logged loss (and before every save);
-- SIGTERM/SIGINT checkpoint at the next step boundary (signals.py);
-- nothing is written that holds NaN/inf, and checkpoints/adapters appear atomically.
+- one writer per run directory (runlock.py); ``setup`` works in memory and ``begin`` writes
+  only once every check passed, so a refused or failed start changes nothing (outdir.py);
+- SIGTERM/SIGINT: during setup the run stops at once (nothing written); afterwards it
+  checkpoints the last finished step, also from within a step (signals.py);
+- nothing is written that holds NaN/inf, checkpoints/adapters appear atomically, free disk
+  space is checked before each of them (diskspace.py).
 
 Memory and speed techniques live in ``qlora_kit/ops`` (one module each) and are switched
 on in :func:`setup`: fused loss (no full logits), padding-free packing with packed
@@ -23,6 +27,7 @@ Building blocks are the field's own: transformers models and schedulers, bitsand
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -31,20 +36,28 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime
+from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from qlora_kit import checkpoint as ckpt
-from qlora_kit import rundir
+from qlora_kit import diskspace, outdir, rundir, runlock
 from qlora_kit.config import Config, dump_config, load_config, read_yaml, validate
-from qlora_kit.errors import ConfigError, NonFiniteLossError, OutOfMemoryError, OutputError, Preempted
+from qlora_kit.errors import (
+    ConfigError,
+    NonFiniteLossError,
+    OutOfMemoryError,
+    OutputError,
+    Preempted,
+    QloraKitError,
+    short_repr,
+)
 from qlora_kit.manifest import device_info, now_iso, package_versions, write_manifest
 from qlora_kit.metrics import MetricsLog, plot_loss
-from qlora_kit.signals import StopRequest
+from qlora_kit.signals import StopNow, StopRequest
 
 log = logging.getLogger("qlora_kit")
 
@@ -60,6 +73,7 @@ RESUME_BREAKING = (
 )
 MAX_CONSECUTIVE_SKIPS = 10
 MIN_LOSS_SCALE = 1.0  # fp16 loss scaling: below this the run is not recovering
+SETUP_BYTES = 64 * 2**20  # allowance for config, tokenizer, data audit, held-out rows, manifest
 
 
 @dataclass
@@ -87,6 +101,7 @@ class Run:
     last_save_step: int = -1
     last_train_loss: float | None = None
     last_eval_loss: float | None = None
+    fresh: bool = True  # a new run (not --resume): undone when it fails before its first checkpoint
     nonfinite: torch.Tensor | None = None  # device flag: any non-finite step so far (stop mode)
     first_bad_step: torch.Tensor | None = None
     params: list[torch.nn.Parameter] = field(default_factory=list)
@@ -104,88 +119,113 @@ def run_training(
     overwrite: bool = False,
     skip_memory_check: bool = False,
 ) -> int:
-    """``qlora-kit train``: returns 0, or raises a QloraKitError with a documented exit code."""
+    """``qlora-kit train``: returns 0, or raises a QloraKitError with a documented exit code.
+
+    Order (see outdir.py): lock ``output_dir`` → check and inspect it (no writes) → build
+    everything in memory (a refusal or SIGTERM here changes nothing) → write the run's files
+    → train → publish the adapter.  A fresh run that fails before its first checkpoint
+    removes what it created; every other failure leaves the manifest ``failed``/``preempted``.
+    """
     from qlora_kit.ops.allocator import configure_cuda_allocator
 
     configure_cuda_allocator()  # before anything touches CUDA
     cfg, sources = load_config(config_path, overrides)
     out = Path(cfg.output_dir).expanduser()
-    resume_from = prepare_output_dir(out, resume=resume, overwrite=overwrite)
-    if resume_from is not None:
-        check_resume_compatible(resume_from, cfg)
-    previous = ckpt.read_json(out / rundir.MANIFEST) if resume_from is not None else {}
+    _check_target(out, cfg, config_path, overwrite)  # read-only: refuse "/", home, ... before locking beside them
     try:
-        run = setup(cfg, dump_config(cfg, sources), out, resume_from, skip_memory_check)
-    except BaseException:
-        if resume_from is None:  # a fresh run that never started leaves nothing behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    if run.step >= run.total_steps and previous.get("status") == "completed" and (out / rundir.ADAPTER).is_dir():
-        write_manifest(out / rundir.MANIFEST, previous)  # nothing to do: keep the finished run as it was
+        with StopRequest(immediate=True) as stop, runlock.exclusive(out, "train"):
+            return _run_locked(cfg, dump_config(cfg, sources), out, config_path, resume, overwrite,
+                               skip_memory_check, stop)
+    except StopNow as exc:  # only raised before anything was written
+        raise Preempted(f"stopped by {exc.signal_name} before training started; nothing was written",
+                        "run the same command again") from None
+
+
+def _run_locked(cfg: Config, config_text: str, out: Path, config_path: str | Path, resume: bool, overwrite: bool,
+                skip_memory_check: bool, stop: StopRequest) -> int:
+    """The recipe, with ``output_dir`` locked: inspect → setup (in memory) → begin → train → finish."""
+    start = outdir.inspect(out, resume, overwrite)
+    if not start.fresh:
+        check_resume_compatible(start.resume_from or out, cfg)
+    run = setup(cfg, config_text, out, start, skip_memory_check)
+    if run.step >= run.total_steps and _already_complete(out):
         log.info("%s is already complete (%d of %d steps); raise train.max_steps with --set to train further",
                  out, run.step, run.total_steps)
         return 0
-    with StopRequest() as stop:
-        try:
-            train(run, stop)
-        except Preempted:
-            _set_status(run, "preempted")
-            raise
-        except torch.cuda.OutOfMemoryError as exc:
-            _set_status(run, "failed", "CUDA out of memory")
+    stop.defer()
+    try:
+        begin(run, start)
+        train(run, stop)
+        finish(run)
+    except BaseException as exc:
+        _fail(run, start, exc)
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
             raise _oom_error(run, exc) from exc
-        except BaseException as exc:
-            _set_status(run, "failed", f"{type(exc).__name__}: {exc}")
-            raise
-    finish(run)
+        raise
     return 0
 
 
-# --------------------------------------------------------------------------- output dir / resume
-
-
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Make ``out`` ready; return the checkpoint to resume from (or None).
+def _check_target(out: Path, cfg: Config, config_path: str | Path, overwrite: bool) -> None:
+    """Refuse output directories that must never be written or moved aside (see outdir.check_target).
 
     Raises:
-        ConfigError: --resume and --overwrite together.
-        OutputError: an existing run would be overwritten, or there is nothing to resume.
+        OutputError: a dangerous target, naming what it would clobber.
     """
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other", "pass only one of them")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output_dir {out} exists and is a file", "choose another output_dir")
-    has_files = out.is_dir() and any(out.iterdir())
-    if resume:
-        if not has_files:
-            raise OutputError(f"nothing to resume: {out} does not exist or is empty", "drop --resume to start a run")
-        removed = ckpt.remove_incomplete(out)
-        for path in removed:
-            log.warning("removed incomplete checkpoint %s (interrupted write)", path.name)
-        latest = ckpt.latest_checkpoint(out)
-        if latest is None:
-            raise OutputError(
-                f"{out} has no complete checkpoint to resume from",
-                "drop --resume and pass --overwrite to start afresh (the old directory is moved aside)",
-            )
-        return latest
-    if has_files:
-        if not overwrite:
-            what = "a qlora-kit run" if rundir.is_run_dir(out) else "files that are not from qlora-kit"
-            raise OutputError(
-                f"output_dir {out} already holds {what}",
-                "--resume continues that run, --overwrite starts afresh (the old directory is moved aside), "
-                "or set another output_dir",
-            )
-        aside = out.with_name(f"{out.name}.old-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-        out.rename(aside)
-        log.warning("--overwrite: moved the existing %s aside to %s (delete it when no longer needed)", out, aside)
-    out.mkdir(parents=True, exist_ok=True)
-    return None
+    protected = {"the data file": Path(cfg.data.path), "the config file": Path(config_path)}
+    if cfg.data.val_path:
+        protected["the validation file"] = Path(cfg.data.val_path)
+    if Path(cfg.model.name_or_path).expanduser().exists():
+        protected["the model"] = Path(cfg.model.name_or_path)
+    outdir.check_target(out, overwrite, protected)
+
+
+def _already_complete(out: Path) -> bool:
+    """The run finished and its adapter is intact (a damaged adapter is republished from the last checkpoint)."""
+    manifest = ckpt.read_json(out / rundir.MANIFEST)
+    if manifest.get("status") != "completed" or not (out / rundir.ADAPTER).is_dir():
+        return False
+    try:
+        rundir.check_adapter(out / rundir.ADAPTER, manifest.get(rundir.ADAPTER_FILES))
+    except QloraKitError as exc:
+        log.warning("%s: publishing the adapter again from the last checkpoint", exc.message)
+        return False
+    return True
+
+
+def _fail(run: "Run", start: outdir.Start, exc: BaseException) -> None:
+    """Record a failure: undo a fresh start without checkpoints, else mark the manifest failed/preempted."""
+    if not start.begun:
+        return  # nothing was written
+    if start.fresh and not ckpt.list_checkpoints(run.out):
+        outdir.undo(start)
+        return
+    if isinstance(exc, Preempted):
+        status, error = "preempted", None
+    elif isinstance(exc, KeyboardInterrupt):
+        status, error = "preempted", "aborted by a second Ctrl-C (the last checkpoint is intact)"
+    elif isinstance(exc, torch.cuda.OutOfMemoryError):
+        status, error = "failed", "CUDA out of memory"
+    else:
+        message = exc.message if isinstance(exc, QloraKitError) else str(exc)
+        status, error = "failed", f"{type(exc).__name__}: {message.splitlines()[0][:300] if message else ''}"
+    try:
+        try:
+            _set_status(run, status, error)
+        except OSError as write_exc:
+            if not diskspace.is_no_space(write_exc):
+                raise
+            ckpt.write_json_in_place(run.out / rundir.MANIFEST, run.manifest)  # no room for a new file
+    except OSError as write_exc:  # never hide the original failure behind this one
+        log.warning("could not mark %s %s: %s", run.out / rundir.MANIFEST, status, write_exc)
+
+
+# --------------------------------------------------------------------------- resume checks
 
 
 def check_resume_compatible(checkpoint_dir: Path, cfg: Config) -> None:
     """Refuse to resume when settings that define the model or the data order changed.
+
+    ``checkpoint_dir`` is a checkpoint, or the run directory itself when it has none yet.
 
     Raises:
         ConfigError: naming every changed setting with its old and new value.
@@ -194,7 +234,8 @@ def check_resume_compatible(checkpoint_dir: Path, cfg: Config) -> None:
     old_flat, new_flat = _flatten(old.model_dump()), _flatten(cfg.model_dump())
     changed = [k for k in RESUME_BREAKING if old_flat.get(k) != new_flat.get(k)]
     if changed:
-        lines = "; ".join(f"{k}: {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in changed)
+        lines = "; ".join(f"{k}: {short_repr(old_flat.get(k), 60)} -> {short_repr(new_flat.get(k), 60)}"
+                          for k in changed)
         raise ConfigError(
             f"cannot resume {checkpoint_dir.name}: the config changed in ways that break the run ({lines})",
             "restore those settings, or start a new run with --overwrite / another output_dir",
@@ -215,27 +256,30 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-# --------------------------------------------------------------------------- setup
+# --------------------------------------------------------------------------- setup (in memory)
 
 
-def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, skip_memory_check: bool) -> Run:
-    """Load data first (fails fast), then the 4-bit model, adapters, optimizer and schedule.
+def setup(cfg: Config, config_text: str, out: Path, start: outdir.Start | None, skip_memory_check: bool) -> Run:
+    """Load data first (fails fast), then the 4-bit model, adapters, optimizer, schedule and resume state.
 
+    Nothing is written: :func:`_begin` writes the run's files once everything here succeeded.
     ``cfg`` may hold ``"auto"`` memory settings; the returned run's ``cfg`` has them resolved.
     """
     from qlora_kit import model as qmodel
     from qlora_kit.ops.precision import resolve_precision
 
+    start = start or outdir.Start(out, "fresh")
     seed_everything(cfg.train.seed)
     device = qmodel.pick_device()
     compute_dtype = qmodel.resolve_compute_dtype(cfg.model.compute_dtype, device)
     precision = resolve_precision(compute_dtype, cfg.lora.adapter_dtype, device)
     source = qmodel.resolve_source(cfg.model)
-    cfg = resolve_memory_settings(cfg, source, device, _recorded_memory(out) if resume_from is not None else None)
+    qmodel.require_safetensors(source)
+    cfg = resolve_memory_settings(cfg, source, device, None if start.fresh else _recorded_memory(out))
     tokenizer = qmodel.load_tokenizer(source, cfg.model)
-    data = _setup_data(cfg, tokenizer, out)
-    if resume_from is not None:
-        _check_data_unchanged(resume_from, data.fingerprint)
+    data = _setup_data(cfg, tokenizer)
+    if start.resume_from is not None:
+        _check_data_unchanged(start.resume_from, data.fingerprint)
     if device.type == "cuda" and not skip_memory_check:
         _check_memory(cfg, source, device)
     model = build_model(cfg, source, precision)
@@ -248,23 +292,20 @@ def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, sk
     log.info("model: %s | 4-bit %s (double quant: %s) | LoRA r=%d on %s | trainable %s of %s parameters",
              cfg.model.name_or_path, spec.quant_type, spec.double_quant, cfg.lora.r,
              ",".join(model.peft_config["default"].target_modules), f"{trainable:,}", f"{total:,}")
-    (out / rundir.CONFIG).write_text(config_text)
-    tokenizer.save_pretrained(out / rundir.TOKENIZER)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params, device)
     micro_per_epoch = len(_epoch_plan(cfg, data, 0))
     total_steps = compute_total_steps(cfg, micro_per_epoch)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
-    manifest = _new_manifest(cfg, device, source, spec, data, model, trainable, out, resume_from)
+    manifest = _new_manifest(cfg, device, source, spec, data, model, trainable, out, not start.fresh)
     manifest["memory"] = memory_record(cfg, model, precision)
     run = Run(cfg, config_text, out, device, model, tokenizer, data, optimizer, scheduler, total_steps,
-              micro_per_epoch, manifest, MetricsLog(out / rundir.METRICS), params=params,
+              micro_per_epoch, manifest, MetricsLog(out / rundir.METRICS), params=params, fresh=start.fresh,
               precision=precision, scaler=precision.make_scaler())
     run.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    if resume_from is not None:
-        _restore(run, resume_from)
-    write_manifest(out / rundir.MANIFEST, manifest)
+    if not start.fresh:
+        _restore(run, start)
     return run
 
 
@@ -399,22 +440,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _setup_data(cfg: Config, tokenizer: Any, out: Path) -> Any:
+def _setup_data(cfg: Config, tokenizer: Any) -> Any:
     from qlora_kit.data import build_data, print_summary
 
     data = build_data(cfg.data, tokenizer, cfg.train.max_length, cfg.train.seed)
     print_summary(data.summary)
-    ckpt.write_json_atomic(out / rundir.DATA_SUMMARY, data.summary.to_json())
-    with open(out / rundir.HELDOUT, "w", encoding="utf-8") as fh:
-        import json
-
-        for row in data.heldout:
-            fh.write(json.dumps(row) + "\n")
     return data
 
 
 def _check_data_unchanged(resume_from: Path, fingerprint: dict[str, Any]) -> None:
-    old = ckpt.read_checkpoint_state(resume_from).get("data_fingerprint", {})
+    try:
+        old = ckpt.read_checkpoint_state(resume_from).get("data_fingerprint") or {}
+    except ckpt.CorruptCheckpoint:
+        return  # checked again, with the fallback checkpoint, when it is restored
+
     for key in ("sha256", "val_sha256"):
         if old.get(key) != fingerprint.get(key):
             raise ConfigError(
@@ -482,8 +521,8 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
 
 
 def _new_manifest(cfg: Config, device: torch.device, source: Path, spec: Any, data: Any, model: Any,
-                  trainable: int, out: Path, resume_from: Path | None) -> dict[str, Any]:
-    previous = ckpt.read_json(out / rundir.MANIFEST) if resume_from is not None else {}
+                  trainable: int, out: Path, resuming: bool) -> dict[str, Any]:
+    previous = ckpt.read_json(out / rundir.MANIFEST) if resuming else {}
     return {
         "qlora_kit_version": package_versions().get("qlora-kit"),
         "status": "running",
@@ -496,22 +535,103 @@ def _new_manifest(cfg: Config, device: torch.device, source: Path, spec: Any, da
         "lora": {"target_modules": sorted(model.peft_config["default"].target_modules),
                  "trainable_parameters": trainable},
         "start_time": previous.get("start_time", now_iso()),
-        "resumed": previous.get("resumed", []) + ([{"from": resume_from.name, "at": now_iso()}] if resume_from else []),
+        "resumed": list(previous.get("resumed") or []),
         "end_time": None,
         "final_metrics": None,
     }
 
 
-def _restore(run: Run, resume_from: Path) -> None:
-    state = ckpt.load_checkpoint(resume_from, run.model, run.optimizer, run.scheduler)
+def _restore(run: Run, start: outdir.Start) -> None:
+    """Load the newest checkpoint that verifies, parses and fits this model, in memory.
+
+    A checkpoint that fails is named in the log and the one before it is tried; a run
+    without any checkpoint yet (stopped before its first save) starts again from step 0.
+
+    Raises:
+        OutputError: there are checkpoints but none can be used.
+        ConfigError: the data or config changed since the checkpoint that is used.
+    """
+    path, first = start.resume_from, start.resume_from
+    while path is not None:
+        try:
+            if path != first:
+                check_resume_compatible(path, run.cfg)
+                _check_data_unchanged(path, run.data.fingerprint)
+            state = ckpt.load_checkpoint(path, run.model, run.optimizer, run.scheduler)
+            break
+        except ckpt.CorruptCheckpoint as exc:
+            log.warning("%s cannot be used (%s): trying the checkpoint before it", path.name, exc)
+            start.corrupt.append((path, str(exc)))
+            path, newer = outdir.newest_valid(run.out, below=ckpt.checkpoint_step(path))
+            start.corrupt += newer
+    start.resume_from = path
+    if path is None:
+        if start.corrupt:
+            names = ", ".join(f"{p.name} ({reason})" for p, reason in start.corrupt[:3])
+            raise OutputError(f"no checkpoint in {run.out} can be used, so there is nothing to resume from: {names}",
+                              "start afresh with --overwrite (the old directory is moved aside)")
+        log.info("%s has no checkpoint yet: training again from step 0", run.out)
+        run.manifest["resumed"].append({"from": None, "at": now_iso()})
+        return
     run.step, run.micro_index = state["step"], state["micro_index"]
     run.skipped_steps = state.get("skipped_steps", 0)
     run.last_save_step = run.step
     run.last_eval_step = state.get("last_eval_step", -1)
     if run.scaler is not None and "grad_scaler" in state:
         run.scaler.load_state_dict(state["grad_scaler"])
-    run.metrics.truncate_after(run.step)
-    log.info("resumed from %s: step %d of %d", resume_from.name, run.step, run.total_steps)
+    run.last_train_loss, run.last_eval_loss = _restored_losses(run, state)
+    run.manifest["resumed"].append({"from": path.name, "at": now_iso()})
+    log.info("resumed from %s: step %d of %d", path.name, run.step, run.total_steps)
+
+
+def _restored_losses(run: Run, state: dict[str, Any]) -> tuple[float | None, float | None]:
+    """The last logged train/eval loss at the checkpoint (from its state, else from metrics.jsonl)."""
+    train_loss, eval_loss = state.get("last_train_loss"), state.get("last_eval_loss")
+    if train_loss is None or eval_loss is None:
+        for record in run.metrics.read():
+            if record.get("step", 0) <= run.step:
+                train_loss = record.get("loss", train_loss) if "last_train_loss" not in state else train_loss
+                eval_loss = record.get("eval_loss", eval_loss) if "last_eval_loss" not in state else eval_loss
+    return train_loss, eval_loss
+
+
+# --------------------------------------------------------------------------- writing the run's files
+
+
+def begin(run: Run, start: outdir.Start) -> None:
+    """Write the run's files, once every check passed: directory, config, tokenizer, data audit, manifest.
+
+    Raises:
+        DiskFullError: not enough space for the setup files, a checkpoint and the adapter.
+    """
+    fix = "free space on that disk, or set output_dir on another one"
+    needed = SETUP_BYTES + _checkpoint_estimate(run) + _adapter_bytes(run)
+    diskspace.require_free(run.out, needed, "the run's files, a checkpoint and the adapter", fix)
+    writers: dict[str, Callable[[Path], Any]] = {
+        rundir.CONFIG: lambda p: p.write_text(run.config_text),
+        rundir.TOKENIZER: lambda p: run.tokenizer.save_pretrained(p),
+        rundir.DATA_SUMMARY: lambda p: p.write_text(json.dumps(run.data.summary.to_json(), indent=2, default=str)),
+        rundir.HELDOUT: lambda p: p.write_text("".join(json.dumps(row) + "\n" for row in run.data.heldout),
+                                               encoding="utf-8"),
+        rundir.MANIFEST: lambda p: p.write_text(json.dumps(run.manifest, indent=2, default=str)),
+    }
+    with diskspace.no_space_as_error(run.out, "the run's files", fix):
+        outdir.begin(start)
+        outdir.write_files(run.out, writers)
+        if not start.fresh:
+            run.metrics.truncate_after(run.step)
+
+
+def _checkpoint_estimate(run: Run) -> int:
+    """Bytes the next checkpoint will take: the last one's size, else adapter + two fp32 optimizer moments."""
+    latest = ckpt.latest_checkpoint(run.out)
+    if latest is not None:
+        return ckpt.checkpoint_bytes(latest)
+    return _adapter_bytes(run) + 8 * sum(p.numel() for p in run.params) + 2**20
+
+
+def _adapter_bytes(run: Run) -> int:
+    return sum(p.numel() * p.element_size() for p in run.params)
 
 
 # --------------------------------------------------------------------------- data order
@@ -525,22 +645,44 @@ def _epoch_plan(cfg: Config, data: Any, epoch: int) -> list[list[list[int]]]:
                         cfg.train.seed, epoch, cfg.data.shuffle)
 
 
-def micro_batches_from(cfg: Config, data: Any, start: int) -> Iterator[tuple[int, list[list[int]]]]:
+class EpochPlans:
+    """Per-epoch micro-batch plans (pure functions of seed and epoch), the last two kept, all lengths known."""
+
+    def __init__(self, cfg: Config, data: Any):
+        self.cfg, self.data = cfg, data
+        self.plans: dict[int, list[list[list[int]]]] = {}
+        self.lengths: dict[int, int] = {}
+
+    def plan(self, epoch: int) -> list[list[list[int]]]:
+        if epoch not in self.plans:
+            if len(self.plans) >= 2:
+                del self.plans[min(self.plans)]
+            self.plans[epoch] = _epoch_plan(self.cfg, self.data, epoch)
+            self.lengths[epoch] = len(self.plans[epoch])
+        return self.plans[epoch]
+
+    def length(self, epoch: int) -> int:
+        return self.lengths[epoch] if epoch in self.lengths else len(self.plan(epoch))
+
+
+def micro_batches_from(cfg: Config, data: Any, start: int, plans: EpochPlans | None = None
+                       ) -> Iterator[tuple[int, list[list[int]]]]:
     """Yield (epoch, rows) for the global micro-batch index ``start`` onwards, forever.
 
     The order is a pure function of the seed and the epoch, so a resumed run sees
     exactly the batches an uninterrupted run would have seen.
     """
+    plans = plans or EpochPlans(cfg, data)
     epoch, first = 0, 0
     while True:
-        plan = _epoch_plan(cfg, data, epoch)
-        if not plan:
+        n = plans.length(epoch)
+        if not n:
             raise RuntimeError("empty batch plan")
-        if first + len(plan) > start:
-            for rows in plan[max(0, start - first):]:
+        if first + n > start:
+            for rows in plans.plan(epoch)[max(0, start - first):]:
                 yield epoch, rows
-            start = first + len(plan)
-        first += len(plan)
+            start = first + n
+        first += n
         epoch += 1
 
 
@@ -548,13 +690,16 @@ def micro_batches_from(cfg: Config, data: Any, start: int) -> Iterator[tuple[int
 
 
 def train(run: Run, stop: StopRequest) -> None:
-    """Optimizer steps until ``total_steps``, logging, evaluating and checkpointing on schedule."""
-    from qlora_kit.data import collate
+    """Optimizer steps until ``total_steps``, logging, evaluating and checkpointing on schedule.
 
+    Micro-batches are collated one at a time as the step consumes them; a stop signal is
+    honoured between micro-batches: the unfinished step is dropped (gradients cleared, RNG
+    states put back) and the last finished step is checkpointed, so the resume stays exact.
+    """
     cfg = run.cfg.train
     eval_every = cfg.eval_steps or cfg.save_steps
-    stream = micro_batches_from(run.cfg, run.data, run.micro_index)
-    pad_id = run.tokenizer.pad_token_id
+    plans = EpochPlans(run.cfg, run.data)
+    stream = micro_batches_from(run.cfg, run.data, run.micro_index, plans)
     window = _Window()
     progress = _Progress(run.total_steps, run.step)
     log.info("training: %d optimizer steps x %d micro-batches of %d (max_length %d) on %s",
@@ -565,10 +710,14 @@ def train(run: Run, stop: StopRequest) -> None:
             if stop.requested:
                 _preempt(run, stop)
             lr = run.optimizer.param_groups[0]["lr"]
-            micro = [next(stream)[1] for _ in range(cfg.gradient_accumulation_steps)]
-            batches = [collate(run.data.train, rows, pad_id, cfg.max_length, run.cfg.data.packing) for rows in micro]
-            loss, grad_norm = train_step(run, batches)
-            n_tokens = sum(len(run.data.train[i]["input_ids"]) for rows in micro for row in rows for i in row)
+            rng = ckpt.rng_state()
+            try:
+                n_items, n_tokens = _count_step(run, plans, stop)
+                loss, grad_norm = train_step(run, _collate_step(run, stream, stop), n_items)
+            except _StepInterrupted:
+                run.optimizer.zero_grad(set_to_none=True)
+                ckpt.set_rng_state(rng)
+                _preempt(run, stop)
             run.micro_index += cfg.gradient_accumulation_steps
             skipped = _guard_nonfinite(run, loss, grad_norm)
             optimizer_step(run, skipped)
@@ -587,18 +736,60 @@ def train(run: Run, stop: StopRequest) -> None:
         progress.close()
 
 
-def train_step(run: Run, batches: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+class _StepInterrupted(Exception):
+    """A stop signal arrived between the micro-batches of an optimizer step."""
+
+
+def _count_step(run: Run, plans: EpochPlans, stop: StopRequest) -> tuple[int, int]:
+    """(trainable targets, tokens) of the next optimizer step, counted from the samples (nothing collated).
+
+    Equals the collated labels' ``[:, 1:] != -100`` count: a sample's first label is always -100
+    and samples/packed rows never exceed max_length.  Raises _StepInterrupted on a stop request.
+    """
+    from qlora_kit.data import IGNORE_INDEX
+
+    targets = tokens = 0
+    micro = micro_batches_from(run.cfg, run.data, run.micro_index, plans)
+    for k, (_epoch, rows) in enumerate(islice(micro, run.cfg.train.gradient_accumulation_steps)):
+        if k % 4096 == 4095 and stop.requested:
+            raise _StepInterrupted
+        for row in rows:
+            for i in row:
+                labels = run.data.train[i]["labels"]
+                targets += len(labels) - labels.count(IGNORE_INDEX)
+                tokens += len(labels)
+    return max(1, targets), tokens
+
+
+def _collate_step(run: Run, stream: Iterator[tuple[int, list[list[int]]]], stop: StopRequest
+                  ) -> Iterator[dict[str, torch.Tensor]]:
+    """The step's micro-batches, collated lazily; raises _StepInterrupted once a stop is requested."""
+    from qlora_kit.data import collate
+
+    for _ in range(run.cfg.train.gradient_accumulation_steps):
+        if stop.requested:
+            raise _StepInterrupted
+        _epoch, rows = next(stream)
+        yield collate(run.data.train, rows, run.tokenizer.pad_token_id, run.cfg.train.max_length,
+                      run.cfg.data.packing)
+
+
+def train_step(run: Run, batches: Iterable[dict[str, torch.Tensor]], n_items: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward/backward over the accumulated micro-batches; returns (loss, grad norm) on device.
 
     The loss is the sum over *all* trainable tokens of the step divided by their number
-    (``num_items_in_batch``), so micro-batches with few trainable tokens are not
-    over-weighted.  Each forward runs in the run's precision context (autocast with fp32
+    (``num_items_in_batch``, counted up front by the caller or here), so micro-batches with
+    few trainable tokens are not over-weighted.  ``batches`` may be lazy: only one micro-batch
+    is alive at a time.  Each forward runs in the run's precision context (autocast with fp32
     adapters); with fp16 compute the loss is scaled before the backward and the gradients
     unscaled before clipping.
     """
     from qlora_kit.ops.loss import causal_lm_loss, count_targets
 
-    n_items = max(1, sum(count_targets(b["labels"]) for b in batches))
+    if n_items is None:
+        batches = list(batches)
+        n_items = max(1, sum(count_targets(b["labels"]) for b in batches))
     loss_sum = torch.zeros((), device=run.device)
     for batch in batches:
         batch = to_device(batch, run.device)
@@ -784,21 +975,38 @@ def _evaluate_and_log(run: Run, stop: StopRequest) -> None:
 
 
 def save(run: Run) -> Path:
-    """Checkpoint the current step, refusing to write non-finite weights."""
+    """Checkpoint the current step, refusing to write non-finite weights; check free space first.
+
+    Raises:
+        NonFiniteLossError: a non-finite step happened since the last check.
+        DiskFullError: not enough space for the checkpoint (nothing half-written is left).
+    """
+    name = f"{rundir.CHECKPOINT_PREFIX}{run.step}"
     if run.last_save_step == run.step:
-        return run.out / f"{rundir.CHECKPOINT_PREFIX}{run.step}"
+        return run.out / name
     _raise_if_nonfinite(run, bool(run.nonfinite) or not adapters_finite(run))
     state = {
         "micro_index": run.micro_index,
         "total_steps": run.total_steps,
         "skipped_steps": run.skipped_steps,
         "last_eval_step": run.last_eval_step,
+        "last_train_loss": run.last_train_loss,
+        "last_eval_loss": run.last_eval_loss,
         "data_fingerprint": run.data.fingerprint,
         "saved_at": now_iso(),
     }
     if run.scaler is not None:
         state["grad_scaler"] = run.scaler.state_dict()
-    path = ckpt.save_checkpoint(run.out, run.step, run.model, run.optimizer, run.scheduler, state, run.config_text)
+    last = ckpt.latest_checkpoint(run.out)
+    if last is None and run.fresh:  # the start is undone: nothing to resume
+        fix = "free space on that disk, then run the same command again"
+    else:
+        fix = "free space on that disk, then run the same command with --resume" + (
+            f" (it continues from {last.name})" if last else "")
+    diskspace.require_free(run.out, _checkpoint_estimate(run), name, fix)
+    with diskspace.no_space_as_error(run.out, name, fix):
+        path = ckpt.save_checkpoint(run.out, run.step, run.model, run.optimizer, run.scheduler, state,
+                                    run.config_text)
     ckpt.prune_checkpoints(run.out, run.cfg.train.save_total_limit)
     run.last_save_step = run.step
     log.info("saved %s", path.name)
@@ -812,6 +1020,9 @@ def adapters_finite(run: Run) -> bool:
 
 
 def _preempt(run: Run, stop: StopRequest) -> None:
+    if run.step == 0 and run.fresh:  # nothing learned yet: the fresh start is undone, no checkpoint needed
+        raise Preempted(f"stopped by {stop.signal_name} before the first step finished; nothing was kept",
+                        "run the same command again")
     path = save(run)
     raise Preempted(
         f"stopped by {stop.signal_name} at step {run.step} of {run.total_steps}; checkpoint saved in {path}",
@@ -820,16 +1031,33 @@ def _preempt(run: Run, stop: StopRequest) -> None:
 
 
 def finish(run: Run) -> None:
-    """Publish the final adapter, plot, and mark the manifest completed."""
+    """Publish the final adapter (with its sizes and sha256 in the manifest), plot, mark the run completed.
+
+    Raises:
+        NonFiniteLossError: non-finite adapter weights.
+        DiskFullError: not enough space for the adapter (no partial adapter is left).
+    """
     if not adapters_finite(run):
         _raise_if_nonfinite(run, True)
+    fix = "free space on that disk, then run the same command with --resume (it finishes from the last checkpoint)"
+    diskspace.require_free(run.out, _adapter_bytes(run), "the final adapter", fix)
     tmp = run.out / f".tmp-{rundir.ADAPTER}"
-    ckpt.save_adapter(run.model, tmp)
-    ckpt.publish_dir(tmp, run.out / rundir.ADAPTER)
-    plot_loss(run.metrics.read(), run.out / rundir.LOSS_PLOT)
+    try:
+        with diskspace.no_space_as_error(run.out, "the final adapter", fix):
+            ckpt.save_adapter(run.model, tmp)
+            files = ckpt.file_hashes(tmp)
+            ckpt.publish_dir(tmp, run.out / rundir.ADAPTER)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    run.manifest[rundir.ADAPTER_FILES] = files
+    try:
+        plot_loss(run.metrics.read(), run.out / rundir.LOSS_PLOT)
+    except OSError as exc:  # the plot is a convenience: never fail a finished run over it
+        log.warning("could not write %s: %s", rundir.LOSS_PLOT, exc)
     run.manifest["final_metrics"] = {"step": run.step, "train_loss": run.last_train_loss,
                                      "eval_loss": run.last_eval_loss, "skipped_steps": run.skipped_steps}
-    _set_status(run, "completed")
+    with diskspace.no_space_as_error(run.out, rundir.MANIFEST, fix):
+        _set_status(run, "completed")
     log.info("done: adapter in %s", run.out / rundir.ADAPTER)
     log.info("next: qlora-kit generate %s \"your prompt\"  |  qlora-kit export %s --out %s-merged",
              run.out, run.out, run.out)

@@ -63,6 +63,7 @@ from typing import Any
 import torch
 
 from qlora_kit import rundir
+from qlora_kit.errors import ModelError
 
 log = logging.getLogger("qlora_kit")
 
@@ -127,10 +128,14 @@ def _heldout_rows(path: Path, limit: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if not path.is_file():
         return rows
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if line.strip():
-            row = json.loads(line)
-            if row.get("messages") or row.get("prompt"):
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                raise ModelError(f"{path} line {number} is damaged (not JSON)",
+                                 "restore the file, or export with --no-verify") from exc
+            if isinstance(row, dict) and (row.get("messages") or row.get("prompt")):
                 rows.append(row)
         if len(rows) >= limit:
             break

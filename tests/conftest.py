@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +162,71 @@ def assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
     assert any(float(g.abs().max()) > 0 for g in want.values()), "reference gradients are all zero"
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# --------------------------------------------------------------------------- resume: one reference run per session
+
+RESUME_TRAIN = {"max_steps": 16, "save_steps": 4, "logging_steps": 1, "save_total_limit": 10, "learning_rate": 5e-3,
+                "optimizer": "paged_adamw_8bit", "gradient_accumulation_steps": 2}
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "data.jsonl", arithmetic_rows(48))
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, data_file: Path) -> Path:
+    """An uninterrupted run (RESUME_TRAIN, lora dropout 0.1) every interrupted one must reproduce exactly."""
+    root = tmp_path_factory.mktemp("ref")
+    cfg = write_config(root / "cfg.yaml", tiny_llama, data_file, root / "run", train=RESUME_TRAIN,
+                       lora={"dropout": 0.1})
+    proc = run_cli("train", str(cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "run"
+
+
+def metrics_of(run: Path) -> list[dict]:
+    """metrics.jsonl without the timing field."""
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_second"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_result(run: Path, reference: Path) -> None:
+    """Same adapter (to 1e-6) and the same logged losses / learning rates as the reference run."""
+    from safetensors.torch import load_file
+
+    a = load_file(reference / "adapter/adapter_model.safetensors")
+    b = load_file(run / "adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, f"resumed adapter differs from the uninterrupted one by {worst}"
+    assert metrics_of(run) == metrics_of(reference), "losses / learning rates differ from the uninterrupted run"
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until ``run`` has logged ``step`` training losses (the process must still be alive)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and sum(1 for line in metrics.read_text().splitlines() if '"loss"' in line) >= step:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    raise AssertionError("training did not reach the step in time")
+
+
+def reseal_checkpoint(path: Path) -> None:
+    """Recompute a hand-edited checkpoint's file list and state digest (as if it had been written so)."""
+    from qlora_kit import checkpoint as ckpt
+
+    state = json.loads((path / ckpt.STATE_JSON).read_text())
+    (path / ckpt.STATE_JSON).unlink()
+    state["files"] = ckpt.file_hashes(path)
+    state["state_sha256"] = ckpt._state_digest(state)
+    (path / ckpt.STATE_JSON).write_text(json.dumps(state, indent=2))
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file below ``directory`` with its content (to assert that nothing changed)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}

@@ -54,6 +54,84 @@ def _bad_rows(ws: Path, model: Path) -> list[str]:
     return ["train", str(_config(ws, model, "badrows", write_jsonl(ws / "badrows.jsonl", rows)))]
 
 
+ALIAS_BOMB = "".join(
+    f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9 if prev else ["x"] * 9) + "]\n"
+    for prev, name in zip([None, *"abcdefgh"], "abcdefghi")
+)
+
+
+def _yaml_file(name: str, text: str, command: str = "train") -> Callable[[Path, Path], list[str]]:
+    def make(ws: Path, model: Path) -> list[str]:
+        path = _config(ws, model, name)
+        raw = yaml.safe_load(path.read_text())
+        body = yaml.safe_dump({k: v for k, v in raw.items() if k != "lora"})
+        (ws / f"{name}.yaml").write_text(text + body)
+        return [command, str(ws / f"{name}.yaml")]
+    return make
+
+
+def _pickle_only_base(ws: Path, model: Path) -> list[str]:
+    base = ws / "pickle-base"
+    if not base.exists():
+        shutil.copytree(model, base)
+        (base / "model.safetensors").unlink()
+        (base / "pytorch_model.bin").write_bytes(b"\x80\x04cposix\nsystem\n...never unpickled")
+    return ["train", str(_config(ws, base, "pickle"))]
+
+
+def _dangling_output(ws: Path, model: Path) -> list[str]:
+    link = ws / "out-dangling"
+    if not link.is_symlink():
+        link.symlink_to(ws / "nowhere")
+    return ["train", str(_config(ws, model, "dangling")), "--set", f"output_dir={link}"]
+
+
+def _overwrite_data_dir(ws: Path, model: Path) -> list[str]:
+    data = write_jsonl(ws / "datadir" / "rows.jsonl", arithmetic_rows(20))
+    return ["train", str(_config(ws, model, "ddir", data)), "--set", f"output_dir={data.parent}", "--overwrite"]
+
+
+def _overwrite_data_parent(ws: Path, model: Path) -> list[str]:
+    data = write_jsonl(ws / "nested" / "deeper" / "rows.jsonl", arithmetic_rows(20))
+    return ["train", str(_config(ws, model, "dpar", data)), "--set", f"output_dir={ws / 'nested'}", "--overwrite"]
+
+
+def _finished_run(ws: Path) -> Path:
+    """A finished run (built once), whose manifest records the adapter's sizes and sha256 like train does."""
+    from run_fixture import make_run
+
+    from qlora_kit import rundir
+    from qlora_kit.checkpoint import file_hashes
+
+    root = ws / "finished"
+    if not (root / "run").exists():
+        run = make_run(root, "llama")
+        manifest = json.loads((run / rundir.MANIFEST).read_text())
+        manifest[rundir.ADAPTER_FILES] = file_hashes(run / rundir.ADAPTER)
+        (run / rundir.MANIFEST).write_text(json.dumps(manifest))
+    return root / "run"
+
+
+def _damaged_run(damage: str, command: str) -> Callable[[Path, Path], list[str]]:
+    def make(ws: Path, model: Path) -> list[str]:
+        run = ws / f"damaged-{damage}-{command}"
+        if not run.exists():
+            shutil.copytree(_finished_run(ws), run)
+            weights = run / "adapter" / "adapter_model.safetensors"
+            if damage == "manifest":
+                (run / "manifest.json").write_bytes(b"\x00\xff{not json")
+            elif damage == "truncated adapter":
+                weights.write_bytes(weights.read_bytes()[:-100])
+            elif damage == "flipped byte":  # header intact: only the sha256 can tell
+                data = bytearray(weights.read_bytes())
+                data[-5] ^= 0xFF
+                weights.write_bytes(bytes(data))
+        if command == "export":
+            return ["export", str(run), "--out", str(ws / f"exp-{damage}")]
+        return ["generate", str(run), "hello"]
+    return make
+
+
 def _data_file(name: str, text: str) -> Callable[[Path, Path], list[str]]:
     def make(ws: Path, model: Path) -> list[str]:
         (ws / name).write_text(text)
@@ -95,6 +173,53 @@ CASES: dict[str, tuple[Callable[[Path, Path], list[str]], list[str]]] = {
         ["all 20 rows were truncated to zero trainable tokens"]),
     "export of a missing run": (lambda ws, m: ["export", str(ws / "norun"), "--out", str(ws / "exp")],
                                 ["norun"]),
+    # issue 9: inputs that used to hang, exhaust memory or end in a traceback
+    "yaml alias bomb in lora.target_modules": (_yaml_file("bomb", ALIAS_BOMB + "lora: {target_modules: *i}\n"),
+                                               ["expands to more than 20,000 values"]),
+    "yaml alias bomb as train.max_steps (plan)": (
+        _yaml_file("bomb2", ALIAS_BOMB.replace("train", "t"), "plan"), ["expands to more than 20,000 values"]),
+    "yaml nested 100k deep": (_yaml_file("deep", "x: " + "[" * 100_000 + "]" * 100_000 + "\n"),
+                              ["nests deeper than 32 levels"]),
+    "recursive yaml alias": (_yaml_file("recursive", "x: &r [*r]\n"), ["recursive YAML alias"]),
+    "seed beyond 2**32": (lambda ws, m: ["train", str(_config(ws, m, "seed")), "--set",
+                                         "train.seed=99999999999999999999999"],
+                          ["train.seed", "less than or equal to 4294967295"]),
+    "integer of 5000 digits": (lambda ws, m: ["train", str(_config(ws, m, "digits")), "--set",
+                                              "train.max_steps=" + "9" * 5000], ["more than 4300 digits"]),
+    "huge value echoed in an error": (lambda ws, m: ["train", str(_config(ws, m, "echo")), "--set",
+                                                     "lora.target_modules=" + "x" * 200_000],
+                                      ["lora.target_modules", "xxx..."]),
+    "infinite num_epochs": (lambda ws, m: ["train", str(_config(ws, m, "inf")), "--set", "train.num_epochs=.inf"],
+                            ["train.num_epochs", "finite number"]),
+    "plan --gpu-memory nan": (lambda ws, m: ["plan", str(_config(ws, m, "pn")), "--gpu-memory", "nan"],
+                              ["--gpu-memory must be a positive number of GiB, got nan"]),
+    "plan --gpu-memory inf": (lambda ws, m: ["plan", str(_config(ws, m, "pi")), "--gpu-memory", "inf"],
+                              ["--gpu-memory must be a positive number of GiB, got inf"]),
+    "100k-deep JSON in a data row": (
+        _data_file("deep.jsonl", json.dumps(arithmetic_rows(1)[0]) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n"),
+        ["line 2 nests JSON too deeply"]),
+    "pickle-only pytorch_model.bin base": (_pickle_only_base, ["only pickle weights (pytorch_model.bin)",
+                                                               "does not unpickle"]),
+    "dangling symlink as output_dir": (_dangling_output, ["is a symlink to", "which does not exist"]),
+    "output_dir=/ --overwrite": (lambda ws, m: ["train", str(_config(ws, m, "root")), "--set", "output_dir=/",
+                                                "--overwrite"], ["is the filesystem root"]),
+    "output_dir=~/ --overwrite": (lambda ws, m: ["train", str(_config(ws, m, "home")), "--set", "output_dir=~/",
+                                                "--overwrite"], ["is your home directory"]),
+    "--overwrite onto the data's directory": (_overwrite_data_dir, ["--overwrite would move", "the data file"]),
+    "--overwrite onto a parent of the data": (_overwrite_data_parent, ["--overwrite would move", "the data file"]),
+    "--overwrite onto the current directory": (
+        lambda ws, m: ["train", str(_config(ws, m, "cwd")), "--set", f"output_dir={Path.cwd()}", "--overwrite"],
+        ["holds the current directory"]),
+    "export of a run with a damaged manifest": (_damaged_run("manifest", "export"), ["manifest.json is damaged"]),
+    "generate on a run with a damaged manifest": (_damaged_run("manifest", "generate"), ["manifest.json is damaged"]),
+    "export of a run with a truncated adapter": (_damaged_run("truncated adapter", "export"),
+                                                 ["adapter", "is damaged", "truncated"]),
+    "generate on a run with a truncated adapter": (_damaged_run("truncated adapter", "generate"),
+                                                   ["adapter", "is damaged", "truncated"]),
+    "export of a run whose adapter changed on disk": (_damaged_run("flipped byte", "export"),
+                                                      ["does not match its sha256"]),
+    "generate on a run whose adapter changed on disk": (_damaged_run("flipped byte", "generate"),
+                                                        ["does not match its sha256"]),
 }
 
 
@@ -114,6 +239,7 @@ def test_bad_input_gives_one_clear_line(case: str, workspace: Path, tiny_llama: 
     assert len(error_line) < 400
     after = sorted(p.name for p in workspace.iterdir())
     assert not [name for name in after if name.startswith("out-") and name not in before], "left an output dir"
+    assert not [name for name in after if name.endswith(".lock") and name not in before], "left a lock file"
 
 
 def test_cuda_oom_names_the_knobs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

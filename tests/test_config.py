@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from qlora_kit.config import dump_config, load_config, parse_override, validate
+from qlora_kit.config import dump_config, load_config, parse_override, read_yaml, validate
 from qlora_kit.errors import ConfigError
 
 
@@ -105,3 +106,43 @@ def test_dump_round_trips_with_origins(tmp_path: Path) -> None:
     assert "# default" in text and "# override --set" in text
     assert validate(yaml.safe_load(text)) == cfg
     assert validate(yaml.safe_load(text)).model.chat_template == template
+
+
+BOMB = "".join(f"{n}: &{n} [" + ", ".join([f"*{p}"] * 9 if p else ["x"] * 9) + "]\n"
+               for p, n in zip([None, *"abcdefgh"], "abcdefghi"))
+
+
+@pytest.mark.parametrize("text, message", [
+    (BOMB + "train: {max_steps: *i}\n", "expands to more than 20,000 values"),
+    ("x: " + "[" * 100_000 + "]" * 100_000 + "\n", "nests deeper than 32 levels"),
+    ("a: &a [1, 2]\n" + "".join(f"l{i}: &l{i} [*{'a' if i == 0 else f'l{i - 1}'}]\n" for i in range(40)),
+     "nests deeper than 32 levels once its aliases are expanded"),
+    ("x: &r [*r]\n", "recursive YAML alias"),
+    ("x: '" + "y" * (1024**2 + 10) + "'\n", "larger than 1024 KiB"),
+])
+def test_unbounded_yaml_is_refused_at_once(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=message) as err:
+        read_yaml(path)
+    assert time.perf_counter() - start < 0.5
+    assert len(str(err.value)) < 400
+
+
+def test_small_yaml_aliases_still_work(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("common: &c [q_proj, v_proj]\nmodel: {name_or_path: m}\ndata: {path: d}\noutput_dir: o\n"
+                    "lora: {target_modules: *c}\n")
+    raw = read_yaml(path)
+    raw.pop("common")
+    assert validate(raw).lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_error_messages_never_echo_unbounded_input() -> None:
+    raw = {"model": {"name_or_path": "m"}, "data": {"path": "d"}, "output_dir": "o",
+           "lora": {"target_modules": "z" * 1_000_000}, "train": {"seed": 10**30, "max_steps": [[1] * 1000] * 1000},
+           "k" * 100_000: 1}
+    with pytest.raises(ConfigError) as err:
+        validate(raw)
+    assert len(str(err.value)) < 2000, str(err.value)[:3000]

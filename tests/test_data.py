@@ -234,7 +234,7 @@ def test_template_without_end_of_turn_marker_warns(tmp_path, tok, caplog):
 
 def test_slow_tokenizer_path_matches_offsets(tok):
     job = D._Job(1, *D.ChatSpans(tok).locate(MULTI_TURN, (2, 4)))
-    [(fast_ids, fast_labels)] = D.token_labels_fast([job], tok)
+    [(fast_ids, fast_labels, _ends)] = D.token_labels_fast([job], tok)
     assert D.token_labels_slow(job, tok) == (fast_ids, fast_labels)
 
 
@@ -532,6 +532,65 @@ def test_large_input_tokenises_quickly(tmp_path, tok):
 
 
 # --------------------------------------------------------------------------- plan_batches and collate
+
+
+def _long_rows(n: int, chars: int, prompt_chars: int = 40) -> list[dict[str, Any]]:
+    words = "the quick brown fox jumps over the lazy dog while numbers 12345 and symbols ;:- pass by".split()
+    rows = []
+    for i in range(n):
+        text = " ".join(words[(i + k) % len(words)] for k in range(chars // 4))[:chars]
+        rows.append({"messages": chat(("user", f"question {i}: " + text[:prompt_chars]), ("assistant", text))})
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["messages", "text"])
+def test_cutting_rows_before_tokenising_changes_no_sample(tmp_path, tok, monkeypatch, fmt):
+    """The character cap is invisible: the same samples (and audit) as tokenising whole rows."""
+    rows = arithmetic_rows(20) + _long_rows(12, 6000) + _long_rows(4, 1500) + _long_rows(3, 9000, prompt_chars=5000)
+    if fmt == "text":
+        rows = [{"text": r["messages"][0]["content"] + " " + r["messages"][1]["content"]} for r in rows]
+    capped = build(tmp_path / "a", rows, tok, max_length=64, train_on_inputs=fmt == "text")
+    monkeypatch.setattr(D, "MAX_CHARS_PER_TOKEN", 10**9)
+    whole = build(tmp_path / "b", rows, tok, max_length=64, train_on_inputs=fmt == "text")
+    assert capped.train == whole.train and len(capped.train) >= 32
+    drop_source = lambda summary: {k: v for k, v in summary.to_json().items() if k != "source"}  # noqa: E731
+    assert drop_source(capped.summary) == drop_source(whole.summary)
+    assert capped.summary.truncated >= 15
+
+
+def test_megabyte_rows_are_not_tokenised_whole(tmp_path, tok, monkeypatch):
+    """Five 1 MB rows used to take 37 s and 3.4 GB: the tokenizer now sees at most the cap per row."""
+    seen: list[int] = []
+    real = D.encode_with_offsets
+    monkeypatch.setattr(D, "encode_with_offsets", lambda t, texts: seen.extend(map(len, texts)) or real(t, texts))
+    rows = arithmetic_rows(10) + _long_rows(5, 1_000_000)
+    start = time.perf_counter()
+    bundle = build(tmp_path, rows, tok, max_length=128)
+    took = time.perf_counter() - start
+    assert max(seen) <= D.MAX_CHARS_PER_TOKEN * 128 + D.CUT_MARGIN_CHARS
+    assert bundle.summary.truncated == 5 and len(bundle.train) == 15
+    assert all(len(s["input_ids"]) <= 128 for s in bundle.train)
+    assert took < 30, f"{took:.1f} s"
+
+
+def test_a_row_of_very_long_tokens_falls_back_to_whole_row(tmp_path, tok, monkeypatch):
+    """When the cut would land within max_length tokens, the whole row is tokenised (exact labels)."""
+    monkeypatch.setattr(D, "MAX_CHARS_PER_TOKEN", 1)  # force the cut to land too early
+    monkeypatch.setattr(D, "CUT_MARGIN_CHARS", 0)
+    rows = _long_rows(3, 3000)
+    capped = build(tmp_path / "a", rows, tok, max_length=64)
+    monkeypatch.setattr(D, "MAX_CHARS_PER_TOKEN", 10**9)
+    assert capped.train == build(tmp_path / "b", rows, tok, max_length=64).train
+
+
+def test_deeply_nested_json_row_is_a_data_error(tmp_path, tok):
+    path = tmp_path / "deep.jsonl"
+    path.write_text(json.dumps(arithmetic_rows(1)[0]) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match="line 2 nests JSON too deeply"):
+        D.build_data(DataConfig(path=str(path), val_fraction=0.0), tok, 64, 0)
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="nests JSON too deeply"):
+        D.build_data(DataConfig(path=str(tmp_path / "deep.json"), val_fraction=0.0), tok, 64, 0)
 
 
 @pytest.mark.parametrize("packing", [False, True])

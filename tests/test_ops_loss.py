@@ -134,14 +134,16 @@ def test_check_catches_a_logit_transform_the_fused_path_does_not_know(tiny_llama
 def test_training_falls_back_to_full_logits_when_the_check_fails(tmp_path, tiny_llama, monkeypatch, caplog) -> None:
     from qlora_kit.config import load_config
     from qlora_kit.ops import loss as loss_module
-    from qlora_kit.train import dump_config, prepare_output_dir, setup
+    from qlora_kit.outdir import Start
+    from qlora_kit.train import begin, dump_config, setup
 
     monkeypatch.setattr(loss_module, "check_fused_loss", lambda model, batch: False)
     data = write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(20))
     cfg, sources = load_config(write_config(tmp_path / "c.yaml", tiny_llama, data, tmp_path / "out"))
-    prepare_output_dir(tmp_path / "out", resume=False, overwrite=False)
+    start = Start(tmp_path / "out", "fresh")
     with caplog.at_level("WARNING", logger="qlora_kit"):
-        run = setup(cfg, dump_config(cfg, sources), tmp_path / "out", None, skip_memory_check=True)
+        run = setup(cfg, dump_config(cfg, sources), tmp_path / "out", start, skip_memory_check=True)
+    begin(run, start)
     assert run.cfg.train.fused_loss is False and run.manifest["memory"]["fused_loss"] is False
     assert "full-logits loss instead" in caplog.text
 

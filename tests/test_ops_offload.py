@@ -73,15 +73,17 @@ def test_checkpoint_function_offloads_only_the_layer_input(one_thread) -> None:
 def test_offload_true_on_cpu_is_a_logged_no_op(tmp_path: Path, tiny_llama: Path, caplog) -> None:
     from qlora_kit.config import load_config
     from qlora_kit.signals import StopRequest
-    from qlora_kit.train import dump_config, prepare_output_dir, setup, train
+    from qlora_kit.outdir import Start
+    from qlora_kit.train import begin, dump_config, setup, train
 
     data = write_jsonl(tmp_path / "data.jsonl", arithmetic_rows(24))
     cfg_path = write_config(tmp_path / "cfg.yaml", tiny_llama, data, tmp_path / "out",
                             train={"activation_offload": True, "max_steps": 2, "save_steps": 2})
     cfg, sources = load_config(cfg_path)
-    prepare_output_dir(Path(cfg.output_dir), resume=False, overwrite=False)
+    start = Start(Path(cfg.output_dir), "fresh")
     with caplog.at_level(logging.INFO, logger="qlora_kit"):
-        run = setup(cfg, dump_config(cfg, sources), Path(cfg.output_dir), None, skip_memory_check=True)
+        run = setup(cfg, dump_config(cfg, sources), Path(cfg.output_dir), start, skip_memory_check=True)
+        begin(run, start)
         with StopRequest() as stop:
             train(run, stop)
     assert "activation_offload: nothing to do on CPU" in caplog.text

@@ -111,16 +111,17 @@ def _overflow_first_backward(run) -> None:
 def _run(tmp_path: Path, model: Path, out: str, resume_from: Path | None = None, before_train=None, **train):
     from qlora_kit.config import load_config
     from qlora_kit.signals import StopRequest
-    from qlora_kit.train import dump_config, prepare_output_dir, setup
+    from qlora_kit.outdir import Start
+    from qlora_kit.train import begin, dump_config, setup
     from qlora_kit.train import train as train_loop
 
     data = write_jsonl(tmp_path / "data.jsonl", arithmetic_rows(40))
     cfg_path = write_config(tmp_path / f"{out}.yaml", model, data, tmp_path / out,
                             train={"max_steps": 4, "save_steps": 2, "gradient_accumulation_steps": 2, **train})
     cfg, sources = load_config(cfg_path)
-    if resume_from is None:
-        prepare_output_dir(Path(cfg.output_dir), resume=False, overwrite=False)
-    run = setup(cfg, dump_config(cfg, sources), Path(cfg.output_dir), resume_from, skip_memory_check=True)
+    start = Start(Path(cfg.output_dir), "fresh" if resume_from is None else "resume", resume_from)
+    run = setup(cfg, dump_config(cfg, sources), Path(cfg.output_dir), start, skip_memory_check=True)
+    begin(run, start)
     if before_train is not None:
         before_train(run)
     with StopRequest() as stop:

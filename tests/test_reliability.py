@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import arithmetic_rows, run_cli, write_config, write_jsonl
+from conftest import RESUME_TRAIN as TRAIN
+from conftest import (
+    arithmetic_rows,
+    assert_same_result,
+    metrics_of,
+    reseal_checkpoint,
+    run_cli,
+    snapshot,
+    wait_for_step,
+    write_config,
+    write_jsonl,
+)
 from safetensors.torch import load_file
 
 from qlora_kit import train as qtrain
@@ -20,57 +31,13 @@ from qlora_kit.checkpoint import list_checkpoints
 from qlora_kit.errors import EXIT_PREEMPTED, NonFiniteLossError, Preempted
 from qlora_kit.signals import StopRequest
 
-TRAIN = {"max_steps": 16, "save_steps": 4, "logging_steps": 1, "save_total_limit": 10, "learning_rate": 5e-3,
-         "optimizer": "paged_adamw_8bit", "gradient_accumulation_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "data.jsonl", arithmetic_rows(48))
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, data_file: Path) -> Path:
-    """An uninterrupted run every interrupted one must reproduce exactly."""
-    root = tmp_path_factory.mktemp("ref")
-    cfg = write_config(root / "cfg.yaml", tiny_llama, data_file, root / "run", train=TRAIN,
-                       lora={"dropout": 0.1})
-    proc = run_cli("train", str(cfg))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "run"
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_second"}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _assert_same_result(run: Path, reference: Path) -> None:
-    a = load_file(reference / "adapter/adapter_model.safetensors")
-    b = load_file(run / "adapter/adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= 1e-6, f"resumed adapter differs from the uninterrupted one by {worst}"
-    assert _metrics(run) == _metrics(reference), "losses / learning rates differ from the uninterrupted run"
-
-
-def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        metrics = run / "metrics.jsonl"
-        if metrics.exists() and sum(1 for line in metrics.read_text().splitlines() if '"loss"' in line) >= step:
-            return
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        time.sleep(0.05)
-    raise AssertionError("training did not reach the step in time")
-
 
 def test_sigterm_then_resume_is_exact(tmp_path: Path, tiny_llama: Path, data_file: Path, reference_run: Path) -> None:
     cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, tmp_path / "run", train=TRAIN,
                        lora={"dropout": 0.1})
     proc = subprocess.Popen([sys.executable, "-m", "qlora_kit.cli", "train", str(cfg)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    _wait_for_step(tmp_path / "run", 5, proc)
+    wait_for_step(tmp_path / "run", 5, proc)
     proc.send_signal(signal.SIGTERM)
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
@@ -83,7 +50,7 @@ def test_sigterm_then_resume_is_exact(tmp_path: Path, tiny_llama: Path, data_fil
     resumed = run_cli("train", str(cfg), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from checkpoint-{saved}" in resumed.stderr
-    _assert_same_result(tmp_path / "run", reference_run)
+    assert_same_result(tmp_path / "run", reference_run)
     adapter_config = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
     assert adapter_config["r"] == 8  # one adapter, not two stacked
     keys = load_file(tmp_path / "run/adapter/adapter_model.safetensors").keys()
@@ -120,35 +87,46 @@ def test_kill9_during_checkpoint_write(tmp_path: Path, tiny_llama: Path, data_fi
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from checkpoint-4" in resumed.stderr and "removed incomplete checkpoint" in resumed.stderr
     assert not any(p.name.startswith(".tmp-") for p in run.iterdir())
-    _assert_same_result(run, reference_run)
+    assert_same_result(run, reference_run)
 
 
 def test_resume_refuses_changed_config_and_data(tmp_path: Path, tiny_llama: Path, reference_run: Path,
                                                 data_file: Path) -> None:
+    """A refused resume changes nothing in the run directory (not heldout.jsonl, data_summary.json, config.yaml)."""
     run = tmp_path / "run"
     subprocess.run(["cp", "-r", str(reference_run), str(run)], check=True)
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "preempted"}))
+    shutil.rmtree(run / "adapter")
+    before = snapshot(run)
     cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, run, train=TRAIN, lora={"dropout": 0.1})
     proc = run_cli("train", str(cfg), "--resume", "--set", "lora.r=4", "--set", "train.seed=1")
     assert proc.returncode == 2
     assert "lora.r: 8 -> 4" in proc.stderr and "train.seed: 0 -> 1" in proc.stderr
+    assert snapshot(run) == before
 
     other = write_jsonl(tmp_path / "other.jsonl", arithmetic_rows(48, seed=5))
     proc = run_cli("train", str(cfg), "--resume", "--set", f"data.path={other}")
     assert proc.returncode == 2 and "data.path" in proc.stderr
+    assert snapshot(run) == before
 
     changed = write_jsonl(tmp_path / "changed.jsonl", arithmetic_rows(48, seed=5))
     cfg2 = write_config(tmp_path / "cfg2.yaml", tiny_llama, changed, run, train=TRAIN, lora={"dropout": 0.1})
-    cfg_text = (run / "checkpoint-16/config.yaml").read_text().replace(str(data_file), str(changed))
-    (run / "checkpoint-16/config.yaml").write_text(cfg_text)
+    for checkpoint in run.glob("checkpoint-*"):  # as if the run had been trained on changed.jsonl's path
+        text = (checkpoint / "config.yaml").read_text().replace(str(data_file), str(changed))
+        (checkpoint / "config.yaml").write_text(text)
+        reseal_checkpoint(checkpoint)
+    before = snapshot(run)
     proc = run_cli("train", str(cfg2), "--resume")
-    assert proc.returncode == 2 and "data file changed" in proc.stderr
+    assert proc.returncode == 2 and "data file changed" in proc.stderr, proc.stderr[-2000:]
+    assert snapshot(run) == before, "a refused resume must not rewrite heldout.jsonl, data_summary.json, ..."
 
 
 def _poison(monkeypatch: pytest.MonkeyPatch, at_step: int, corrupt_weights: bool) -> None:
     real = qtrain.train_step
 
-    def step(run, batches):
-        loss, norm = real(run, batches)
+    def step(run, *args):
+        loss, norm = real(run, *args)
         if run.step + 1 == at_step:
             if corrupt_weights:
                 with torch.no_grad():
@@ -182,7 +160,7 @@ def test_nonfinite_skip_mode(tmp_path: Path, tiny_llama: Path, data_file: Path,
     cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, tmp_path / "run",
                        train={**TRAIN, "max_steps": 5, "on_nonfinite": "skip"})
     assert qtrain.run_training(cfg, []) == 0
-    records = _metrics(tmp_path / "run")
+    records = metrics_of(tmp_path / "run")
     assert records[-1].get("skipped_steps") == 1 or any(r.get("skipped_steps") == 1 for r in records)
     adapter = load_file(tmp_path / "run/adapter/adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in adapter.values())
@@ -208,7 +186,7 @@ def test_stop_signal_during_evaluation(tmp_path: Path, tiny_llama: Path, data_fi
     with pytest.raises(Preempted, match="stopped by SIGTERM at step 2"):
         qtrain.run_training(cfg, [])
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
-    assert not any("eval_loss" in r for r in _metrics(tmp_path / "run"))
+    assert not any("eval_loss" in r for r in metrics_of(tmp_path / "run"))
 
 
 def test_second_sigint_aborts() -> None:

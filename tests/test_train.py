@@ -12,16 +12,19 @@ from conftest import arithmetic_rows, gpu, run_cli, write_config, write_jsonl
 from safetensors.torch import load_file
 
 from qlora_kit.config import load_config
+from qlora_kit.outdir import Start
 from qlora_kit.signals import StopRequest
-from qlora_kit.train import dump_config, prepare_output_dir, setup, train
+from qlora_kit.train import begin, dump_config, setup, train
 
 
 def _setup_run(tmp_path: Path, model: Path, **sections):
     data = write_jsonl(tmp_path / "data.jsonl", arithmetic_rows(48))
     cfg_path = write_config(tmp_path / "cfg.yaml", model, data, tmp_path / "out", **sections)
     cfg, sources = load_config(cfg_path)
-    prepare_output_dir(Path(cfg.output_dir), resume=False, overwrite=False)
-    return setup(cfg, dump_config(cfg, sources), Path(cfg.output_dir), None, skip_memory_check=True)
+    start = Start(Path(cfg.output_dir), "fresh")
+    run = setup(cfg, dump_config(cfg, sources), Path(cfg.output_dir), start, skip_memory_check=True)
+    begin(run, start)
+    return run
 
 
 @pytest.mark.parametrize("arch, expected", [
