@@ -7,8 +7,6 @@ shows the traceback instead.
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -16,6 +14,7 @@ from typing import Callable, Optional
 import typer
 
 from qlora_kit.errors import EXIT_OOM, QloraKitError
+from qlora_kit.logs import echo, flush_streams, setup_logging
 
 app = typer.Typer(
     add_completion=False,
@@ -31,32 +30,6 @@ OOM_HINT = (
 )
 
 
-def _setup_logging(debug: bool) -> None:
-    from rich.console import Console
-    from rich.logging import RichHandler
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    level = logging.DEBUG if debug else logging.INFO
-    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False, markup=False,
-                          rich_tracebacks=False)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
-    logging.getLogger("qlora_kit").setLevel(level)
-    if not debug:
-        for noisy in ("transformers", "bitsandbytes", "peft", "accelerate", "datasets", "httpx", "huggingface_hub"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
-        except ImportError:
-            pass
-        import warnings
-
-        warnings.filterwarnings("ignore", category=UserWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-
-
 def _run(fn: Callable[[], int | None]) -> None:
     """Run a command body, turning known failures into one-line messages and exit codes."""
     try:
@@ -64,17 +37,17 @@ def _run(fn: Callable[[], int | None]) -> None:
     except QloraKitError as exc:
         if _DEBUG["on"]:
             raise
-        typer.echo(f"error: {exc.message}", err=True)
+        echo(f"error: {exc.message}")
         if exc.hint:
-            typer.echo(f"fix: {exc.hint}", err=True)
+            echo(f"fix: {exc.hint}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        typer.echo("aborted.", err=True)
+        echo("aborted.")
         raise typer.Exit(130) from None
     except Exception as exc:
         if _is_cuda_oom(exc) and not _DEBUG["on"]:
-            typer.echo(f"error: CUDA out of memory: {str(exc).splitlines()[0]}", err=True)
-            typer.echo(f"fix: {OOM_HINT}", err=True)
+            echo(f"error: CUDA out of memory: {str(exc).splitlines()[0]}")
+            echo(f"fix: {OOM_HINT}")
             raise typer.Exit(EXIT_OOM) from None
         raise
     raise typer.Exit(code or 0)
@@ -86,10 +59,31 @@ def _is_cuda_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(exc)
 
 
+def version() -> str:
+    """The installed qlora-kit version ("unknown" when running from a source tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("qlora-kit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        echo(f"qlora-kit {version()}", err=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and library logs.")) -> None:
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and library logs."),
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                  help="Print the version and exit."),
+) -> None:
     _DEBUG["on"] = debug
-    _setup_logging(debug)
+    setup_logging(debug)
 
 
 @app.command()
@@ -139,7 +133,7 @@ def export(
 
 @app.command()
 def generate(
-    path: Path = typer.Argument(..., help="A run directory (NF4 + adapter) or an exported model directory."),
+    path: Path = typer.Argument(..., help="A run directory (NF4 + adapter), an exported model directory, or a .gguf file."),
     prompt: str = typer.Argument(..., help="User message."),
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
@@ -157,7 +151,7 @@ def generate(
 
 @app.command()
 def chat(
-    path: Path = typer.Argument(..., help="A run directory (NF4 + adapter) or an exported model directory."),
+    path: Path = typer.Argument(..., help="A run directory (NF4 + adapter), an exported model directory, or a .gguf file."),
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
@@ -217,8 +211,11 @@ def demo(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="qlora-kit")
+    """Console-script entry point; a closed stdout/stderr never changes the exit status."""
+    try:
+        app(prog_name="qlora-kit")
+    finally:
+        flush_streams()
 
 
 if __name__ == "__main__":

@@ -866,11 +866,15 @@ def write_readme(run: RunInfo, staging: Path, report: dict[str, Any]) -> None:
     metrics = man.get("final_metrics") or {}
     ver = report.get("verification", {})
     summary = _data_summary(run.run_dir)
+    from qlora_kit.model import base_model_id
+
+    base_name = man.get("base", {}).get("name_or_path", cfg.model.name_or_path)
     lines = [
-        "---", f"base_model: {man.get('base', {}).get('name_or_path', cfg.model.name_or_path)}",
+        "---", f"base_model: {base_model_id(base_name)}",
         "library_name: transformers", "tags: [qlora, lora, qlora-kit]", "---", "",
         f"# {Path(report['export_dir']).name}", "",
-        f"Fine-tuned from `{man.get('base', {}).get('name_or_path', cfg.model.name_or_path)}` with QLoRA "
+        f"Fine-tuned from `{base_model_id(base_name)}` (model.name_or_path `{base_name}`, loaded from "
+        f"`{man.get('base', {}).get('source_dir', run.source_dir)}` on the training machine) with QLoRA "
         f"(4-bit {run.quant.get('quant_type')} base, double quant {run.quant.get('double_quant')}, "
         f"blocksize {run.quant.get('blocksize')}) and merged by qlora-kit {report['qlora_kit_version']} into a "
         f"plain `{report['dtype']}` checkpoint.", "",

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from qlora_kit import checkpoint as ckpt
-from qlora_kit import rundir
-from qlora_kit.config import Config, dump_config, load_config, read_yaml, validate
+from qlora_kit import logs, rundir
+from qlora_kit.config import Config, attribute_origin, dump_config, load_config, read_yaml, validate
 from qlora_kit.errors import ConfigError, NonFiniteLossError, OutOfMemoryError, OutputError, Preempted
 from qlora_kit.manifest import device_info, now_iso, package_versions, write_manifest
 from qlora_kit.metrics import MetricsLog, plot_loss
@@ -78,6 +78,7 @@ class Run:
     last_save_step: int = -1
     last_train_loss: float | None = None
     last_eval_loss: float | None = None
+    window: "_Window" = field(default_factory=lambda: _Window())  # loss/tokens since the last log line
     nonfinite: torch.Tensor | None = None  # device flag: any non-finite step so far (stop mode)
     first_bad_step: torch.Tensor | None = None
     params: list[torch.nn.Parameter] = field(default_factory=list)
@@ -97,14 +98,25 @@ def run_training(
     cfg, sources = load_config(config_path, overrides)
     out = Path(cfg.output_dir).expanduser()
     resume_from = prepare_output_dir(out, resume=resume, overwrite=overwrite)
+    command = " ".join(["qlora-kit train", str(config_path), *(f"--set {o}" for o in overrides)]
+                       + (["--resume"] if resume else []))
+    with logs.run_log(out / rundir.TRAIN_LOG, f"{command} (qlora-kit {package_versions().get('qlora-kit')})"):
+        return _run_logged(cfg, sources, out, resume_from, skip_memory_check)
+
+
+def _run_logged(cfg: Config, sources: dict[str, str], out: Path, resume_from: Path | None,
+                skip_memory_check: bool) -> int:
+    """The body of ``run_training`` once the output directory is ready and its log file open."""
+    warn_if_validation_elsewhere(cfg, sources)
     if resume_from is not None:
         check_resume_compatible(resume_from, cfg)
     previous = ckpt.read_json(out / rundir.MANIFEST) if resume_from is not None else {}
     try:
         run = setup(cfg, dump_config(cfg, sources), out, resume_from, skip_memory_check)
-    except BaseException:
+    except BaseException as exc:
         if resume_from is None:  # a fresh run that never started leaves nothing behind
             shutil.rmtree(out, ignore_errors=True)
+        attribute_origin(exc, sources)
         raise
     if run.step >= run.total_steps and previous.get("status") == "completed" and (out / rundir.ADAPTER).is_dir():
         write_manifest(out / rundir.MANIFEST, previous)  # nothing to do: keep the finished run as it was
@@ -141,6 +153,7 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
         raise ConfigError("--resume and --overwrite contradict each other", "pass only one of them")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output_dir {out} exists and is a file", "choose another output_dir")
+    check_writable(out)
     has_files = out.is_dir() and any(out.iterdir())
     if resume:
         if not has_files:
@@ -168,6 +181,37 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
         log.warning("--overwrite: moved the existing %s aside to %s (delete it when no longer needed)", out, aside)
     out.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an output_dir this user cannot write (e.g. a root-owned bind mount in a container).
+
+    Raises:
+        OutputError: ``out``, or the folder it would be created in, is not writable.
+    """
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if os.access(where, os.W_OK | os.X_OK):
+        return
+    whom = f"uid {os.getuid()}" if hasattr(os, "getuid") else "this user"
+    raise OutputError(
+        f"output_dir {out} is not writable by {whom} ({where} is not)",
+        "choose a writable output_dir or fix the folder's owner/permissions; in docker, run as the owner of the "
+        "mounted folder: docker run --user $(id -u):$(id -g) ...",
+    )
+
+
+def warn_if_validation_elsewhere(cfg: Config, sources: dict[str, str]) -> None:
+    """Say when validation rows come from another file than ``data.path`` (a leftover ``val_path`` is easy to miss).
+
+    They feed the eval loss, the held-out prompts the export is checked on and the model card.
+    """
+    if cfg.data.val_path is None or Path(cfg.data.val_path).expanduser() == Path(cfg.data.path).expanduser():
+        return
+    log.warning("validation rows come from data.val_path %s (%s), not from data.path %s: eval loss, the export "
+                "check and the model card use them; `--set data.val_path=null` splits data.path instead",
+                cfg.data.val_path, sources.get("data.val_path", "config"), cfg.data.path)
 
 
 def check_resume_compatible(checkpoint_dir: Path, cfg: Config) -> None:
@@ -364,6 +408,7 @@ def _restore(run: Run, resume_from: Path) -> None:
     run.skipped_steps = state.get("skipped_steps", 0)
     run.last_save_step = run.step
     run.last_eval_step = state.get("last_eval_step", -1)
+    run.window = _Window.from_state(state.get("log_window"), run.device)
     run.metrics.truncate_after(run.step)
     log.info("resumed from %s: step %d of %d", resume_from.name, run.step, run.total_steps)
 
@@ -409,7 +454,7 @@ def train(run: Run, stop: StopRequest) -> None:
     eval_every = cfg.eval_steps or cfg.save_steps
     stream = micro_batches_from(run.cfg, run.data, run.micro_index)
     pad_id = run.tokenizer.pad_token_id
-    window = _Window()
+    window = run.window
     progress = _Progress(run.total_steps, run.step)
     log.info("training: %d optimizer steps x %d micro-batches of %d (max_length %d) on %s",
              run.total_steps - run.step, cfg.gradient_accumulation_steps, cfg.micro_batch_size, cfg.max_length,
@@ -430,6 +475,7 @@ def train(run: Run, stop: StopRequest) -> None:
             run.optimizer.zero_grad(set_to_none=True)
             run.scheduler.step()
             run.step += 1
+            progress.advance(run.step)
             if not skipped:
                 window.add(loss, n_tokens)
             if run.step % cfg.logging_steps == 0 or run.step == run.total_steps:
@@ -502,7 +548,11 @@ def _raise_if_nonfinite(run: Run, bad: bool) -> None:
 
 @dataclass
 class _Window:
-    """Loss and throughput since the last log line (device tensors until logged)."""
+    """Loss and throughput since the last log line (device tensors until logged).
+
+    Part of the checkpoint (``to_state``): a run resumed in the middle of a logging window
+    logs the same loss at the window's end as the uninterrupted run.
+    """
 
     loss: torch.Tensor | None = None
     steps: int = 0
@@ -516,6 +566,20 @@ class _Window:
 
     def reset(self) -> None:
         self.loss, self.steps, self.tokens, self.start = None, 0, 0, time.perf_counter()
+
+    def to_state(self) -> dict[str, Any]:
+        """JSON state: the float32 loss sum is exact as a Python float (one sync, at save time)."""
+        return {"loss_sum": None if self.loss is None else float(self.loss), "steps": self.steps,
+                "tokens": self.tokens}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None, device: torch.device) -> "_Window":
+        """The window a checkpoint was saved in; an empty one for checkpoints written before it was saved."""
+        if not state:
+            return cls()
+        loss = None if state["loss_sum"] is None else torch.tensor(state["loss_sum"], dtype=torch.float32,
+                                                                   device=device)
+        return cls(loss, int(state["steps"]), int(state["tokens"]))
 
 
 def _log_step(run: Run, window: _Window, lr: float, grad_norm: torch.Tensor, progress: "_Progress") -> None:
@@ -592,6 +656,7 @@ def save(run: Run) -> Path:
         "total_steps": run.total_steps,
         "skipped_steps": run.skipped_steps,
         "last_eval_step": run.last_eval_step,
+        "log_window": run.window.to_state(),
         "data_fingerprint": run.data.fingerprint,
         "saved_at": now_iso(),
     }
@@ -658,25 +723,30 @@ def _oom_error(run: Run, exc: BaseException) -> OutOfMemoryError:
 
 
 class _Progress:
-    """A rich progress bar on a terminal; plain log lines otherwise (CI, files)."""
+    """One log line per logged step; on a terminal also a rich progress bar, drawn below the log lines
+    (they share ``logs.console()``, so neither overwrites the other)."""
 
     def __init__(self, total: int, done: int):
         self.bar = None
-        if sys.stderr.isatty():
+        console = logs.console()
+        if console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.fields[info]}"), transient=False)
+                                TextColumn("{task.fields[info]}"), console=console, transient=True)
             self.task = self.bar.add_task("train", total=total, completed=done, info="")
             self.bar.start()
 
     def update(self, step: int, record: dict[str, Any]) -> None:
         info = (f"loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
                 f"{record['tokens_per_second']:.0f} tok/s")
+        log.info("step %d  %s", step, info)
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
-        else:
-            log.info("step %d  %s", step, info)
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step)
 
     def close(self) -> None:
         if self.bar is not None:
