@@ -322,9 +322,9 @@ def _result(cfg: Any, before: float, after: float, before_examples: list[dict[st
 
 
 def _console():
-    from rich.console import Console
+    from qlora_kit.logs import stdout_console
 
-    return Console(highlight=False)
+    return stdout_console()
 
 
 def _say(text: str) -> None:

@@ -61,6 +61,11 @@ def console() -> Console:
     return _STDERR["console"]
 
 
+def stdout_console() -> Console:
+    """A console for a command's results on stdout (no highlighting), as robust as ``console()``."""
+    return _Console(highlight=False)
+
+
 class ConsoleHandler(RichHandler):
     """RichHandler on the shared console; a line that cannot be written is dropped silently."""
 
@@ -160,5 +165,5 @@ def describe_exit(exc: BaseException) -> str:
     if isinstance(exc, QloraKitError):
         return f"error: {exc.message}" + (f" | fix: {exc.hint}" if exc.hint else "")
     if isinstance(exc, KeyboardInterrupt):
-        return "aborted (second Ctrl-C)"
+        return "aborted (Ctrl-C)"
     return f"failed: {type(exc).__name__}: {exc}"

@@ -209,9 +209,10 @@ def warn_if_validation_elsewhere(cfg: Config, sources: dict[str, str]) -> None:
     """
     if cfg.data.val_path is None or Path(cfg.data.val_path).expanduser() == Path(cfg.data.path).expanduser():
         return
-    log.warning("validation rows come from data.val_path %s (%s), not from data.path %s: eval loss, the export "
-                "check and the model card use them; `--set data.val_path=null` splits data.path instead",
-                cfg.data.val_path, sources.get("data.val_path", "config"), cfg.data.path)
+    origin = sources.get("data.val_path", "config")
+    instead = "" if origin == "override --set" else "; `--set data.val_path=null` holds out rows of data.path instead"
+    log.warning("validation rows come from data.val_path %s (%s), not from data.path %s: the eval loss, the export "
+                "check and the model card use them%s", cfg.data.val_path, origin, cfg.data.path, instead)
 
 
 def check_resume_compatible(checkpoint_dir: Path, cfg: Config) -> None:
