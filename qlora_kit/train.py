@@ -607,6 +607,8 @@ def train(run: Run, stop: StopRequest) -> None:
              run.total_steps - run.step, cfg.gradient_accumulation_steps, cfg.micro_batch_size, cfg.max_length,
              run.device)
     try:
+        if _eval_pending(run, eval_every):  # resumed from a checkpoint whose evaluation a signal cut short
+            _evaluate_and_log(run, stop)
         while run.step < run.total_steps:
             if stop.requested:
                 _preempt(run, stop)
@@ -630,8 +632,21 @@ def train(run: Run, stop: StopRequest) -> None:
                 _evaluate_and_log(run, stop)
             if run.step % cfg.save_steps == 0 or run.step == run.total_steps:
                 save(run)
+        if stop.requested and _eval_pending(run, eval_every):  # the last evaluation was cut short
+            _preempt(run, stop)
     finally:
         progress.close()
+
+
+def _eval_pending(run: Run, eval_every: int) -> bool:
+    """True when this step is an evaluation step whose evaluation has not completed.
+
+    A signal during an evaluation stops it; the checkpoint of that step records the last
+    completed one (``last_eval_step``), so ``--resume`` runs it before training on and the
+    metrics equal the uninterrupted run's.
+    """
+    due = run.step % eval_every == 0 or run.step == run.total_steps
+    return bool(run.data.val) and run.step > 0 and due and run.last_eval_step < run.step
 
 
 def train_step(run: Run, batches: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from qlora_kit import logs
 from qlora_kit import train as qtrain
 from qlora_kit.checkpoint import list_checkpoints
-from qlora_kit.errors import EXIT_PREEMPTED, OutputError
+from qlora_kit.errors import EXIT_PREEMPTED, OutputError, Preempted
+from qlora_kit.signals import StopRequest
 
 TRAIN = {"max_steps": 400, "save_steps": 100, "logging_steps": 1, "learning_rate": 5e-3, "optimizer": "adamw_torch"}
 
@@ -112,6 +113,52 @@ def test_metrics_after_a_resume_inside_a_logging_window_equal_the_uninterrupted_
     a = load_file(reference / "adapter/adapter_model.safetensors")
     b = load_file(resumed / "adapter/adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+EVAL_TRAIN = {"max_steps": 8, "logging_steps": 2, "eval_steps": 4, "save_steps": 4, "save_total_limit": 5,
+              "learning_rate": 5e-3, "optimizer": "adamw_torch"}
+
+
+@pytest.fixture(scope="module")
+def eval_reference(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, data_file: Path) -> Path:
+    """An uninterrupted run with evaluations at steps 4 and 8 (one thread, as the tests that compare with it)."""
+    root = tmp_path_factory.mktemp("eval-ref")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert qtrain.run_training(write_config(root / "cfg.yaml", tiny_llama, data_file, root / "run",
+                                                train=EVAL_TRAIN), []) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root / "run"
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("cut_at", [4, 8], ids=["mid-run", "last-step"])
+def test_a_signal_during_evaluation_is_resumed_with_that_evaluation(
+        tmp_path: Path, tiny_llama: Path, data_file: Path, eval_reference: Path, monkeypatch: pytest.MonkeyPatch,
+        cut_at: int) -> None:
+    """SIGTERM while step N is being evaluated: checkpoint N, exit 75; --resume evaluates step N first."""
+    real_evaluate = qtrain.evaluate
+
+    def signal_during(run: qtrain.Run, stop: StopRequest) -> float | None:
+        if run.step == cut_at:
+            stop.signal_name = "SIGTERM"  # what StopRequest's handler does when the signal arrives
+        return real_evaluate(run, stop)
+
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, run, train=EVAL_TRAIN)
+    monkeypatch.setattr(qtrain, "evaluate", signal_during)
+    with pytest.raises(Preempted):
+        qtrain.run_training(cfg, [])
+    monkeypatch.setattr(qtrain, "evaluate", real_evaluate)
+    assert list_checkpoints(run)[-1][0] == cut_at and not (run / "adapter").exists()
+    assert not any("eval_loss" in r for r in _metrics(run) if r["step"] == cut_at)
+
+    assert qtrain.run_training(cfg, [], resume=True) == 0
+    assert _metrics(run) == _metrics(eval_reference)
+    assert json.loads((run / "manifest.json").read_text())["final_metrics"]["eval_loss"] == \
+        json.loads((eval_reference / "manifest.json").read_text())["final_metrics"]["eval_loss"]
 
 
 def test_window_state_round_trips_exactly() -> None:
