@@ -647,10 +647,11 @@ def _write_index(plan: Plan, staging: Path) -> None:
 
 @contextmanager
 def _progress(total: int, enabled: bool) -> Iterator[Any]:
-    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
+    from qlora_kit.logs import console as shared_console
+
+    console = shared_console()  # the log handler's: log lines are printed above the bar, not through it
     if not enabled or not console.is_terminal:
         yield lambda n: None
         return
@@ -940,8 +941,9 @@ def _verification_lines(ver: dict[str, Any]) -> list[str]:
 
 def print_summary(report: dict[str, Any]) -> None:
     """Terminal summary of an export (rich table)."""
-    from rich.console import Console
     from rich.table import Table
+
+    from qlora_kit.logs import console
 
     table = Table(title=f"export → {report['export_dir']}", show_header=False)
     table.add_row("merge base / dtype", f"{report['merge_base']} / {report['dtype']}")
@@ -966,7 +968,7 @@ def print_summary(report: dict[str, Any]) -> None:
         table.add_row("cost of --merge-base original", ver["cost_of_original"])
     table.add_row("verification", ver.get("status", "skipped") + (": " + "; ".join(ver["failures"])
                                                                   if ver.get("failures") else ""))
-    Console(stderr=True).print(table)
+    console().print(table)
 
 
 # --------------------------------------------------------------------------- command
