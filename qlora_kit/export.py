@@ -652,10 +652,11 @@ def _write_index(plan: Plan, staging: Path) -> None:
 
 @contextmanager
 def _progress(total: int, enabled: bool) -> Iterator[Any]:
-    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
+    from qlora_kit.logs import console as shared_console
+
+    console = shared_console()  # the log handler's: log lines are printed above the bar, not through it
     if not enabled or not console.is_terminal:
         yield lambda n: None
         return
@@ -883,11 +884,15 @@ def write_readme(run: RunInfo, staging: Path, report: dict[str, Any]) -> None:
     metrics = man.get("final_metrics") or {}
     ver = report.get("verification", {})
     summary = _data_summary(run.run_dir)
+    from qlora_kit.model import base_model_id
+
+    base_name = man.get("base", {}).get("name_or_path", cfg.model.name_or_path)
     lines = [
-        "---", f"base_model: {man.get('base', {}).get('name_or_path', cfg.model.name_or_path)}",
+        "---", f"base_model: {base_model_id(base_name)}",
         "library_name: transformers", "tags: [qlora, lora, qlora-kit]", "---", "",
         f"# {Path(report['export_dir']).name}", "",
-        f"Fine-tuned from `{man.get('base', {}).get('name_or_path', cfg.model.name_or_path)}` with QLoRA "
+        f"Fine-tuned from `{base_model_id(base_name)}` (model.name_or_path `{base_name}`, loaded from "
+        f"`{man.get('base', {}).get('source_dir', run.source_dir)}` on the training machine) with QLoRA "
         f"(4-bit {run.quant.get('quant_type')} base, double quant {run.quant.get('double_quant')}, "
         f"blocksize {run.quant.get('blocksize')}) and merged by qlora-kit {report['qlora_kit_version']} into a "
         f"plain `{report['dtype']}` checkpoint.", "",
@@ -953,8 +958,9 @@ def _verification_lines(ver: dict[str, Any]) -> list[str]:
 
 def print_summary(report: dict[str, Any]) -> None:
     """Terminal summary of an export (rich table)."""
-    from rich.console import Console
     from rich.table import Table
+
+    from qlora_kit.logs import console
 
     table = Table(title=f"export → {report['export_dir']}", show_header=False)
     table.add_row("merge base / dtype", f"{report['merge_base']} / {report['dtype']}")
@@ -979,7 +985,7 @@ def print_summary(report: dict[str, Any]) -> None:
         table.add_row("cost of --merge-base original", ver["cost_of_original"])
     table.add_row("verification", ver.get("status", "skipped") + (": " + "; ".join(ver["failures"])
                                                                   if ver.get("failures") else ""))
-    Console(stderr=True).print(table)
+    console().print(table)
 
 
 # --------------------------------------------------------------------------- command

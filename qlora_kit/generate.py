@@ -1,7 +1,8 @@
-"""`qlora-kit generate` / `qlora-kit chat`: talk to a run directory or an exported model.
+"""`qlora-kit generate` / `qlora-kit chat`: talk to a run directory, an exported model or a GGUF file.
 
 A run directory is rebuilt as NF4 base + adapter (``model.load_run_for_inference``); an
-exported directory is loaded with plain transformers.  Both go through the tokenizer's
+exported directory is loaded with plain transformers, and so is a ``.gguf`` file once
+converted into the cached HF checkpoint configs use.  Both go through the tokenizer's
 chat template, stream tokens as they are produced, and stop on the same EOS set that
 ``qlora-kit export`` writes into ``generation_config.json`` (``eos_token_ids``): the
 tokenizer's EOS, the chat template's end-of-turn token(s) and the base model's EOS ids.
@@ -78,26 +79,36 @@ class Loaded:
 
 
 def load_for_generation(path: str | Path, device: torch.device | None = None) -> Loaded:
-    """Load a run directory (NF4 + adapter) or an exported/plain HF model directory.
+    """Load a run directory (NF4 + adapter), an exported/plain HF model directory, or a ``.gguf`` file.
+
+    A GGUF file (or ``smollm2-demo``, the demo's) is converted once into the cached HF
+    checkpoint that configs use (``model.convert_gguf``) and loaded from there.
 
     Raises:
-        ModelError: ``path`` is neither a qlora-kit run nor a model directory, or the run is damaged.
+        ModelError: ``path`` is none of these, or the run is damaged.
         RunInUseError: a training run is writing ``path``.
     """
     from qlora_kit import rundir, runlock
+    from qlora_kit.demo import DEMO_MODEL, find_demo_gguf
+    from qlora_kit.model import convert_gguf
 
     p = Path(path)
+    if str(path) == DEMO_MODEL and not p.exists():
+        p = find_demo_gguf()
     if not p.exists():
-        raise ModelError(f"{p} does not exist", "pass a run directory (output_dir of `qlora-kit train`) or an export")
+        raise ModelError(f"{p} does not exist",
+                         "pass a run directory (output_dir of `qlora-kit train`), an export, or a .gguf file")
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return _load_export(convert_gguf(p), device)
     if p.is_dir() and rundir.is_run_dir(p):
         with runlock.shared(p, "generate"):  # not while a training run writes it
             return _load_run(p, device)
     if p.is_dir() and (p / "config.json").is_file():
         return _load_export(p, device)
     raise ModelError(
-        f"{p} is neither a qlora-kit run directory nor a model directory "
+        f"{p} is neither a qlora-kit run directory, a model directory nor a .gguf file "
         "(no manifest.json/config.yaml, no config.json)",
-        "pass the output_dir of `qlora-kit train`, or a directory written by `qlora-kit export`",
+        "pass the output_dir of `qlora-kit train`, a directory written by `qlora-kit export`, or a .gguf file",
     )
 
 

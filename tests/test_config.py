@@ -146,3 +146,46 @@ def test_error_messages_never_echo_unbounded_input() -> None:
     with pytest.raises(ConfigError) as err:
         validate(raw)
     assert len(str(err.value)) < 2000, str(err.value)[:3000]
+
+
+def test_override_problems_name_the_set_argument_and_the_section(tmp_path: Path) -> None:
+    path = _write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["max_steps=30"])
+    assert err.value.message == "--set max_steps=30: unknown key 'max_steps' (did you mean 'train.max_steps'?)"
+    assert err.value.hint == "--set train.max_steps=30"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["model.max_steps=3"])
+    assert "did you mean 'train.max_steps'?" in err.value.message
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.max_steps=soon"])
+    assert err.value.message.startswith("--set train.max_steps=soon: train.max_steps:")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["lora.r=-1", "max_steps=3"])
+    assert err.value.message.startswith("--set: 2 problems") and "--set lora.r=-1: lora.r" in err.value.message
+
+
+def test_file_problems_name_the_file_and_suggest_the_section(tmp_path: Path) -> None:
+    path = _write(tmp_path, MINIMAL + "max_steps: 30\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.max_steps=5"])
+    assert err.value.message == f"{path}: unknown key 'max_steps' (did you mean 'train.max_steps'?)"
+    assert str(path) in (err.value.hint or "")
+
+
+@pytest.mark.parametrize("in_file, override, said", [
+    (True, None, "it is set in {path} (edit it there"),
+    (True, "data.val_path=elsewhere.jsonl", "it was given with --set data.val_path"),
+    (False, None, "it is the default"),
+])
+def test_errors_about_a_value_say_where_it_was_set(tmp_path: Path, in_file: bool, override: str | None,
+                                                    said: str) -> None:
+    from qlora_kit.config import attribute_origin
+    from qlora_kit.errors import DataError
+
+    text = MINIMAL.replace("data: {path: data.jsonl}", "data: {path: data.jsonl, val_path: old.jsonl}")
+    path = _write(tmp_path, text if in_file else MINIMAL)
+    _, sources = load_config(path, [override] if override else [])
+    exc = DataError("data file old.jsonl does not exist", "check data.val_path", key="data.val_path")
+    attribute_origin(exc, sources)
+    assert exc.hint.startswith("check data.val_path; " + said.format(path=path))

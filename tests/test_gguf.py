@@ -43,3 +43,22 @@ def test_gguf_converts_once_and_loads_in_4bit() -> None:
 def test_missing_gguf_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(qmodel.ModelError, match="GGUF file .* not found"):
         qmodel.resolve_source(ModelConfig(name_or_path=str(tmp_path / "nope.gguf")))
+
+
+def test_smollm2_demo_shorthand_resolves_the_demo_gguf_for_train_and_plan() -> None:
+    from qlora_kit.demo import DEMO_MODEL
+    from qlora_kit.plan import read_shape
+
+    assert qmodel.resolve_source(ModelConfig(name_or_path=DEMO_MODEL)) == \
+        qmodel.resolve_source(ModelConfig(name_or_path=str(GGUF)))
+    shape = read_shape(ModelConfig(name_or_path=DEMO_MODEL))
+    assert shape == read_shape(ModelConfig(name_or_path=str(GGUF))) and shape.num_layers == 30
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_generate_accepts_a_gguf_file(capsys: pytest.CaptureFixture[str]) -> None:
+    from qlora_kit.generate import generate_once
+
+    assert generate_once(GGUF, "What is the capital of France?", max_new_tokens=8, device=torch.device("cpu")) == 0
+    assert "Paris" in capsys.readouterr().out
+

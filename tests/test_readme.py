@@ -26,3 +26,18 @@ def test_readme_names_existing_configs() -> None:
     readme = (ROOT / "README.md").read_text()
     for name in re.findall(r"([\w.\-]+_qlora_(?:24gb|cpu)\.yaml)", readme):
         assert (ROOT / "configs" / name).is_file(), name
+
+
+def test_readme_has_a_parsing_example_row_for_every_format() -> None:
+    import json
+
+    from qlora_kit.data import FORMAT_FIELDS, detect_format, parse_row
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Train on your own data", 1)[1].split("\n## ", 1)[0]
+    examples = dict(re.findall(r"^\| `(\w+)` \| `(\{.*\})` \|$", section, flags=re.M))
+    assert set(examples) == set(FORMAT_FIELDS)
+    for fmt, text in examples.items():
+        row = json.loads(text)
+        assert detect_format([(1, row)]) == fmt
+        parse_row(1, row, fmt, chat_template=True)  # raises RowProblem for a bad row

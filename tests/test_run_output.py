@@ -1,0 +1,266 @@
+"""What a run prints and records: dead output pipes never cost the checkpoint, train.log, metrics across a
+resume inside a logging window, log lines next to the progress bar, no duplicated lines, --version."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import signal
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import arithmetic_rows, run_cli, write_config, write_jsonl
+from rich.console import Console
+from safetensors.torch import load_file
+
+from qlora_kit import logs
+from qlora_kit import train as qtrain
+from qlora_kit.checkpoint import list_checkpoints
+from qlora_kit.errors import EXIT_PREEMPTED, OutputError, Preempted
+from qlora_kit.signals import StopRequest
+
+TRAIN = {"max_steps": 400, "save_steps": 100, "logging_steps": 1, "learning_rate": 5e-3, "optimizer": "adamw_torch"}
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "data.jsonl", arithmetic_rows(48))
+
+
+def _logged_steps(run: Path) -> int:
+    metrics = run / "metrics.jsonl"
+    return sum('"loss"' in line for line in metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def _wait_for_steps(run: Path, steps: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while _logged_steps(run) < steps:
+        assert proc.poll() is None, f"training ended early with status {proc.returncode}"
+        assert time.time() < deadline, "training did not reach the step in time"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_stop_signal_checkpoints_when_the_output_pipe_is_dead(tmp_path: Path, tiny_llama: Path, data_file: Path,
+                                                               sig: signal.Signals) -> None:
+    """`qlora-kit train ... 2>&1 | tee log`, then tee dies and Ctrl-C/SIGTERM arrives: the run must still
+    checkpoint, exit 75, and say so in OUTPUT_DIR/train.log; --resume appends to that log."""
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, run, train=TRAIN)
+    trainer = subprocess.Popen([sys.executable, "-m", "qlora_kit.cli", "train", str(cfg)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    reader = subprocess.Popen(["cat"], stdin=trainer.stdout, stdout=subprocess.DEVNULL)
+    trainer.stdout.close()  # only the reader holds the pipe's read end now
+    try:
+        _wait_for_steps(run, 2, trainer)
+        reader.kill()
+        reader.wait()
+        steps = _logged_steps(run)
+        _wait_for_steps(run, steps + 2, trainer)  # it logged into the dead pipe and went on
+        trainer.send_signal(sig)
+        assert trainer.wait(timeout=180) == EXIT_PREEMPTED
+    finally:
+        trainer.kill()
+        reader.kill()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "preempted", manifest.get("error")
+    saved = list_checkpoints(run)[-1][0]
+    assert saved >= steps + 2
+    log_text = (run / "train.log").read_text()
+    assert f"{sig.name} received" in log_text and f"saved checkpoint-{saved}" in log_text
+    assert f"error: stopped by {sig.name} at step {saved}" in log_text
+
+    resumed = run_cli("train", str(cfg), "--resume", "--set", f"train.max_steps={saved + 2}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log_text = (run / "train.log").read_text()
+    assert log_text.count("qlora-kit train") == 2 and "--resume" in log_text
+    assert f"resumed from checkpoint-{saved}" in log_text and "done: adapter in" in log_text
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO +step \d+ +loss", log_text, flags=re.M)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_second"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_metrics_after_a_resume_inside_a_logging_window_equal_the_uninterrupted_run(
+        tmp_path: Path, tiny_llama: Path, data_file: Path) -> None:
+    """Checkpoint at step 6, log every 4 steps: the loss logged at step 8 averages steps 5-8 either way."""
+    train = {"max_steps": 12, "logging_steps": 4, "save_steps": 6, "save_total_limit": 5, "learning_rate": 5e-3,
+             "optimizer": "adamw_torch", "gradient_accumulation_steps": 2}
+    reference = tmp_path / "reference"
+    cfg = write_config(tmp_path / "ref.yaml", tiny_llama, data_file, reference, train=train)
+    assert qtrain.run_training(cfg, []) == 0
+    state = json.loads((reference / "checkpoint-6" / "state.json").read_text())
+    assert state["log_window"]["steps"] == 2 and state["log_window"]["loss_sum"] > 0
+
+    resumed = tmp_path / "resumed"
+    subprocess.run(["cp", "-r", str(reference), str(resumed)], check=True)
+    for name in ("checkpoint-12", "adapter"):
+        subprocess.run(["rm", "-r", str(resumed / name)], check=True)
+    cfg = write_config(tmp_path / "resumed.yaml", tiny_llama, data_file, resumed, train=train)
+    assert qtrain.run_training(cfg, [], resume=True) == 0
+    assert [r["step"] for r in _metrics(resumed) if "loss" in r] == [4, 8, 12]
+    assert _metrics(resumed) == _metrics(reference)
+    a = load_file(reference / "adapter/adapter_model.safetensors")
+    b = load_file(resumed / "adapter/adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+EVAL_TRAIN = {"max_steps": 8, "logging_steps": 2, "eval_steps": 4, "save_steps": 4, "save_total_limit": 5,
+              "learning_rate": 5e-3, "optimizer": "adamw_torch"}
+
+
+@pytest.fixture(scope="module")
+def eval_reference(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, data_file: Path) -> Path:
+    """An uninterrupted run with evaluations at steps 4 and 8 (one thread, as the tests that compare with it)."""
+    root = tmp_path_factory.mktemp("eval-ref")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert qtrain.run_training(write_config(root / "cfg.yaml", tiny_llama, data_file, root / "run",
+                                                train=EVAL_TRAIN), []) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root / "run"
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("cut_at", [4, 8], ids=["mid-run", "last-step"])
+def test_a_signal_during_evaluation_is_resumed_with_that_evaluation(
+        tmp_path: Path, tiny_llama: Path, data_file: Path, eval_reference: Path, monkeypatch: pytest.MonkeyPatch,
+        cut_at: int) -> None:
+    """SIGTERM while step N is being evaluated: checkpoint N, exit 75; --resume evaluates step N first."""
+    real_evaluate = qtrain.evaluate
+
+    def signal_during(run: qtrain.Run, stop: StopRequest) -> float | None:
+        if run.step == cut_at:
+            stop.signal_name = "SIGTERM"  # what StopRequest's handler does when the signal arrives
+        return real_evaluate(run, stop)
+
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, run, train=EVAL_TRAIN)
+    monkeypatch.setattr(qtrain, "evaluate", signal_during)
+    with pytest.raises(Preempted):
+        qtrain.run_training(cfg, [])
+    monkeypatch.setattr(qtrain, "evaluate", real_evaluate)
+    assert list_checkpoints(run)[-1][0] == cut_at and not (run / "adapter").exists()
+    assert not any("eval_loss" in r for r in _metrics(run) if r["step"] == cut_at)
+
+    assert qtrain.run_training(cfg, [], resume=True) == 0
+    assert _metrics(run) == _metrics(eval_reference)
+    assert json.loads((run / "manifest.json").read_text())["final_metrics"]["eval_loss"] == \
+        json.loads((eval_reference / "manifest.json").read_text())["final_metrics"]["eval_loss"]
+
+
+def test_window_state_round_trips_exactly() -> None:
+    window = qtrain._Window()
+    for value in (0.1, 0.2, 0.30000001):
+        window.add(torch.tensor(value, dtype=torch.float32), 7)
+    again = qtrain._Window.from_state(json.loads(json.dumps(window.to_state())), torch.device("cpu"))
+    assert torch.equal(again.loss, window.loss) and (again.steps, again.tokens) == (3, 21)
+    assert qtrain._Window.from_state(None, torch.device("cpu")).steps == 0  # checkpoints written before
+
+
+def _shown_lines(raw: str) -> list[str]:
+    """What a terminal shows: ANSI codes dropped, each line's text after its last carriage return."""
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw)
+    return [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
+
+
+def test_log_lines_never_run_into_the_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    terminal = Console(file=out, force_terminal=True, width=120, color_system=None)
+    monkeypatch.setitem(logs._STDERR, "console", terminal)
+    handler = logs.ConsoleHandler(console=terminal, show_path=False, show_time=False, markup=False)
+    logger = logging.getLogger("qlora_kit")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        progress = qtrain._Progress(total=4, done=0)
+        assert progress.bar is not None and progress.bar.console is terminal
+        for step in range(1, 5):
+            progress.advance(step)
+            progress.bar.refresh()
+            progress.update(step, {"loss": 1.0 / step, "learning_rate": 1e-3, "tokens_per_second": 100.0})
+            logger.warning("a line at step %d", step)
+        progress.close()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    shown = _shown_lines(out.getvalue())
+    logged = [line for line in shown if "a line at step" in line or re.search(r"step \d +loss", line)]
+    assert len(logged) == 8
+    assert all(line.lstrip().startswith(("INFO", "WARNING")) and "━" not in line for line in logged), logged
+
+
+def test_dead_stderr_is_silenced_not_raised(tmp_path: Path) -> None:
+    """rich's default on a broken pipe is SystemExit(1); ours drops the output and goes on."""
+    code = ("import logging, os, sys\n"
+            "from qlora_kit import logs\n"
+            "logs.setup_logging(False)\n"
+            "r, w = os.pipe(); os.dup2(w, 2); os.close(r)\n"
+            "for i in range(3): logging.getLogger('qlora_kit').info('line %d', i)\n"
+            "logs.echo('error: x'); logs.flush_streams(); print('still here')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "still here", proc.stderr
+
+
+def test_unwritable_output_dir_is_one_line_naming_docker_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    monkeypatch.setattr(qtrain.os, "access", lambda path, mode: False)  # root may write anywhere: pretend
+    with pytest.raises(OutputError) as err:
+        qtrain.check_writable(tmp_path / "out" / "run")
+    assert "not writable" in err.value.message and "\n" not in err.value.message
+    assert "--user $(id -u):$(id -g)" in (err.value.hint or "")
+
+
+def test_validation_rows_from_another_file_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                            ) -> None:
+    from qlora_kit.config import load_config
+
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text("model: {name_or_path: m}\ndata: {path: mine.jsonl, val_path: demo/heldout.jsonl}\n"
+                        "output_dir: out\n")
+    with caplog.at_level(logging.WARNING, logger="qlora_kit"):
+        qtrain.warn_if_validation_elsewhere(*load_config(cfg_path))
+        qtrain.warn_if_validation_elsewhere(*load_config(cfg_path, ["data.val_path=mine.jsonl"]))
+        qtrain.warn_if_validation_elsewhere(*load_config(cfg_path, ["data.val_path=null"]))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert "demo/heldout.jsonl" in warnings[0] and f"file {cfg_path}" in warnings[0] and "mine.jsonl" in warnings[0]
+
+
+def test_format_and_cpu_lines_are_logged_once(tiny_llama: Path, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    from transformers import AutoTokenizer
+
+    from qlora_kit.config import DataConfig
+    from qlora_kit.data import build_data
+    from qlora_kit.model import resolve_compute_dtype
+
+    train = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(20))
+    val = write_jsonl(tmp_path / "val.jsonl", arithmetic_rows(5, seed=1))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    with caplog.at_level(logging.INFO, logger="qlora_kit"):
+        build_data(DataConfig(path=str(train), val_path=str(val), format="messages"), tokenizer, 64, 0)
+        build_data(DataConfig(path=str(train), val_path=str(val)), tokenizer, 64, 0)
+        for _ in range(2):
+            resolve_compute_dtype("auto", torch.device("cpu"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum(line.startswith("data format:") for line in lines) == 2  # one per build, not one per file
+    assert sum(line.startswith("CPU run:") for line in lines) <= 1
+
+
+def test_version_flag() -> None:
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"qlora-kit {version('qlora-kit')}"
