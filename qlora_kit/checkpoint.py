@@ -32,6 +32,7 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 RNG_TENSORS = "rng.safetensors"
 STATE_JSON = "state.json"  # written last: its presence marks a complete checkpoint
+RANK_PREFIX = "rank"  # rank<r>.safetensors/.json: RNG (and FSDP optimizer shard) of rank r > 0
 _TMP_PREFIX = ".tmp-" + CHECKPOINT_PREFIX
 _CKPT = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 
@@ -157,9 +158,15 @@ def publish_dir(tmp: Path, final: Path) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_adapter(model: torch.nn.Module, directory: Path) -> None:
-    """Save the peft adapter (safetensors + adapter_config.json) into ``directory``."""
-    model.save_pretrained(directory, safe_serialization=True)
+def save_adapter(model: torch.nn.Module, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Save the peft adapter (safetensors + adapter_config.json) into ``directory``.
+
+    ``state_dict``: the adapter weights when ``model`` does not hold them whole (FSDP shards).
+    """
+    if state_dict is None:
+        model.save_pretrained(directory, safe_serialization=True)
+    else:
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
 
 
 def save_checkpoint(
@@ -170,18 +177,31 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     config_text: str,
+    rank_states: list[dict[str, Any]] | None = None,
+    adapter_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically and return its path."""
+    """Write ``checkpoint-<step>`` atomically and return its path.
+
+    Multi-process runs (written by rank 0): ``rank_states`` holds every rank's contribution
+    (``rng``, and under FSDP its ``optimizer`` shard); ranks above 0 get ``rank<r>.safetensors``
+    + ``rank<r>.json``.  ``adapter_state``: the gathered adapter (see :func:`save_adapter`).
+    """
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f"{_TMP_PREFIX}{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_adapter(model, tmp)
-    opt_tensors, opt_skeleton = flatten_state(optimizer.state_dict(), "opt")
+    save_adapter(model, tmp, adapter_state)
+    own = rank_states[0] if rank_states else {}
+    opt_tensors, opt_skeleton = flatten_state(own.get("optimizer") or optimizer.state_dict(), "opt")
     save_file(opt_tensors, str(tmp / OPTIMIZER_TENSORS))
-    rng_tensors, rng_skeleton = flatten_state(rng_state(), "rng")
+    rng_tensors, rng_skeleton = flatten_state(own.get("rng") or rng_state(), "rng")
     save_file(rng_tensors, str(tmp / RNG_TENSORS))
     (tmp / OPTIMIZER_JSON).write_text(json.dumps(opt_skeleton))
+    for rank, extra in enumerate(rank_states or []):
+        if rank:
+            tensors, skeleton = flatten_state(extra, f"rank{rank}")
+            save_file(tensors, str(tmp / f"{RANK_PREFIX}{rank}.safetensors"))
+            (tmp / f"{RANK_PREFIX}{rank}.json").write_text(json.dumps(skeleton))
     (tmp / "config.yaml").write_text(config_text)
     full_state = {
         **state,
@@ -233,24 +253,38 @@ def read_checkpoint_state(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE_JSON).read_text())
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
-    """Restore adapter weights, optimizer, scheduler and RNGs in place; return the JSON state.
-
-    The adapter weights are loaded into the adapters already attached to ``model`` (never a
-    second set of adapters).
-    """
+def load_adapter_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load a checkpoint's adapter into the adapters already attached to ``model`` (never a second set)."""
     from peft import set_peft_model_state_dict
 
-    state = read_checkpoint_state(path)
     device = next(p.device for p in model.parameters() if p.requires_grad)
     adapter = load_file(str(path / ADAPTER_FILE), device=str(device))
     result = set_peft_model_state_dict(model, adapter)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise RuntimeError(f"checkpoint {path} has adapter tensors this model lacks: {unexpected[:5]}")
-    opt_tensors = load_file(str(path / OPTIMIZER_TENSORS))
-    opt_state = unflatten_state(json.loads((path / OPTIMIZER_JSON).read_text()), opt_tensors)
-    optimizer.load_state_dict(opt_state)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    rank: int = 0) -> dict:
+    """Restore adapter weights, optimizer, scheduler and RNGs in place; return the JSON state.
+
+    ``model`` None: the adapter was loaded already (:func:`load_adapter_weights`, FSDP loads it
+    before sharding).  ``rank`` > 0 restores that rank's own RNG states (and optimizer shard,
+    when the checkpoint holds one per rank).
+    """
+    state = read_checkpoint_state(path)
+    if model is not None:
+        load_adapter_weights(path, model)
+    own: dict[str, Any] = {}
+    if rank:
+        own = unflatten_state(json.loads((path / f"{RANK_PREFIX}{rank}.json").read_text()),
+                              load_file(str(path / f"{RANK_PREFIX}{rank}.safetensors")))
+    if "optimizer" in own:
+        optimizer.load_state_dict(own["optimizer"])
+    else:
+        opt_tensors = load_file(str(path / OPTIMIZER_TENSORS))
+        optimizer.load_state_dict(unflatten_state(json.loads((path / OPTIMIZER_JSON).read_text()), opt_tensors))
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(unflatten_state(state["rng"], load_file(str(path / RNG_TENSORS))))
+    set_rng_state(own["rng"] if rank else unflatten_state(state["rng"], load_file(str(path / RNG_TENSORS))))
     return state

@@ -64,9 +64,11 @@ def _run(fn: Callable[[], int | None]) -> None:
     except QloraKitError as exc:
         if _DEBUG["on"]:
             raise
-        typer.echo(f"error: {exc.message}", err=True)
-        if exc.hint:
-            typer.echo(f"fix: {exc.hint}", err=True)
+        if not getattr(exc, "silent", False):  # multi-process runs: another rank prints it (distributed.py)
+            label = getattr(exc, "rank_label", None)
+            typer.echo(f"error: {f'[{label}] ' if label else ''}{exc.message}", err=True)
+            if exc.hint:
+                typer.echo(f"fix: {exc.hint}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("aborted.", err=True)
@@ -107,9 +109,12 @@ def train(
     """Fine-tune: NF4 base + LoRA adapters, SFT on your data; writes OUTPUT_DIR/adapter."""
 
     def body() -> int:
+        from qlora_kit import distributed
         from qlora_kit.train import run_training
 
-        return run_training(config, set_ or [], resume=resume, overwrite=overwrite, skip_memory_check=skip_memory_check)
+        with distributed.session():  # one process, or one rank of `accelerate launch` / `torchrun`
+            return run_training(config, set_ or [], resume=resume, overwrite=overwrite,
+                                skip_memory_check=skip_memory_check)
 
     _run(body)
 

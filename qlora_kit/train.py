@@ -9,7 +9,10 @@ need here are easier to keep in plain code:
 - non-finite loss/gradient detection with no extra host sync in ``stop`` mode: a device
   flag is read together with the logged loss (and before every save);
 - SIGTERM/SIGINT checkpoint at the next step boundary (signals.py);
-- nothing is written that holds NaN/inf, and checkpoints/adapters appear atomically.
+- nothing is written that holds NaN/inf, and checkpoints/adapters appear atomically;
+- several processes (``accelerate launch`` / ``torchrun``: DDP or FSDP-QLoRA) train the same
+  global batch as one process would; ``run.dist`` (distributed.py) is asked at the few
+  points where ranks matter (rows per rank, loss scale, agreement, who writes).
 
 Memory and speed techniques live in ``qlora_kit/ops`` (one module each) and are switched
 on in :func:`setup`: fused loss (no full logits), padding-free packing with packed
@@ -39,7 +42,7 @@ import numpy as np
 import torch
 
 from qlora_kit import checkpoint as ckpt
-from qlora_kit import rundir
+from qlora_kit import distributed, rundir
 from qlora_kit.config import Config, dump_config, load_config, read_yaml, validate
 from qlora_kit.errors import ConfigError, NonFiniteLossError, OutOfMemoryError, OutputError, Preempted
 from qlora_kit.manifest import device_info, now_iso, package_versions, write_manifest
@@ -92,6 +95,8 @@ class Run:
     params: list[torch.nn.Parameter] = field(default_factory=list)
     precision: Any = None  # ops.precision.Precision
     scaler: torch.amp.GradScaler | None = None  # fp16 compute only
+    dist: distributed.Dist = distributed.SINGLE  # this process's rank in a multi-process run
+    wrapped: Any = None  # what runs forward/backward: DDP/FSDP around ``model`` (``model`` itself when single)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -108,20 +113,22 @@ def run_training(
     from qlora_kit.ops.allocator import configure_cuda_allocator
 
     configure_cuda_allocator()  # before anything touches CUDA
+    dist = distributed.current()
     cfg, sources = load_config(config_path, overrides)
     out = Path(cfg.output_dir).expanduser()
-    resume_from = prepare_output_dir(out, resume=resume, overwrite=overwrite)
+    resume_from = dist.from_main(lambda: prepare_output_dir(out, resume=resume, overwrite=overwrite))
     if resume_from is not None:
         check_resume_compatible(resume_from, cfg)
     previous = ckpt.read_json(out / rundir.MANIFEST) if resume_from is not None else {}
     try:
         run = setup(cfg, dump_config(cfg, sources), out, resume_from, skip_memory_check)
     except BaseException:
-        if resume_from is None:  # a fresh run that never started leaves nothing behind
+        if resume_from is None and dist.is_main:  # a fresh run that never started leaves nothing behind
             shutil.rmtree(out, ignore_errors=True)
         raise
     if run.step >= run.total_steps and previous.get("status") == "completed" and (out / rundir.ADAPTER).is_dir():
-        write_manifest(out / rundir.MANIFEST, previous)  # nothing to do: keep the finished run as it was
+        if dist.is_main:
+            write_manifest(out / rundir.MANIFEST, previous)  # nothing to do: keep the finished run as it was
         log.info("%s is already complete (%d of %d steps); raise train.max_steps with --set to train further",
                  out, run.step, run.total_steps)
         return 0
@@ -135,7 +142,8 @@ def run_training(
             _set_status(run, "failed", "CUDA out of memory")
             raise _oom_error(run, exc) from exc
         except BaseException as exc:
-            _set_status(run, "failed", f"{type(exc).__name__}: {exc}")
+            peer = distributed.translate_failure(exc) if run.dist.active else None
+            _set_status(run, "failed", peer.message if peer else f"{type(exc).__name__}: {exc}")
             raise
     finish(run)
     return 0
@@ -226,46 +234,114 @@ def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, sk
     from qlora_kit import model as qmodel
     from qlora_kit.ops.precision import resolve_precision
 
+    dist = distributed.current()
     seed_everything(cfg.train.seed)
-    device = qmodel.pick_device()
-    compute_dtype = qmodel.resolve_compute_dtype(cfg.model.compute_dtype, device)
-    precision = resolve_precision(compute_dtype, cfg.lora.adapter_dtype, device)
-    source = qmodel.resolve_source(cfg.model)
-    cfg = resolve_memory_settings(cfg, source, device, _recorded_memory(out) if resume_from is not None else None)
-    tokenizer = qmodel.load_tokenizer(source, cfg.model)
-    data = _setup_data(cfg, tokenizer, out)
-    if resume_from is not None:
-        _check_data_unchanged(resume_from, data.fingerprint)
-    if device.type == "cuda" and not skip_memory_check:
-        _check_memory(cfg, source, device)
-    model = build_model(cfg, source, precision)
-    if cfg.train.fused_loss:
-        cfg = _check_fused_loss(cfg, model, data, tokenizer, precision)
-        if not cfg.train.fused_loss and device.type == "cuda" and not skip_memory_check:
-            _check_memory(cfg, source, device)  # full logits need more memory: re-check before training
+    with dist.together():  # no collective inside: a failure on any rank ends every rank here, reported once
+        device = dist.device or qmodel.pick_device()
+        compute_dtype = qmodel.resolve_compute_dtype(cfg.model.compute_dtype, device)
+        precision = resolve_precision(compute_dtype, cfg.lora.adapter_dtype, device)
+        if resume_from is not None:
+            _check_same_ranks(resume_from, dist)
+        if dist.fsdp:
+            _check_fsdp_supported(cfg, precision)
+        source = qmodel.resolve_source(cfg.model)
+        cfg = resolve_memory_settings(cfg, source, device, _recorded_memory(out) if resume_from is not None else None)
+        tokenizer = qmodel.load_tokenizer(source, cfg.model)
+        data = _setup_data(cfg, tokenizer, out, write=dist.is_main)
+        if resume_from is not None:
+            _check_data_unchanged(resume_from, data.fingerprint)
+        if device.type == "cuda" and not skip_memory_check:
+            _check_memory(cfg, source, device)
+        model = build_model(cfg, source, precision, quant_storage=compute_dtype if dist.fsdp else torch.uint8)
+        if cfg.train.fused_loss:
+            cfg = _check_fused_loss(cfg, model, data, tokenizer, precision)
+            if not cfg.train.fused_loss and device.type == "cuda" and not skip_memory_check:
+                _check_memory(cfg, source, device)  # full logits need more memory: re-check before training
+        if resume_from is not None and dist.fsdp:
+            ckpt.load_adapter_weights(resume_from, model)  # before sharding; FSDP syncs rank 0's to the others
+    if dist.rank:
+        seed_everything(cfg.train.seed + dist.rank)  # dropout differs per rank; the adapters started equal
     spec = qmodel.quant_spec(model, cfg.model, compute_dtype)
     trainable, total = qmodel.count_parameters(model)
     log.info("model: %s | 4-bit %s (double quant: %s) | LoRA r=%d on %s | trainable %s of %s parameters",
              cfg.model.name_or_path, spec.quant_type, spec.double_quant, cfg.lora.r,
              ",".join(model.peft_config["default"].target_modules), f"{trainable:,}", f"{total:,}")
-    (out / rundir.CONFIG).write_text(config_text)
-    tokenizer.save_pretrained(out / rundir.TOKENIZER)
-    params = [p for p in model.parameters() if p.requires_grad]
+    if dist.is_main:
+        (out / rundir.CONFIG).write_text(config_text)
+        tokenizer.save_pretrained(out / rundir.TOKENIZER)
+    wrapped = dist.wrap(model)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params, device)
     micro_per_epoch = len(_epoch_plan(cfg, data, 0))
     total_steps = compute_total_steps(cfg, micro_per_epoch)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     manifest = _new_manifest(cfg, device, source, spec, data, model, trainable, out, resume_from)
     manifest["memory"] = memory_record(cfg, model, precision)
+    if dist.active:
+        manifest["distributed"] = dist.describe()
+    metrics = MetricsLog(out / rundir.METRICS) if dist.is_main else _NoMetrics(out / rundir.METRICS)
     run = Run(cfg, config_text, out, device, model, tokenizer, data, optimizer, scheduler, total_steps,
-              micro_per_epoch, manifest, MetricsLog(out / rundir.METRICS), params=params,
-              precision=precision, scaler=precision.make_scaler())
+              micro_per_epoch, manifest, metrics, params=params,
+              precision=precision, scaler=precision.make_scaler(), dist=dist, wrapped=wrapped)
     run.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     if resume_from is not None:
         _restore(run, resume_from)
-    write_manifest(out / rundir.MANIFEST, manifest)
+    if dist.is_main:
+        write_manifest(out / rundir.MANIFEST, manifest)
     return run
+
+
+class _NoMetrics(MetricsLog):
+    """metrics.jsonl as seen by ranks other than 0: rank 0 alone writes it."""
+
+    def append(self, record: dict[str, Any]) -> None:
+        return None
+
+    def truncate_after(self, step: int) -> None:
+        return None
+
+
+def _check_same_ranks(resume_from: Path, dist: distributed.Dist) -> None:
+    """Refuse to resume with another number of processes or another strategy than the checkpoint's.
+
+    The data plan is the plan of the global batch (processes x micro_batch_size) and every
+    rank's RNG (and, under FSDP, optimizer shard) is stored per rank: both change with the
+    number of processes.
+
+    Raises:
+        ConfigError: naming both, and the launch that continues the run.
+    """
+    saved = ckpt.read_checkpoint_state(resume_from).get("distributed") or {"world_size": 1, "strategy": "single"}
+    now = dist.describe() if dist.active else {"world_size": 1, "strategy": "single"}
+    if (saved.get("world_size"), saved.get("strategy")) == (now["world_size"], now["strategy"]):
+        return
+    def name(d: dict[str, Any]) -> str:
+        n = d.get("world_size", 1)
+        return "1 process" if d.get("strategy") == "single" else f"{n} processes ({str(d.get('strategy')).upper()})"
+    launch = ("qlora-kit train ... --resume (one process)" if saved.get("strategy") == "single" else
+              f"the same launch with {saved.get('world_size')} processes"
+              + (" and the FSDP accelerate config" if saved.get("strategy") == "fsdp" else ""))
+    raise ConfigError(
+        f"cannot resume {resume_from.name}: it was trained with {name(saved)}, this run has {name(now)} "
+        "(the global batch, per-rank RNG and optimizer state depend on it)",
+        f"continue with {launch}, or start a new run with --overwrite / another output_dir")
+
+
+def _check_fsdp_supported(cfg: Config, precision: Any) -> None:
+    """FSDP-QLoRA needs one floating dtype per FSDP unit and bf16 compute.
+
+    Raises:
+        ConfigError: fp16 compute (FSDP would need a sharded loss scaler) or DoRA (its
+            magnitude vectors sit in the decoder layer's unit with frozen weights).
+    """
+    if precision.loss_scaling:
+        raise ConfigError("FSDP-QLoRA needs bfloat16 compute; this GPU computes in float16 (no native bf16)",
+                          "use the DDP accelerate config (configs/accelerate/ddp_2gpu.yaml) on this GPU")
+    if cfg.lora.use_dora:
+        raise ConfigError("lora.use_dora is not supported with FSDP-QLoRA (DoRA's magnitude vectors cannot be "
+                          "sharded apart from the frozen 4-bit weights with fsdp_use_orig_params: false)",
+                          "set lora.use_dora=false, or train with DDP")
 
 
 MEMORY_KEYS = ("checkpoint_every_n_layers", "tiled_mlp", "activation_offload", "optimizer")
@@ -320,13 +396,13 @@ def device_memory(device: torch.device) -> int:
     return psutil.virtual_memory().total
 
 
-def build_model(cfg: Config, source: Path, precision: Any) -> Any:
+def build_model(cfg: Config, source: Path, precision: Any, quant_storage: torch.dtype = torch.uint8) -> Any:
     """NF4 base → fused loss head → LoRA (+ checkpointing) → packed attention, tiled MLP, offload."""
     from qlora_kit import model as qmodel
     from qlora_kit.ops import loss, packing, precision as prec, tiled_mlp
 
     device, t = precision.device, cfg.train
-    model = qmodel.load_quantized_base(source, cfg.model, precision.compute_dtype, device)
+    model = qmodel.load_quantized_base(source, cfg.model, precision.compute_dtype, device, quant_storage)
     if t.fused_loss:
         loss.add_fused_loss(model)  # before peft wraps the model
     model = qmodel.attach_lora(model, cfg.lora, precision.adapter_dtype, t.gradient_checkpointing,
@@ -399,10 +475,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _setup_data(cfg: Config, tokenizer: Any, out: Path) -> Any:
+def _setup_data(cfg: Config, tokenizer: Any, out: Path, write: bool = True) -> Any:
     from qlora_kit.data import build_data, print_summary
 
     data = build_data(cfg.data, tokenizer, cfg.train.max_length, cfg.train.seed)
+    if not write:  # another rank of a multi-process run: rank 0 prints and writes the audit
+        return data
     print_summary(data.summary)
     ckpt.write_json_atomic(out / rundir.DATA_SUMMARY, data.summary.to_json())
     with open(out / rundir.HELDOUT, "w", encoding="utf-8") as fh:
@@ -503,7 +581,8 @@ def _new_manifest(cfg: Config, device: torch.device, source: Path, spec: Any, da
 
 
 def _restore(run: Run, resume_from: Path) -> None:
-    state = ckpt.load_checkpoint(resume_from, run.model, run.optimizer, run.scheduler)
+    model = None if run.dist.fsdp else run.model  # FSDP: the adapter was loaded before sharding
+    state = ckpt.load_checkpoint(resume_from, model, run.optimizer, run.scheduler, rank=run.dist.rank)
     run.step, run.micro_index = state["step"], state["micro_index"]
     run.skipped_steps = state.get("skipped_steps", 0)
     run.last_save_step = run.step
@@ -518,11 +597,12 @@ def _restore(run: Run, resume_from: Path) -> None:
 
 
 def _epoch_plan(cfg: Config, data: Any, epoch: int) -> list[list[list[int]]]:
+    """The epoch's *global* micro-batches: ``micro_batch_size`` rows per process (distributed.local_rows)."""
     from qlora_kit.data import plan_batches
 
     lengths = [len(s["input_ids"]) for s in data.train]
-    return plan_batches(lengths, cfg.train.micro_batch_size, cfg.train.max_length, cfg.data.packing,
-                        cfg.train.seed, epoch, cfg.data.shuffle)
+    return plan_batches(lengths, cfg.train.micro_batch_size * distributed.world_size(), cfg.train.max_length,
+                        cfg.data.packing, cfg.train.seed, epoch, cfg.data.shuffle)
 
 
 def micro_batches_from(cfg: Config, data: Any, start: int) -> Iterator[tuple[int, list[list[int]]]]:
@@ -554,20 +634,20 @@ def train(run: Run, stop: StopRequest) -> None:
     cfg = run.cfg.train
     eval_every = cfg.eval_steps or cfg.save_steps
     stream = micro_batches_from(run.cfg, run.data, run.micro_index)
-    pad_id = run.tokenizer.pad_token_id
     window = _Window()
-    progress = _Progress(run.total_steps, run.step)
-    log.info("training: %d optimizer steps x %d micro-batches of %d (max_length %d) on %s",
+    progress = _Progress(run.total_steps, run.step, enabled=run.dist.is_main)
+    log.info("training: %d optimizer steps x %d micro-batches of %d (max_length %d) on %s%s",
              run.total_steps - run.step, cfg.gradient_accumulation_steps, cfg.micro_batch_size, cfg.max_length,
-             run.device)
+             run.device, f" x {run.dist.world_size} processes" if run.dist.active else "")
     try:
         while run.step < run.total_steps:
-            if stop.requested:
+            if run.dist.any(stop.requested):  # every rank stops after the same step
                 _preempt(run, stop)
             lr = run.optimizer.param_groups[0]["lr"]
             micro = [next(stream)[1] for _ in range(cfg.gradient_accumulation_steps)]
-            batches = [collate(run.data.train, rows, pad_id, cfg.max_length, run.cfg.data.packing) for rows in micro]
-            loss, grad_norm = train_step(run, batches)
+            n_items = _count_targets(run.data.train, micro) if run.dist.active else None
+            batches = [_collate_local(run, rows) for rows in micro]
+            loss, grad_norm = train_step(run, batches, n_items)
             n_tokens = sum(len(run.data.train[i]["input_ids"]) for rows in micro for row in rows for i in row)
             run.micro_index += cfg.gradient_accumulation_steps
             skipped = _guard_nonfinite(run, loss, grad_norm)
@@ -587,29 +667,71 @@ def train(run: Run, stop: StopRequest) -> None:
         progress.close()
 
 
-def train_step(run: Run, batches: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _collate_local(run: Run, rows: list[list[int]]) -> dict[str, Any]:
+    """This rank's rows of a global micro-batch, collated (all of them in a single process).
+
+    A rank left without rows (short final micro-batch) runs the first row with every label
+    ignored: it contributes nothing, but its forward/backward keeps the collectives matched.
+    """
+    from qlora_kit.data import IGNORE_INDEX, collate
+
+    mine, masked = run.dist.local_rows(rows)
+    batch = collate(run.data.train, mine, run.tokenizer.pad_token_id, run.cfg.train.max_length,
+                    run.cfg.data.packing)
+    if masked:
+        batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    return batch
+
+
+def _count_targets(samples: Any, micro: list[list[list[int]]]) -> int:
+    """Trainable tokens of a whole (global) step, counted from the samples: every rank gets the same number.
+
+    Equals the collated ``labels[:, 1:] != -100`` count: a sample's first label is always
+    ignored and no sample or packed row is longer than max_length.
+    """
+    from qlora_kit.data import IGNORE_INDEX
+
+    total = 0
+    for rows in micro:
+        for row in rows:
+            for i in row:
+                labels = samples[i]["labels"]
+                total += len(labels) - labels.count(IGNORE_INDEX)
+    return max(1, total)
+
+
+def train_step(run: Run, batches: list[dict[str, Any]], n_items: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward/backward over the accumulated micro-batches; returns (loss, grad norm) on device.
 
     The loss is the sum over *all* trainable tokens of the step divided by their number
-    (``num_items_in_batch``), so micro-batches with few trainable tokens are not
-    over-weighted.  Each forward runs in the run's precision context (autocast with fp32
-    adapters); with fp16 compute the loss is scaled before the backward and the gradients
-    unscaled before clipping.
+    (``num_items_in_batch``; in a multi-process run the global number, given by the caller),
+    so micro-batches with few trainable tokens are not over-weighted.  Each forward runs in
+    the run's precision context (autocast with fp32 adapters); with fp16 compute the loss is
+    scaled before the backward and the gradients unscaled before clipping.  Several
+    processes: gradients are synchronised on the last micro-batch only, and the loss is
+    multiplied by the number of processes because DDP/FSDP average the gradients (the
+    returned loss is this rank's share of the step's loss).
     """
     from qlora_kit.ops.loss import causal_lm_loss, count_targets
 
-    n_items = max(1, sum(count_targets(b["labels"]) for b in batches))
+    if n_items is None:
+        n_items = max(1, sum(count_targets(b["labels"]) for b in batches))
+    model = run.wrapped if run.wrapped is not None else run.model
+    factor = run.dist.loss_factor()
     loss_sum = torch.zeros((), device=run.device)
-    for batch in batches:
+    for k, batch in enumerate(batches):
         batch = to_device(batch, run.device)
-        with run.precision.forward_context():
-            loss = causal_lm_loss(run.model, batch, n_items, run.cfg.train.fused_loss)
-        (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+        with run.dist.accumulating(model, last=k == len(batches) - 1):
+            with run.precision.forward_context():
+                loss = causal_lm_loss(model, batch, n_items, run.cfg.train.fused_loss)
+            scaled = loss * factor if factor != 1.0 else loss
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
         loss_sum += loss.detach().float()
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
     max_norm = run.cfg.train.max_grad_norm or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
+    grad_norm = run.dist.clip_grad_norm(model, run.params, max_norm)
     return loss_sum, grad_norm.detach().float()
 
 
@@ -650,7 +772,7 @@ def _guard_nonfinite(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> b
         run.first_bad_step = torch.where(run.nonfinite | ~bad, run.first_bad_step, run.step + 1)
         run.nonfinite = run.nonfinite | bad
         return False
-    if not bool(bad):
+    if not run.dist.any(bool(bad)):  # every rank skips the same steps
         run.skipped_consecutive = 0
         return False
     run.skipped_steps += 1
@@ -669,10 +791,11 @@ def _raise_if_nonfinite(run: Run, bad: bool) -> None:
     if not bad:
         return
     first = int(run.first_bad_step)
+    when = f"at step {first}" if first > 0 else f"by step {run.step}"  # > 0: seen on this rank
     last = ckpt.latest_checkpoint(run.out)
     where = f"; the last good checkpoint is {last.name}" if last else "; no checkpoint was written before it"
     raise NonFiniteLossError(
-        f"non-finite loss or gradient at step {first}: training stopped, nothing was saved after it{where}",
+        f"non-finite loss or gradient {when}: training stopped, nothing was saved after it{where}",
         "lower train.learning_rate or max_grad_norm, use bfloat16 compute, check the data; "
         "or set train.on_nonfinite=skip",
     )
@@ -712,7 +835,8 @@ def _log_step(run: Run, window: _Window, lr: float, grad_norm: torch.Tensor, pro
         window.reset()
         return
     scale = run.scaler.get_scale() if run.scaler is not None else None
-    values = torch.stack([window.loss / window.steps, grad_norm, run.nonfinite.float()]).tolist()  # one sync
+    shared = run.dist.sum(torch.stack([window.loss / window.steps, run.nonfinite.float()]))  # every rank's share
+    values = torch.stack([shared[0], grad_norm, shared[1]]).tolist()  # one sync
     loss, gnorm, bad = values
     _raise_if_nonfinite(run, bad > 0)
     _raise_if_scale_collapsed(run, scale)
@@ -742,32 +866,39 @@ def evaluate(run: Run, stop: StopRequest) -> float | None:
     """Token-weighted mean loss on the validation rows; None when interrupted by a stop signal.
 
     Batched like training (same packing, same fused loss, same precision context), in
-    eval mode and without gradients.
+    eval mode and without gradients.  Several processes split each (global) batch like
+    training and add up their sums; they stop together.
     """
-    from qlora_kit.data import collate, plan_batches
+    from qlora_kit.data import IGNORE_INDEX, collate, plan_batches
     from qlora_kit.ops.loss import causal_lm_loss, count_targets
 
     cfg = run.cfg
     lengths = [len(s["input_ids"]) for s in run.data.val]
-    plan = plan_batches(lengths, cfg.train.micro_batch_size, cfg.train.max_length, cfg.data.packing,
-                        cfg.train.seed, 0, False)
+    plan = plan_batches(lengths, cfg.train.micro_batch_size * run.dist.world_size, cfg.train.max_length,
+                        cfg.data.packing, cfg.train.seed, 0, False)
+    model = run.wrapped if run.wrapped is not None else run.model
     total = torch.zeros((), device=run.device)
     count = 0
-    run.model.eval()
+    model.eval()
     try:
         with torch.no_grad():
             for rows in plan:
-                if stop.requested:
+                if run.dist.any(stop.requested):
                     return None
-                batch = collate(run.data.val, rows, run.tokenizer.pad_token_id, cfg.train.max_length,
+                mine, masked = run.dist.local_rows(rows)
+                batch = collate(run.data.val, mine, run.tokenizer.pad_token_id, cfg.train.max_length,
                                 cfg.data.packing)
+                if masked:
+                    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
                 n = count_targets(batch["labels"])
                 with run.precision.forward_context():
-                    loss = causal_lm_loss(run.model, to_device(batch, run.device), max(n, 1), cfg.train.fused_loss)
+                    loss = causal_lm_loss(model, to_device(batch, run.device), max(n, 1), cfg.train.fused_loss)
                 total += loss.float() * n
                 count += n
     finally:
-        run.model.train()
+        model.train()
+    if run.dist.active:  # every rank's sums
+        total, count = run.dist.sum(torch.stack([total.double(), total.new_tensor(count, dtype=torch.float64)]))
     return float(total / max(count, 1))
 
 
@@ -787,7 +918,7 @@ def save(run: Run) -> Path:
     """Checkpoint the current step, refusing to write non-finite weights."""
     if run.last_save_step == run.step:
         return run.out / f"{rundir.CHECKPOINT_PREFIX}{run.step}"
-    _raise_if_nonfinite(run, bool(run.nonfinite) or not adapters_finite(run))
+    _raise_if_nonfinite(run, run.dist.any(bool(run.nonfinite) or not adapters_finite(run)))
     state = {
         "micro_index": run.micro_index,
         "total_steps": run.total_steps,
@@ -798,33 +929,47 @@ def save(run: Run) -> Path:
     }
     if run.scaler is not None:
         state["grad_scaler"] = run.scaler.state_dict()
-    path = ckpt.save_checkpoint(run.out, run.step, run.model, run.optimizer, run.scheduler, state, run.config_text)
-    ckpt.prune_checkpoints(run.out, run.cfg.train.save_total_limit)
+    path = run.out / f"{rundir.CHECKPOINT_PREFIX}{run.step}"
+    if run.dist.active:  # every rank's RNG (and FSDP optimizer shard) and the whole adapter, on rank 0
+        state["distributed"] = run.dist.describe()
+        ranks = run.dist.gather(run.dist.rank_state(run.optimizer))
+        adapter = run.dist.adapter_state(run.wrapped, run.model)
+    else:
+        ranks, adapter = None, None
+    if run.dist.is_main:
+        path = ckpt.save_checkpoint(run.out, run.step, run.model, run.optimizer, run.scheduler, state,
+                                    run.config_text, ranks, adapter)
+        ckpt.prune_checkpoints(run.out, run.cfg.train.save_total_limit)
+    run.dist.barrier()  # nobody moves on (or exits) before rank 0 has written it
     run.last_save_step = run.step
     log.info("saved %s", path.name)
     return path
 
 
 def adapters_finite(run: Run) -> bool:
-    """True when every trainable weight is finite (one sync)."""
+    """True when every trainable weight (this rank's shard under FSDP) is finite (one sync)."""
     flags = torch.stack([torch.isfinite(p).all() for p in run.params])
     return bool(flags.all())
 
 
 def _preempt(run: Run, stop: StopRequest) -> None:
     path = save(run)
+    by = stop.signal_name or "a stop signal to another process of this run"
     raise Preempted(
-        f"stopped by {stop.signal_name} at step {run.step} of {run.total_steps}; checkpoint saved in {path}",
+        f"stopped by {by} at step {run.step} of {run.total_steps}; checkpoint saved in {path}",
         "continue with the same command plus --resume",
     )
 
 
 def finish(run: Run) -> None:
-    """Publish the final adapter, plot, and mark the manifest completed."""
-    if not adapters_finite(run):
+    """Publish the final adapter, plot, and mark the manifest completed (rank 0 writes)."""
+    if run.dist.any(not adapters_finite(run)):
         _raise_if_nonfinite(run, True)
+    adapter = run.dist.adapter_state(run.wrapped, run.model) if run.dist.active else None
+    if not run.dist.is_main:
+        return
     tmp = run.out / f".tmp-{rundir.ADAPTER}"
-    ckpt.save_adapter(run.model, tmp)
+    ckpt.save_adapter(run.model, tmp, adapter)
     ckpt.publish_dir(tmp, run.out / rundir.ADAPTER)
     plot_loss(run.metrics.read(), run.out / rundir.LOSS_PLOT)
     run.manifest["final_metrics"] = {"step": run.step, "train_loss": run.last_train_loss,
@@ -836,6 +981,8 @@ def finish(run: Run) -> None:
 
 
 def _set_status(run: Run, status: str, error: str | None = None) -> None:
+    if not run.dist.is_main:
+        return
     run.manifest["status"] = status
     run.manifest["end_time"] = now_iso()
     if error:
@@ -863,9 +1010,10 @@ def _oom_error(run: Run, exc: BaseException) -> OutOfMemoryError:
 class _Progress:
     """A rich progress bar on a terminal; plain log lines otherwise (CI, files)."""
 
-    def __init__(self, total: int, done: int):
+    def __init__(self, total: int, done: int, enabled: bool = True):
         self.bar = None
-        if sys.stderr.isatty():
+        self.enabled = enabled  # False on ranks other than 0
+        if enabled and sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -878,7 +1026,7 @@ class _Progress:
                 f"{record['tokens_per_second']:.0f} tok/s")
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
-        else:
+        elif self.enabled:
             log.info("step %d  %s", step, info)
 
     def close(self) -> None:
