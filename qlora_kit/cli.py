@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -82,6 +83,23 @@ def _run(fn: Callable[[], int | None]) -> None:
     raise typer.Exit(code or 0)
 
 
+def _one_process_only(command: str) -> None:
+    """export, generate and chat run in one process: two ranks would write or print the same thing twice.
+
+    Raises:
+        ConfigError: started by a launcher with several processes.
+    """
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        from qlora_kit.errors import ConfigError
+
+        if os.environ.get("RANK", "0") != "0":
+            time.sleep(1)  # rank 0 says why; the launcher stops the others as soon as one exits
+            raise typer.Exit(2)
+        raise ConfigError(f"`qlora-kit {command}` runs in one process, not under accelerate launch / torchrun",
+                          f"run `qlora-kit {command} ...` directly (it works on runs trained with any number "
+                          "of processes)")
+
+
 def _is_cuda_oom(exc: BaseException) -> bool:
     import torch
 
@@ -134,6 +152,7 @@ def export(
     """Merge the adapter into a plain fp16 HF checkpoint, and prove it matches the trained model."""
 
     def body() -> int:
+        _one_process_only("export")
         from qlora_kit.export import export_run
 
         return export_run(run_dir, out, dtype=dtype, merge_base=merge_base, overwrite=overwrite, verify=verify,
@@ -153,6 +172,7 @@ def generate(
     """Answer one prompt through the chat template, streaming tokens."""
 
     def body() -> int:
+        _one_process_only("generate")
         from qlora_kit.generate import generate_once
 
         return generate_once(path, prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
@@ -170,6 +190,7 @@ def chat(
     """Interactive chat (type /exit to quit, /reset to clear history)."""
 
     def body() -> int:
+        _one_process_only("chat")
         from qlora_kit.generate import chat_loop
 
         return chat_loop(path, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
@@ -183,13 +204,18 @@ def plan(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override: section.key=value."),
     gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="Card memory in GiB (default: this GPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of a table."),
+    num_gpus: int = typer.Option(1, "--num-gpus", help="GPUs training together: the plan is per GPU."),
+    strategy: str = typer.Option(
+        "ddp", "--strategy", help="With --num-gpus: ddp (whole model per GPU), fsdp (sharded), fsdp-offload."
+    ),
 ) -> None:
     """Predict peak GPU memory from the model's config.json alone (no weights loaded)."""
 
     def body() -> int:
         from qlora_kit.plan import run_plan
 
-        return run_plan(config, set_ or [], gpu_memory=gpu_memory, as_json=as_json)
+        return run_plan(config, set_ or [], gpu_memory=gpu_memory, as_json=as_json, num_gpus=num_gpus,
+                        strategy=strategy)
 
     _run(body)
 

@@ -44,6 +44,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Sequence, TypeVar
@@ -161,6 +162,23 @@ class Dist:
     @property
     def fsdp(self) -> bool:
         return self.strategy == "fsdp"
+
+    def load_device(self, device: torch.device) -> torch.device:
+        """Where the 4-bit base is loaded: on the CPU under FSDP with offloaded parameters, else ``device``.
+
+        With ``fsdp_offload_params`` the shards live in host memory anyway, and FSDP moves each
+        unit to this GPU only while it shards it: the whole 4-bit model never has to fit on one
+        GPU (bitsandbytes moves quantised weights without quantising them again, PR #970).
+        """
+        return torch.device("cpu") if self.fsdp and fsdp_offload() else device
+
+    def parallel(self) -> Any:
+        """This run as the planner's :class:`qlora_kit.plan.Parallel` (per-GPU memory)."""
+        from qlora_kit.plan import Parallel
+
+        if not self.active:
+            return Parallel()
+        return Parallel(self.world_size, ("fsdp-offload" if fsdp_offload() else "fsdp") if self.fsdp else "ddp")
 
     def describe(self) -> dict[str, Any]:
         """What the manifest and checkpoints record (a resume must match it)."""
@@ -298,6 +316,11 @@ class Dist:
             from transformers.integrations.fsdp import update_fsdp_plugin_peft
 
             update_fsdp_plugin_peft(model, self.accelerator)  # LoRA layers wrapped on their own, storage dtype
+            base = model.get_base_model()
+            if getattr(base, "hf_device_map", None) == {"": "cpu"}:
+                # Loaded on the CPU (load_device): FSDP places every unit on this GPU as it shards it
+                # (device_id); the map must say so, or accelerate takes the model for one left on another device.
+                base.hf_device_map = {"": self.device.index}
         return self.accelerator.prepare_model(model)
 
     def clip_grad_norm(self, wrapped: Any, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -375,8 +398,10 @@ def start() -> Dist:
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
-    if fsdp_requested() and not cuda:
-        log.warning("FSDP needs CUDA GPUs: without them this launch trains with plain DDP over gloo")
+    if fsdp_requested() and not cuda:  # accelerate would fail building its FSDP plugin without a device
+        if env_rank() == 0:
+            log.warning("FSDP needs CUDA GPUs: without them this launch trains with plain DDP over gloo")
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision="no",  # precision is qlora-kit's own (model.compute_dtype, lora.adapter_dtype)
@@ -387,12 +412,12 @@ def start() -> Dist:
     )
     import torch.distributed as dist
 
-    strategy = "fsdp" if cuda and fsdp_requested() else "ddp"
+    strategy = "fsdp" if fsdp_requested() else "ddp"
     control = dist.new_group(backend="gloo", timeout=collective_timeout()) if cuda else None
+    device = accelerator.device if cuda else torch.device("cpu")
     _CURRENT = Dist(rank=accelerator.process_index, world_size=accelerator.num_processes,
                     local_rank=accelerator.local_process_index, strategy=strategy,
-                    backend=dist.get_backend(), device=accelerator.device, accelerator=accelerator,
-                    control=control)
+                    backend=dist.get_backend(), device=device, accelerator=accelerator, control=control)
     if not _CURRENT.is_main:
         logging.getLogger("qlora_kit").setLevel(logging.ERROR)  # rank 0 tells the story
     log.info("%d processes (%s over %s), this is rank %d on %s", _CURRENT.world_size, strategy.upper(),
@@ -418,9 +443,14 @@ def close() -> None:
 @contextlib.contextmanager
 def session() -> Iterator[Dist]:
     """``start()`` … ``close()`` around a command; a failed collective becomes :class:`PeerFailed`."""
-    dist = start()
+    try:
+        dist = start()
+    except BaseException as exc:
+        settle(exc)
+        raise
     try:
         yield dist
+        dist.barrier()  # leave together: a rank tearing its group down while a peer still writes can abort
     except BaseException as exc:
         translated = translate_failure(exc) if dist.active else None
         if translated is not None:
@@ -429,6 +459,8 @@ def session() -> Iterator[Dist]:
         settle(exc)
         raise
     finally:
+        if dist.active:  # the launcher SIGTERMs the ranks still running once one exits: finish leaving cleanly
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         close()
 
 
@@ -472,13 +504,15 @@ def settle(exc: BaseException) -> None:
     labelled ``[rank r]``.  Errors already exchanged by :meth:`Dist.together` or
     :meth:`Dist.from_main` keep the decision made there.
     """
-    if not _CURRENT.active or getattr(exc, "coordinated", False) or not isinstance(exc, QloraKitError):
+    if not (_CURRENT.active or launched()) or getattr(exc, "coordinated", False) \
+            or not isinstance(exc, QloraKitError):
         return
+    rank = _CURRENT.rank if _CURRENT.active else env_rank()
     if isinstance(exc, SHARED_ERRORS):
-        if not _CURRENT.is_main:
+        if rank:
             exc.silent = True  # type: ignore[attr-defined]
-    elif _CURRENT.rank and not getattr(exc, "rank_label", None):
-        exc.rank_label = f"rank {_CURRENT.rank}"  # type: ignore[attr-defined]
+    elif rank and not getattr(exc, "rank_label", None):
+        exc.rank_label = f"rank {rank}"  # type: ignore[attr-defined]
 
 
 def _silenced(exc: BaseException) -> BaseException:

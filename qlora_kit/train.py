@@ -132,11 +132,12 @@ def run_training(
         log.info("%s is already complete (%d of %d steps); raise train.max_steps with --set to train further",
                  out, run.step, run.total_steps)
         return 0
-    with StopRequest() as stop:
+    with StopRequest(echo_window=2.0 if dist.active else 0.0) as stop:
         try:
             train(run, stop)
-        except Preempted:
+        except Preempted:  # agreed by every rank at a step boundary: they leave together
             _set_status(run, "preempted")
+            run.dist.barrier()
             raise
         except torch.cuda.OutOfMemoryError as exc:
             _set_status(run, "failed", "CUDA out of memory")
@@ -144,6 +145,8 @@ def run_training(
         except BaseException as exc:
             peer = distributed.translate_failure(exc) if run.dist.active else None
             _set_status(run, "failed", peer.message if peer else f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, NonFiniteLossError):  # agreed by every rank (all-reduced flags)
+                run.dist.barrier()
             raise
     finish(run)
     return 0
@@ -252,11 +255,8 @@ def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, sk
             _check_data_unchanged(resume_from, data.fingerprint)
         if device.type == "cuda" and not skip_memory_check:
             _check_memory(cfg, source, device)
-        model = build_model(cfg, source, precision, quant_storage=compute_dtype if dist.fsdp else torch.uint8)
-        if cfg.train.fused_loss:
-            cfg = _check_fused_loss(cfg, model, data, tokenizer, precision)
-            if not cfg.train.fused_loss and device.type == "cuda" and not skip_memory_check:
-                _check_memory(cfg, source, device)  # full logits need more memory: re-check before training
+        model = build_model(cfg, source, precision, quant_storage=compute_dtype if dist.fsdp else torch.uint8,
+                            load_on=dist.load_device(device))
         if resume_from is not None and dist.fsdp:
             ckpt.load_adapter_weights(resume_from, model)  # before sharding; FSDP syncs rank 0's to the others
     if dist.rank:
@@ -270,6 +270,10 @@ def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, sk
         (out / rundir.CONFIG).write_text(config_text)
         tokenizer.save_pretrained(out / rundir.TOKENIZER)
     wrapped = dist.wrap(model)
+    if cfg.train.fused_loss:
+        cfg = _check_fused_loss(cfg, wrapped, data, tokenizer, precision)
+        if not cfg.train.fused_loss and device.type == "cuda" and not skip_memory_check:
+            _check_memory(cfg, source, device)  # full logits need more memory: re-check before training
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params, device)
     micro_per_epoch = len(_epoch_plan(cfg, data, 0))
@@ -356,7 +360,7 @@ def resolve_memory_settings(cfg: Config, source: Path, device: torch.device,
     or the computation of a resumed run.
     """
     from qlora_kit.errors import ModelError
-    from qlora_kit.plan import conservative_settings, load_shape_file, resolve_auto
+    from qlora_kit.plan import conservative_settings, load_shape_file, planning_for, resolve_auto
 
     pinned = {k: recorded[k] for k in MEMORY_KEYS if recorded and k in recorded and
               getattr(cfg.train, k) == "auto"}
@@ -372,7 +376,8 @@ def resolve_memory_settings(cfg: Config, source: Path, device: torch.device,
         log.warning("memory planner unavailable (%s): conservative memory settings", exc.message)
         resolved = conservative_settings(cfg)
     else:
-        resolved = resolve_auto(cfg, shape, device_memory(device))
+        with planning_for(distributed.current().parallel()):  # per GPU when several train together
+            resolved = resolve_auto(cfg, shape, device_memory(device))
     t = resolved.train
     log.info("memory settings: packing=%s fused_loss=%s checkpoint_every_n_layers=%s tiled_mlp=%s "
              "activation_offload=%s optimizer=%s", resolved.data.packing, t.fused_loss,
@@ -396,13 +401,17 @@ def device_memory(device: torch.device) -> int:
     return psutil.virtual_memory().total
 
 
-def build_model(cfg: Config, source: Path, precision: Any, quant_storage: torch.dtype = torch.uint8) -> Any:
-    """NF4 base → fused loss head → LoRA (+ checkpointing) → packed attention, tiled MLP, offload."""
+def build_model(cfg: Config, source: Path, precision: Any, quant_storage: torch.dtype = torch.uint8,
+                load_on: torch.device | None = None) -> Any:
+    """NF4 base → fused loss head → LoRA (+ checkpointing) → packed attention, tiled MLP, offload.
+
+    ``quant_storage`` and ``load_on`` (default: the training device) serve FSDP (distributed.py).
+    """
     from qlora_kit import model as qmodel
     from qlora_kit.ops import loss, packing, precision as prec, tiled_mlp
 
     device, t = precision.device, cfg.train
-    model = qmodel.load_quantized_base(source, cfg.model, precision.compute_dtype, device, quant_storage)
+    model = qmodel.load_quantized_base(source, cfg.model, precision.compute_dtype, load_on or device, quant_storage)
     if t.fused_loss:
         loss.add_fused_loss(model)  # before peft wraps the model
     model = qmodel.attach_lora(model, cfg.lora, precision.adapter_dtype, t.gradient_checkpointing,
@@ -420,7 +429,7 @@ def build_model(cfg: Config, source: Path, precision: Any, quant_storage: torch.
 
 
 def _check_fused_loss(cfg: Config, model: Any, data: Any, tokenizer: Any, precision: Any) -> Config:
-    """Keep the fused loss only if it reproduces the model's own loss on the first batch."""
+    """Keep the fused loss only if it reproduces the model's own loss on the first batch (every rank agrees)."""
     from qlora_kit.data import collate
     from qlora_kit.ops.loss import check_fused_loss
 
@@ -428,7 +437,7 @@ def _check_fused_loss(cfg: Config, model: Any, data: Any, tokenizer: Any, precis
     batch = to_device(collate(data.train, rows, tokenizer.pad_token_id, cfg.train.max_length, cfg.data.packing),
                       precision.device)
     with precision.forward_context():
-        if check_fused_loss(model, batch):
+        if not distributed.current().any(not check_fused_loss(model, batch)):
             return cfg
     log.warning("fused_loss: the fused loss differs from this model's own loss (its forward changes the logits "
                 "in a way the fused path does not know); training with the full-logits loss instead")
@@ -504,10 +513,11 @@ def _check_data_unchanged(resume_from: Path, fingerprint: dict[str, Any]) -> Non
 
 def _check_memory(cfg: Config, source: Path, device: torch.device) -> None:
     from qlora_kit.errors import ModelError
-    from qlora_kit.plan import check_fits
+    from qlora_kit.plan import check_fits, planning_for
 
     try:
-        check_fits(cfg, source, device)
+        with planning_for(distributed.current().parallel()):
+            check_fits(cfg, source, device)
     except ModelError as exc:  # an architecture the planner cannot model: train without the check
         log.warning("memory pre-flight skipped: %s", exc.message)
 
