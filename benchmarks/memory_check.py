@@ -144,6 +144,7 @@ def packed_row(case: Case, seed: int) -> dict[str, Any]:
 def measure(case: Case, model_dir: Path, device_type: str = "cpu") -> dict[str, Any]:
     """Run one warm-up step, then profile one training step; return the measured windows (bytes)."""
     from qlora_kit.ops.precision import resolve_precision
+    from qlora_kit import distributed
     from qlora_kit.train import build_model, build_optimizer, train_step
 
     cfg = case_config(case, model_dir)
@@ -154,7 +155,7 @@ def measure(case: Case, model_dir: Path, device_type: str = "cpu") -> dict[str, 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params, device)
     run = SimpleNamespace(device=device, precision=precision, model=model, cfg=cfg, scaler=None,
-                          optimizer=optimizer, params=params)
+                          optimizer=optimizer, params=params, wrapped=None, dist=distributed.SINGLE)
     train_step(run, [packed_row(case, 0)])  # warm-up: gradients and optimizer state exist afterwards,
     optimizer.step()  # as in every later micro-batch of a run (gradient accumulation keeps them)
     optimizer.zero_grad(set_to_none=False)

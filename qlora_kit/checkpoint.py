@@ -41,6 +41,7 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 RNG_TENSORS = "rng.safetensors"
 STATE_JSON = "state.json"  # written last: its presence marks a complete checkpoint
+RANK_PREFIX = "rank"  # rank<r>.safetensors/.json: RNG (and FSDP optimizer shard) of rank r > 0
 _TMP_PREFIX = ".tmp-" + CHECKPOINT_PREFIX
 _OLD_PREFIX = ".old-" + CHECKPOINT_PREFIX
 _CKPT = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
@@ -186,9 +187,15 @@ def publish_dir(tmp: Path, final: Path) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_adapter(model: torch.nn.Module, directory: Path) -> None:
-    """Save the peft adapter (safetensors + adapter_config.json) into ``directory``."""
-    model.save_pretrained(directory, safe_serialization=True)
+def save_adapter(model: torch.nn.Module, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Save the peft adapter (safetensors + adapter_config.json) into ``directory``.
+
+    ``state_dict``: the adapter weights when ``model`` does not hold them whole (FSDP shards).
+    """
+    if state_dict is None:
+        model.save_pretrained(directory, safe_serialization=True)
+    else:
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
 
 
 def save_checkpoint(
@@ -199,19 +206,33 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     config_text: str,
+    rank_states: list[dict[str, Any]] | None = None,
+    adapter_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically and return its path; on any failure nothing is left behind."""
+    """Write ``checkpoint-<step>`` atomically and return its path; on any failure nothing is left behind.
+
+    Multi-process runs (written by rank 0): ``rank_states`` holds every rank's contribution
+    (``rng``, and under FSDP its ``optimizer`` shard); ranks above 0 get ``rank<r>.safetensors``
+    + ``rank<r>.json``, listed and hashed in ``state.json`` like every other file.
+    ``adapter_state``: the gathered adapter (see :func:`save_adapter`).
+    """
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f"{_TMP_PREFIX}{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_adapter(model, tmp)
-        opt_tensors, opt_skeleton = flatten_state(optimizer.state_dict(), "opt")
+        save_adapter(model, tmp, adapter_state)
+        own = rank_states[0] if rank_states else {}
+        opt_tensors, opt_skeleton = flatten_state(own.get("optimizer") or optimizer.state_dict(), "opt")
         save_file(opt_tensors, str(tmp / OPTIMIZER_TENSORS))
-        rng_tensors, rng_skeleton = flatten_state(rng_state(), "rng")
+        rng_tensors, rng_skeleton = flatten_state(own.get("rng") or rng_state(), "rng")
         save_file(rng_tensors, str(tmp / RNG_TENSORS))
         (tmp / OPTIMIZER_JSON).write_text(json.dumps(opt_skeleton))
+        for rank, extra in enumerate(rank_states or []):
+            if rank:
+                tensors, skeleton = flatten_state(extra, f"rank{rank}")
+                save_file(tensors, str(tmp / f"{RANK_PREFIX}{rank}.safetensors"))
+                (tmp / f"{RANK_PREFIX}{rank}.json").write_text(json.dumps(skeleton))
         (tmp / "config.yaml").write_text(config_text)
         full_state = {
             **state,
@@ -435,32 +456,57 @@ def _parse_skeleton(path: Path, name: str, tensors: dict[str, torch.Tensor]) -> 
         raise CorruptCheckpoint(f"{name} is not a valid state description") from exc
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
+def load_adapter_weights(path: Path, model: torch.nn.Module, adapter: dict[str, torch.Tensor] | None = None) -> None:
+    """Load a checkpoint's adapter into the adapters already attached to ``model`` (never a second set).
+
+    ``adapter``: tensors already read and verified (:func:`read_checkpoint`); else the checkpoint
+    is verified and its adapter read here.
+
+    Raises:
+        CorruptCheckpoint: the checkpoint does not verify, or its adapter does not match the model's.
+    """
+    from peft import set_peft_model_state_dict
+
+    if adapter is None:
+        verify_checkpoint(path)
+        adapter = _load_tensors(path / ADAPTER_FILE)
+    expected = {k for k, p in model.named_parameters() if p.requires_grad}
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    try:
+        result = set_peft_model_state_dict(model, {k: v.to(device) for k, v in adapter.items()})
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+        raise CorruptCheckpoint(f"its adapter does not fit this model ({str(exc).splitlines()[0][:150]})") from exc
+    unexpected = getattr(result, "unexpected_keys", [])
+    missing = [k for k in getattr(result, "missing_keys", []) if k in expected]
+    if unexpected or missing:
+        raise CorruptCheckpoint(f"{ADAPTER_FILE} does not match this model's adapters "
+                                f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    rank: int = 0) -> dict:
     """Restore adapter weights, optimizer, scheduler and RNGs in place; return the JSON state.
 
-    Everything is verified and parsed before anything is applied.  The adapter weights are
-    loaded into the adapters already attached to ``model`` (never a second set of adapters).
+    Everything is verified and parsed before anything is applied.  ``model`` None: the adapter
+    was loaded already (:func:`load_adapter_weights`; FSDP loads it before sharding).
+    ``rank`` > 0 restores that rank's own RNG states (and optimizer shard, when the checkpoint
+    holds one per rank).
 
     Raises:
         CorruptCheckpoint: the checkpoint does not verify, parse, or fit this model/optimizer.
     """
-    from peft import set_peft_model_state_dict
-
     parts = read_checkpoint(path, scheduler)
-    expected = {k for k, p in model.named_parameters() if p.requires_grad}
-    device = next(p.device for p in model.parameters() if p.requires_grad)
+    own: dict[str, Any] = {}
+    if rank:
+        own = _parse_skeleton(path, f"{RANK_PREFIX}{rank}.json", _load_tensors(path / f"{RANK_PREFIX}{rank}.safetensors"))
+        if not isinstance(own, dict) or "rng" not in own:
+            raise CorruptCheckpoint(f"{RANK_PREFIX}{rank}.json holds no RNG state for rank {rank}")
+    if model is not None:
+        load_adapter_weights(path, model, parts.adapter)
     try:
-        result = set_peft_model_state_dict(model, {k: v.to(device) for k, v in parts.adapter.items()})
-        unexpected = getattr(result, "unexpected_keys", [])
-        missing = [k for k in getattr(result, "missing_keys", []) if k in expected]
-        if unexpected or missing:
-            raise CorruptCheckpoint(f"{ADAPTER_FILE} does not match this model's adapters "
-                                    f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
-        optimizer.load_state_dict(parts.optimizer)
+        optimizer.load_state_dict(own.get("optimizer") or parts.optimizer)
         scheduler.load_state_dict(parts.state["scheduler"])
-        set_rng_state(parts.rng)
-    except CorruptCheckpoint:
-        raise
+        set_rng_state(own["rng"] if rank else parts.rng)
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
         raise CorruptCheckpoint(f"it does not fit this model or optimizer ({str(exc).splitlines()[0][:150]})") from exc
     return parts.state

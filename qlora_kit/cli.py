@@ -8,7 +8,9 @@ shows the traceback instead.
 from __future__ import annotations
 
 import errno
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,9 +40,11 @@ def _run(fn: Callable[[], int | None]) -> None:
     except QloraKitError as exc:
         if _DEBUG["on"]:
             raise
-        echo(f"error: {exc.message}")
-        if exc.hint:
-            echo(f"fix: {exc.hint}")
+        if not getattr(exc, "silent", False):  # multi-process runs: another rank prints it (distributed.py)
+            label = getattr(exc, "rank_label", None)
+            echo(f"error: {f'[{label}] ' if label else ''}{exc.message}")
+            if exc.hint:
+                echo(f"fix: {exc.hint}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         echo("aborted.")
@@ -70,6 +74,23 @@ def _report_os_error(exc: OSError) -> None:
         raise typer.Exit(EXIT_NO_SPACE) from None
     echo("fix: check that you may write there, or choose another path")
     raise typer.Exit(EXIT_USER_ERROR) from None
+
+
+def _one_process_only(command: str) -> None:
+    """export, generate and chat run in one process: two ranks would write or print the same thing twice.
+
+    Raises:
+        ConfigError: started by a launcher with several processes.
+    """
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        from qlora_kit.errors import ConfigError
+
+        if os.environ.get("RANK", "0") != "0":
+            time.sleep(1)  # rank 0 says why; the launcher stops the others as soon as one exits
+            raise typer.Exit(2)
+        raise ConfigError(f"`qlora-kit {command}` runs in one process, not under accelerate launch / torchrun",
+                          f"run `qlora-kit {command} ...` directly (it works on runs trained with any number "
+                          "of processes)")
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:
@@ -120,9 +141,12 @@ def train(
     """Fine-tune: NF4 base + LoRA adapters, SFT on your data; writes OUTPUT_DIR/adapter."""
 
     def body() -> int:
+        from qlora_kit import distributed
         from qlora_kit.train import run_training
 
-        return run_training(config, set_ or [], resume=resume, overwrite=overwrite, skip_memory_check=skip_memory_check)
+        with distributed.session():  # one process, or one rank of `accelerate launch` / `torchrun`
+            return run_training(config, set_ or [], resume=resume, overwrite=overwrite,
+                                skip_memory_check=skip_memory_check)
 
     _run(body)
 
@@ -142,6 +166,7 @@ def export(
     """Merge the adapter into a plain fp16 HF checkpoint, and prove it matches the trained model."""
 
     def body() -> int:
+        _one_process_only("export")
         from qlora_kit.export import export_run
 
         return export_run(run_dir, out, dtype=dtype, merge_base=merge_base, overwrite=overwrite, verify=verify,
@@ -161,6 +186,7 @@ def generate(
     """Answer one prompt through the chat template, streaming tokens."""
 
     def body() -> int:
+        _one_process_only("generate")
         from qlora_kit.generate import generate_once
 
         return generate_once(path, prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
@@ -178,6 +204,7 @@ def chat(
     """Interactive chat (type /exit to quit, /reset to clear history)."""
 
     def body() -> int:
+        _one_process_only("chat")
         from qlora_kit.generate import chat_loop
 
         return chat_loop(path, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
@@ -191,13 +218,18 @@ def plan(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override: section.key=value."),
     gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="Card memory in GiB (default: this GPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of a table."),
+    num_gpus: int = typer.Option(1, "--num-gpus", help="GPUs training together: the plan is per GPU."),
+    strategy: str = typer.Option(
+        "ddp", "--strategy", help="With --num-gpus: ddp (whole model per GPU), fsdp (sharded), fsdp-offload."
+    ),
 ) -> None:
     """Predict peak GPU memory from the model's config.json alone (no weights loaded)."""
 
     def body() -> int:
         from qlora_kit.plan import run_plan
 
-        return run_plan(config, set_ or [], gpu_memory=gpu_memory, as_json=as_json)
+        return run_plan(config, set_ or [], gpu_memory=gpu_memory, as_json=as_json, num_gpus=num_gpus,
+                        strategy=strategy)
 
     _run(body)
 

@@ -78,6 +78,12 @@ class VerificationError(QloraKitError):
     exit_code = EXIT_VERIFY_FAILED
 
 
+class PeerFailed(QloraKitError):
+    """Another process of a multi-process run failed or stopped responding (its own message says why)."""
+
+    exit_code = 1
+
+
 class Preempted(QloraKitError):
     """A stop signal arrived; the command stopped cleanly (training: after a checkpoint) and can be rerun."""
 

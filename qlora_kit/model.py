@@ -173,13 +173,23 @@ def convert_gguf(gguf_path: Path) -> Path:
     the weights are moved into a model built from its config first.  The cache key is the
     file's path, size and mtime; a finished conversion is marked by ``.complete``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     st = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
     if (out / ".complete").exists():
         return out
+    from filelock import FileLock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # the ranks of a multi-process run (or two runs) convert once
+        if (out / ".complete").exists():
+            return out
+        return _convert_gguf_locked(gguf_path, out)
+
+
+def _convert_gguf_locked(gguf_path: Path, out: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     log.info("converting GGUF %s to a cached HF checkpoint at %s (once)", gguf_path.name, out)
     folder, fname = str(gguf_path.parent), gguf_path.name
     try:
@@ -261,11 +271,14 @@ def require_safetensors(source: Path) -> None:
                      "or at a .gguf file")
 
 
-def load_quantized_base(source: Path, cfg: ModelConfig, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_quantized_base(source: Path, cfg: ModelConfig, compute_dtype: torch.dtype, device: torch.device,
+                        quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     """Load ``source`` with every linear layer (except lm_head) in bitsandbytes 4-bit.
 
     Non-quantised layers (embeddings, norms, lm_head) stay in ``compute_dtype``.  All
-    parameters are frozen.
+    parameters are frozen.  ``quant_storage``: the dtype the packed 4-bit values are stored
+    in; FSDP can only shard floating-point tensors of one dtype per unit, so FSDP-QLoRA
+    stores them in the compute dtype (same values, same bytes: bitsandbytes ``fsdp_qlora``).
 
     Raises:
         ModelError: pickle-only weights, or transformers cannot load the model.
@@ -278,7 +291,7 @@ def load_quantized_base(source: Path, cfg: ModelConfig, compute_dtype: torch.dty
         bnb_4bit_quant_type=cfg.quant_type,
         bnb_4bit_use_double_quant=cfg.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=quant_storage,
     )
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -324,7 +337,8 @@ def quant_spec(model: nn.Module, cfg: ModelConfig, compute_dtype: torch.dtype) -
         raise ModelError("no bitsandbytes 4-bit layer found after loading: quantisation did not happen")
     qs = layer.weight.quant_state
     name = str(compute_dtype).removeprefix("torch.")
-    return QuantSpec(cfg.quant_type, cfg.double_quant, int(qs.blocksize), name, name)
+    storage = str(layer.weight.dtype).removeprefix("torch.")
+    return QuantSpec(cfg.quant_type, cfg.double_quant, int(qs.blocksize), name, name, storage)
 
 
 # --------------------------------------------------------------------------- LoRA

@@ -52,11 +52,28 @@ on CUDA, 4 for fp32), a bytes of an adapter weight (4: fp32 master copies by def
   context, cuBLAS and bitsandbytes kernels (outside PyTorch's allocator).  Both are
   assumptions until a GPU benchmark measures them (benchmarks/README.md).
 
+Several GPUs (``--num-gpus N``, and ``train`` under a launcher) are planned per GPU
+(:class:`Parallel`, :func:`parallel_components`): each GPU runs ``micro_batch_size`` rows, so
+activations are per GPU as for one.  DDP keeps the whole model on every GPU and adds its
+gradient buckets (``ddp_gradient_buckets``: one more copy of the adapter gradients).  FSDP
+(FULL_SHARD) divides the packed 4-bit values, the layers' 16-bit norms, the adapters, their
+gradients and optimizer state by N; the quantisation constants (not parameters, so not
+sharded) and the root unit (embeddings, lm_head, final norm) stay whole on every GPU, and two
+decoder layers are gathered at a time (``fsdp_gathered_layers``: the one computing, the one
+prefetched).  The ``load`` phase of FSDP is not sharded: every rank quantises the whole
+base on its own GPU before FSDP shards it (transformers 5.x has no rank-0-only loading for
+4-bit models).  With ``fsdp_offload_params`` (``fsdp-offload``) the shards live in host
+memory, and the base is loaded on the CPU: the GPU holds two layers being sharded, the root
+unit and the quantisation constants while loading, the host the whole 4-bit model
+(``host_memory``, per process).
+
 Mixture-of-experts models are not modelled and are refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -102,6 +119,10 @@ BUILTIN_IDS = {
     "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b",
     "meta-llama/meta-llama-3.1-8b": "llama-3.1-8b",
     "meta-llama/meta-llama-3.1-8b-instruct": "llama-3.1-8b",
+    "meta-llama/llama-3.1-70b": "llama-3.1-70b",
+    "meta-llama/llama-3.1-70b-instruct": "llama-3.1-70b",
+    "meta-llama/meta-llama-3.1-70b": "llama-3.1-70b",
+    "meta-llama/meta-llama-3.1-70b-instruct": "llama-3.1-70b",
     "mistralai/mistral-7b-v0.3": "mistral-7b-v0.3",
     "mistralai/mistral-7b-instruct-v0.3": "mistral-7b-v0.3",
     "qwen/qwen2.5-7b": "qwen2.5-7b",
@@ -574,6 +595,78 @@ def flash_backward_per_token(shape: ModelShape, tech: Techniques) -> int:
     return total
 
 
+# --------------------------------------------------------------------------- several GPUs
+
+
+STRATEGIES = ("ddp", "fsdp", "fsdp-offload")
+FSDP_GATHERED_LAYERS = 2  # decoder layers unsharded at once: the one computing + the one prefetched
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """How many GPUs train together and how: ``ddp`` (whole model per GPU) or ``fsdp`` (sharded)."""
+
+    gpus: int = 1
+    strategy: str = "ddp"  # "ddp", "fsdp" or "fsdp-offload"
+
+    @property
+    def fsdp(self) -> bool:
+        return self.strategy.startswith("fsdp")
+
+    @property
+    def single(self) -> bool:
+        return self.gpus == 1 and not self.fsdp
+
+    def label(self) -> str:
+        names = {"ddp": "DDP", "fsdp": "FSDP", "fsdp-offload": "FSDP + CPU offload"}
+        return "1 GPU" if self.single else f"{self.gpus} GPUs, {names[self.strategy]}, per GPU"
+
+
+_PARALLEL: contextvars.ContextVar[Parallel] = contextvars.ContextVar("qlora_kit_parallel", default=Parallel())
+
+
+@contextlib.contextmanager
+def planning_for(parallel: Parallel) -> Any:
+    """Plan every estimate inside the block per GPU of ``parallel`` (resolve_auto, fits, suggest included)."""
+    token = _PARALLEL.set(parallel)
+    try:
+        yield parallel
+    finally:
+        _PARALLEL.reset(token)
+
+
+def parallel_components(shape: ModelShape, tech: "Techniques", numels: list[int], parallel: Parallel
+                        ) -> tuple[dict[str, int], dict[str, int] | None, int]:
+    """Per-GPU terms of a multi-GPU run: (static terms replacing the single-GPU ones, the load phase when it
+    differs from one GPU's, host bytes per rank)."""
+    lora = adapter_components(numels, tech)
+    if not parallel.fsdp:
+        return ({"ddp_gradient_buckets": lora["lora_gradients"]} if parallel.gpus > 1 else {}), None, 0
+    n, s, h, L = parallel.gpus, tech.s, shape.hidden_size, shape.num_layers
+    layers = linear_layers(shape).values()
+    packed = sum(math.ceil(lin.numel / 2) for lin in layers)  # per decoder layer: the sharded 4-bit values
+    constants = sum(nf4_bytes(lin.numel, tech.double_quant) - math.ceil(lin.numel / 2) for lin in layers)
+    norms = 2 * h + (shape.q_dim + 2 * shape.kv_dim if shape.qkv_bias else 0) + (2 * shape.head_dim if shape.qk_norm
+                                                                               else 0)
+    root = shape.vocab_size * h * (1 if shape.tie_word_embeddings else 2) + h
+    layer_bytes = packed + s * norms
+    offload = parallel.strategy == "fsdp-offload"
+    shards = {"nf4": L * packed // n, "norms": L * s * norms // n, **{k: v // n for k, v in lora.items()}}
+    components = {
+        "nf4_weights": L * constants + (0 if offload else shards["nf4"]),
+        "weights_16bit": s * root + (0 if offload else shards["norms"]),
+        "fsdp_gathered_layers": FSDP_GATHERED_LAYERS * layer_bytes,
+        **{k: 0 if offload else shards[k] for k in lora},
+    }
+    if not offload:
+        return components, None, 0
+    # Offloaded: loaded on the CPU, each unit moved to the GPU only while FSDP shards it (distributed.load_device).
+    load = {"nf4_weights": L * constants, "weights_16bit": s * root,
+            "fsdp_gathered_layers": FSDP_GATHERED_LAYERS * layer_bytes}
+    whole = L * (packed + constants + s * norms) + s * root  # the 4-bit model in host memory while loading
+    return components, load, max(sum(shards.values()), whole)
+
+
 # --------------------------------------------------------------------------- the estimate
 
 
@@ -630,12 +723,14 @@ class MemoryPlan:
 
 
 def estimate(cfg: Config, shape: ModelShape, micro_batch_size: int | None = None, max_length: int | None = None,
-             *, device: str = "cuda", labelled_tokens: int | None = None) -> MemoryPlan:
+             *, device: str = "cuda", labelled_tokens: int | None = None, parallel: Parallel | None = None
+             ) -> MemoryPlan:
     """Predict the memory of ``cfg`` on ``shape`` (optionally at another micro-batch/length).
 
     ``"auto"`` settings count as their conservative choice (see :func:`resolve_auto` for
     the planner's). ``labelled_tokens`` (tokens that carry a label) defaults to all of them.
     ``device="cpu"`` models the CPU kernels (used to check the model against measurements).
+    ``parallel``: plan one GPU of a multi-GPU run (default: the :func:`planning_for` block's).
 
     Raises:
         ModelError: LoRA targets that this architecture does not have.
@@ -649,10 +744,16 @@ def estimate(cfg: Config, shape: ModelShape, micro_batch_size: int | None = None
     numels = adapter_tensors(shape, list(tech.targets), tech.r, tech.dora)
     static = {**weights, **adapter_components(numels, tech)}
     loss_phase, backward_phase, stage, host = activation_phases(shape, tech, batch, length, labelled, numels)
+    parallel = parallel or _PARALLEL.get()
     max_linear = max(lin.numel for lin in linear_layers(shape).values())
     load = {**weights, "quantisation_buffer": max_linear * tech.s + 4 * math.ceil(max_linear / NF4_BLOCK)}
+    if not parallel.single:
+        per_gpu, per_gpu_load, host_shards = parallel_components(shape, tech, numels, parallel)
+        static = {**static, **per_gpu}
+        load = per_gpu_load or load
+        host += host_shards
     _, pageable = optimizer_bytes(numels, tech.optimizer, tech.adapter_bytes)
-    paged = pageable if tech.optimizer.startswith("paged_") and device == "cuda" else 0
+    paged = pageable if tech.optimizer.startswith("paged_") and device == "cuda" and not parallel.fsdp else 0
     return MemoryPlan(
         shape=shape, micro_batch_size=batch, max_length=length,
         compute_dtype="float32" if tech.s == 4 else ("bfloat16" if cfg.model.compute_dtype == "auto"
@@ -1021,13 +1122,18 @@ def check_fits(cfg: Config, source_dir: Path, device: Any) -> None:
 
 
 def run_plan(config_path: str | Path, overrides: list[str], gpu_memory: float | None = None,
-             as_json: bool = False) -> int:
-    """``qlora-kit plan``: print the prediction; exit 0 when it fits, EXIT_OOM when it does not.
+             as_json: bool = False, num_gpus: int = 1, strategy: str = "ddp") -> int:
+    """``qlora-kit plan``: print the prediction (per GPU with ``num_gpus`` > 1); exit 0 when it fits, EXIT_OOM when not.
 
     Raises:
-        ConfigError: invalid config.
+        ConfigError: invalid config, ``num_gpus`` below 1 or an unknown ``strategy``.
         ModelError: the model's shape cannot be found.
     """
+    if num_gpus < 1:
+        raise ConfigError(f"--num-gpus must be at least 1, got {num_gpus}")
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}",
+                          "ddp: the whole model on every GPU; fsdp: sharded; fsdp-offload: sharded in host memory")
     cfg, sources = load_config(config_path, overrides)
     try:
         shape = read_shape(cfg.model)
@@ -1036,7 +1142,12 @@ def run_plan(config_path: str | Path, overrides: list[str], gpu_memory: float | 
         attribute_origin(exc, sources)
         raise
     budget, budget_source = gpu_budget(gpu_memory)
-    report = build_report(cfg, shape, budget, budget_source)
+    with planning_for(Parallel(num_gpus, strategy)) as parallel:
+        report = build_report(cfg, shape, budget, budget_source)
+    report["parallel"] = {"gpus": parallel.gpus, "strategy": parallel.strategy, "per_gpu": not parallel.single,
+                          "global_micro_batch_size": parallel.gpus * report["micro_batch_size"],
+                          "global_batch_size": parallel.gpus * report["micro_batch_size"]
+                          * cfg.train.gradient_accumulation_steps}
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -1125,6 +1236,8 @@ _LABELS = {
     "fused_loss": "fused loss (tiles, labelled hidden states)",
     "logits_and_loss": "logits + fp32 loss and its gradient",
     "quantisation_buffer": "16-bit matrix being quantised",
+    "ddp_gradient_buckets": "DDP gradient buckets (adapter gradients)",
+    "fsdp_gathered_layers": "FSDP: decoder layers gathered (2)",
     "fragmentation_margin": "allocator fragmentation margin ({frag:.0%})",
     "cuda_context": "CUDA context + kernels",
 }
@@ -1145,8 +1258,13 @@ def print_report(report: dict[str, Any]) -> None:
 
     console = Console()
     settings = report["memory_settings"]
+    parallel = report.get("parallel") or {}
+    where = ""
+    if parallel.get("per_gpu"):
+        where = f", {Parallel(parallel['gpus'], parallel['strategy']).label()}"
     table = Table(title=f"Memory plan: {report['model']} (B={report['micro_batch_size']}, "
-                        f"T={report['max_length']}, {report['compute_dtype']}, peak in {report['peak_phase']} phase)")
+                        f"T={report['max_length']}, {report['compute_dtype']}, peak in {report['peak_phase']} phase"
+                        f"{where})")
     table.add_column("component")
     table.add_column("memory", justify="right")
     context = {"dq": " + double quant" if report["double_quant"] else "", "opt": report["optimizer"],
@@ -1156,7 +1274,8 @@ def print_report(report: dict[str, Any]) -> None:
     for key, value in report["breakdown"].items():
         if value:
             table.add_row(_LABELS.get(key, key).format(**context), _human(value))
-    table.add_row("[bold]predicted peak[/bold]", f"[bold]{_human(report['total_bytes'])}[/bold]")
+    table.add_row("[bold]predicted peak" + (" per GPU" if where else "") + "[/bold]",
+                  f"[bold]{_human(report['total_bytes'])}[/bold]")
     table.add_row("GPU memory", f"{_human(report['gpu_memory_bytes'])} ({report['gpu_memory_source']})")
     console.print(table)
     verdict = "[green]fits[/green]" if report["fits"] else "[red]does NOT fit[/red]"
@@ -1166,7 +1285,17 @@ def print_report(report: dict[str, Any]) -> None:
     shown = ", ".join(f"{k}={v}{' (auto)' if k in auto else ''}" for k, v in settings.items())
     console.print(f"memory settings: {shown}")
     if report["host_memory_bytes"]:
-        console.print(f"pinned host memory for offloaded checkpoints: {_human(report['host_memory_bytes'])}")
+        console.print(f"host memory (offloaded checkpoints / FSDP shards) per process: "
+                      f"{_human(report['host_memory_bytes'])}")
+    if parallel.get("per_gpu"):
+        phases = report["phases"]
+        loading = ("the base is loaded on the CPU and sharded unit by unit" if parallel["strategy"] == "fsdp-offload"
+                   else "every rank quantises the whole base on its GPU first")
+        context = report["breakdown"]["cuda_context"]
+        console.print(f"{parallel['gpus']} GPUs: global micro-batch {parallel['global_micro_batch_size']} rows, "
+                      f"global batch {parallel['global_batch_size']} rows per optimizer step; per GPU: load phase "
+                      f"{_human(phases['load'] + context)} ({loading}), training "
+                      f"{_human(max(phases['loss'], phases['backward']) + context)} (allocator margin not included)")
     console.print(f"longest max_length that fits: {_tokens(report['max_length_that_fits_without_offload'])} "
                   f"without activation offload, {_tokens(report['max_length_that_fits_with_offload'])} with it; "
                   f"largest micro_batch_size that fits: {_tokens(report['micro_batch_size_that_fits'])}")

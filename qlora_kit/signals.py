@@ -12,6 +12,10 @@ Two modes, switched by the recipe:
   saves a checkpoint of the last finished step and exits with ``EXIT_PREEMPTED`` (75).
 
 A second SIGINT aborts at once (KeyboardInterrupt, exit 130).
+
+Under a launcher (``accelerate launch``, ``torchrun``) a Ctrl-C reaches every rank twice:
+from the terminal and forwarded by the launcher.  ``echo_window`` seconds after the first
+SIGINT another one counts as that same request, not as the second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 
 log = logging.getLogger("qlora_kit")
@@ -35,9 +40,11 @@ class StopNow(BaseException):
 class StopRequest:
     """Installs the handlers for the duration of a ``with`` block (main thread only)."""
 
-    def __init__(self, immediate: bool = False) -> None:
+    def __init__(self, immediate: bool = False, echo_window: float = 0.0) -> None:
         self.signal_name: str | None = None
         self.immediate = immediate
+        self.echo_window = echo_window
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     @property
@@ -51,12 +58,16 @@ class StopRequest:
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.requested and signum == signal.SIGINT:
+            if time.monotonic() - self._first_at < self.echo_window:
+                return  # the launcher forwarding the same Ctrl-C
             raise KeyboardInterrupt
         if self.immediate:
             self.signal_name = name
+            self._first_at = time.monotonic()
             raise StopNow(name)
         if not self.requested:
             self.signal_name = name
+            self._first_at = time.monotonic()
             log.warning("%s received: saving a checkpoint at the next step boundary (Ctrl-C again aborts)", name)
 
     def __enter__(self) -> "StopRequest":

@@ -14,6 +14,9 @@ need here are easier to keep in plain code:
   checkpoints the last finished step, also from within a step (signals.py);
 - nothing is written that holds NaN/inf, checkpoints/adapters appear atomically, free disk
   space is checked before each of them (diskspace.py).
+- several processes (``accelerate launch`` / ``torchrun``: DDP or FSDP-QLoRA) train the same
+  global batch as one process would; ``run.dist`` (distributed.py) is asked at the few
+  points where ranks matter (rows per rank, loss scale, agreement, who writes).
 
 Memory and speed techniques live in ``qlora_kit/ops`` (one module each) and are switched
 on in :func:`setup`: fused loss (no full logits), padding-free packing with packed
@@ -27,6 +30,7 @@ Building blocks are the field's own: transformers models and schedulers, bitsand
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -44,7 +48,7 @@ import numpy as np
 import torch
 
 from qlora_kit import checkpoint as ckpt
-from qlora_kit import diskspace, logs, outdir, rundir, runlock
+from qlora_kit import diskspace, distributed, logs, outdir, rundir, runlock
 from qlora_kit.config import Config, attribute_origin, dump_config, load_config, read_yaml, validate
 from qlora_kit.errors import (
     ConfigError,
@@ -108,6 +112,8 @@ class Run:
     params: list[torch.nn.Parameter] = field(default_factory=list)
     precision: Any = None  # ops.precision.Precision
     scaler: torch.amp.GradScaler | None = None  # fp16 compute only
+    dist: distributed.Dist = distributed.SINGLE  # this process's rank in a multi-process run
+    wrapped: Any = None  # what runs forward/backward: DDP/FSDP around ``model`` (``model`` itself when single)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -130,6 +136,7 @@ def run_training(
     from qlora_kit.ops.allocator import configure_cuda_allocator
 
     configure_cuda_allocator()  # before anything touches CUDA
+    dist = distributed.current()
     cfg, sources = load_config(config_path, overrides)
     out = Path(cfg.output_dir).expanduser()
     _check_target(out, cfg, config_path, overwrite)  # read-only: refuse "/", home, ... before locking beside them
@@ -138,23 +145,43 @@ def run_training(
                        + (["--resume"] if resume else []) + (["--overwrite"] if overwrite else []))
     header = f"{command} (qlora-kit {package_versions().get('qlora-kit')})"
     try:
-        with logs.run_log(out / rundir.TRAIN_LOG, header) as file_log, StopRequest(immediate=True) as stop, \
-                runlock.exclusive(out, "train"):
+        with _run_log(out, header, dist) as file_log, \
+                StopRequest(immediate=True, echo_window=2.0 if dist.active else 0.0) as stop, _lock(out, dist):
             return _run_locked(cfg, sources, out, config_path, resume, overwrite, skip_memory_check, stop, file_log)
     except StopNow as exc:  # only raised before anything was written
         raise Preempted(f"stopped by {exc.signal_name} before training started; nothing was written",
                         "run the same command again") from None
 
 
+def _run_log(out: Path, header: str, dist: distributed.Dist) -> contextlib.AbstractContextManager[Any]:
+    """OUTPUT_DIR/train.log, written by the process that writes the run (rank 0; the others stay quiet)."""
+    return logs.run_log(out / rundir.TRAIN_LOG, header) if dist.is_main else contextlib.nullcontext(None)
+
+
+@contextlib.contextmanager
+def _lock(out: Path, dist: distributed.Dist) -> Iterator[None]:
+    """One writer per run: the process that writes (rank 0) holds ``output_dir``'s lock; a refusal reaches every rank."""
+    if not dist.active:
+        with runlock.exclusive(out, "train"):
+            yield
+        return
+    with contextlib.ExitStack() as stack:
+        dist.from_main(lambda: stack.enter_context(runlock.exclusive(out, "train")) and None)
+        yield
+
+
 def _run_locked(cfg: Config, sources: dict[str, str], out: Path, config_path: str | Path, resume: bool,
-                overwrite: bool, skip_memory_check: bool, stop: StopRequest, file_log: logs.RunLog) -> int:
+                overwrite: bool, skip_memory_check: bool, stop: StopRequest, file_log: logs.RunLog | None) -> int:
     """The recipe, with ``output_dir`` locked: inspect → setup (in memory) → begin → train → finish.
 
     ``file_log`` holds the log lines until :func:`begin` has written the run's directory, then
-    writes them, and every later one, to ``OUTPUT_DIR/train.log``.
+    writes them, and every later one, to ``OUTPUT_DIR/train.log``.  Several processes: rank 0
+    inspects and writes; every rank trains; failures agreed by all ranks end them together.
     """
-    warn_if_validation_elsewhere(cfg, sources)
-    start = outdir.inspect(out, resume, overwrite)
+    dist = distributed.current()
+    if dist.is_main:
+        warn_if_validation_elsewhere(cfg, sources)
+    start = dist.from_main(lambda: outdir.inspect(out, resume, overwrite))
     if not start.fresh:
         check_resume_compatible(start.resume_from or out, cfg)
     try:
@@ -168,12 +195,16 @@ def _run_locked(cfg: Config, sources: dict[str, str], out: Path, config_path: st
         return 0
     stop.defer()
     try:
-        begin(run, start)
-        file_log.open()
+        dist.from_main(lambda: begin(run, start))
+        if file_log is not None:
+            file_log.open()
         train(run, stop)
         finish(run)
     except BaseException as exc:
-        _fail(run, start, exc)
+        if dist.is_main:
+            _fail(run, start, exc)
+        if isinstance(exc, Preempted | NonFiniteLossError) and dist.active:
+            dist.barrier()  # agreed by every rank at a step boundary: they leave together
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             raise _oom_error(run, exc) from exc
         raise
@@ -220,6 +251,8 @@ def _fail(run: "Run", start: outdir.Start, exc: BaseException) -> None:
         status, error = "preempted", "aborted by a second Ctrl-C (the last checkpoint is intact)"
     elif isinstance(exc, torch.cuda.OutOfMemoryError):
         status, error = "failed", "CUDA out of memory"
+    elif (peer := distributed.translate_failure(exc) if run.dist.active else None) is not None:
+        status, error = "failed", peer.message  # another rank failed first: its reason, not the collective's
     else:
         message = exc.message if isinstance(exc, QloraKitError) else str(exc)
         status, error = "failed", f"{type(exc).__name__}: {message.splitlines()[0][:300] if message else ''}"
@@ -315,45 +348,112 @@ def setup(cfg: Config, config_text: str, out: Path, start: outdir.Start | None, 
     from qlora_kit import model as qmodel
     from qlora_kit.ops.precision import resolve_precision
 
+    dist = distributed.current()
     start = start or outdir.Start(out, "fresh")
     seed_everything(cfg.train.seed)
-    device = qmodel.pick_device()
-    compute_dtype = qmodel.resolve_compute_dtype(cfg.model.compute_dtype, device)
-    precision = resolve_precision(compute_dtype, cfg.lora.adapter_dtype, device)
-    source = qmodel.resolve_source(cfg.model)
-    qmodel.require_safetensors(source)
-    cfg = resolve_memory_settings(cfg, source, device, None if start.fresh else _recorded_memory(out))
-    tokenizer = qmodel.load_tokenizer(source, cfg.model)
-    data = _setup_data(cfg, tokenizer)
-    if start.resume_from is not None:
-        _check_data_unchanged(start.resume_from, data.fingerprint)
-    if device.type == "cuda" and not skip_memory_check:
-        _check_memory(cfg, source, device)
-    model = build_model(cfg, source, precision)
-    if cfg.train.fused_loss:
-        cfg = _check_fused_loss(cfg, model, data, tokenizer, precision)
-        if not cfg.train.fused_loss and device.type == "cuda" and not skip_memory_check:
-            _check_memory(cfg, source, device)  # full logits need more memory: re-check before training
+    with dist.together():  # no collective inside: a failure on any rank ends every rank here, reported once
+        device = dist.device or qmodel.pick_device()
+        compute_dtype = qmodel.resolve_compute_dtype(cfg.model.compute_dtype, device)
+        precision = resolve_precision(compute_dtype, cfg.lora.adapter_dtype, device)
+        if start.resume_from is not None:
+            _check_same_ranks(start.resume_from, dist)
+        if dist.fsdp:
+            _check_fsdp_supported(cfg, precision)
+        source = qmodel.resolve_source(cfg.model)
+        qmodel.require_safetensors(source)
+        cfg = resolve_memory_settings(cfg, source, device, None if start.fresh else _recorded_memory(out))
+        tokenizer = qmodel.load_tokenizer(source, cfg.model)
+        data = _setup_data(cfg, tokenizer, show=dist.is_main)
+        if start.resume_from is not None:
+            _check_data_unchanged(start.resume_from, data.fingerprint)
+        if device.type == "cuda" and not skip_memory_check:
+            _check_memory(cfg, source, device)
+        model = build_model(cfg, source, precision, quant_storage=compute_dtype if dist.fsdp else torch.uint8,
+                            load_on=dist.load_device(device))
+        if start.resume_from is not None and dist.fsdp:
+            ckpt.load_adapter_weights(start.resume_from, model)  # before sharding; FSDP syncs rank 0's to the others
+    if dist.rank:
+        seed_everything(cfg.train.seed + dist.rank)  # dropout differs per rank; the adapters started equal
     spec = qmodel.quant_spec(model, cfg.model, compute_dtype)
     trainable, total = qmodel.count_parameters(model)
     log.info("model: %s | 4-bit %s (double quant: %s) | LoRA r=%d on %s | trainable %s of %s parameters",
              cfg.model.name_or_path, spec.quant_type, spec.double_quant, cfg.lora.r,
              ",".join(model.peft_config["default"].target_modules), f"{trainable:,}", f"{total:,}")
-    params = [p for p in model.parameters() if p.requires_grad]
+    wrapped = dist.wrap(model)
+    if cfg.train.fused_loss:
+        cfg = _check_fused_loss(cfg, wrapped, data, tokenizer, precision)
+        if not cfg.train.fused_loss and device.type == "cuda" and not skip_memory_check:
+            _check_memory(cfg, source, device)  # full logits need more memory: re-check before training
+    params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params, device)
     micro_per_epoch = len(_epoch_plan(cfg, data, 0))
     total_steps = compute_total_steps(cfg, micro_per_epoch)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     manifest = _new_manifest(cfg, device, source, spec, data, model, trainable, out, not start.fresh)
     manifest["memory"] = memory_record(cfg, model, precision)
+    if dist.active:
+        manifest["distributed"] = dist.describe()
+    metrics = MetricsLog(out / rundir.METRICS) if dist.is_main else _NoMetrics(out / rundir.METRICS)
     run = Run(cfg, config_text, out, device, model, tokenizer, data, optimizer, scheduler, total_steps,
-              micro_per_epoch, manifest, MetricsLog(out / rundir.METRICS), params=params, fresh=start.fresh,
-              precision=precision, scaler=precision.make_scaler())
+              micro_per_epoch, manifest, metrics, params=params, fresh=start.fresh,
+              precision=precision, scaler=precision.make_scaler(), dist=dist, wrapped=wrapped)
     run.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     if not start.fresh:
         _restore(run, start)
     return run
+
+
+class _NoMetrics(MetricsLog):
+    """metrics.jsonl as seen by ranks other than 0: rank 0 alone writes it."""
+
+    def append(self, record: dict[str, Any]) -> None:
+        return None
+
+    def truncate_after(self, step: int) -> None:
+        return None
+
+
+def _check_same_ranks(resume_from: Path, dist: distributed.Dist) -> None:
+    """Refuse to resume with another number of processes or another strategy than the checkpoint's.
+
+    The data plan is the plan of the global batch (processes x micro_batch_size) and every
+    rank's RNG (and, under FSDP, optimizer shard) is stored per rank: both change with the
+    number of processes.
+
+    Raises:
+        ConfigError: naming both, and the launch that continues the run.
+    """
+    saved = ckpt.read_checkpoint_state(resume_from).get("distributed") or {"world_size": 1, "strategy": "single"}
+    now = dist.describe() if dist.active else {"world_size": 1, "strategy": "single"}
+    if (saved.get("world_size"), saved.get("strategy")) == (now["world_size"], now["strategy"]):
+        return
+    def name(d: dict[str, Any]) -> str:
+        n = d.get("world_size", 1)
+        return "1 process" if d.get("strategy") == "single" else f"{n} processes ({str(d.get('strategy')).upper()})"
+    launch = ("qlora-kit train ... --resume (one process)" if saved.get("strategy") == "single" else
+              f"the same launch with {saved.get('world_size')} processes"
+              + (" and the FSDP accelerate config" if saved.get("strategy") == "fsdp" else ""))
+    raise ConfigError(
+        f"cannot resume {resume_from.name}: it was trained with {name(saved)}, this run has {name(now)} "
+        "(the global batch, per-rank RNG and optimizer state depend on it)",
+        f"continue with {launch}, or start a new run with --overwrite / another output_dir")
+
+
+def _check_fsdp_supported(cfg: Config, precision: Any) -> None:
+    """FSDP-QLoRA needs one floating dtype per FSDP unit and bf16 compute.
+
+    Raises:
+        ConfigError: fp16 compute (FSDP would need a sharded loss scaler) or DoRA (its
+            magnitude vectors sit in the decoder layer's unit with frozen weights).
+    """
+    if precision.loss_scaling:
+        raise ConfigError("FSDP-QLoRA needs bfloat16 compute; this GPU computes in float16 (no native bf16)",
+                          "use the DDP accelerate config (configs/accelerate/ddp_2gpu.yaml) on this GPU")
+    if cfg.lora.use_dora:
+        raise ConfigError("lora.use_dora is not supported with FSDP-QLoRA (DoRA's magnitude vectors cannot be "
+                          "sharded apart from the frozen 4-bit weights with fsdp_use_orig_params: false)",
+                          "set lora.use_dora=false, or train with DDP")
 
 
 MEMORY_KEYS = ("checkpoint_every_n_layers", "tiled_mlp", "activation_offload", "optimizer")
@@ -368,7 +468,7 @@ def resolve_memory_settings(cfg: Config, source: Path, device: torch.device,
     or the computation of a resumed run.
     """
     from qlora_kit.errors import ModelError
-    from qlora_kit.plan import conservative_settings, load_shape_file, resolve_auto
+    from qlora_kit.plan import conservative_settings, load_shape_file, planning_for, resolve_auto
 
     pinned = {k: recorded[k] for k in MEMORY_KEYS if recorded and k in recorded and
               getattr(cfg.train, k) == "auto"}
@@ -384,7 +484,8 @@ def resolve_memory_settings(cfg: Config, source: Path, device: torch.device,
         log.warning("memory planner unavailable (%s): conservative memory settings", exc.message)
         resolved = conservative_settings(cfg)
     else:
-        resolved = resolve_auto(cfg, shape, device_memory(device))
+        with planning_for(distributed.current().parallel()):  # per GPU when several train together
+            resolved = resolve_auto(cfg, shape, device_memory(device))
     t = resolved.train
     log.info("memory settings: packing=%s fused_loss=%s checkpoint_every_n_layers=%s tiled_mlp=%s "
              "activation_offload=%s optimizer=%s", resolved.data.packing, t.fused_loss,
@@ -408,13 +509,17 @@ def device_memory(device: torch.device) -> int:
     return psutil.virtual_memory().total
 
 
-def build_model(cfg: Config, source: Path, precision: Any) -> Any:
-    """NF4 base → fused loss head → LoRA (+ checkpointing) → packed attention, tiled MLP, offload."""
+def build_model(cfg: Config, source: Path, precision: Any, quant_storage: torch.dtype = torch.uint8,
+                load_on: torch.device | None = None) -> Any:
+    """NF4 base → fused loss head → LoRA (+ checkpointing) → packed attention, tiled MLP, offload.
+
+    ``quant_storage`` and ``load_on`` (default: the training device) serve FSDP (distributed.py).
+    """
     from qlora_kit import model as qmodel
     from qlora_kit.ops import loss, packing, precision as prec, tiled_mlp
 
     device, t = precision.device, cfg.train
-    model = qmodel.load_quantized_base(source, cfg.model, precision.compute_dtype, device)
+    model = qmodel.load_quantized_base(source, cfg.model, precision.compute_dtype, load_on or device, quant_storage)
     if t.fused_loss:
         loss.add_fused_loss(model)  # before peft wraps the model
     model = qmodel.attach_lora(model, cfg.lora, precision.adapter_dtype, t.gradient_checkpointing,
@@ -432,7 +537,7 @@ def build_model(cfg: Config, source: Path, precision: Any) -> Any:
 
 
 def _check_fused_loss(cfg: Config, model: Any, data: Any, tokenizer: Any, precision: Any) -> Config:
-    """Keep the fused loss only if it reproduces the model's own loss on the first batch."""
+    """Keep the fused loss only if it reproduces the model's own loss on the first batch (every rank agrees)."""
     from qlora_kit.data import collate
     from qlora_kit.ops.loss import check_fused_loss
 
@@ -440,7 +545,7 @@ def _check_fused_loss(cfg: Config, model: Any, data: Any, tokenizer: Any, precis
     batch = to_device(collate(data.train, rows, tokenizer.pad_token_id, cfg.train.max_length, cfg.data.packing),
                       precision.device)
     with precision.forward_context():
-        if check_fused_loss(model, batch):
+        if not distributed.current().any(not check_fused_loss(model, batch)):
             return cfg
     log.warning("fused_loss: the fused loss differs from this model's own loss (its forward changes the logits "
                 "in a way the fused path does not know); training with the full-logits loss instead")
@@ -487,10 +592,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _setup_data(cfg: Config, tokenizer: Any) -> Any:
+def _setup_data(cfg: Config, tokenizer: Any, show: bool = True) -> Any:
     from qlora_kit.data import build_data, print_summary
 
     data = build_data(cfg.data, tokenizer, cfg.train.max_length, cfg.train.seed)
+    if not show:  # another rank of a multi-process run: rank 0 prints the summary
+        return data
     print_summary(data.summary)
     return data
 
@@ -512,10 +619,11 @@ def _check_data_unchanged(resume_from: Path, fingerprint: dict[str, Any]) -> Non
 
 def _check_memory(cfg: Config, source: Path, device: torch.device) -> None:
     from qlora_kit.errors import ModelError
-    from qlora_kit.plan import check_fits
+    from qlora_kit.plan import check_fits, planning_for
 
     try:
-        check_fits(cfg, source, device)
+        with planning_for(distributed.current().parallel()):
+            check_fits(cfg, source, device)
     except ModelError as exc:  # an architecture the planner cannot model: train without the check
         log.warning("memory pre-flight skipped: %s", exc.message)
 
@@ -604,7 +712,8 @@ def _restore(run: Run, start: outdir.Start) -> None:
             if path != first:
                 check_resume_compatible(path, run.cfg)
                 _check_data_unchanged(path, run.data.fingerprint)
-            state = ckpt.load_checkpoint(path, run.model, run.optimizer, run.scheduler)
+            model = None if run.dist.fsdp else run.model  # FSDP: the adapter was loaded before sharding
+            state = ckpt.load_checkpoint(path, model, run.optimizer, run.scheduler, rank=run.dist.rank)
             break
         except ckpt.CorruptCheckpoint as exc:
             log.warning("%s cannot be used (%s): trying the checkpoint before it", path.name, exc)
@@ -686,11 +795,12 @@ def _adapter_bytes(run: Run) -> int:
 
 
 def _epoch_plan(cfg: Config, data: Any, epoch: int) -> list[list[list[int]]]:
+    """The epoch's *global* micro-batches: ``micro_batch_size`` rows per process (distributed.local_rows)."""
     from qlora_kit.data import plan_batches
 
     lengths = [len(s["input_ids"]) for s in data.train]
-    return plan_batches(lengths, cfg.train.micro_batch_size, cfg.train.max_length, cfg.data.packing,
-                        cfg.train.seed, epoch, cfg.data.shuffle)
+    return plan_batches(lengths, cfg.train.micro_batch_size * distributed.world_size(), cfg.train.max_length,
+                        cfg.data.packing, cfg.train.seed, epoch, cfg.data.shuffle)
 
 
 class EpochPlans:
@@ -749,15 +859,15 @@ def train(run: Run, stop: StopRequest) -> None:
     plans = EpochPlans(run.cfg, run.data)
     stream = micro_batches_from(run.cfg, run.data, run.micro_index, plans)
     window = run.window
-    progress = _Progress(run.total_steps, run.step)
-    log.info("training: %d optimizer steps x %d micro-batches of %d (max_length %d) on %s",
+    progress = _Progress(run.total_steps, run.step, enabled=run.dist.is_main)
+    log.info("training: %d optimizer steps x %d micro-batches of %d (max_length %d) on %s%s",
              run.total_steps - run.step, cfg.gradient_accumulation_steps, cfg.micro_batch_size, cfg.max_length,
-             run.device)
+             run.device, f" x {run.dist.world_size} processes" if run.dist.active else "")
     try:
         if _eval_pending(run, eval_every):  # resumed from a checkpoint whose evaluation a signal cut short
             _evaluate_and_log(run, stop)
         while run.step < run.total_steps:
-            if stop.requested:
+            if run.dist.any(stop.requested):  # every rank stops after the same step
                 _preempt(run, stop)
             lr = run.optimizer.param_groups[0]["lr"]
             rng = ckpt.rng_state()
@@ -796,6 +906,8 @@ class _StepInterrupted(Exception):
 def _count_step(run: Run, plans: EpochPlans, stop: StopRequest) -> tuple[int, int]:
     """(trainable targets, tokens) of the next optimizer step, counted from the samples (nothing collated).
 
+    Counted over the global micro-batches: every rank of a multi-process run gets the same number.
+
     Equals the collated labels' ``[:, 1:] != -100`` count: a sample's first label is always -100
     and samples/packed rows never exceed max_length.  Raises _StepInterrupted on a stop request.
     """
@@ -816,15 +928,32 @@ def _count_step(run: Run, plans: EpochPlans, stop: StopRequest) -> tuple[int, in
 
 def _collate_step(run: Run, stream: Iterator[tuple[int, list[list[int]]]], stop: StopRequest
                   ) -> Iterator[dict[str, torch.Tensor]]:
-    """The step's micro-batches, collated lazily; raises _StepInterrupted once a stop is requested."""
-    from qlora_kit.data import collate
+    """The step's micro-batches (this rank's rows of each), collated lazily.
 
+    Raises _StepInterrupted once a stop is requested, in a single process only: ranks of a
+    multi-process run must run the same collectives, so they stop together at a step boundary.
+    """
     for _ in range(run.cfg.train.gradient_accumulation_steps):
-        if stop.requested:
+        if stop.requested and not run.dist.active:
             raise _StepInterrupted
         _epoch, rows = next(stream)
-        yield collate(run.data.train, rows, run.tokenizer.pad_token_id, run.cfg.train.max_length,
-                      run.cfg.data.packing)
+        yield _collate_local(run, rows)
+
+
+def _collate_local(run: Run, rows: list[list[int]]) -> dict[str, Any]:
+    """This rank's rows of a global micro-batch, collated (all of them in a single process).
+
+    A rank left without rows (short final micro-batch) runs the first row with every label
+    ignored: it contributes nothing, but its forward/backward keeps the collectives matched.
+    """
+    from qlora_kit.data import IGNORE_INDEX, collate
+
+    mine, masked = run.dist.local_rows(rows)
+    batch = collate(run.data.train, mine, run.tokenizer.pad_token_id, run.cfg.train.max_length,
+                    run.cfg.data.packing)
+    if masked:
+        batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    return batch
 
 
 def _eval_pending(run: Run, eval_every: int) -> bool:
@@ -843,28 +972,36 @@ def train_step(run: Run, batches: Iterable[dict[str, torch.Tensor]], n_items: in
     """Forward/backward over the accumulated micro-batches; returns (loss, grad norm) on device.
 
     The loss is the sum over *all* trainable tokens of the step divided by their number
-    (``num_items_in_batch``, counted up front by the caller or here), so micro-batches with
-    few trainable tokens are not over-weighted.  ``batches`` may be lazy: only one micro-batch
-    is alive at a time.  Each forward runs in the run's precision context (autocast with fp32
-    adapters); with fp16 compute the loss is scaled before the backward and the gradients
-    unscaled before clipping.
+    (``num_items_in_batch``, counted up front by the caller or here; in a multi-process run the
+    global number, given by the caller), so micro-batches with few trainable tokens are not
+    over-weighted.  ``batches`` may be lazy: only one micro-batch is alive at a time.  Each
+    forward runs in the run's precision context (autocast with fp32 adapters); with fp16
+    compute the loss is scaled before the backward and the gradients unscaled before
+    clipping.  Several processes: gradients are synchronised on the last micro-batch only,
+    and the loss is multiplied by the number of processes because DDP/FSDP average the
+    gradients (the returned loss is this rank's share of the step's loss).
     """
     from qlora_kit.ops.loss import causal_lm_loss, count_targets
 
     if n_items is None:
         batches = list(batches)
         n_items = max(1, sum(count_targets(b["labels"]) for b in batches))
+    count = len(batches) if isinstance(batches, list) else run.cfg.train.gradient_accumulation_steps
+    model = run.wrapped if run.wrapped is not None else run.model
+    factor = run.dist.loss_factor()
     loss_sum = torch.zeros((), device=run.device)
-    for batch in batches:
+    for k, batch in enumerate(batches):
         batch = to_device(batch, run.device)
-        with run.precision.forward_context():
-            loss = causal_lm_loss(run.model, batch, n_items, run.cfg.train.fused_loss)
-        (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+        with run.dist.accumulating(model, last=k == count - 1):
+            with run.precision.forward_context():
+                loss = causal_lm_loss(model, batch, n_items, run.cfg.train.fused_loss)
+            scaled = loss * factor if factor != 1.0 else loss
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
         loss_sum += loss.detach().float()
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
     max_norm = run.cfg.train.max_grad_norm or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
+    grad_norm = run.dist.clip_grad_norm(model, run.params, max_norm)
     return loss_sum, grad_norm.detach().float()
 
 
@@ -905,7 +1042,7 @@ def _guard_nonfinite(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> b
         run.first_bad_step = torch.where(run.nonfinite | ~bad, run.first_bad_step, run.step + 1)
         run.nonfinite = run.nonfinite | bad
         return False
-    if not bool(bad):
+    if not run.dist.any(bool(bad)):  # every rank skips the same steps
         run.skipped_consecutive = 0
         return False
     run.skipped_steps += 1
@@ -924,10 +1061,11 @@ def _raise_if_nonfinite(run: Run, bad: bool) -> None:
     if not bad:
         return
     first = int(run.first_bad_step)
+    when = f"at step {first}" if first > 0 else f"by step {run.step}"  # > 0: seen on this rank
     last = ckpt.latest_checkpoint(run.out)
     where = f"; the last good checkpoint is {last.name}" if last else "; no checkpoint was written before it"
     raise NonFiniteLossError(
-        f"non-finite loss or gradient at step {first}: training stopped, nothing was saved after it{where}",
+        f"non-finite loss or gradient {when}: training stopped, nothing was saved after it{where}",
         "lower train.learning_rate or max_grad_norm, use bfloat16 compute, check the data; "
         "or set train.on_nonfinite=skip",
     )
@@ -985,7 +1123,8 @@ def _log_step(run: Run, window: _Window, lr: float, grad_norm: torch.Tensor, pro
         window.reset()
         return
     scale = run.scaler.get_scale() if run.scaler is not None else None
-    values = torch.stack([window.loss / window.steps, grad_norm, run.nonfinite.float()]).tolist()  # one sync
+    shared = run.dist.sum(torch.stack([window.loss / window.steps, run.nonfinite.float()]))  # every rank's share
+    values = torch.stack([shared[0], grad_norm, shared[1]]).tolist()  # one sync
     loss, gnorm, bad = values
     _raise_if_nonfinite(run, bad > 0)
     _raise_if_scale_collapsed(run, scale)
@@ -1015,32 +1154,39 @@ def evaluate(run: Run, stop: StopRequest) -> float | None:
     """Token-weighted mean loss on the validation rows; None when interrupted by a stop signal.
 
     Batched like training (same packing, same fused loss, same precision context), in
-    eval mode and without gradients.
+    eval mode and without gradients.  Several processes split each (global) batch like
+    training and add up their sums; they stop together.
     """
-    from qlora_kit.data import collate, plan_batches
+    from qlora_kit.data import IGNORE_INDEX, collate, plan_batches
     from qlora_kit.ops.loss import causal_lm_loss, count_targets
 
     cfg = run.cfg
     lengths = [len(s["input_ids"]) for s in run.data.val]
-    plan = plan_batches(lengths, cfg.train.micro_batch_size, cfg.train.max_length, cfg.data.packing,
-                        cfg.train.seed, 0, False)
+    plan = plan_batches(lengths, cfg.train.micro_batch_size * run.dist.world_size, cfg.train.max_length,
+                        cfg.data.packing, cfg.train.seed, 0, False)
+    model = run.wrapped if run.wrapped is not None else run.model
     total = torch.zeros((), device=run.device)
     count = 0
-    run.model.eval()
+    model.eval()
     try:
         with torch.no_grad():
             for rows in plan:
-                if stop.requested:
+                if run.dist.any(stop.requested):
                     return None
-                batch = collate(run.data.val, rows, run.tokenizer.pad_token_id, cfg.train.max_length,
+                mine, masked = run.dist.local_rows(rows)
+                batch = collate(run.data.val, mine, run.tokenizer.pad_token_id, cfg.train.max_length,
                                 cfg.data.packing)
+                if masked:
+                    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
                 n = count_targets(batch["labels"])
                 with run.precision.forward_context():
-                    loss = causal_lm_loss(run.model, to_device(batch, run.device), max(n, 1), cfg.train.fused_loss)
+                    loss = causal_lm_loss(model, to_device(batch, run.device), max(n, 1), cfg.train.fused_loss)
                 total += loss.float() * n
                 count += n
     finally:
-        run.model.train()
+        model.train()
+    if run.dist.active:  # every rank's sums
+        total, count = run.dist.sum(torch.stack([total.double(), total.new_tensor(count, dtype=torch.float64)]))
     return float(total / max(count, 1))
 
 
@@ -1066,7 +1212,7 @@ def save(run: Run) -> Path:
     name = f"{rundir.CHECKPOINT_PREFIX}{run.step}"
     if run.last_save_step == run.step:
         return run.out / name
-    _raise_if_nonfinite(run, bool(run.nonfinite) or not adapters_finite(run))
+    _raise_if_nonfinite(run, run.dist.any(bool(run.nonfinite) or not adapters_finite(run)))
     state = {
         "micro_index": run.micro_index,
         "total_steps": run.total_steps,
@@ -1080,6 +1226,26 @@ def save(run: Run) -> Path:
     }
     if run.scaler is not None:
         state["grad_scaler"] = run.scaler.state_dict()
+    if run.dist.active:  # every rank's RNG (and FSDP optimizer shard) and the whole adapter, on rank 0
+        state["distributed"] = run.dist.describe()
+        ranks = run.dist.gather(run.dist.rank_state(run.optimizer))
+        adapter = run.dist.adapter_state(run.wrapped, run.model)
+    else:
+        ranks, adapter = None, None
+    # rank 0 writes; nobody moves on (or exits) before it has, and a failure there ends every rank
+    path = run.dist.from_main(lambda: _write_checkpoint(run, name, state, ranks, adapter))
+    run.last_save_step = run.step
+    log.info("saved %s", path.name)
+    return path
+
+
+def _write_checkpoint(run: Run, name: str, state: dict[str, Any], ranks: list[dict[str, Any]] | None,
+                      adapter: dict[str, torch.Tensor] | None) -> Path:
+    """Write the checkpoint after checking free space, then prune old ones (the writing process only).
+
+    Raises:
+        DiskFullError: not enough space (nothing half-written is left).
+    """
     last = ckpt.latest_checkpoint(run.out)
     if last is None and run.fresh:  # the start is undone: nothing to resume
         fix = "free space on that disk, then run the same command again"
@@ -1089,15 +1255,13 @@ def save(run: Run) -> Path:
     diskspace.require_free(run.out, _checkpoint_estimate(run), name, fix)
     with diskspace.no_space_as_error(run.out, name, fix):
         path = ckpt.save_checkpoint(run.out, run.step, run.model, run.optimizer, run.scheduler, state,
-                                    run.config_text)
+                                    run.config_text, ranks, adapter)
     ckpt.prune_checkpoints(run.out, run.cfg.train.save_total_limit)
-    run.last_save_step = run.step
-    log.info("saved %s", path.name)
     return path
 
 
 def adapters_finite(run: Run) -> bool:
-    """True when every trainable weight is finite (one sync)."""
+    """True when every trainable weight (this rank's shard under FSDP) is finite (one sync)."""
     flags = torch.stack([torch.isfinite(p).all() for p in run.params])
     return bool(flags.all())
 
@@ -1107,8 +1271,9 @@ def _preempt(run: Run, stop: StopRequest) -> None:
         raise Preempted(f"stopped by {stop.signal_name} before the first step finished; nothing was kept",
                         "run the same command again")
     path = save(run)
+    by = stop.signal_name or "a stop signal to another process of this run"
     raise Preempted(
-        f"stopped by {stop.signal_name} at step {run.step} of {run.total_steps}; checkpoint saved in {path}",
+        f"stopped by {by} at step {run.step} of {run.total_steps}; checkpoint saved in {path}",
         "continue with the same command plus --resume",
     )
 
@@ -1116,18 +1281,30 @@ def _preempt(run: Run, stop: StopRequest) -> None:
 def finish(run: Run) -> None:
     """Publish the final adapter (with its sizes and sha256 in the manifest), plot, mark the run completed.
 
+    Several processes: every rank checks its weights and hands its share of the adapter over;
+    rank 0 writes, and a failure there (a full disk) ends every rank.
+
     Raises:
         NonFiniteLossError: non-finite adapter weights.
         DiskFullError: not enough space for the adapter (no partial adapter is left).
     """
-    if not adapters_finite(run):
+    if run.dist.any(not adapters_finite(run)):
         _raise_if_nonfinite(run, True)
+    adapter = run.dist.adapter_state(run.wrapped, run.model) if run.dist.active else None
+    run.dist.from_main(lambda: _publish(run, adapter))
+    log.info("done: adapter in %s", run.out / rundir.ADAPTER)
+    log.info("next: qlora-kit generate %s \"your prompt\"  |  qlora-kit export %s --out %s-merged",
+             run.out, run.out, run.out)
+
+
+def _publish(run: Run, adapter: dict[str, torch.Tensor] | None) -> None:
+    """Write the final adapter, the loss plot and the completed manifest (the writing process only)."""
     fix = "free space on that disk, then run the same command with --resume (it finishes from the last checkpoint)"
     diskspace.require_free(run.out, _adapter_bytes(run), "the final adapter", fix)
     tmp = run.out / f".tmp-{rundir.ADAPTER}"
     try:
         with diskspace.no_space_as_error(run.out, "the final adapter", fix):
-            ckpt.save_adapter(run.model, tmp)
+            ckpt.save_adapter(run.model, tmp, adapter)
             files = ckpt.file_hashes(tmp)
             ckpt.publish_dir(tmp, run.out / rundir.ADAPTER)
     finally:
@@ -1141,12 +1318,11 @@ def finish(run: Run) -> None:
                                      "eval_loss": run.last_eval_loss, "skipped_steps": run.skipped_steps}
     with diskspace.no_space_as_error(run.out, rundir.MANIFEST, fix):
         _set_status(run, "completed")
-    log.info("done: adapter in %s", run.out / rundir.ADAPTER)
-    log.info("next: qlora-kit generate %s \"your prompt\"  |  qlora-kit export %s --out %s-merged",
-             run.out, run.out, run.out)
 
 
 def _set_status(run: Run, status: str, error: str | None = None) -> None:
+    if not run.dist.is_main:
+        return
     run.manifest["status"] = status
     run.manifest["end_time"] = now_iso()
     if error:
@@ -1175,10 +1351,11 @@ class _Progress:
     """One log line per logged step; on a terminal also a rich progress bar, drawn below the log lines
     (they share ``logs.console()``, so neither overwrites the other)."""
 
-    def __init__(self, total: int, done: int):
+    def __init__(self, total: int, done: int, enabled: bool = True):
         self.bar = None
+        self.enabled = enabled  # False on ranks other than 0
         console = logs.console()
-        if console.is_terminal:
+        if enabled and console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -1189,7 +1366,8 @@ class _Progress:
     def update(self, step: int, record: dict[str, Any]) -> None:
         info = (f"loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
                 f"{record['tokens_per_second']:.0f} tok/s")
-        log.info("step %d  %s", step, info)
+        if self.enabled:
+            log.info("step %d  %s", step, info)
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
 

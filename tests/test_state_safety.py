@@ -314,8 +314,8 @@ def test_full_disk_at_the_final_adapter_then_resume(tmp_path: Path, tiny_llama: 
     run = tmp_path / "run"
     cfg = _config(tmp_path, tiny_llama, data_file, run)
     real_save_adapter = ckpt.save_adapter
-    monkeypatch.setattr(ckpt, "save_adapter", lambda model, d: _raise_enospc() if d.name == ".tmp-adapter"
-                        else real_save_adapter(model, d))
+    monkeypatch.setattr(ckpt, "save_adapter", lambda model, d, state=None: _raise_enospc() if d.name == ".tmp-adapter"
+                        else real_save_adapter(model, d, state))
     with pytest.raises(DiskFullError, match="filled up while writing the final adapter"):
         qtrain.run_training(cfg, [])
     assert not (run / ".tmp-adapter").exists() and not (run / "adapter").exists()
