@@ -31,6 +31,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 RNG_TENSORS = "rng.safetensors"
+VARIANT_TENSORS = "variant.safetensors"  # adapter-variant state beyond weights (AdaLoRA importance averages)
 STATE_JSON = "state.json"  # written last: its presence marks a complete checkpoint
 _TMP_PREFIX = ".tmp-" + CHECKPOINT_PREFIX
 _CKPT = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
@@ -170,6 +171,7 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     config_text: str,
+    variant_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically and return its path."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
@@ -181,6 +183,8 @@ def save_checkpoint(
     save_file(opt_tensors, str(tmp / OPTIMIZER_TENSORS))
     rng_tensors, rng_skeleton = flatten_state(rng_state(), "rng")
     save_file(rng_tensors, str(tmp / RNG_TENSORS))
+    if variant_tensors:
+        save_file({k: v.detach().cpu().contiguous() for k, v in variant_tensors.items()}, str(tmp / VARIANT_TENSORS))
     (tmp / OPTIMIZER_JSON).write_text(json.dumps(opt_skeleton))
     (tmp / "config.yaml").write_text(config_text)
     full_state = {
@@ -254,3 +258,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(unflatten_state(state["rng"], load_file(str(path / RNG_TENSORS))))
     return state
+
+
+def read_variant_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The adapter-variant tensors of a checkpoint ({} when it has none)."""
+    file = path / VARIANT_TENSORS
+    return load_file(str(file)) if file.is_file() else {}

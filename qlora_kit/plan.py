@@ -49,9 +49,15 @@ Assumptions (each is one term of the breakdown):
   fp32 input of the final RMSNorm (4H per token).
 * ``quantisation_buffer`` (load phase): a 16-bit matrix and its fp32 absmax while it is
   being quantised at load time.
-* The peak is the largest of three phases: ``load``, ``loss`` (end of the forward pass)
-  and ``backward`` (recompute of the last layer).  ``fragmentation_margin``: 10 % of that
-  peak for the caching allocator's rounding and fragmentation; ``cuda_context``: 500 MiB
+* LoRA variants: AdaLoRA adds r singular values per module and keeps three importance
+  tensors per parameter (``adalora_importance``); VeRA trains out + r values per module and
+  holds the shared frozen projections (``vera_projections``); a non-default ``lora.init`` adds
+  an ``init`` phase (see ``_init_phase``: LoRA-GA's float32 gradients of every target weight
+  are the large one).
+* The peak is the largest of the phases: ``load``, ``init`` (non-default ``lora.init``),
+  ``loss`` (end of the forward pass) and ``backward`` (recompute of the last layer).
+  ``fragmentation_margin``: 10 % of that peak for the caching allocator's rounding and
+  fragmentation; ``cuda_context``: 500 MiB
   for the CUDA context, cuBLAS and bitsandbytes kernels (outside PyTorch's allocator).
 
 Mixture-of-experts models are not modelled and are refused.
@@ -84,6 +90,7 @@ DEFAULT_GPU_GIB = 24.0
 LENGTH_STEP = 64  # max_length_that_fits is a multiple of this
 MAX_SEARCH_LENGTH = 1 << 20
 MAX_SEARCH_BATCH = 4096
+INIT_WORK_FACTOR = 5  # float32 copies of one matrix alive during a loftq/pissa/olora init
 
 SHAPES_DIR = Path(__file__).parent / "model_shapes"
 # Hub ids (lower case) whose published config.json ships in model_shapes/ (architecture only:
@@ -368,6 +375,29 @@ def adapter_tensors(shape: ModelShape, targets: list[str], r: int, dora: bool) -
     return per_layer * shape.num_layers
 
 
+def variant_tensors(shape: ModelShape, targets: list[str], lora: Any) -> tuple[list[int], int]:
+    """(element counts of every trainable tensor, elements of frozen adapter state) for ``lora.type``.
+
+    LoRA: A, B (+ DoRA magnitude).  AdaLoRA: A, B and the singular values E (r each) per module.
+    VeRA: lambda_b (out) and lambda_d (r) per module, plus the shared frozen projections
+    vera_A (r x largest in) and vera_B (largest out x r).
+    """
+    if lora.type == "lora":
+        return adapter_tensors(shape, targets, lora.r, lora.use_dora), 0
+    layers = linear_layers(shape)
+    per_layer: list[int] = []
+    for name in targets:
+        lin = layers[name]
+        if lora.type == "adalora":
+            per_layer += [lora.r * lin.in_features, lin.out_features * lora.r, lora.r]
+        else:
+            per_layer += [lin.out_features, lora.r]
+    frozen = 0
+    if lora.type == "vera":
+        frozen = lora.r * (max(layers[n].in_features for n in targets) + max(layers[n].out_features for n in targets))
+    return per_layer * shape.num_layers, frozen
+
+
 def optimizer_bytes(numels: list[int], optimizer: str, adapter_bytes: int) -> tuple[int, int]:
     """(total, paged) optimizer-state bytes for tensors of the given sizes."""
     total = paged = 0
@@ -421,7 +451,8 @@ class MemoryPlan:
     @property
     def torch_allocated_peak(self) -> int:
         """Predicted ``torch.cuda.max_memory_allocated`` (paged optimizer state excluded)."""
-        return self.allocated_peak - self.paged_optimizer_bytes
+        paged = self.paged_optimizer_bytes if "optimizer_state" in self.phases[self.peak_phase] else 0
+        return self.allocated_peak - paged
 
     @property
     def torch_reserved_peak(self) -> int:
@@ -434,7 +465,7 @@ class MemoryPlan:
                 "cuda_context": self.cuda_context}
 
     def phase_totals(self) -> dict[str, int]:
-        """Total bytes of each phase (load, loss, backward)."""
+        """Total bytes of each phase (load, init, loss, backward)."""
         return {name: sum(parts.values()) for name, parts in self.phases.items()}
 
 
@@ -477,6 +508,8 @@ def lora_saved_per_token(shape: ModelShape, cfg: Config, targets: list[str]) -> 
     for widths in by_group.values():
         total += sum((s + 1) * w for w in widths) if dropout else s * widths[0]
     total += len(targets) * s * cfg.lora.r
+    if cfg.lora.type == "vera":  # lambda_d * (x A) kept beside x A, and (.)B kept for lambda_b
+        total += sum(s * (cfg.lora.r + layers[n].out_features) for n in targets)
     if cfg.lora.use_dora:
         total += sum(s * layers[n].out_features for n in targets)  # base output kept for the magnitude
     return total
@@ -515,7 +548,10 @@ def estimate(cfg: Config, shape: ModelShape, micro_batch_size: int | None = None
         "loss": {**weights, **adapters, **dynamic["loss"]},
         "backward": {**weights, **adapters, **dynamic["backward"]},
     }
-    numels = adapter_tensors(shape, targets, cfg.lora.r, cfg.lora.use_dora)
+    init = _init_phase(shape, cfg, targets, batch, length)
+    if init:
+        phases["init"] = {**weights, **init}
+    numels, _ = variant_tensors(shape, targets, cfg.lora)
     _, paged = optimizer_bytes(numels, cfg.train.optimizer, s)
     plan = MemoryPlan(
         shape=shape, micro_batch_size=batch, max_length=length,
@@ -542,10 +578,41 @@ def _weight_components(shape: ModelShape, cfg: Config) -> dict[str, int]:
 
 def _adapter_components(shape: ModelShape, cfg: Config, targets: list[str]) -> dict[str, int]:
     a = compute_bytes(cfg.model.compute_dtype)
-    numels = adapter_tensors(shape, targets, cfg.lora.r, cfg.lora.use_dora)
+    numels, frozen = variant_tensors(shape, targets, cfg.lora)
     opt, _ = optimizer_bytes(numels, cfg.train.optimizer, a)
     n = sum(numels)
-    return {"lora_parameters": n * a, "lora_gradients": n * a, "optimizer_state": opt}
+    parts = {"lora_parameters": n * a, "lora_gradients": n * a, "optimizer_state": opt}
+    if frozen:
+        parts["vera_projections"] = frozen * a
+    if cfg.lora.type == "adalora":
+        parts["adalora_importance"] = 3 * n * a  # RankAllocator: score, its average and its uncertainty
+    return parts
+
+
+def _init_phase(shape: ModelShape, cfg: Config, targets: list[str], batch: int, length: int) -> dict[str, int]:
+    """Memory of ``lora.init`` beyond the weights (empty for the default init).
+
+    lora_ga: a float32 gradient per target weight, the inputs each target's hook keeps until its
+    backward, and one forward/backward pass without adapters (the larger of the loss and
+    backward working sets).  loftq / pissa / olora: the adapters, plus the float32 working set
+    of one matrix's SVD/QR and residual (W, residual, U, Vh, product: ``INIT_WORK_FACTOR`` x
+    the largest target, 4 bytes each) and its 4-bit replacement.
+    """
+    if cfg.lora.init == "default":
+        return {}
+    layers = linear_layers(shape)
+    largest = max(layers[n].numel for n in targets)
+    if cfg.lora.init == "lora_ga":
+        s = compute_bytes(cfg.model.compute_dtype)
+        tokens = batch * length
+        widths = {layers[n].group: layers[n].in_features for n in targets}
+        dynamic = _activation_phases(shape, cfg, targets, batch, length)
+        working = max(sum(dynamic["loss"].values()), sum(dynamic["backward"].values()))
+        return {"loraga_gradients": 4 * shape.num_layers * sum(layers[n].numel for n in targets),
+                "loraga_inputs": shape.num_layers * s * tokens * sum(widths.values()),
+                "loraga_forward_backward": working}
+    adapters = _adapter_components(shape, cfg, targets)["lora_parameters"]
+    return {"lora_parameters": adapters, "init_working": INIT_WORK_FACTOR * 4 * largest + nf4_bytes(largest)}
 
 
 def _activation_phases(shape: ModelShape, cfg: Config, targets: list[str], batch: int,
@@ -623,10 +690,15 @@ def suggest(cfg: Config, shape: ModelShape, budget: int) -> str:
         if length1 is not None and length1 > (length or 0):
             options.append(f"--set train.micro_batch_size=1 --set train.gradient_accumulation_steps={accum * b} "
                            f"--set train.max_length={min(length1, t.max_length)}")
-    for section, change, text in (
+    knobs = [
         ("train", {"gradient_checkpointing": True}, "--set train.gradient_checkpointing=true"),
         ("lora", {"dropout": 0.0}, "--set lora.dropout=0 (no per-adapter dropout copies)"),
-    ):
+    ]
+    if cfg.lora.init == "lora_ga":  # its fp32 gradient of every target weight, not the activations, is the peak
+        knobs += [("lora", {"target_modules": "attention"},
+                   "--set lora.target_modules=attention (LoRA-GA keeps a float32 gradient of every target weight)"),
+                  ("lora", {"init": "default"}, "--set lora.init=default")]
+    for section, change, text in knobs:
         if getattr(getattr(cfg, section), next(iter(change))) != next(iter(change.values())) and fits(
                 _variant(cfg, section, **change), shape, budget):
             options.append(text)
@@ -730,6 +802,8 @@ def build_report(cfg: Config, shape: ModelShape, budget: int, budget_source: str
         "optimizer": cfg.train.optimizer,
         "double_quant": cfg.model.double_quant,
         "lora_targets": plan.targets,
+        "lora_type": cfg.lora.type,
+        "lora_init": cfg.lora.init,
         "trainable_parameters": plan.trainable_parameters,
         "weights_bytes": plan.weights_bytes,
         "peak_phase": plan.peak_phase,
@@ -767,6 +841,12 @@ _LABELS = {
     "quantisation_buffer": "16-bit matrix being quantised",
     "fragmentation_margin": "allocator fragmentation margin (10%)",
     "cuda_context": "CUDA context + kernels",
+    "vera_projections": "VeRA shared frozen projections",
+    "adalora_importance": "AdaLoRA importance scores",
+    "loraga_gradients": "LoRA-GA fp32 gradients of the target weights",
+    "loraga_inputs": "LoRA-GA target inputs kept for the gradient",
+    "loraga_forward_backward": "LoRA-GA forward/backward pass",
+    "init_working": "adapter init SVD/QR working set (1 matrix)",
 }
 
 

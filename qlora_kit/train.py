@@ -45,10 +45,12 @@ log = logging.getLogger("qlora_kit")
 RESUME_BREAKING = (
     "model.name_or_path", "model.revision", "model.quant_type", "model.double_quant", "model.chat_template",
     "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.use_rslora", "lora.use_dora",
+    "lora.type", "lora.init", "lora.loraga_samples", "lora.loftq_iter", "lora.adalora_target_r",
+    "lora.adalora_tinit_ratio", "lora.adalora_tfinal_ratio", "lora.adalora_delta_t", "lora.adalora_orth_reg_weight",
     "data.path", "data.val_path", "data.format", "data.split", "data.val_fraction", "data.val_max_rows",
     "data.train_on_inputs", "data.packing", "data.shuffle",
     "train.seed", "train.micro_batch_size", "train.gradient_accumulation_steps", "train.max_length",
-    "train.optimizer",
+    "train.optimizer", "train.loraplus_lr_ratio",
 )
 MAX_CONSECUTIVE_SKIPS = 10
 
@@ -216,6 +218,9 @@ def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, sk
     data = _setup_data(cfg, tokenizer, out)
     if resume_from is not None:
         _check_data_unchanged(resume_from, data.fingerprint)
+    micro_per_epoch = len(_epoch_plan(cfg, data, 0))
+    total_steps = compute_total_steps(cfg, micro_per_epoch)
+    _check_variant_needs(cfg, data, total_steps)
     if device.type == "cuda" and not skip_memory_check:
         _check_memory(cfg, source, device)
     model = qmodel.load_quantized_base(source, cfg.model, compute_dtype, device)
@@ -223,20 +228,19 @@ def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, sk
     # bf16 adapters on CUDA; with fp16 compute (no loss scaling here) adapters stay fp32 so small
     # gradients do not underflow.
     adapter_dtype = torch.float32 if compute_dtype == torch.float16 else compute_dtype
-    model = qmodel.attach_lora(model, cfg.lora, adapter_dtype, cfg.train.gradient_checkpointing)
+    model, variant = _setup_adapters(cfg, model, data, tokenizer, source, spec, adapter_dtype, total_steps, out,
+                                     resume_from, device)
     model.train()
     trainable, total = qmodel.count_parameters(model)
-    log.info("model: %s | 4-bit %s (double quant: %s) | LoRA r=%d on %s | trainable %s of %s parameters",
-             cfg.model.name_or_path, spec.quant_type, spec.double_quant, cfg.lora.r,
-             ",".join(model.peft_config["default"].target_modules), f"{trainable:,}", f"{total:,}")
+    log.info("model: %s | 4-bit %s (double quant: %s) | %s r=%d on %s | trainable %s of %s parameters",
+             cfg.model.name_or_path, spec.quant_type, spec.double_quant, cfg.lora.type, cfg.lora.r,
+             ",".join(sorted(model.peft_config["default"].target_modules)), f"{trainable:,}", f"{total:,}")
     (out / rundir.CONFIG).write_text(config_text)
     tokenizer.save_pretrained(out / rundir.TOKENIZER)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg, params, device)
-    micro_per_epoch = len(_epoch_plan(cfg, data, 0))
-    total_steps = compute_total_steps(cfg, micro_per_epoch)
+    optimizer = build_optimizer(cfg, params, device, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
-    manifest = _new_manifest(cfg, device, source, spec, data, model, trainable, out, resume_from)
+    manifest = _new_manifest(cfg, device, source, spec, data, model, trainable, out, resume_from, variant)
     run = Run(cfg, config_text, out, device, model, tokenizer, data, optimizer, scheduler, total_steps,
               micro_per_epoch, manifest, MetricsLog(out / rundir.METRICS), params=params)
     run.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -245,6 +249,80 @@ def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, sk
         _restore(run, resume_from)
     write_manifest(out / rundir.MANIFEST, manifest)
     return run
+
+
+def _check_variant_needs(cfg: Config, data: Any, total_steps: int) -> None:
+    """Data-dependent checks of the LoRA variant (the config-only ones live in config.py).
+
+    Raises:
+        ConfigError: LoRA-GA with fewer training rows than its gradient estimate uses, or an
+            AdaLoRA schedule that does not fit the run's step count.
+    """
+    from qlora_kit.variants import adalora_steps
+
+    if cfg.lora.init == "lora_ga" and len(data.train) < cfg.lora.loraga_samples:
+        raise ConfigError(
+            f"lora.init=lora_ga estimates its init from lora.loraga_samples={cfg.lora.loraga_samples} training rows, "
+            f"but data.path leaves only {len(data.train)} after the validation split",
+            f"set lora.loraga_samples to at most {len(data.train)}, or add data",
+        )
+    if cfg.lora.type == "adalora":
+        adalora_steps(cfg.lora, total_steps)
+
+
+def _setup_adapters(cfg: Config, model: Any, data: Any, tokenizer: Any, source: Path, spec: Any,
+                    adapter_dtype: torch.dtype, total_steps: int, out: Path, resume_from: Path | None,
+                    device: torch.device) -> tuple[Any, dict[str, Any]]:
+    """Attach the adapters of ``lora.type`` and apply ``lora.init``; on resume, reload a residual base instead.
+
+    Returns the peft model and the manifest's ``lora`` variant facts.
+    """
+    from qlora_kit import model as qmodel
+    from qlora_kit import variants
+    from qlora_kit.variants import init as vinit
+    from qlora_kit.variants.residual import RESIDUAL_FILE, save_residual
+
+    info: dict[str, Any] = {"variant": variants.describe(cfg), "residual_base": None}
+    fresh = resume_from is None
+    grads = None
+    if fresh and cfg.lora.init == "lora_ga":
+        if cfg.train.gradient_checkpointing:
+            qmodel.enable_gradient_checkpointing(model)
+        targets = qmodel.resolve_target_modules(model, cfg.lora.target_modules)
+        batches, n_items = _gradient_batches(cfg, data, tokenizer.pad_token_id)
+        log.info("lora.init=lora_ga: estimating gradients on %d training rows (%d micro-batches)",
+                 cfg.lora.loraga_samples, len(batches))
+        grads = vinit.estimate_gradients(model, targets, batches, n_items, device)
+    if not fresh:
+        previous = ckpt.read_json(out / rundir.MANIFEST).get("lora") or {}
+        info["residual_base"] = previous.get("residual_base")
+        info["variant"]["init_report"] = (previous.get("variant") or {}).get("init_report")
+        qmodel.load_residual_base(model, out, {"lora": info})
+    model = qmodel.attach_lora(model, cfg.lora, adapter_dtype, cfg.train.gradient_checkpointing, total_steps)
+    if fresh and cfg.lora.init != "default":
+        report = vinit.initialise(model, cfg.lora, source, qmodel.DTYPES[spec.load_dtype], grads)
+        del grads
+        info["variant"]["init_report"] = report.to_json()
+        if report.changed_base:
+            info["residual_base"] = save_residual(vinit.lora_layers(model), report.changed_base, out / RESIDUAL_FILE)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return model, info
+
+
+def _gradient_batches(cfg: Config, data: Any, pad_id: int) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """The first training micro-batches (in training order) holding ``lora.loraga_samples`` rows, and their
+    trainable-token count."""
+    from qlora_kit.data import collate
+
+    batches, taken = [], 0
+    for rows in _epoch_plan(cfg, data, 0):
+        batches.append(collate(data.train, rows, pad_id, cfg.train.max_length))
+        taken += sum(len(row) for row in rows)
+        if taken >= cfg.lora.loraga_samples:
+            break
+    n_items = max(1, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+    return batches, n_items
 
 
 def seed_everything(seed: int) -> None:
@@ -289,22 +367,40 @@ def _check_memory(cfg: Config, source: Path, device: torch.device) -> None:
         log.warning("memory pre-flight skipped: %s", exc.message)
 
 
-def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    """Paged AdamW (8-bit default, 32-bit option) from bitsandbytes, or torch AdamW."""
-    lr, wd = cfg.train.learning_rate, cfg.train.weight_decay
-    if cfg.train.optimizer == "adamw_torch":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch.device,
+                    model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+    """Paged AdamW (8-bit default, 32-bit option) from bitsandbytes, or torch AdamW.
+
+    With ``train.loraplus_lr_ratio`` (LoRA+), peft's ``create_loraplus_optimizer`` groups the
+    same parameters of ``model``: B matrices and 1-D adapter vectors at ratio x the learning rate.
+    """
     import warnings
 
+    lr, wd = cfg.train.learning_rate, cfg.train.weight_decay
+    cls = _optimizer_class(cfg, device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if cfg.train.loraplus_lr_ratio is None:
+            return cls(params, lr=lr, weight_decay=wd)
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer = create_loraplus_optimizer(model, cls, lr=lr, loraplus_lr_ratio=cfg.train.loraplus_lr_ratio,
+                                              loraplus_weight_decay=wd)
+    grouped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if grouped != {id(p) for p in params}:
+        raise RuntimeError("LoRA+ parameter groups do not cover exactly the trainable parameters")
+    return optimizer
+
+
+def _optimizer_class(cfg: Config, device: torch.device) -> type[torch.optim.Optimizer]:
+    if cfg.train.optimizer == "adamw_torch":
+        return torch.optim.AdamW
     import bitsandbytes as bnb
 
     if device.type != "cuda":
         log.info("%s: paged memory needs CUDA; bitsandbytes uses its non-paged version on CPU",
                  cfg.train.optimizer)
-    cls = bnb.optim.PagedAdamW8bit if cfg.train.optimizer == "paged_adamw_8bit" else bnb.optim.PagedAdamW32bit
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return cls(params, lr=lr, weight_decay=wd)
+    return bnb.optim.PagedAdamW8bit if cfg.train.optimizer == "paged_adamw_8bit" else bnb.optim.PagedAdamW32bit
 
 
 def compute_total_steps(cfg: Config, micro_per_epoch: int) -> int:
@@ -338,7 +434,7 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
 
 
 def _new_manifest(cfg: Config, device: torch.device, source: Path, spec: Any, data: Any, model: Any,
-                  trainable: int, out: Path, resume_from: Path | None) -> dict[str, Any]:
+                  trainable: int, out: Path, resume_from: Path | None, variant: dict[str, Any]) -> dict[str, Any]:
     previous = ckpt.read_json(out / rundir.MANIFEST) if resume_from is not None else {}
     return {
         "qlora_kit_version": package_versions().get("qlora-kit"),
@@ -350,7 +446,7 @@ def _new_manifest(cfg: Config, device: torch.device, source: Path, spec: Any, da
         "quant": spec.to_json(),
         "data": data.fingerprint,
         "lora": {"target_modules": sorted(model.peft_config["default"].target_modules),
-                 "trainable_parameters": trainable},
+                 "trainable_parameters": trainable, **variant},
         "start_time": previous.get("start_time", now_iso()),
         "resumed": previous.get("resumed", []) + ([{"from": resume_from.name, "at": now_iso()}] if resume_from else []),
         "end_time": None,
@@ -359,7 +455,16 @@ def _new_manifest(cfg: Config, device: torch.device, source: Path, spec: Any, da
 
 
 def _restore(run: Run, resume_from: Path) -> None:
+    from qlora_kit.variants import adalora
+
     state = ckpt.load_checkpoint(resume_from, run.model, run.optimizer, run.scheduler)
+    if run.cfg.lora.type == "adalora" and state.get("total_steps") != run.total_steps:
+        raise ConfigError(
+            f"cannot resume {resume_from.name}: lora.type=adalora scheduled its rank budget for "
+            f"{state.get('total_steps')} steps, and train.max_steps / train.num_epochs now give {run.total_steps}",
+            "restore train.max_steps / train.num_epochs, or start a new run",
+        )
+    adalora.restore_state(run.model, state.get("variant") or {}, ckpt.read_variant_tensors(resume_from))
     run.step, run.micro_index = state["step"], state["micro_index"]
     run.skipped_steps = state.get("skipped_steps", 0)
     run.last_save_step = run.step
@@ -404,6 +509,7 @@ def micro_batches_from(cfg: Config, data: Any, start: int) -> Iterator[tuple[int
 def train(run: Run, stop: StopRequest) -> None:
     """Optimizer steps until ``total_steps``, logging, evaluating and checkpointing on schedule."""
     from qlora_kit.data import collate
+    from qlora_kit.variants import adalora
 
     cfg = run.cfg.train
     eval_every = cfg.eval_steps or cfg.save_steps
@@ -427,6 +533,7 @@ def train(run: Run, stop: StopRequest) -> None:
             skipped = _guard_nonfinite(run, loss, grad_norm)
             if not skipped:
                 run.optimizer.step()
+                adalora.after_optimizer_step(run.model, run.step)  # AdaLoRA: scores need the gradients
             run.optimizer.zero_grad(set_to_none=True)
             run.scheduler.step()
             run.step += 1
@@ -449,6 +556,8 @@ def train_step(run: Run, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.
     micro-batches with few trainable tokens are not over-weighted.  ``use_cache=False``
     matters: with a KV cache transformers skips the block-diagonal mask of packed rows.
     """
+    from qlora_kit.variants.adalora import orthogonality_penalty
+
     n_items = max(1, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
     loss_sum = torch.zeros((), device=run.device)
     for batch in batches:
@@ -456,6 +565,9 @@ def train_step(run: Run, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.
         loss = run.model(**batch, num_items_in_batch=n_items, use_cache=False).loss
         loss.backward()  # the logits die with the forward's output before the backward pass
         loss_sum += loss.detach().float()
+    penalty = orthogonality_penalty(run.model, run.cfg.lora.adalora_orth_reg_weight)
+    if penalty is not None:  # AdaLoRA, once per optimizer step (not part of the logged loss)
+        penalty.backward()
     max_norm = run.cfg.train.max_grad_norm or float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
     return loss_sum, grad_norm.detach().float()
@@ -533,6 +645,7 @@ def _log_step(run: Run, window: _Window, lr: float, grad_norm: torch.Tensor, pro
         "learning_rate": lr,
         "grad_norm": round(gnorm, 6),
         "tokens_per_second": round(window.tokens / max(elapsed, 1e-9), 2),
+        "seconds_per_step": round(elapsed / window.steps, 4),
     }
     if run.skipped_steps:
         record["skipped_steps"] = run.skipped_steps
@@ -595,7 +708,12 @@ def save(run: Run) -> Path:
         "data_fingerprint": run.data.fingerprint,
         "saved_at": now_iso(),
     }
-    path = ckpt.save_checkpoint(run.out, run.step, run.model, run.optimizer, run.scheduler, state, run.config_text)
+    from qlora_kit.variants import adalora
+
+    state["variant"], variant_tensors = adalora.checkpoint_state(run.model)
+    with adalora.full_rank_state(run.model):
+        path = ckpt.save_checkpoint(run.out, run.step, run.model, run.optimizer, run.scheduler, state,
+                                    run.config_text, variant_tensors)
     ckpt.prune_checkpoints(run.out, run.cfg.train.save_total_limit)
     run.last_save_step = run.step
     log.info("saved %s", path.name)
@@ -620,7 +738,14 @@ def finish(run: Run) -> None:
     """Publish the final adapter, plot, and mark the manifest completed."""
     if not adapters_finite(run):
         _raise_if_nonfinite(run, True)
+    from qlora_kit.variants import adalora
+
     tmp = run.out / f".tmp-{rundir.ADAPTER}"
+    ranks = adalora.ranks(run.model)
+    if ranks is not None:
+        run.manifest["lora"]["variant"]["ranks"] = ranks
+        log.info("AdaLoRA kept %d of %d ranks (per module %d-%d)", ranks["total"], ranks["initial_total"],
+                 ranks["min"], ranks["max"])
     ckpt.save_adapter(run.model, tmp)
     ckpt.publish_dir(tmp, run.out / rundir.ADAPTER)
     plot_loss(run.metrics.read(), run.out / rundir.LOSS_PLOT)
