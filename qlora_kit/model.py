@@ -397,5 +397,11 @@ def load_residual_base(base: nn.Module, run_dir: Path, manifest: dict[str, Any])
     """
     from qlora_kit.variants.residual import check_residual, load_residual
 
-    path = check_residual(run_dir, (manifest.get("lora") or {}).get("residual_base"))
+    lora = manifest.get("lora") or {}
+    variant = lora.get("variant") or {}
+    if variant.get("changes_base") and not lora.get("residual_base"):
+        raise ModelError(f"lora.init={variant.get('init')} trained against a re-quantised residual base, but "
+                         f"{Path(run_dir) / rundir.MANIFEST} names no residual base file",
+                         "the run directory is incomplete: restore its manifest.json and base_residual.safetensors")
+    path = check_residual(run_dir, lora.get("residual_base"))
     return load_residual(base, path) if path is not None else []

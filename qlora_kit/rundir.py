@@ -10,6 +10,8 @@
       metrics.jsonl        one JSON object per logged step / eval
       loss.png             loss curve
       checkpoint-<step>/   resumable state (see checkpoint.py); only complete ones are ever renamed here
+      base_residual.safetensors  base-changing lora.init only: the re-quantised NF4 weights the adapter
+                           trains against (qlora_kit/variants/residual.py); never changes after setup
 """
 
 from __future__ import annotations

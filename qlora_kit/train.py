@@ -284,30 +284,37 @@ def _setup_adapters(cfg: Config, model: Any, data: Any, tokenizer: Any, source: 
 
     info: dict[str, Any] = {"variant": variants.describe(cfg), "residual_base": None}
     fresh = resume_from is None
-    grads = None
-    if fresh and cfg.lora.init == "lora_ga":
-        if cfg.train.gradient_checkpointing:
-            qmodel.enable_gradient_checkpointing(model)
-        targets = qmodel.resolve_target_modules(model, cfg.lora.target_modules)
-        batches, n_items = _gradient_batches(cfg, data, tokenizer.pad_token_id)
-        log.info("lora.init=lora_ga: estimating gradients on %d training rows (%d micro-batches)",
-                 cfg.lora.loraga_samples, len(batches))
-        grads = vinit.estimate_gradients(model, targets, batches, n_items, device)
+    grads = _estimate_loraga(cfg, model, data, tokenizer.pad_token_id, device) \
+        if fresh and cfg.lora.init == "lora_ga" else None
     if not fresh:
         previous = ckpt.read_json(out / rundir.MANIFEST).get("lora") or {}
         info["residual_base"] = previous.get("residual_base")
         info["variant"]["init_report"] = (previous.get("variant") or {}).get("init_report")
-        qmodel.load_residual_base(model, out, {"lora": info})
+        qmodel.load_residual_base(model, out, {"lora": info})  # refuses a base-changing init without it
     model = qmodel.attach_lora(model, cfg.lora, adapter_dtype, cfg.train.gradient_checkpointing, total_steps)
     if fresh and cfg.lora.init != "default":
         report = vinit.initialise(model, cfg.lora, source, qmodel.DTYPES[spec.load_dtype], grads)
-        del grads
         info["variant"]["init_report"] = report.to_json()
         if report.changed_base:
             info["residual_base"] = save_residual(vinit.lora_layers(model), report.changed_base, out / RESIDUAL_FILE)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # LoRA-GA's gradients and the init's working set
     return model, info
+
+
+def _estimate_loraga(cfg: Config, model: Any, data: Any, pad_id: int, device: torch.device
+                     ) -> dict[str, torch.Tensor]:
+    """LoRA-GA: dL/dW of every target weight on the first ``lora.loraga_samples`` training rows (bare base)."""
+    from qlora_kit import model as qmodel
+    from qlora_kit.variants.init import estimate_gradients
+
+    if cfg.train.gradient_checkpointing:
+        qmodel.enable_gradient_checkpointing(model)
+    targets = qmodel.resolve_target_modules(model, cfg.lora.target_modules)
+    batches, n_items = _gradient_batches(cfg, data, pad_id)
+    log.info("lora.init=lora_ga: estimating gradients on %d training rows (%d micro-batches)",
+             cfg.lora.loraga_samples, len(batches))
+    return estimate_gradients(model, targets, batches, n_items, device)
 
 
 def _gradient_batches(cfg: Config, data: Any, pad_id: int) -> tuple[list[dict[str, torch.Tensor]], int]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import arithmetic_rows, write_config, write_jsonl
+from conftest import arithmetic_rows, gpu, write_config, write_jsonl
 from safetensors.torch import load_file
 
 from qlora_kit import export as ex
@@ -309,3 +309,39 @@ def test_merge_refuses_what_it_cannot_merge_exactly() -> None:
         merge.module_scale(config, "ADALORA", "model.layers.0.self_attn.q_proj", shapes)
     assert merge.module_scale(config, "ADALORA", "model.layers.0.self_attn.q_proj",
                               {"A": [4, 64], "B": [64, 4], "E": [4, 1]}) == 16 / (8 + 1e-5)
+
+
+# --------------------------------------------------------------------------- why the inits are ours (peft 0.21)
+
+
+def test_peft_inits_on_a_4bit_base_behave_as_documented(tiny_llama: Path) -> None:
+    """What qlora_kit.variants documents about peft's own inits on a bitsandbytes 4-bit base.
+
+    If a peft upgrade changes this, revisit variants/init.py (it may then be able to use peft directly).
+    """
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.config import LoraGAConfig
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    cfg = validate({"model": {"name_or_path": str(tiny_llama)}, "data": {"path": "d"}, "output_dir": "o"})
+
+    def base() -> Any:
+        return qmodel.load_quantized_base(tiny_llama, cfg.model, torch.float32, torch.device("cpu"))
+
+    with pytest.raises(TypeError, match="PiSSA"):
+        get_peft_model(base(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
+    with pytest.raises(ValueError, match="quantized"):
+        preprocess_loraga(base(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="lora_ga",
+                                             lora_ga_config=LoraGAConfig()), lambda: None)
+
+
+@gpu
+@pytest.mark.parametrize("name", ["lora_ga", "pissa", "adalora", "vera", "loraplus_8bit"])
+def test_cuda_bf16_variants_train_and_reload(name: str, tiny_llama: Path, data_file: Path, tmp_path: Path) -> None:
+    """bf16 adapters on CUDA (VeRA's shared projections cast with them), paged 8-bit LoRA+; export verifies."""
+    cfg = _config(tmp_path, name, tiny_llama, data_file, "run")
+    assert run_training(cfg, []) == 0
+    out = tmp_path / "export"
+    assert ex.export_run(tmp_path / "run", out, show_progress=False, verify_prompts=3) == 0
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["verification"]["status"] == "passed", report["verification"]["failures"]

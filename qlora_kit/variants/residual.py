@@ -31,7 +31,10 @@ _FORMAT = "qlora-kit residual nf4 base v1"
 
 
 def save_residual(layers: dict[str, nn.Module], modules: list[str], path: Path) -> dict[str, Any]:
-    """Write the 4-bit weights of ``modules`` (HF module names → peft LoRA layers) atomically; return the manifest entry."""
+    """Write the 4-bit weights of ``modules`` (``layers``: HF module name → peft LoRA layer) atomically.
+
+    Returns the manifest entry (file, sha256, module count, bytes).
+    """
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
