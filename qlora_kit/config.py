@@ -65,6 +65,11 @@ class LoraConfig(_Section):
         "lora_ga (adapter from the SVD of the first gradients, the base holds the residual).",
     )
     loraga_samples: int = Field(64, gt=0, description="lora_ga: training rows whose averaged gradient sets the init.")
+    loraga_passes: int = Field(
+        1, ge=1, le=64,
+        description="lora_ga: estimate the fp32 gradients of the target weights in this many groups, re-running the "
+        "samples for each (less memory, same init); `qlora-kit plan` says when one pass does not fit.",
+    )
     loftq_iter: int = Field(
         1, ge=1, le=32,
         description="loftq: alternating steps; 1 keeps the NF4 base as loaded, more re-quantise its residual.",

@@ -608,8 +608,8 @@ def _init_phase(shape: ModelShape, cfg: Config, targets: list[str], batch: int, 
         widths = {layers[n].group: layers[n].in_features for n in targets}
         dynamic = _activation_phases(shape, cfg, targets, batch, length)
         working = max(sum(dynamic["loss"].values()), sum(dynamic["backward"].values()))
-        return {"loraga_gradients": 4 * shape.num_layers * sum(layers[n].numel for n in targets),
-                "loraga_inputs": shape.num_layers * s * tokens * sum(widths.values()),
+        return {"loraga_gradients": _per_pass(4 * sum(layers[n].numel for n in targets), shape, cfg, 4 * largest),
+                "loraga_inputs": _per_pass(s * tokens * sum(widths.values()), shape, cfg, 0),
                 "loraga_forward_backward": working}
     adapters = _adapter_components(shape, cfg, targets)["lora_parameters"]
     return {"lora_parameters": adapters, "init_working": INIT_WORK_FACTOR * 4 * largest + nf4_bytes(largest)}
@@ -638,6 +638,14 @@ def _activation_phases(shape: ModelShape, cfg: Config, targets: list[str], batch
     loss = {**common, "final_norm": 4 * h * tokens, "logits_and_loss": (s + LOSS_FP32_BYTES) * v * tokens}
     backward = {**common, **recompute, "backward_working": working, "dequant_buffer": dequant}
     return {"loss": loss, "backward": backward}
+
+
+def _per_pass(per_layer: int, shape: ModelShape, cfg: Config, slack: int) -> int:
+    """Bytes of one LoRA-GA gradient pass: the targets are cut into ``lora.loraga_passes`` contiguous groups of
+    about equal size, so one group holds total/passes plus at most one layer (and one matrix, ``slack``)."""
+    total = per_layer * shape.num_layers
+    passes = cfg.lora.loraga_passes
+    return total if passes == 1 else min(total, total // passes + per_layer + slack)
 
 
 # --------------------------------------------------------------------------- what fits
@@ -695,6 +703,10 @@ def suggest(cfg: Config, shape: ModelShape, budget: int) -> str:
         ("lora", {"dropout": 0.0}, "--set lora.dropout=0 (no per-adapter dropout copies)"),
     ]
     if cfg.lora.init == "lora_ga":  # its fp32 gradient of every target weight, not the activations, is the peak
+        passes = _largest(lambda k: not fits(_variant(cfg, "lora", loraga_passes=k), shape, budget), 1, 64)
+        if passes is not None and passes < 64 and passes + 1 > cfg.lora.loraga_passes:
+            options.append(f"--set lora.loraga_passes={passes + 1} (LoRA-GA's gradients estimated in "
+                           f"{passes + 1} groups, the samples re-run for each)")
         knobs += [("lora", {"target_modules": "attention"},
                    "--set lora.target_modules=attention (LoRA-GA keeps a float32 gradient of every target weight)"),
                   ("lora", {"init": "default"}, "--set lora.init=default")]

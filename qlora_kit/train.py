@@ -284,8 +284,10 @@ def _setup_adapters(cfg: Config, model: Any, data: Any, tokenizer: Any, source: 
 
     info: dict[str, Any] = {"variant": variants.describe(cfg), "residual_base": None}
     fresh = resume_from is None
-    grads = _estimate_loraga(cfg, model, data, tokenizer.pad_token_id, device) \
+    started = time.perf_counter()
+    loraga = _estimate_loraga(cfg, model, data, tokenizer.pad_token_id, source, device) \
         if fresh and cfg.lora.init == "lora_ga" else None
+    estimate_s = time.perf_counter() - started
     if not fresh:
         previous = ckpt.read_json(out / rundir.MANIFEST).get("lora") or {}
         info["residual_base"] = previous.get("residual_base")
@@ -293,7 +295,8 @@ def _setup_adapters(cfg: Config, model: Any, data: Any, tokenizer: Any, source: 
         qmodel.load_residual_base(model, out, {"lora": info})  # refuses a base-changing init without it
     model = qmodel.attach_lora(model, cfg.lora, adapter_dtype, cfg.train.gradient_checkpointing, total_steps)
     if fresh and cfg.lora.init != "default":
-        report = vinit.initialise(model, cfg.lora, source, qmodel.DTYPES[spec.load_dtype], grads)
+        report = vinit.initialise(model, cfg.lora, source, qmodel.DTYPES[spec.load_dtype], loraga)
+        report.seconds += estimate_s  # LoRA-GA's gradient passes are part of its init
         info["variant"]["init_report"] = report.to_json()
         if report.changed_base:
             info["residual_base"] = save_residual(vinit.lora_layers(model), report.changed_base, out / RESIDUAL_FILE)
@@ -302,19 +305,19 @@ def _setup_adapters(cfg: Config, model: Any, data: Any, tokenizer: Any, source: 
     return model, info
 
 
-def _estimate_loraga(cfg: Config, model: Any, data: Any, pad_id: int, device: torch.device
-                     ) -> dict[str, torch.Tensor]:
-    """LoRA-GA: dL/dW of every target weight on the first ``lora.loraga_samples`` training rows (bare base)."""
+def _estimate_loraga(cfg: Config, model: Any, data: Any, pad_id: int, source: Path, device: torch.device
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """LoRA-GA's factors from dL/dW of every target weight on the first ``lora.loraga_samples`` training rows."""
     from qlora_kit import model as qmodel
-    from qlora_kit.variants.init import estimate_gradients
+    from qlora_kit.variants.init import loraga_factors
 
     if cfg.train.gradient_checkpointing:
         qmodel.enable_gradient_checkpointing(model)
     targets = qmodel.resolve_target_modules(model, cfg.lora.target_modules)
     batches, n_items = _gradient_batches(cfg, data, pad_id)
-    log.info("lora.init=lora_ga: estimating gradients on %d training rows (%d micro-batches)",
-             cfg.lora.loraga_samples, len(batches))
-    return estimate_gradients(model, targets, batches, n_items, device)
+    log.info("lora.init=lora_ga: estimating gradients on %d training rows (%d micro-batches, %d pass(es))",
+             cfg.lora.loraga_samples, len(batches), cfg.lora.loraga_passes)
+    return loraga_factors(model, cfg.lora, targets, batches, n_items, source, device)
 
 
 def _gradient_batches(cfg: Config, data: Any, pad_id: int) -> tuple[list[dict[str, torch.Tensor]], int]:

@@ -194,7 +194,7 @@ def test_loraga_gradient_estimate_equals_autograd_on_the_dequantised_weights(tin
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.variants.init import dequantised, estimate_gradients
+    from qlora_kit.variants.init import dequantised, estimate_gradients, quantised_targets
 
     cfg = validate({"model": {"name_or_path": str(tiny_llama)}, "data": {"path": "x"}, "output_dir": "o"})
     base = qmodel.load_quantized_base(tiny_llama, cfg.model, torch.float32, torch.device("cpu"))
@@ -202,7 +202,8 @@ def test_loraga_gradient_estimate_equals_autograd_on_the_dequantised_weights(tin
     ids = torch.randint(6, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     batches = [{"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}] * 2
     n_items = 2 * 2 * 11
-    grads = estimate_gradients(base, ["q_proj", "v_proj"], batches, n_items, torch.device("cpu"))
+    names = quantised_targets(base, ["q_proj", "v_proj"])
+    grads = estimate_gradients(base, names, batches, n_items, torch.device("cpu"))
 
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     for name, module in base.named_modules():
@@ -217,6 +218,28 @@ def test_loraga_gradient_estimate_equals_autograd_on_the_dequantised_weights(tin
     for name, grad in grads.items():
         expected = ref.get_submodule(name).weight.grad
         assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-6 * expected.abs().max()), name
+
+
+def test_loraga_in_passes_gives_the_same_init(tiny_llama: Path, one_thread) -> None:
+    """Splitting LoRA-GA's gradients into groups (less memory) changes nothing in the factors."""
+    from qlora_kit.variants.init import loraga_factors, split_passes
+
+    cfg = validate({"model": {"name_or_path": str(tiny_llama)}, "lora": {"init": "lora_ga", "r": 4},
+                    "data": {"path": "x"}, "output_dir": "o"})
+    base = qmodel.load_quantized_base(tiny_llama, cfg.model, torch.float32, torch.device("cpu"))
+    ids = torch.randint(6, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}]
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    results = []
+    for passes in (1, 3):
+        lora = cfg.lora.model_copy(update={"loraga_passes": passes})
+        torch.manual_seed(0)  # peft's LoRA-GA SVD is randomised
+        results.append(loraga_factors(base, lora, targets, batches, 22, tiny_llama, torch.device("cpu")))
+    assert results[0].keys() == results[1].keys() and len(results[0]) == 8
+    for name, (a, b) in results[0].items():
+        assert torch.equal(a, results[1][name][0]) and torch.equal(b, results[1][name][1]), name
+    groups = split_passes(base, list(results[0]), 3)
+    assert len(groups) == 3 and sum(groups, []) == list(results[0])
 
 
 def test_loraga_without_enough_rows_is_one_line(tmp_path: Path, tiny_llama: Path, data_file: Path) -> None:

@@ -110,7 +110,7 @@ def describe(cfg: Config) -> dict[str, Any]:
                     tfinal_ratio=lora.adalora_tfinal_ratio, delta_t=lora.adalora_delta_t,
                     orth_reg_weight=lora.adalora_orth_reg_weight)
     if lora.init == "lora_ga":
-        info["loraga_samples"] = lora.loraga_samples
+        info.update(loraga_samples=lora.loraga_samples, loraga_passes=lora.loraga_passes)
     if lora.init == "loftq":
         info["loftq_iter"] = lora.loftq_iter
     info["changes_base"] = changes_base(lora)

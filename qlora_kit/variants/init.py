@@ -15,7 +15,10 @@ loader quantised), in float32 on the training device:
 B and A are rounded to the adapter dtype before the residual is formed, so the residual is
 exactly the complement of the adapter that trains.  DoRA magnitudes are recomputed afterwards.
 The LoRA-GA gradient of each target weight is accumulated from forward hooks (input) and
-output-gradient hooks (dL/dy): dL/dW = sum over tokens of dy^T x, in float32.
+output-gradient hooks (dL/dy): dL/dW = sum over tokens of dy^T x, in float32; with
+``lora.loraga_passes`` > 1 the targets are split into groups and the samples re-run per group,
+each group's factors taken before the next group's gradients are allocated (same init, the
+memory of one group).
 """
 
 from __future__ import annotations
@@ -85,15 +88,14 @@ def quantised_targets(model: nn.Module, targets: list[str]) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit) and n.rsplit(".", 1)[-1] in targets]
 
 
-def estimate_gradients(model: nn.Module, targets: list[str], batches: Iterable[dict[str, torch.Tensor]],
+def estimate_gradients(model: nn.Module, names: list[str], batches: Iterable[dict[str, torch.Tensor]],
                        n_items: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """dL/dW (float32, on ``device``) of every target 4-bit weight, for the mean token loss over ``batches``.
+    """dL/dW (float32, on ``device``) of the named 4-bit weights, for the mean token loss over ``batches``.
 
     The base is frozen and quantised, so W has no gradient of its own: a forward hook keeps
     each target's input x and hooks the gradient of its output dy, and dy^T x is accumulated.
     Runs on the bare base model (before adapters are attached).
     """
-    names = quantised_targets(model, targets)
     modules = {n: model.get_submodule(n) for n in names}
     grads = {n: torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device=device)
              for n, m in modules.items()}
@@ -112,6 +114,41 @@ def estimate_gradients(model: nn.Module, targets: list[str], batches: Iterable[d
         model.disable_input_require_grads()
         model.train(was_training)
     return grads
+
+
+def split_passes(model: nn.Module, names: list[str], passes: int) -> list[list[str]]:
+    """``names`` (in model order) cut into at most ``passes`` contiguous groups of about equal weight size."""
+    sizes = [model.get_submodule(n).weight.numel() * 2 for n in names]  # packed 4-bit: 2 values per byte
+    target = sum(sizes) / passes
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, size in zip(names, sizes):
+        if groups[-1] and used + size > target * 1.0001 and len(groups) < passes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
+def loraga_factors(model: nn.Module, lora: LoraConfig, targets: list[str], batches: list[dict[str, torch.Tensor]],
+                   n_items: int, source_dir: Path, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """LoRA-GA's (A, B) per target module: gradients estimated in ``lora.loraga_passes`` groups, each group's
+    factors taken (peft's ``lora_ga_init`` on the 16-bit weight) before the next group's gradients exist."""
+    names = quantised_targets(model, targets)
+    weights = SourceWeights(source_dir)
+    factors = {}
+    groups = split_passes(model, names, lora.loraga_passes)
+    for i, group in enumerate(groups):
+        if len(groups) > 1:
+            log.info("lora.init=lora_ga: gradient pass %d of %d (%d modules)", i + 1, len(groups), len(group))
+        grads = estimate_gradients(model, group, batches, n_items, device)
+        for name in group:
+            w = weights.get(name, device)
+            if w is None:
+                w = dequantised(model.get_submodule(name))
+            factors[name] = peft_factors(w, lora, grads.pop(name))
+    return factors
 
 
 def _capture(acc: torch.Tensor):
@@ -191,18 +228,20 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def initialise(model: nn.Module, lora: LoraConfig, source_dir: Path, load_dtype: torch.dtype,
-               grads: dict[str, torch.Tensor] | None = None) -> InitReport:
+               loraga: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> InitReport:
     """Apply ``lora.init`` to every adapted 4-bit module of a peft model, in place.
 
+    ``loraga``: LoRA-GA's factors per module (``loraga_factors``, computed on the bare base).
+
     Raises:
-        ModelError: r larger than a target matrix allows, or a LoRA-GA gradient is missing.
+        ModelError: r larger than a target matrix allows, or LoRA-GA factors are missing.
     """
     started = time.perf_counter()
     report = InitReport(lora.init)
     weights = SourceWeights(source_dir)
     layers = lora_layers(model)
     for i, (name, layer) in enumerate(layers.items()):
-        _init_module(name, layer, lora, weights, load_dtype, grads, report)
+        _init_module(name, layer, lora, weights, load_dtype, loraga, report)
         if (i + 1) % 50 == 0:
             log.info("lora.init=%s: %d of %d modules", lora.init, i + 1, len(layers))
     report.seconds = time.perf_counter() - started
@@ -213,7 +252,7 @@ def initialise(model: nn.Module, lora: LoraConfig, source_dir: Path, load_dtype:
 
 @torch.no_grad()
 def _init_module(name: str, layer: nn.Module, lora: LoraConfig, weights: SourceWeights, load_dtype: torch.dtype,
-                 grads: dict[str, torch.Tensor] | None, report: InitReport) -> None:
+                 loraga: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, report: InitReport) -> None:
     base = layer.get_base_layer()
     a_param, b_param = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     if lora.r > min(base.in_features, base.out_features):
@@ -229,12 +268,12 @@ def _init_module(name: str, layer: nn.Module, lora: LoraConfig, weights: SourceW
     if lora.init == "loftq":
         a, b = _loftq(base, w, lora, scale, load_dtype, a_param.dtype)
     else:
-        grad = None
         if lora.init == "lora_ga":
-            grad = (grads or {}).get(name)
-            if grad is None:
+            if name not in (loraga or {}):
                 raise ModelError(f"lora.init=lora_ga has no gradient estimate for {name}")
-        a, b = peft_factors(w, lora, grad)
+            a, b = loraga[name]
+        else:
+            a, b = peft_factors(w, lora)
         a, b = a.to(a_param.dtype), b.to(b_param.dtype)
         requantise(base, w - scale * (b.float() @ a.float()), load_dtype)
     a_param.data = a.to(a_param.dtype).contiguous()
