@@ -67,15 +67,19 @@ class SourceWeights:
 
         self.index = {t.name: t.file for t in read_source_index(source_files(source_dir))}
 
-    def get(self, module: str, device: torch.device) -> torch.Tensor | None:
-        """float32 weight of ``module`` (HF module name), or None when the checkpoint has no such tensor."""
+    def get(self, module: nn.Module, name: str, device: torch.device) -> torch.Tensor | None:
+        """float32 16-bit weight of the 4-bit ``module`` (HF module ``name``), or None when the checkpoint has no
+        floating-point tensor of its shape (renamed, fused or pre-quantised weights)."""
         from safetensors import safe_open
 
-        file = self.index.get(f"{module}.weight")
+        file = self.index.get(f"{name}.weight")
         if file is None:
             return None
         with safe_open(str(file), framework="pt") as fh:
-            return fh.get_tensor(f"{module}.weight").to(device=device, dtype=torch.float32)
+            tensor = fh.get_tensor(f"{name}.weight")
+        if not tensor.is_floating_point() or tuple(tensor.shape) != (module.out_features, module.in_features):
+            return None
+        return tensor.to(device=device, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------- LoRA-GA gradients
@@ -144,10 +148,9 @@ def loraga_factors(model: nn.Module, lora: LoraConfig, targets: list[str], batch
             log.info("lora.init=lora_ga: gradient pass %d of %d (%d modules)", i + 1, len(groups), len(group))
         grads = estimate_gradients(model, group, batches, n_items, device)
         for name in group:
-            w = weights.get(name, device)
-            if w is None:
-                w = dequantised(model.get_submodule(name))
-            factors[name] = peft_factors(w, lora, grads.pop(name))
+            module = model.get_submodule(name)
+            w = weights.get(module, name, device)
+            factors[name] = peft_factors(dequantised(module) if w is None else w, lora, grads.pop(name))
     return factors
 
 
@@ -260,8 +263,8 @@ def _init_module(name: str, layer: nn.Module, lora: LoraConfig, weights: SourceW
                          f"{base.out_features}x{base.in_features} and lora.r is {lora.r}",
                          "lower lora.r, or target other modules")
     device = a_param.device
-    w = weights.get(name, device)
-    if w is None:  # a renamed/fused tensor: fall back to the weights the model holds
+    w = weights.get(base, name, device)
+    if w is None:  # a renamed/fused/pre-quantised tensor: fall back to the weights the model holds
         w = dequantised(base)
         report.source = "dequantised NF4 weights (some 16-bit tensors not found)"
     scale = float(layer.scaling["default"])
