@@ -47,18 +47,26 @@ def pick_device() -> torch.device:
 
 
 def resolve_compute_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """Pick the compute/adapter dtype: bf16 on CUDA (fp16 without bf16 support), fp32 on CPU."""
+    """Pick the compute dtype: bf16 on CUDA cards with native bf16, fp16 (loss-scaled) on older ones, fp32 on CPU.
+
+    ``torch.cuda.is_bf16_supported()`` is not used: it also says yes where bf16 is emulated
+    (V100, T4), which is slow; compute capability 8.0 (Ampere) is the line.
+    """
+    from qlora_kit.ops.precision import native_bf16
+
     if requested != "auto":
         dtype = DTYPES[requested]
         if device.type == "cpu" and dtype != torch.float32:
             log.warning("compute_dtype=%s on CPU is ~6x slower than float32 here; consider 'auto'", requested)
-        if dtype == torch.float16:
-            log.warning("float16 compute can overflow to NaN during training; bfloat16 is safer where supported")
+        if device.type == "cuda" and dtype == torch.bfloat16 and not native_bf16(device):
+            log.warning("this GPU has no native bfloat16 (compute capability < 8.0): bf16 is emulated and slow; "
+                        "'auto' picks float16 with loss scaling")
         return dtype
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if native_bf16(device):
             return torch.bfloat16
-        log.warning("this GPU has no bfloat16 support: using float16 compute (watch for NaN losses)")
+        log.info("this GPU has no native bfloat16 (compute capability < 8.0): float16 compute with fp32 adapters "
+                 "and dynamic loss scaling")
         return torch.float16
     log.info("CPU run: using float32 compute and adapter dtype (bf16 is ~6x slower on CPU)")
     return torch.float32
@@ -302,12 +310,13 @@ def resolve_target_modules(model: nn.Module, spec: str | list[str]) -> list[str]
 
 
 def attach_lora(model: nn.Module, cfg: LoraConfig, adapter_dtype: torch.dtype, gradient_checkpointing: bool,
-                total_steps: int | None = None):
+                every_n_layers: int = 1, total_steps: int | None = None):
     """Add trainable adapters (``lora.type``: LoRA, AdaLoRA or VeRA, at peft's default init) in ``adapter_dtype``.
 
     The default LoRA init has B = 0, so the model starts unchanged; ``lora.init`` is applied
     afterwards by ``qlora_kit.variants.init``.  AdaLoRA needs ``total_steps`` (its rank budget
-    schedule).
+    schedule).  With ``gradient_checkpointing``, every ``every_n_layers``-th decoder layer is
+    checkpointed (:func:`enable_gradient_checkpointing`).
     """
     from peft import get_peft_model
 
@@ -315,7 +324,7 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, adapter_dtype: torch.dtype, g
 
     targets = resolve_target_modules(model, cfg.target_modules)
     if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, every_n_layers)
     peft_model = get_peft_model(model, peft_config(cfg, targets, total_steps), autocast_adapter_dtype=False)
     for p in peft_model.parameters():
         if p.requires_grad:
@@ -324,9 +333,11 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, adapter_dtype: torch.dtype, g
     return peft_model
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing (adapters get gradients without an input-grad hook), no KV cache."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def enable_gradient_checkpointing(model: nn.Module, every_n_layers: int = 1) -> None:
+    """Non-reentrant activation checkpointing of every ``every_n_layers``-th decoder layer (transformers'
+    ``activation_checkpointing_enable``; adapters get gradients without an input-grad hook), no KV cache."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                          every_n_layers=every_n_layers)
     model.config.use_cache = False
 
 
@@ -340,8 +351,15 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def set_inference_mode(model: nn.Module) -> None:
-    """eval(), no gradient checkpointing, KV cache on: generating in train mode is wrong and slow."""
+    """eval(), no gradient checkpointing, KV cache on, stock attention: generating in train mode is wrong and slow.
+
+    Training swaps sdpa for qlora-kit's packed attention (``ops.packing``), which takes no
+    mask; generation needs transformers' own (left padding, KV cache).
+    """
+    from qlora_kit.ops.packing import restore_attention
+
     model.eval()
+    restore_attention(model)
     if getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
     for m in (model, getattr(model, "base_model", None), getattr(model, "model", None)):

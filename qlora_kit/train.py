@@ -11,8 +11,14 @@ need here are easier to keep in plain code:
 - SIGTERM/SIGINT checkpoint at the next step boundary (signals.py);
 - nothing is written that holds NaN/inf, and checkpoints/adapters appear atomically.
 
+Memory and speed techniques live in ``qlora_kit/ops`` (one module each) and are switched
+on in :func:`setup`: fused loss (no full logits), padding-free packing with packed
+attention, tiled MLP, activation offload, fp32 adapters under autocast (fp16 loss
+scaling on cards without native bf16).  ``"auto"`` settings are made concrete by the
+planner (``plan.resolve_auto``) before anything is built.
+
 Building blocks are the field's own: transformers models and schedulers, bitsandbytes
-4-bit layers and paged optimizers, peft adapters.
+4-bit layers and 8-bit optimizers, peft adapters, trl's fused LM-head loss.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -45,6 +52,7 @@ log = logging.getLogger("qlora_kit")
 RESUME_BREAKING = (
     "model.name_or_path", "model.revision", "model.quant_type", "model.double_quant", "model.chat_template",
     "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.use_rslora", "lora.use_dora",
+    "lora.adapter_dtype",
     "lora.type", "lora.init", "lora.loraga_samples", "lora.loftq_iter", "lora.adalora_target_r",
     "lora.adalora_tinit_ratio", "lora.adalora_tfinal_ratio", "lora.adalora_delta_t", "lora.adalora_orth_reg_weight",
     "data.path", "data.val_path", "data.format", "data.split", "data.val_fraction", "data.val_max_rows",
@@ -53,6 +61,7 @@ RESUME_BREAKING = (
     "train.optimizer", "train.loraplus_lr_ratio",
 )
 MAX_CONSECUTIVE_SKIPS = 10
+MIN_LOSS_SCALE = 1.0  # fp16 loss scaling: below this the run is not recovering
 
 
 @dataclass
@@ -83,6 +92,8 @@ class Run:
     nonfinite: torch.Tensor | None = None  # device flag: any non-finite step so far (stop mode)
     first_bad_step: torch.Tensor | None = None
     params: list[torch.nn.Parameter] = field(default_factory=list)
+    precision: Any = None  # ops.precision.Precision
+    scaler: torch.amp.GradScaler | None = None  # fp16 compute only
 
 
 # --------------------------------------------------------------------------- entry point
@@ -96,6 +107,9 @@ def run_training(
     skip_memory_check: bool = False,
 ) -> int:
     """``qlora-kit train``: returns 0, or raises a QloraKitError with a documented exit code."""
+    from qlora_kit.ops.allocator import configure_cuda_allocator
+
+    configure_cuda_allocator()  # before anything touches CUDA
     cfg, sources = load_config(config_path, overrides)
     out = Path(cfg.output_dir).expanduser()
     resume_from = prepare_output_dir(out, resume=resume, overwrite=overwrite)
@@ -207,13 +221,19 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, skip_memory_check: bool) -> Run:
-    """Load data first (fails fast), then the 4-bit model, adapters, optimizer and schedule."""
+    """Load data first (fails fast), then the 4-bit model, adapters, optimizer and schedule.
+
+    ``cfg`` may hold ``"auto"`` memory settings; the returned run's ``cfg`` has them resolved.
+    """
     from qlora_kit import model as qmodel
+    from qlora_kit.ops.precision import resolve_precision
 
     seed_everything(cfg.train.seed)
     device = qmodel.pick_device()
     compute_dtype = qmodel.resolve_compute_dtype(cfg.model.compute_dtype, device)
+    precision = resolve_precision(compute_dtype, cfg.lora.adapter_dtype, device)
     source = qmodel.resolve_source(cfg.model)
+    cfg = resolve_memory_settings(cfg, source, device, _recorded_memory(out) if resume_from is not None else None)
     tokenizer = qmodel.load_tokenizer(source, cfg.model)
     data = _setup_data(cfg, tokenizer, out)
     if resume_from is not None:
@@ -223,14 +243,13 @@ def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, sk
     _check_variant_needs(cfg, data, total_steps)
     if device.type == "cuda" and not skip_memory_check:
         _check_memory(cfg, source, device)
-    model = qmodel.load_quantized_base(source, cfg.model, compute_dtype, device)
+    model = build_model(cfg, source, precision, total_steps, out if resume_from is not None else None)
+    if cfg.train.fused_loss:
+        cfg = _check_fused_loss(cfg, model, data, tokenizer, precision)
+        if not cfg.train.fused_loss and device.type == "cuda" and not skip_memory_check:
+            _check_memory(cfg, source, device)  # full logits need more memory: re-check before training
     spec = qmodel.quant_spec(model, cfg.model, compute_dtype)
-    # bf16 adapters on CUDA; with fp16 compute (no loss scaling here) adapters stay fp32 so small
-    # gradients do not underflow.
-    adapter_dtype = torch.float32 if compute_dtype == torch.float16 else compute_dtype
-    model, variant = _setup_adapters(cfg, model, data, tokenizer, source, spec, adapter_dtype, total_steps, out,
-                                     resume_from, device)
-    model.train()
+    variant = _setup_variant(cfg, model, data, tokenizer, source, precision, out, resume_from)
     trainable, total = qmodel.count_parameters(model)
     log.info("model: %s | 4-bit %s (double quant: %s) | %s r=%d on %s | trainable %s of %s parameters",
              cfg.model.name_or_path, spec.quant_type, spec.double_quant, cfg.lora.type, cfg.lora.r,
@@ -241,14 +260,152 @@ def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, sk
     optimizer = build_optimizer(cfg, params, device, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     manifest = _new_manifest(cfg, device, source, spec, data, model, trainable, out, resume_from, variant)
+    manifest["memory"] = memory_record(cfg, model, precision)
     run = Run(cfg, config_text, out, device, model, tokenizer, data, optimizer, scheduler, total_steps,
-              micro_per_epoch, manifest, MetricsLog(out / rundir.METRICS), params=params)
+              micro_per_epoch, manifest, MetricsLog(out / rundir.METRICS), params=params,
+              precision=precision, scaler=precision.make_scaler())
     run.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     if resume_from is not None:
         _restore(run, resume_from)
     write_manifest(out / rundir.MANIFEST, manifest)
     return run
+
+
+MEMORY_KEYS = ("checkpoint_every_n_layers", "tiled_mlp", "activation_offload", "optimizer")
+
+
+def resolve_memory_settings(cfg: Config, source: Path, device: torch.device,
+                            recorded: dict[str, Any] | None = None) -> Config:
+    """``cfg`` with every ``"auto"`` memory setting made concrete by the planner (logged).
+
+    On ``--resume`` the choices recorded in the run's manifest are kept for the settings left
+    "auto" (``recorded``): another card or more free memory must not change the optimizer class
+    or the computation of a resumed run.
+    """
+    from qlora_kit.errors import ModelError
+    from qlora_kit.plan import conservative_settings, load_shape_file, resolve_auto
+
+    pinned = {k: recorded[k] for k in MEMORY_KEYS if recorded and k in recorded and
+              getattr(cfg.train, k) == "auto"}
+    if pinned:
+        cfg = cfg.model_copy(deep=True)
+        for key, value in pinned.items():
+            setattr(cfg.train, key, value)
+        log.info("resume: keeping the memory settings the run started with (%s)",
+                 ", ".join(f"{k}={v}" for k, v in pinned.items()))
+    try:
+        shape = load_shape_file(source / "config.json")
+    except ModelError as exc:  # an architecture the planner cannot model: safe settings
+        log.warning("memory planner unavailable (%s): conservative memory settings", exc.message)
+        resolved = conservative_settings(cfg)
+    else:
+        resolved = resolve_auto(cfg, shape, device_memory(device))
+    t = resolved.train
+    log.info("memory settings: packing=%s fused_loss=%s checkpoint_every_n_layers=%s tiled_mlp=%s "
+             "activation_offload=%s optimizer=%s", resolved.data.packing, t.fused_loss,
+             t.checkpoint_every_n_layers, t.tiled_mlp, t.activation_offload, t.optimizer)
+    return resolved
+
+
+def device_memory(device: torch.device) -> int:
+    """Memory the run may plan for on ``device`` (host RAM for the CPU).
+
+    CUDA: what is free now (other processes and a desktop already hold some), plus what our
+    allocator holds and the CUDA context the planner counts, capped at the card's total.
+    """
+    if device.type == "cuda":
+        from qlora_kit.plan import CUDA_CONTEXT_BYTES
+
+        free, total = torch.cuda.mem_get_info(device)
+        return min(total, free + torch.cuda.memory_reserved(device) + CUDA_CONTEXT_BYTES)
+    import psutil
+
+    return psutil.virtual_memory().total
+
+
+def build_model(cfg: Config, source: Path, precision: Any, total_steps: int | None = None,
+                resume_dir: Path | None = None) -> Any:
+    """NF4 base (+ a resumed run's residual base) → fused loss head → adapters of ``lora.type`` (+ checkpointing)
+    → packed attention, tiled MLP, offload.
+
+    ``total_steps``: the run's optimizer steps (AdaLoRA schedules its rank budget on them).
+    ``resume_dir``: the run being resumed; a base-changing ``lora.init`` trained against the
+    residual NF4 weights stored there, which replace the loaded ones before the adapters attach.
+
+    Raises:
+        ModelError: the resumed run's residual base is missing or changed.
+    """
+    from qlora_kit import model as qmodel
+    from qlora_kit.ops import loss, packing, precision as prec, tiled_mlp
+
+    device, t = precision.device, cfg.train
+    model = qmodel.load_quantized_base(source, cfg.model, precision.compute_dtype, device)
+    if resume_dir is not None:
+        qmodel.load_residual_base(model, resume_dir, ckpt.read_json(resume_dir / rundir.MANIFEST))
+    if t.fused_loss:
+        loss.add_fused_loss(model)  # before peft wraps the model
+    model = qmodel.attach_lora(model, cfg.lora, precision.adapter_dtype, t.gradient_checkpointing,
+                               t.checkpoint_every_n_layers, total_steps)
+    if precision.autocast:
+        prec.keep_adapter_inputs_in_compute_dtype(model)
+    packing.use_packed_attention(model)
+    if t.tiled_mlp:
+        log.info("tiled_mlp: %d MLPs computed in tiles of %d tokens", tiled_mlp.tile_mlps(model),
+                 tiled_mlp.MLP_TILE_TOKENS)
+    if t.activation_offload:
+        _enable_offload(model, cfg, device)
+    model.train()
+    return model
+
+
+def _check_fused_loss(cfg: Config, model: Any, data: Any, tokenizer: Any, precision: Any) -> Config:
+    """Keep the fused loss only if it reproduces the model's own loss on the first batch."""
+    from qlora_kit.data import collate
+    from qlora_kit.ops.loss import check_fused_loss
+
+    rows = _epoch_plan(cfg, data, 0)[0]
+    batch = to_device(collate(data.train, rows, tokenizer.pad_token_id, cfg.train.max_length, cfg.data.packing),
+                      precision.device)
+    with precision.forward_context():
+        if check_fused_loss(model, batch):
+            return cfg
+    log.warning("fused_loss: the fused loss differs from this model's own loss (its forward changes the logits "
+                "in a way the fused path does not know); training with the full-logits loss instead")
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.fused_loss = False
+    return cfg
+
+
+def _enable_offload(model: Any, cfg: Config, device: torch.device) -> None:
+    from qlora_kit.ops.offload import ActivationOffload, enable_offload
+
+    if device.type != "cuda":
+        log.info("activation_offload: nothing to do on CPU (activations already live in host memory)")
+        return
+    enable_offload(model, ActivationOffload(device), cfg.train.checkpoint_every_n_layers)
+    log.info("activation_offload: checkpointed layer inputs kept in pinned host memory")
+
+
+def _recorded_memory(out: Path) -> dict[str, Any] | None:
+    """The memory settings recorded in ``out``'s manifest (None for runs that predate them)."""
+    manifest = ckpt.read_json(out / rundir.MANIFEST)
+    memory = manifest.get("memory") if isinstance(manifest, dict) else None
+    return memory if isinstance(memory, dict) else None
+
+
+def memory_record(cfg: Config, model: Any, precision: Any) -> dict[str, Any]:
+    """The memory/speed settings this run actually used (for the manifest)."""
+    t = cfg.train
+    return {
+        "packing": cfg.data.packing, "fused_loss": t.fused_loss, "gradient_checkpointing": t.gradient_checkpointing,
+        "checkpoint_every_n_layers": t.checkpoint_every_n_layers, "tiled_mlp": t.tiled_mlp,
+        "activation_offload": bool(t.activation_offload) and precision.device.type == "cuda",
+        "optimizer": t.optimizer, "attention": getattr(model.config, "_attn_implementation", None),
+        "compute_dtype": str(precision.compute_dtype).removeprefix("torch."),
+        "adapter_dtype": str(precision.adapter_dtype).removeprefix("torch."),
+        "autocast": precision.autocast, "loss_scaling": precision.loss_scaling,
+    }
 
 
 def _check_variant_needs(cfg: Config, data: Any, total_steps: int) -> None:
@@ -270,69 +427,74 @@ def _check_variant_needs(cfg: Config, data: Any, total_steps: int) -> None:
         adalora_steps(cfg.lora, total_steps)
 
 
-def _setup_adapters(cfg: Config, model: Any, data: Any, tokenizer: Any, source: Path, spec: Any,
-                    adapter_dtype: torch.dtype, total_steps: int, out: Path, resume_from: Path | None,
-                    device: torch.device) -> tuple[Any, dict[str, Any]]:
-    """Attach the adapters of ``lora.type`` and apply ``lora.init``; on resume, reload a residual base instead.
+def _setup_variant(cfg: Config, model: Any, data: Any, tokenizer: Any, source: Path, precision: Any, out: Path,
+                   resume_from: Path | None) -> dict[str, Any]:
+    """Apply ``lora.init`` to a fresh run's adapters (saving a changed base); the manifest's ``lora`` variant facts.
 
-    Returns the peft model and the manifest's ``lora`` variant facts.
+    On resume nothing is initialised: the adapters come from the checkpoint and the residual
+    base was loaded by :func:`build_model`; the facts are carried over from the manifest.
     """
-    from qlora_kit import model as qmodel
     from qlora_kit import variants
     from qlora_kit.variants import init as vinit
     from qlora_kit.variants.residual import RESIDUAL_FILE, save_residual
 
     info: dict[str, Any] = {"variant": variants.describe(cfg), "residual_base": None}
-    fresh = resume_from is None
-    started = time.perf_counter()
-    loraga = _estimate_loraga(cfg, model, data, tokenizer.pad_token_id, source, device) \
-        if fresh and cfg.lora.init == "lora_ga" else None
-    estimate_s = time.perf_counter() - started
-    if not fresh:
+    if resume_from is not None:
         previous = ckpt.read_json(out / rundir.MANIFEST).get("lora") or {}
         info["residual_base"] = previous.get("residual_base")
         info["variant"]["init_report"] = (previous.get("variant") or {}).get("init_report")
-        qmodel.load_residual_base(model, out, {"lora": info})  # refuses a base-changing init without it
-    model = qmodel.attach_lora(model, cfg.lora, adapter_dtype, cfg.train.gradient_checkpointing, total_steps)
-    if fresh and cfg.lora.init != "default":
-        report = vinit.initialise(model, cfg.lora, source, qmodel.DTYPES[spec.load_dtype], loraga)
-        report.seconds += estimate_s  # LoRA-GA's gradient passes are part of its init
-        info["variant"]["init_report"] = report.to_json()
-        if report.changed_base:
-            info["residual_base"] = save_residual(vinit.lora_layers(model), report.changed_base, out / RESIDUAL_FILE)
-    if device.type == "cuda":
+        return info
+    if cfg.lora.init == "default":
+        return info
+    started = time.perf_counter()
+    loraga = _estimate_loraga(cfg, model, data, tokenizer.pad_token_id, source, precision) \
+        if cfg.lora.init == "lora_ga" else None
+    estimate_s = time.perf_counter() - started
+    # the residual is quantised from the dtype the loader quantises from (the compute dtype)
+    report = vinit.initialise(model, cfg.lora, source, precision.compute_dtype, loraga)
+    report.seconds += estimate_s  # LoRA-GA's gradient passes are part of its init
+    info["variant"]["init_report"] = report.to_json()
+    if report.changed_base:
+        info["residual_base"] = save_residual(vinit.lora_layers(model), report.changed_base, out / RESIDUAL_FILE)
+    if precision.device.type == "cuda":
         torch.cuda.empty_cache()  # LoRA-GA's gradients and the init's working set
-    return model, info
+    return info
 
 
-def _estimate_loraga(cfg: Config, model: Any, data: Any, pad_id: int, source: Path, device: torch.device
+def _estimate_loraga(cfg: Config, model: Any, data: Any, pad_id: int, source: Path, precision: Any
                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """LoRA-GA's factors from dL/dW of every target weight on the first ``lora.loraga_samples`` training rows."""
-    from qlora_kit import model as qmodel
+    """LoRA-GA's factors from dL/dW of every target weight on the first ``lora.loraga_samples`` training rows.
+
+    The gradient is taken along the training path (same collation, packing, loss, precision,
+    checkpointing) with the adapters disabled, i.e. of the NF4 base model.
+    """
+    from qlora_kit.ops.loss import causal_lm_loss
     from qlora_kit.variants.init import loraga_factors
 
-    if cfg.train.gradient_checkpointing:
-        qmodel.enable_gradient_checkpointing(model)
-    targets = qmodel.resolve_target_modules(model, cfg.lora.target_modules)
     batches, n_items = _gradient_batches(cfg, data, pad_id)
     log.info("lora.init=lora_ga: estimating gradients on %d training rows (%d micro-batches, %d pass(es))",
              cfg.lora.loraga_samples, len(batches), cfg.lora.loraga_passes)
-    return loraga_factors(model, cfg.lora, targets, batches, n_items, source, device)
+
+    def summed_loss(batch: dict[str, Any]) -> torch.Tensor:
+        with precision.forward_context():
+            return causal_lm_loss(model, to_device(batch, precision.device), 1, cfg.train.fused_loss)
+
+    return loraga_factors(model, cfg.lora, batches, summed_loss, n_items, source)
 
 
-def _gradient_batches(cfg: Config, data: Any, pad_id: int) -> tuple[list[dict[str, torch.Tensor]], int]:
+def _gradient_batches(cfg: Config, data: Any, pad_id: int) -> tuple[list[dict[str, Any]], int]:
     """The first training micro-batches (in training order) holding ``lora.loraga_samples`` rows, and their
     trainable-token count."""
     from qlora_kit.data import collate
+    from qlora_kit.ops.loss import count_targets
 
     batches, taken = [], 0
     for rows in _epoch_plan(cfg, data, 0):
-        batches.append(collate(data.train, rows, pad_id, cfg.train.max_length))
+        batches.append(collate(data.train, rows, pad_id, cfg.train.max_length, cfg.data.packing))
         taken += sum(len(row) for row in rows)
         if taken >= cfg.lora.loraga_samples:
             break
-    n_items = max(1, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
-    return batches, n_items
+    return batches, max(1, sum(count_targets(b["labels"]) for b in batches))
 
 
 def seed_everything(seed: int) -> None:
@@ -379,38 +541,42 @@ def _check_memory(cfg: Config, source: Path, device: torch.device) -> None:
 
 def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch.device,
                     model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-    """Paged AdamW (8-bit default, 32-bit option) from bitsandbytes, or torch AdamW.
+    """bitsandbytes 8-bit AdamW (non-paged or paged), paged 32-bit AdamW, or torch AdamW (fused on CUDA).
 
     With ``train.loraplus_lr_ratio`` (LoRA+), peft's ``create_loraplus_optimizer`` groups the
     same parameters of ``model``: B matrices and 1-D adapter vectors at ratio x the learning rate.
-    """
-    import warnings
 
+    Raises:
+        RuntimeError: LoRA+'s groups do not hold exactly ``params`` (a peft change to look at).
+    """
     lr, wd = cfg.train.learning_rate, cfg.train.weight_decay
-    cls = _optimizer_class(cfg, device)
+    cls, extra = _optimizer_class(cfg, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if cfg.train.loraplus_lr_ratio is None:
-            return cls(params, lr=lr, weight_decay=wd)
+            return cls(params, lr=lr, weight_decay=wd, **extra)
         from peft.optimizers import create_loraplus_optimizer
 
         optimizer = create_loraplus_optimizer(model, cls, lr=lr, loraplus_lr_ratio=cfg.train.loraplus_lr_ratio,
-                                              loraplus_weight_decay=wd)
+                                              loraplus_weight_decay=wd, **extra)
     grouped = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if grouped != {id(p) for p in params}:
         raise RuntimeError("LoRA+ parameter groups do not cover exactly the trainable parameters")
     return optimizer
 
 
-def _optimizer_class(cfg: Config, device: torch.device) -> type[torch.optim.Optimizer]:
-    if cfg.train.optimizer == "adamw_torch":
-        return torch.optim.AdamW
+def _optimizer_class(cfg: Config, device: torch.device) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The class of ``train.optimizer`` (resolved, not "auto") and its extra keyword arguments."""
+    name = cfg.train.optimizer
+    if name == "adamw_torch":
+        return torch.optim.AdamW, {"fused": device.type == "cuda"}
     import bitsandbytes as bnb
 
-    if device.type != "cuda":
-        log.info("%s: paged memory needs CUDA; bitsandbytes uses its non-paged version on CPU",
-                 cfg.train.optimizer)
-    return bnb.optim.PagedAdamW8bit if cfg.train.optimizer == "paged_adamw_8bit" else bnb.optim.PagedAdamW32bit
+    if device.type != "cuda" and name.startswith("paged_"):
+        log.info("%s: paged memory needs CUDA; bitsandbytes uses its non-paged version on CPU", name)
+    classes = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+               "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
+    return classes[name], {}
 
 
 def compute_total_steps(cfg: Config, micro_per_epoch: int) -> int:
@@ -479,6 +645,8 @@ def _restore(run: Run, resume_from: Path) -> None:
     run.skipped_steps = state.get("skipped_steps", 0)
     run.last_save_step = run.step
     run.last_eval_step = state.get("last_eval_step", -1)
+    if run.scaler is not None and "grad_scaler" in state:
+        run.scaler.load_state_dict(state["grad_scaler"])
     run.metrics.truncate_after(run.step)
     log.info("resumed from %s: step %d of %d", resume_from.name, run.step, run.total_steps)
 
@@ -519,7 +687,6 @@ def micro_batches_from(cfg: Config, data: Any, start: int) -> Iterator[tuple[int
 def train(run: Run, stop: StopRequest) -> None:
     """Optimizer steps until ``total_steps``, logging, evaluating and checkpointing on schedule."""
     from qlora_kit.data import collate
-    from qlora_kit.variants import adalora
 
     cfg = run.cfg.train
     eval_every = cfg.eval_steps or cfg.save_steps
@@ -536,16 +703,14 @@ def train(run: Run, stop: StopRequest) -> None:
                 _preempt(run, stop)
             lr = run.optimizer.param_groups[0]["lr"]
             micro = [next(stream)[1] for _ in range(cfg.gradient_accumulation_steps)]
-            batches = [collate(run.data.train, rows, pad_id, cfg.max_length) for rows in micro]
+            batches = [collate(run.data.train, rows, pad_id, cfg.max_length, run.cfg.data.packing) for rows in micro]
             loss, grad_norm = train_step(run, batches)
             n_tokens = sum(len(run.data.train[i]["input_ids"]) for rows in micro for row in rows for i in row)
             run.micro_index += cfg.gradient_accumulation_steps
             skipped = _guard_nonfinite(run, loss, grad_norm)
-            if not skipped:
-                run.optimizer.step()
-                adalora.after_optimizer_step(run.model, run.step)  # AdaLoRA: scores need the gradients
+            optimizer_step(run, skipped)
             run.optimizer.zero_grad(set_to_none=True)
-            run.scheduler.step()
+            scheduler_step(run)
             run.step += 1
             if not skipped:
                 window.add(loss, n_tokens)
@@ -559,37 +724,82 @@ def train(run: Run, stop: StopRequest) -> None:
         progress.close()
 
 
-def train_step(run: Run, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(run: Run, batches: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward/backward over the accumulated micro-batches; returns (loss, grad norm) on device.
 
-    The loss is the mean over *all* trainable tokens of the step (``num_items_in_batch``), so
-    micro-batches with few trainable tokens are not over-weighted.  ``use_cache=False``
-    matters: with a KV cache transformers skips the block-diagonal mask of packed rows.
+    The loss is the sum over *all* trainable tokens of the step divided by their number
+    (``num_items_in_batch``), so micro-batches with few trainable tokens are not
+    over-weighted.  Each forward runs in the run's precision context (autocast with fp32
+    adapters); with fp16 compute the loss is scaled before the backward and the gradients
+    unscaled before clipping.
     """
+    from qlora_kit.ops.loss import causal_lm_loss, count_targets
     from qlora_kit.variants.adalora import orthogonality_penalty
 
-    n_items = max(1, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+    n_items = max(1, sum(count_targets(b["labels"]) for b in batches))
     loss_sum = torch.zeros((), device=run.device)
     for batch in batches:
-        batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
-        loss = run.model(**batch, num_items_in_batch=n_items, use_cache=False).loss
-        loss.backward()  # the logits die with the forward's output before the backward pass
+        batch = to_device(batch, run.device)
+        with run.precision.forward_context():
+            loss = causal_lm_loss(run.model, batch, n_items, run.cfg.train.fused_loss)
+        (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
         loss_sum += loss.detach().float()
     penalty = orthogonality_penalty(run.model, run.cfg.lora.adalora_orth_reg_weight)
     if penalty is not None:  # AdaLoRA, once per optimizer step (not part of the logged loss)
-        penalty.backward()
+        (run.scaler.scale(penalty) if run.scaler is not None else penalty).backward()
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
     max_norm = run.cfg.train.max_grad_norm or float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
     return loss_sum, grad_norm.detach().float()
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors of a collated batch on ``device`` (host values such as ``max_length_q`` stay)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def optimizer_step(run: Run, skipped: bool) -> None:
+    """Apply the step (the loss scaler skips it by itself when the scaled gradients overflowed).
+
+    AdaLoRA's budget step follows every step that was applied, before the gradients are
+    zeroed (it scores the triplets by |p * grad|); a step the scaler skipped has non-finite
+    gradients that would poison its importance averages.
+    """
+    from qlora_kit.variants import adalora
+
+    if run.scaler is None:
+        if not skipped:
+            run.optimizer.step()
+            adalora.after_optimizer_step(run.model, run.step)
+        return
+    if skipped:
+        run.scaler.update()
+        return
+    scale = run.scaler.get_scale() if adalora.tuner(run.model) is not None else None  # a host sync: AdaLoRA only
+    run.scaler.step(run.optimizer)  # one host sync: the scaler reads its overflow flag
+    run.scaler.update()
+    if scale is not None and run.scaler.get_scale() >= scale:  # the scale only drops when the step was skipped
+        adalora.after_optimizer_step(run.model, run.step)
+
+
+def scheduler_step(run: Run) -> None:
+    """Advance the LR schedule (a pure function of the step, skipped steps included)."""
+    with warnings.catch_warnings():  # torch warns when the loss scaler skipped the very first optimizer step
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        run.scheduler.step()
 
 
 def _guard_nonfinite(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
     """Record a non-finite step; return True when the optimizer step must be skipped.
 
     ``stop`` mode only updates device flags (no host sync); they are read with the logged
-    loss and before every save.  ``skip`` mode reads the flag every step (one sync).
+    loss and before every save.  ``skip`` mode reads the flag every step (one sync).  With
+    fp16 loss scaling, overflowing gradients are the scaler's business (it skips the step
+    and lowers the scale); only a non-finite loss counts here.
     """
-    bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    finite = torch.isfinite(loss) if run.scaler is not None else torch.isfinite(loss) & torch.isfinite(grad_norm)
+    bad = ~finite
     if run.cfg.train.on_nonfinite == "stop":
         run.first_bad_step = torch.where(run.nonfinite | ~bad, run.first_bad_step, run.step + 1)
         run.nonfinite = run.nonfinite | bad
@@ -622,6 +832,17 @@ def _raise_if_nonfinite(run: Run, bad: bool) -> None:
     )
 
 
+def _raise_if_scale_collapsed(run: Run, scale: float | None) -> None:
+    """fp16: a loss scale below 1 means the gradients kept overflowing (or are NaN) step after step."""
+    if scale is not None and scale < MIN_LOSS_SCALE:
+        raise NonFiniteLossError(
+            f"the fp16 loss scale fell to {scale:g} by step {run.step}: the gradients are non-finite step after "
+            "step; nothing was saved after the last good checkpoint",
+            "lower train.learning_rate or max_grad_norm, check the data, or train on a GPU with bfloat16 "
+            "(compute capability 8.0+)",
+        )
+
+
 @dataclass
 class _Window:
     """Loss and throughput since the last log line (device tensors until logged)."""
@@ -644,9 +865,11 @@ def _log_step(run: Run, window: _Window, lr: float, grad_norm: torch.Tensor, pro
     if window.loss is None:  # every step of the window was skipped (on_nonfinite=skip)
         window.reset()
         return
+    scale = run.scaler.get_scale() if run.scaler is not None else None
     values = torch.stack([window.loss / window.steps, grad_norm, run.nonfinite.float()]).tolist()  # one sync
     loss, gnorm, bad = values
     _raise_if_nonfinite(run, bad > 0)
+    _raise_if_scale_collapsed(run, scale)
     elapsed = time.perf_counter() - window.start
     record: dict[str, Any] = {
         "step": run.step,
@@ -659,6 +882,8 @@ def _log_step(run: Run, window: _Window, lr: float, grad_norm: torch.Tensor, pro
     }
     if run.skipped_steps:
         record["skipped_steps"] = run.skipped_steps
+    if scale is not None:
+        record["loss_scale"] = scale
     if run.device.type == "cuda":
         record["peak_memory_allocated"] = torch.cuda.max_memory_allocated(run.device)
         record["peak_memory_reserved"] = torch.cuda.max_memory_reserved(run.device)
@@ -669,12 +894,18 @@ def _log_step(run: Run, window: _Window, lr: float, grad_norm: torch.Tensor, pro
 
 
 def evaluate(run: Run, stop: StopRequest) -> float | None:
-    """Token-weighted mean loss on the validation rows; None when interrupted by a stop signal."""
-    from qlora_kit.data import collate, plan_batches
+    """Token-weighted mean loss on the validation rows; None when interrupted by a stop signal.
 
+    Batched like training (same packing, same fused loss, same precision context), in
+    eval mode and without gradients.
+    """
+    from qlora_kit.data import collate, plan_batches
+    from qlora_kit.ops.loss import causal_lm_loss, count_targets
+
+    cfg = run.cfg
     lengths = [len(s["input_ids"]) for s in run.data.val]
-    plan = plan_batches(lengths, run.cfg.train.micro_batch_size, run.cfg.train.max_length, False,
-                        run.cfg.train.seed, 0, False)
+    plan = plan_batches(lengths, cfg.train.micro_batch_size, cfg.train.max_length, cfg.data.packing,
+                        cfg.train.seed, 0, False)
     total = torch.zeros((), device=run.device)
     count = 0
     run.model.eval()
@@ -683,10 +914,12 @@ def evaluate(run: Run, stop: StopRequest) -> float | None:
             for rows in plan:
                 if stop.requested:
                     return None
-                batch = collate(run.data.val, rows, run.tokenizer.pad_token_id, run.cfg.train.max_length)
-                n = int((batch["labels"][:, 1:] != -100).sum())
-                batch = {k: v.to(run.device) for k, v in batch.items()}
-                total += run.model(**batch, num_items_in_batch=max(n, 1), use_cache=False).loss.float() * n
+                batch = collate(run.data.val, rows, run.tokenizer.pad_token_id, cfg.train.max_length,
+                                cfg.data.packing)
+                n = count_targets(batch["labels"])
+                with run.precision.forward_context():
+                    loss = causal_lm_loss(run.model, to_device(batch, run.device), max(n, 1), cfg.train.fused_loss)
+                total += loss.float() * n
                 count += n
     finally:
         run.model.train()
@@ -718,6 +951,8 @@ def save(run: Run) -> Path:
         "data_fingerprint": run.data.fingerprint,
         "saved_at": now_iso(),
     }
+    if run.scaler is not None:
+        state["grad_scaler"] = run.scaler.state_dict()
     from qlora_kit.variants import adalora
 
     state["variant"], variant_tensors = adalora.checkpoint_state(run.model)

@@ -190,11 +190,15 @@ def test_residual_base_is_what_the_merge_needs(trained, tmp_path: Path, monkeypa
 # --------------------------------------------------------------------------- LoRA-GA gradient estimate
 
 
+def _summed_loss(model: Any):
+    return lambda batch: model(**batch, num_items_in_batch=1, use_cache=False).loss
+
+
 def test_loraga_gradient_estimate_equals_autograd_on_the_dequantised_weights(tiny_llama: Path, one_thread) -> None:
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.variants.init import dequantised, estimate_gradients, quantised_targets
+    from qlora_kit.variants.init import dequantised, estimate_gradients
 
     cfg = validate({"model": {"name_or_path": str(tiny_llama)}, "data": {"path": "x"}, "output_dir": "o"})
     base = qmodel.load_quantized_base(tiny_llama, cfg.model, torch.float32, torch.device("cpu"))
@@ -202,8 +206,9 @@ def test_loraga_gradient_estimate_equals_autograd_on_the_dequantised_weights(tin
     ids = torch.randint(6, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     batches = [{"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}] * 2
     n_items = 2 * 2 * 11
-    names = quantised_targets(base, ["q_proj", "v_proj"])
-    grads = estimate_gradients(base, names, batches, n_items, torch.device("cpu"))
+    modules = {n: m for n, m in base.named_modules()
+               if isinstance(m, bnb.nn.Linear4bit) and n.rsplit(".", 1)[-1] in ("q_proj", "v_proj")}
+    grads = estimate_gradients(base, modules, batches, _summed_loss(base), n_items)
 
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     for name, module in base.named_modules():
@@ -220,26 +225,43 @@ def test_loraga_gradient_estimate_equals_autograd_on_the_dequantised_weights(tin
         assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-6 * expected.abs().max()), name
 
 
-def test_loraga_in_passes_gives_the_same_init(tiny_llama: Path, one_thread) -> None:
-    """Splitting LoRA-GA's gradients into groups (less memory) changes nothing in the factors."""
-    from qlora_kit.variants.init import loraga_factors, split_passes
+def _loraga_model(tiny_llama: Path, lora: dict[str, Any], tiled: bool = False) -> tuple[Any, Any]:
+    from qlora_kit.ops import packing, tiled_mlp
 
-    cfg = validate({"model": {"name_or_path": str(tiny_llama)}, "lora": {"init": "lora_ga", "r": 4},
+    cfg = validate({"model": {"name_or_path": str(tiny_llama)}, "lora": {"init": "lora_ga", "r": 4, **lora},
                     "data": {"path": "x"}, "output_dir": "o"})
     base = qmodel.load_quantized_base(tiny_llama, cfg.model, torch.float32, torch.device("cpu"))
-    ids = torch.randint(6, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-    batches = [{"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}]
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    model = qmodel.attach_lora(base, cfg.lora, torch.float32, True)
+    packing.use_packed_attention(model)
+    if tiled:
+        tiled_mlp.tile_mlps(model, tile_tokens=5)
+    return cfg, model
+
+
+def test_loraga_in_passes_and_on_the_training_path_gives_the_same_init(tiny_llama: Path, one_thread) -> None:
+    """Splitting LoRA-GA's gradients into groups (less memory) changes nothing in the factors; the estimate runs
+    with the adapters disabled (a trained adapter does not change it) on packed rows and through tiled MLPs."""
+    from qlora_kit.ops.packing import pack_batch
+    from qlora_kit.variants.init import loraga_factors
+
+    gen = torch.Generator().manual_seed(0)
+    pieces = [(ids := torch.randint(6, 300, (n,), generator=gen).tolist(), [-100] + ids[1:]) for n in (9, 14, 6)]
+    batches = [pack_batch(pieces)]
+    targets = "all-linear"
     results = []
-    for passes in (1, 3):
-        lora = cfg.lora.model_copy(update={"loraga_passes": passes})
+    for passes, tiled in ((1, False), (3, False), (2, True)):
+        cfg, model = _loraga_model(tiny_llama, {"loraga_passes": passes, "target_modules": targets}, tiled)
+        if passes == 3:  # non-zero adapters must not leak into the base model's gradient
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.data.normal_()
         torch.manual_seed(0)  # peft's LoRA-GA SVD is randomised
-        results.append(loraga_factors(base, lora, targets, batches, 22, tiny_llama, torch.device("cpu")))
-    assert results[0].keys() == results[1].keys() and len(results[0]) == 8
-    for name, (a, b) in results[0].items():
-        assert torch.equal(a, results[1][name][0]) and torch.equal(b, results[1][name][1]), name
-    groups = split_passes(base, list(results[0]), 3)
-    assert len(groups) == 3 and sum(groups, []) == list(results[0])
+        results.append(loraga_factors(model, cfg.lora, batches, _summed_loss(model), 26, tiny_llama))
+    assert len(results[0]) == 2 * 7
+    for other in results[1:]:
+        assert other.keys() == results[0].keys()
+        for name, (a, b) in results[0].items():
+            assert torch.allclose(a, other[name][0], atol=1e-5) and torch.allclose(b, other[name][1], atol=1e-5), name
 
 
 def test_loraga_without_enough_rows_is_one_line(tmp_path: Path, tiny_llama: Path, data_file: Path) -> None:

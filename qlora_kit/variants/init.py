@@ -27,7 +27,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -85,23 +85,17 @@ class SourceWeights:
 # --------------------------------------------------------------------------- LoRA-GA gradients
 
 
-def quantised_targets(model: nn.Module, targets: list[str]) -> list[str]:
-    """Names of the 4-bit linear modules whose leaf name is in ``targets``."""
-    import bitsandbytes as bnb
-
-    return [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit) and n.rsplit(".", 1)[-1] in targets]
-
-
-def estimate_gradients(model: nn.Module, names: list[str], batches: Iterable[dict[str, torch.Tensor]],
-                       n_items: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """dL/dW (float32, on ``device``) of the named 4-bit weights, for the mean token loss over ``batches``.
+def estimate_gradients(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable[dict[str, Any]],
+                       summed_loss: Callable[[dict[str, Any]], torch.Tensor], n_items: int) -> dict[str, torch.Tensor]:
+    """dL/dW (float32, on each weight's device) of the 4-bit ``modules`` (name → layer), L the mean token loss.
 
     The base is frozen and quantised, so W has no gradient of its own: a forward hook keeps
     each target's input x and hooks the gradient of its output dy, and dy^T x is accumulated.
-    Runs on the bare base model (before adapters are attached).
+    ``summed_loss(batch)`` runs ``model`` on a batch and returns its *summed* token loss; the sum
+    over ``batches`` is divided by ``n_items`` at the end, in float32 (so fp16 activations do not
+    see gradients ``n_items`` times smaller).
     """
-    modules = {n: model.get_submodule(n) for n in names}
-    grads = {n: torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device=device)
+    grads = {n: torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device=m.weight.device)
              for n, m in modules.items()}
     handles = [m.register_forward_hook(_capture(grads[n])) for n, m in modules.items()]
     was_training = model.training
@@ -109,20 +103,22 @@ def estimate_gradients(model: nn.Module, names: list[str], batches: Iterable[dic
     model.enable_input_require_grads()
     try:
         for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
             with torch.enable_grad():
-                model(**batch, num_items_in_batch=n_items, use_cache=False).loss.backward()
+                summed_loss(batch).backward()
     finally:
         for h in handles:
             h.remove()
         model.disable_input_require_grads()
         model.train(was_training)
+    for g in grads.values():
+        g.div_(n_items)
     return grads
 
 
-def split_passes(model: nn.Module, names: list[str], passes: int) -> list[list[str]]:
-    """``names`` (in model order) cut into at most ``passes`` contiguous groups of about equal weight size."""
-    sizes = [model.get_submodule(n).weight.numel() * 2 for n in names]  # packed 4-bit: 2 values per byte
+def split_passes(modules: dict[str, nn.Module], passes: int) -> list[list[str]]:
+    """The names of ``modules`` (in model order) cut into at most ``passes`` contiguous groups of about equal size."""
+    names = list(modules)
+    sizes = [modules[n].out_features * modules[n].in_features for n in names]
     target = sum(sizes) / passes
     groups: list[list[str]] = [[]]
     used = 0
@@ -135,22 +131,27 @@ def split_passes(model: nn.Module, names: list[str], passes: int) -> list[list[s
     return groups
 
 
-def loraga_factors(model: nn.Module, lora: LoraConfig, targets: list[str], batches: list[dict[str, torch.Tensor]],
-                   n_items: int, source_dir: Path, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """LoRA-GA's (A, B) per target module: gradients estimated in ``lora.loraga_passes`` groups, each group's
-    factors taken (peft's ``lora_ga_init`` on the 16-bit weight) before the next group's gradients exist."""
-    names = quantised_targets(model, targets)
+def loraga_factors(model: nn.Module, lora: LoraConfig, batches: list[dict[str, Any]],
+                   summed_loss: Callable[[dict[str, Any]], torch.Tensor], n_items: int, source_dir: Path
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """LoRA-GA's (A, B) for every adapted 4-bit module of the peft ``model``, by HF module name.
+
+    The gradient is the base model's (adapters disabled while ``summed_loss`` runs), estimated
+    in ``lora.loraga_passes`` groups; each group's factors are taken (peft's ``lora_ga_init`` on
+    the 16-bit weight) before the next group's gradients exist.
+    """
+    bases = {name: layer.get_base_layer() for name, layer in lora_layers(model).items()}
     weights = SourceWeights(source_dir)
     factors = {}
-    groups = split_passes(model, names, lora.loraga_passes)
+    groups = split_passes(bases, lora.loraga_passes)
     for i, group in enumerate(groups):
         if len(groups) > 1:
             log.info("lora.init=lora_ga: gradient pass %d of %d (%d modules)", i + 1, len(groups), len(group))
-        grads = estimate_gradients(model, group, batches, n_items, device)
+        with model.disable_adapter():
+            grads = estimate_gradients(model, {n: bases[n] for n in group}, batches, summed_loss, n_items)
         for name in group:
-            module = model.get_submodule(name)
-            w = weights.get(module, name, device)
-            factors[name] = peft_factors(dequantised(module) if w is None else w, lora, grads.pop(name))
+            w = weights.get(bases[name], name, grads[name].device)
+            factors[name] = peft_factors(dequantised(bases[name]) if w is None else w, lora, grads.pop(name))
     return factors
 
 
@@ -234,7 +235,7 @@ def initialise(model: nn.Module, lora: LoraConfig, source_dir: Path, load_dtype:
                loraga: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> InitReport:
     """Apply ``lora.init`` to every adapted 4-bit module of a peft model, in place.
 
-    ``loraga``: LoRA-GA's factors per module (``loraga_factors``, computed on the bare base).
+    ``loraga``: LoRA-GA's factors per module (``loraga_factors``: the base model's gradient, adapters disabled).
 
     Raises:
         ModelError: r larger than a target matrix allows, or LoRA-GA factors are missing.
