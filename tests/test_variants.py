@@ -225,12 +225,16 @@ def test_loraga_gradient_estimate_equals_autograd_on_the_dequantised_weights(tin
         assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-6 * expected.abs().max()), name
 
 
-def _loraga_model(tiny_llama: Path, lora: dict[str, Any], tiled: bool = False) -> tuple[Any, Any]:
-    from qlora_kit.ops import packing, tiled_mlp
+def _loraga_model(tiny_llama: Path, lora: dict[str, Any], tiled: bool = False, fused: bool = False
+                  ) -> tuple[Any, Any]:
+    """A LoRA-GA model built in train.build_model's order (fused loss head before the adapters)."""
+    from qlora_kit.ops import loss, packing, tiled_mlp
 
     cfg = validate({"model": {"name_or_path": str(tiny_llama)}, "lora": {"init": "lora_ga", "r": 4, **lora},
                     "data": {"path": "x"}, "output_dir": "o"})
     base = qmodel.load_quantized_base(tiny_llama, cfg.model, torch.float32, torch.device("cpu"))
+    if fused:
+        loss.add_fused_loss(base)
     model = qmodel.attach_lora(base, cfg.lora, torch.float32, True)
     packing.use_packed_attention(model)
     if tiled:
@@ -240,7 +244,9 @@ def _loraga_model(tiny_llama: Path, lora: dict[str, Any], tiled: bool = False) -
 
 def test_loraga_in_passes_and_on_the_training_path_gives_the_same_init(tiny_llama: Path, one_thread) -> None:
     """Splitting LoRA-GA's gradients into groups (less memory) changes nothing in the factors; the estimate runs
-    with the adapters disabled (a trained adapter does not change it) on packed rows and through tiled MLPs."""
+    with the adapters disabled (a trained adapter does not change it) on packed rows, through tiled MLPs and
+    through the fused loss head (the loop's ``causal_lm_loss``, summed)."""
+    from qlora_kit.ops.loss import causal_lm_loss
     from qlora_kit.ops.packing import pack_batch
     from qlora_kit.variants.init import loraga_factors
 
@@ -249,19 +255,30 @@ def test_loraga_in_passes_and_on_the_training_path_gives_the_same_init(tiny_llam
     batches = [pack_batch(pieces)]
     targets = "all-linear"
     results = []
-    for passes, tiled in ((1, False), (3, False), (2, True)):
-        cfg, model = _loraga_model(tiny_llama, {"loraga_passes": passes, "target_modules": targets}, tiled)
+    for passes, tiled, fused in ((1, False, False), (3, False, False), (2, True, False), (1, False, True)):
+        cfg, model = _loraga_model(tiny_llama, {"loraga_passes": passes, "target_modules": targets}, tiled, fused)
         if passes == 3:  # non-zero adapters must not leak into the base model's gradient
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.data.normal_()
+        summed = (lambda batch, m=model: causal_lm_loss(m, batch, 1, True)) if fused else _summed_loss(model)
         torch.manual_seed(0)  # peft's LoRA-GA SVD is randomised
-        results.append(loraga_factors(model, cfg.lora, batches, _summed_loss(model), 26, tiny_llama))
+        results.append(loraga_factors(model, cfg.lora, batches, summed, 26, tiny_llama))
     assert len(results[0]) == 2 * 7
     for other in results[1:]:
         assert other.keys() == results[0].keys()
         for name, (a, b) in results[0].items():
-            assert torch.allclose(a, other[name][0], atol=1e-5) and torch.allclose(b, other[name][1], atol=1e-5), name
+            (a, b), (a2, b2) = _signs_fixed(a, b), _signs_fixed(*other[name])
+            assert torch.allclose(a, a2, atol=1e-5) and torch.allclose(b, b2, atol=1e-5), name
+
+
+def _signs_fixed(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA-GA's A rows and B columns are singular vectors, each defined up to its sign (last-bit differences in
+    the gradient, e.g. fused vs full-logits loss, can flip one): make each one's largest entry positive."""
+    def fix(m: torch.Tensor) -> torch.Tensor:  # rows of m
+        return m * m.gather(1, m.abs().argmax(1, keepdim=True)).sign()
+
+    return fix(a), fix(b.T).T
 
 
 def test_loraga_without_enough_rows_is_one_line(tmp_path: Path, tiny_llama: Path, data_file: Path) -> None:
