@@ -40,6 +40,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 RNG_TENSORS = "rng.safetensors"
+VARIANT_TENSORS = "variant.safetensors"  # adapter-variant state beyond weights (AdaLoRA importance averages)
 STATE_JSON = "state.json"  # written last: its presence marks a complete checkpoint
 RANK_PREFIX = "rank"  # rank<r>.safetensors/.json: RNG (and FSDP optimizer shard) of rank r > 0
 _TMP_PREFIX = ".tmp-" + CHECKPOINT_PREFIX
@@ -208,13 +209,15 @@ def save_checkpoint(
     config_text: str,
     rank_states: list[dict[str, Any]] | None = None,
     adapter_state: dict[str, torch.Tensor] | None = None,
+    variant_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically and return its path; on any failure nothing is left behind.
 
     Multi-process runs (written by rank 0): ``rank_states`` holds every rank's contribution
     (``rng``, and under FSDP its ``optimizer`` shard); ranks above 0 get ``rank<r>.safetensors``
     + ``rank<r>.json``, listed and hashed in ``state.json`` like every other file.
-    ``adapter_state``: the gathered adapter (see :func:`save_adapter`).
+    ``adapter_state``: the gathered adapter (see :func:`save_adapter`).  ``variant_tensors``:
+    a LoRA variant's own state (AdaLoRA's importance scores), in ``variant.safetensors``.
     """
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f"{_TMP_PREFIX}{step}-{os.getpid()}"
@@ -227,6 +230,9 @@ def save_checkpoint(
         save_file(opt_tensors, str(tmp / OPTIMIZER_TENSORS))
         rng_tensors, rng_skeleton = flatten_state(own.get("rng") or rng_state(), "rng")
         save_file(rng_tensors, str(tmp / RNG_TENSORS))
+        if variant_tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in variant_tensors.items()},
+                      str(tmp / VARIANT_TENSORS))
         (tmp / OPTIMIZER_JSON).write_text(json.dumps(opt_skeleton))
         for rank, extra in enumerate(rank_states or []):
             if rank:
@@ -510,3 +516,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module | None, optimizer: torch.
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
         raise CorruptCheckpoint(f"it does not fit this model or optimizer ({str(exc).splitlines()[0][:150]})") from exc
     return parts.state
+
+
+def read_variant_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The adapter-variant tensors of a checkpoint ({} when it has none; verified with the checkpoint).
+
+    Raises:
+        CorruptCheckpoint: the file is not a readable safetensors file.
+    """
+    file = path / VARIANT_TENSORS
+    return _load_tensors(file) if file.is_file() else {}

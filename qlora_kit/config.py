@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from qlora_kit.errors import ConfigError, QloraKitError, short_repr, shorten
 
 DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+AdapterType = Literal["lora", "adalora", "vera"]
+AdapterInit = Literal["default", "lora_ga", "loftq", "pissa", "olora"]
 
 
 class _Section(BaseModel):
@@ -58,11 +60,57 @@ class LoraConfig(_Section):
                     "round away; compute stays in the 16-bit compute dtype on CUDA (autocast), so activations "
                     "do not grow.",
     )
+    type: AdapterType = Field(
+        "lora",
+        description="lora; adalora (rank budget reallocated during training, r is the initial rank); "
+        "vera (shared frozen random matrices, trainable scaling vectors; r is their rank, 256 is typical).",
+    )
+    init: AdapterInit = Field(
+        "default",
+        description="default (B = 0); loftq (adapter starts as the low-rank part of the NF4 error); "
+        "pissa / olora (adapter = principal part of W, the NF4 base holds the residual); "
+        "lora_ga (adapter from the SVD of the first gradients, the base holds the residual).",
+    )
+    loraga_samples: int = Field(64, gt=0, description="lora_ga: training rows whose averaged gradient sets the init.")
+    loraga_passes: int = Field(
+        1, ge=1, le=64,
+        description="lora_ga: estimate the fp32 gradients of the target weights in this many groups, re-running the "
+        "samples for each (less memory, same init); `qlora-kit plan` says when one pass does not fit.",
+    )
+    loftq_iter: int = Field(
+        1, ge=1, le=32,
+        description="loftq: alternating steps; 1 keeps the NF4 base as loaded, more re-quantise its residual.",
+    )
+    adalora_target_r: int = Field(8, gt=0, description="adalora: average rank per module at the end (r is the start).")
+    adalora_tinit_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="adalora: fraction of steps before pruning.")
+    adalora_tfinal_ratio: float = Field(
+        0.2, ge=0.0, lt=1.0, description="adalora: fraction of final steps trained at the final ranks."
+    )
+    adalora_delta_t: int = Field(1, gt=0, description="adalora: steps between two budget reallocations.")
+    adalora_orth_reg_weight: float = Field(
+        0.5, ge=0.0, description="adalora: weight of the orthogonality penalty (once per optimizer step)."
+    )
 
     @model_validator(mode="after")
     def _non_empty_targets(self) -> "LoraConfig":
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("lora.target_modules is an empty list; use 'attention', 'all-linear' or module names")
+        return self
+
+    @model_validator(mode="after")
+    def _check_variant(self) -> "LoraConfig":
+        if self.type != "lora":
+            for name, used in (("lora.use_dora=true", self.use_dora), ("lora.use_rslora=true", self.use_rslora),
+                               (f"lora.init={self.init}", self.init != "default")):
+                if used:
+                    raise ValueError(f"lora.type={self.type} cannot be combined with {name}; "
+                                     f"use lora.type=lora for it, or drop it")
+        if self.type == "adalora" and self.adalora_target_r > self.r:
+            raise ValueError(f"lora.adalora_target_r ({self.adalora_target_r}) must not exceed lora.r "
+                             f"({self.r}, the initial rank of lora.type=adalora)")
+        if self.type == "adalora" and self.adalora_tinit_ratio + self.adalora_tfinal_ratio >= 1.0:
+            raise ValueError(f"lora.adalora_tinit_ratio ({self.adalora_tinit_ratio}) + lora.adalora_tfinal_ratio "
+                             f"({self.adalora_tfinal_ratio}) must be below 1: no steps are left to reallocate ranks")
         return self
 
 
@@ -105,6 +153,9 @@ class TrainConfig(_Section):
                     "to matter. adamw_8bit: non-paged (no per-step host sync).",
     )
     weight_decay: float = Field(0.0, ge=0.0)
+    loraplus_lr_ratio: float | None = Field(
+        None, ge=1.0, description="LoRA+: learning rate of B (and 1-D adapter vectors) = this x learning_rate.",
+    )
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping; 0 disables.")
     gradient_checkpointing: bool = Field(True, description="Non-reentrant activation checkpointing.")
     checkpoint_every_n_layers: Literal["auto"] | int = Field(
@@ -174,6 +225,13 @@ class Config(_Section):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = Field(description="Run directory: adapter, checkpoints, metrics, manifest.")
+
+    @model_validator(mode="after")
+    def _check_loraplus(self) -> "Config":
+        if self.train.loraplus_lr_ratio is not None and self.lora.type == "vera":
+            raise ValueError("train.loraplus_lr_ratio cannot be combined with lora.type=vera: every VeRA parameter is "
+                             "a 1-D scaling vector, so LoRA+ would raise them all; drop one of them")
+        return self
 
 
 SECTIONS: dict[str, type[BaseModel]] = {

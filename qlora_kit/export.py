@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import threading
@@ -54,9 +53,6 @@ EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 MERGE_BASES = ("dequantized", "original")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 REPORT = "export_report.json"
-_ADAPTER_PREFIX = "base_model.model."
-_ADAPTER_PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "M",
-                  ".lora_magnitude_vector.weight": "M"}
 # adapter_config.json options that change the math in ways this exporter does not merge.
 _UNSUPPORTED_ADAPTER_OPTIONS = ("lora_bias", "modules_to_save", "trainable_token_indices", "target_parameters",
                                 "layer_replication", "use_qalora", "use_bdlora", "alora_invocation_tokens",
@@ -217,11 +213,12 @@ def model_layout(source: Path, quant: dict[str, Any], trust_remote_code: bool = 
 
 @dataclass
 class ModuleAdapter:
-    """LoRA factors of one target module (tensors are read lazily from the adapter file)."""
+    """Adapter factors of one target module (tensors are read lazily from the adapter file)."""
 
     module: str
-    keys: dict[str, str] = field(default_factory=dict)  # part (A/B/M) -> adapter tensor key
+    keys: dict[str, str] = field(default_factory=dict)  # part (A/B/M/E/lambda_b/...) -> adapter tensor key
     scale: float = 0.0
+    kind: str = "LORA"  # peft type: LORA, ADALORA, VERA (qlora_kit.variants.merge)
 
 
 @dataclass
@@ -240,11 +237,15 @@ class Adapter:
 def read_adapter(adapter_dir: Path) -> Adapter:
     """Index ``adapter_model.safetensors`` by target module and compute each module's scale.
 
+    LoRA (rsLoRA, DoRA), AdaLoRA and VeRA adapters are understood (``qlora_kit.variants.merge``).
+
     Raises:
-        ModelError: missing weights, a non-LoRA adapter, an option this exporter cannot merge,
-            or a tensor it does not understand.
+        ModelError: missing weights, an adapter type or option this exporter cannot merge, or a
+            tensor it does not understand.
     """
     from safetensors import safe_open
+
+    from qlora_kit.variants import merge
 
     try:
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -257,58 +258,23 @@ def read_adapter(adapter_dir: Path) -> Adapter:
     if not weights.is_file():
         raise ModelError(f"{weights} is missing (pickle adapter_model.bin is not read)",
                          "re-save the adapter with safe_serialization=True")
+    kind = merge.peft_type(config)
     _check_adapter_config(config)
-    modules: dict[str, ModuleAdapter] = {}
     with safe_open(str(weights), framework="pt") as fh:
-        keys = list(fh.keys())
-        shapes = {k: fh.get_slice(k).get_shape() for k in keys}
-    for key in keys:
-        module, part = _parse_adapter_key(key)
-        modules.setdefault(module, ModuleAdapter(module)).keys[part] = key
-    for mod in modules.values():
-        if "A" not in mod.keys or "B" not in mod.keys:
-            raise ModelError(f"adapter module {mod.module} lacks lora_A or lora_B: the adapter file is incomplete")
-        if config.get("use_dora") and "M" not in mod.keys:
-            raise ModelError(f"DoRA adapter module {mod.module} has no magnitude vector")
-        mod.scale = _module_scale(config, mod.module, shapes[mod.keys["A"]][0])
+        shapes = {k: fh.get_slice(k).get_shape() for k in fh.keys()}
+    modules: dict[str, ModuleAdapter] = {}
+    for module, (keys, scale) in merge.index_adapter(config, shapes).items():
+        if config.get("use_dora") and "M" not in keys:
+            raise ModelError(f"DoRA adapter module {module} has no magnitude vector")
+        modules[module] = ModuleAdapter(module, keys, scale, kind)
     return Adapter(weights, config, modules)
 
 
 def _check_adapter_config(config: dict[str, Any]) -> None:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ModelError(f"adapter type {config.get('peft_type')} is not LoRA: only LoRA/DoRA adapters are merged")
     used = [k for k in _UNSUPPORTED_ADAPTER_OPTIONS if config.get(k) not in (None, False, [], {}, "")]
     if used:
         raise ModelError(f"adapter uses {', '.join(used)}, which the exporter does not merge",
                          "train without these options, or load the adapter with peft instead of exporting")
-
-
-def _parse_adapter_key(key: str) -> tuple[str, str]:
-    if not key.startswith(_ADAPTER_PREFIX):
-        raise ModelError(f"adapter tensor {key!r} does not start with {_ADAPTER_PREFIX!r}: "
-                         "not a peft causal-LM adapter")
-    rest = key[len(_ADAPTER_PREFIX):]
-    for suffix, part in _ADAPTER_PARTS.items():
-        if rest.endswith(suffix):
-            return rest[: -len(suffix)], part
-    raise ModelError(f"adapter tensor {key!r} is not a LoRA A/B/magnitude weight (embedding LoRA, "
-                     "modules_to_save and biases are not merged)")
-
-
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """peft's rank/alpha pattern lookup: a key matches when it is a dotted suffix of the module name."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _module_scale(config: dict[str, Any], module: str, rank_in_file: int) -> float:
-    r = int(_pattern_value(config.get("rank_pattern"), module, config["r"]))
-    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
-    if r != rank_in_file:
-        raise ModelError(f"adapter config says r={r} for {module} but its lora_A has rank {rank_in_file}")
-    return alpha / r**0.5 if config.get("use_rslora") else alpha / r
 
 
 # --------------------------------------------------------------------------- plan
@@ -425,6 +391,8 @@ class MergeContext:
     load_dtype: torch.dtype
     compute_device: torch.device
     quant_device: torch.device
+    residual: Path | None = None  # residual NF4 base of a base-changing init (qlora_kit.variants.residual)
+    residual_modules: frozenset[str] = frozenset()
 
 
 def reproduce_nf4(weight: torch.Tensor, ctx: MergeContext) -> torch.Tensor:
@@ -443,6 +411,11 @@ def base_weight(job: Job, weight: torch.Tensor, ctx: MergeContext) -> torch.Tens
     """float32 merge base on the compute device: dequantised NF4, load-dtype cast, or the source as is."""
     if ctx.merge_base == "original":
         return weight.to(ctx.compute_device, torch.float32)
+    module = job.src.name.removesuffix(".weight")
+    if job.quantised and module in ctx.residual_modules:
+        from qlora_kit.variants.residual import residual_weight
+
+        return residual_weight(ctx.residual, module, ctx.quant_device).to(ctx.compute_device)
     if job.quantised:
         return reproduce_nf4(weight, ctx).to(ctx.compute_device, torch.float32)
     if not job.keep_fp32:
@@ -451,13 +424,15 @@ def base_weight(job: Job, weight: torch.Tensor, ctx: MergeContext) -> torch.Tens
 
 
 def apply_adapter(w: torch.Tensor, mod: ModuleAdapter, factors: dict[str, torch.Tensor], dora: bool) -> torch.Tensor:
-    """W + scale·B@A in float32; DoRA rescales each output row to magnitude / ||W + scale·B@A||."""
-    a = factors["A"].to(w.device, torch.float32)
-    b = factors["B"].to(w.device, torch.float32)
-    if b.shape[0] != w.shape[0] or a.shape[1] != w.shape[1]:
-        raise ModelError(f"adapter for {mod.module} has shape B{tuple(b.shape)}@A{tuple(a.shape)}, "
-                         f"the base weight is {tuple(w.shape)}")
-    w = w.addmm_(b, a, alpha=mod.scale)
+    """W + scale·left@right in float32 (LoRA: B@A; AdaLoRA, VeRA: see variants.merge); DoRA rescales each
+    output row to magnitude / ||W + scale·B@A||."""
+    from qlora_kit.variants.merge import low_rank_pair
+
+    try:
+        left, right = low_rank_pair(mod.kind, factors, w.shape, w.device)
+    except ModelError as exc:
+        raise ModelError(f"adapter for {mod.module}: {exc.message}") from exc
+    w = w.addmm_(left, right, alpha=mod.scale)
     if dora:
         magnitude = factors["M"].to(w.device, torch.float32).reshape(-1)
         w.mul_((magnitude / torch.linalg.norm(w, dim=1)).unsqueeze(1))
@@ -851,9 +826,12 @@ def base_report(run: RunInfo, target: Path, dtype_name: str, ctx: MergeContext, 
         "base": {"name_or_path": run.manifest.get("base", {}).get("name_or_path"), "source_dir": str(run.source_dir)},
         "quant": {**run.quant, "reproduced_on": ctx.quant_device.type,
                   "trained_on": run.manifest.get("device", {}).get("type")},
-        "adapter": {"r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"), "use_rslora": bool(cfg.get("use_rslora")),
+        "adapter": {"type": str(cfg.get("peft_type", "LORA")).lower(), "r": cfg.get("r"),
+                    "lora_alpha": cfg.get("lora_alpha"), "use_rslora": bool(cfg.get("use_rslora")),
                     "use_dora": bool(cfg.get("use_dora")), "modules": len(plan.adapter.modules),
-                    "scales": sorted({round(m.scale, 6) for m in plan.adapter.modules.values()})},
+                    "scales": sorted({round(m.scale, 6) for m in plan.adapter.modules.values()}),
+                    "variant": run.manifest.get("lora", {}).get("variant"),
+                    "residual_base_modules": len(ctx.residual_modules)},
         "tensors": {"merged": stats.merged, "dequantised_unmerged": stats.dequantised, "copied": stats.copied},
         "shards": plan.shard_names,
         "bytes_written": stats.bytes_written,
@@ -902,6 +880,7 @@ def write_readme(run: RunInfo, staging: Path, report: dict[str, Any]) -> None:
             else " (the original 16-bit weights; not the exact model that was trained, see the verification)"),
         f"- adapter: r={cfg.lora.r}, alpha={cfg.lora.alpha}, rsLoRA={cfg.lora.use_rslora}, DoRA={cfg.lora.use_dora}, "
         f"targets={man.get('lora', {}).get('target_modules', cfg.lora.target_modules)}",
+        f"- variant: {variant_line(man.get('lora', {}), report['adapter']['residual_base_modules'])}",
         f"- end-of-sequence token ids (generation_config.json): {report['eos_token_ids']}", "",
         "## Data", "",
         f"- file: `{data.get('path', cfg.data.path)}` (sha256 `{data.get('sha256')}`), format {data.get('format')}",
@@ -912,9 +891,10 @@ def write_readme(run: RunInfo, staging: Path, report: dict[str, Any]) -> None:
     lines += ["", "## Hyperparameters", "", "| setting | value |", "| --- | --- |"]
     train = cfg.train
     for key in ("learning_rate", "lr_scheduler", "max_steps", "num_epochs", "micro_batch_size",
-                "gradient_accumulation_steps", "max_length", "optimizer", "weight_decay", "seed"):
+                "gradient_accumulation_steps", "max_length", "optimizer", "weight_decay", "loraplus_lr_ratio", "seed"):
         lines.append(f"| train.{key} | {getattr(train, key)} |")
-    lines.append(f"| lora.dropout | {cfg.lora.dropout} |")
+    for key in ("type", "init", "dropout"):
+        lines.append(f"| lora.{key} | {getattr(cfg.lora, key)} |")
     lines += ["", "## Final metrics", ""]
     lines += [f"- {k}: {v}" for k, v in metrics.items()] or ["- (none recorded)"]
     lines += ["", "## Verification", ""]
@@ -929,6 +909,17 @@ def write_readme(run: RunInfo, staging: Path, report: dict[str, Any]) -> None:
               "print(tokenizer.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True))", "```", "",
               "Or: `qlora-kit generate <this directory> \"Hello!\"`.", ""]
     (staging / "README.md").write_text("\n".join(lines))
+
+
+def variant_line(lora: dict[str, Any], residual_modules: int) -> str:
+    """The model card's line on the LoRA variant and, for base-changing inits, which base was merged."""
+    from qlora_kit.variants import summary_line
+
+    line = summary_line(lora.get("variant") or {"type": "lora", "init": "default"})
+    if residual_modules:
+        line += (f"; merged onto the stored residual NF4 base of {residual_modules} modules (what the adapter was "
+                 "trained against), not onto NF4 of the original weights")
+    return line
 
 
 def _data_summary(run_dir: Path) -> dict[str, Any]:
@@ -1049,10 +1040,9 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str = "float16", mer
 
 def _export_locked(run: RunInfo, target: Path, dtype: str, torch_dtype: torch.dtype, merge_base: str, verify: bool,
                    device: str | None, max_shard_bytes: int, verify_prompts: int, show_progress: bool) -> int:
-    from qlora_kit.model import DTYPES
 
     compute, quant_device = resolve_devices(device, run)
-    ctx = MergeContext(merge_base, run.quant, DTYPES[run.quant["load_dtype"]], compute, quant_device)
+    ctx = merge_context(run, merge_base, compute, quant_device)
     plan = plan_export(run, torch_dtype, max_shard_bytes)
     fix = "free space on that disk, or choose --out on another one"
     needed = plan.total_bytes + diskspace.tree_bytes(run.run_dir / rundir.TOKENIZER)
@@ -1070,6 +1060,25 @@ def _export_locked(run: RunInfo, target: Path, dtype: str, torch_dtype: torch.dt
         log.error("verification failed: %s", "; ".join(report["verification"]["failures"]))
         return EXIT_VERIFY_FAILED
     return 0
+
+
+def merge_context(run: RunInfo, merge_base: str, compute: torch.device, quant_device: torch.device) -> MergeContext:
+    """How every tensor is made: merge base, quantisation spec, devices, and a base-changing init's residual base.
+
+    Raises:
+        ModelError: ``--merge-base original`` for an init fitted to the NF4 weights, or a missing/changed
+            residual base file.
+    """
+    from qlora_kit.model import DTYPES
+    from qlora_kit.variants.merge import check_merge_base
+    from qlora_kit.variants.residual import check_residual, residual_modules
+
+    lora = run.manifest.get("lora") or {}
+    check_merge_base(lora, merge_base)
+    residual = check_residual(run.run_dir, lora.get("residual_base")) if merge_base == "dequantized" else None
+    modules = frozenset(residual_modules(residual)) if residual else frozenset()
+    return MergeContext(merge_base, run.quant, DTYPES[run.quant["load_dtype"]], compute, quant_device, residual,
+                        modules)
 
 
 def _verify(run: RunInfo, staging: Path, report: dict[str, Any], device: torch.device, enabled: bool,

@@ -395,35 +395,35 @@ def resolve_target_modules(model: nn.Module, spec: str | list[str]) -> list[str]
 
 
 def attach_lora(model: nn.Module, cfg: LoraConfig, adapter_dtype: torch.dtype, gradient_checkpointing: bool,
-                every_n_layers: int = 1):
-    """Add trainable LoRA adapters (B = 0, so the model starts unchanged) in ``adapter_dtype``.
+                every_n_layers: int = 1, total_steps: int | None = None):
+    """Add trainable adapters (``lora.type``: LoRA, AdaLoRA or VeRA, at peft's default init) in ``adapter_dtype``.
 
-    With ``gradient_checkpointing``, every ``every_n_layers``-th decoder layer is checkpointed
-    (non-reentrant; transformers' ``activation_checkpointing_enable``).
+    The default LoRA init has B = 0, so the model starts unchanged; ``lora.init`` is applied
+    afterwards by ``qlora_kit.variants.init``.  AdaLoRA needs ``total_steps`` (its rank budget
+    schedule).  With ``gradient_checkpointing``, every ``every_n_layers``-th decoder layer is
+    checkpointed (:func:`enable_gradient_checkpointing`).
     """
-    from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
+
+    from qlora_kit.variants import cast_frozen_adapter_state, peft_config
 
     targets = resolve_target_modules(model, cfg.target_modules)
     if gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                              every_n_layers=every_n_layers)
-        model.config.use_cache = False
-    peft_cfg = PeftLoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=targets,
-        use_rslora=cfg.use_rslora,
-        use_dora=cfg.use_dora,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, peft_cfg, autocast_adapter_dtype=False)
+        enable_gradient_checkpointing(model, every_n_layers)
+    peft_model = get_peft_model(model, peft_config(cfg, targets, total_steps), autocast_adapter_dtype=False)
     for p in peft_model.parameters():
         if p.requires_grad:
             p.data = p.data.to(adapter_dtype)
+    cast_frozen_adapter_state(peft_model, adapter_dtype)
     return peft_model
+
+
+def enable_gradient_checkpointing(model: nn.Module, every_n_layers: int = 1) -> None:
+    """Non-reentrant activation checkpointing of every ``every_n_layers``-th decoder layer (transformers'
+    ``activation_checkpointing_enable``; adapters get gradients without an input-grad hook), no KV cache."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                          every_n_layers=every_n_layers)
+    model.config.use_cache = False
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -460,7 +460,8 @@ def load_run_for_inference(run_dir: str | Path, device: torch.device | None = No
     """Rebuild NF4 base + trained adapter from a run directory, ready for generation.
 
     Returns ``(model, tokenizer, manifest)``.  The base is quantised exactly as in
-    training (the spec recorded in ``manifest.json``).  ``compute_dtype`` overrides the
+    training (the spec recorded in ``manifest.json``); a base-changing init's residual NF4
+    weights are loaded from the run (``qlora_kit.variants.residual``).  ``compute_dtype`` overrides the
     training compute dtype (export verification computes in float32).
 
     Raises:
@@ -482,6 +483,7 @@ def load_run_for_inference(run_dir: str | Path, device: torch.device | None = No
         stored = str((manifest.get("quant") or {}).get("compute_dtype"))
         compute_dtype = DTYPES.get(stored, torch.bfloat16) if device.type == "cuda" else torch.float32
     base = load_quantized_base(source, cfg.model, compute_dtype, device)
+    load_residual_base(base, run, manifest)
     try:
         model = PeftModel.from_pretrained(base, run / rundir.ADAPTER, is_trainable=False)
         tokenizer = AutoTokenizer.from_pretrained(run / rundir.TOKENIZER)
@@ -491,3 +493,23 @@ def load_run_for_inference(run_dir: str | Path, device: torch.device | None = No
                          "the run from a backup") from exc
     set_inference_mode(model)
     return model, tokenizer, manifest
+
+
+def load_residual_base(base: nn.Module, run_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """Put a base-changing init's stored residual NF4 weights into ``base`` (a bare 4-bit model); return the modules.
+
+    This is what plain peft needs too: ``PeftModel.from_pretrained`` onto this base is the trained model.
+
+    Raises:
+        ModelError: the manifest names a residual file that is missing or changed.
+    """
+    from qlora_kit.variants.residual import check_residual, load_residual
+
+    lora = manifest.get("lora") or {}
+    variant = lora.get("variant") or {}
+    if variant.get("changes_base") and not lora.get("residual_base"):
+        raise ModelError(f"lora.init={variant.get('init')} trained against a re-quantised residual base, but "
+                         f"{Path(run_dir) / rundir.MANIFEST} names no residual base file",
+                         "the run directory is incomplete: restore its manifest.json and base_residual.safetensors")
+    path = check_residual(run_dir, lora.get("residual_base"))
+    return load_residual(base, path) if path is not None else []

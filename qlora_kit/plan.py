@@ -45,8 +45,13 @@ on CUDA, 4 for fp32), a bytes of an adapter weight (4: fp32 master copies by def
   fp32 gradient: flat in T for the vocabulary, linear in N_lab*H.  ``logits_and_loss`` (``fused_loss: false``): B*T*V
   logits in the compute dtype + fp32 log-probabilities and gradients (12 bytes/logit).
   ``final_norm``: the final RMSNorm's fp32 input.
-* The peak is the largest of three phases: ``load`` (a 16-bit matrix being quantised),
-  ``loss`` (end of the forward pass) and ``backward``.  ``fragmentation_margin``: 5 % of
+* LoRA variants: AdaLoRA adds r singular values per module and keeps three importance
+  tensors per parameter (``adalora_importance``); VeRA trains out + r values per module,
+  holds the shared frozen projections (``vera_projections``) and keeps ``x A`` and its
+  scaled copy per token; a non-default ``lora.init`` adds an ``init`` phase (see
+  :func:`init_phase`: LoRA-GA's float32 gradients of every target weight are the large one).
+* The peak is the largest of the phases: ``load`` (a 16-bit matrix being quantised),
+  ``init`` (non-default ``lora.init``), ``loss`` (end of the forward pass) and ``backward``.  ``fragmentation_margin``: 5 % of
   the peak with ``expandable_segments`` (what ``train`` sets), 10 % when
   ``PYTORCH_CUDA_ALLOC_CONF`` is set without it; ``cuda_context``: 500 MiB for the CUDA
   context, cuBLAS and bitsandbytes kernels (outside PyTorch's allocator).  Both are
@@ -108,6 +113,7 @@ DEFAULT_GPU_GIB = 24.0
 LENGTH_STEP = 64  # max_length_that_fits is a multiple of this
 MAX_SEARCH_LENGTH = 1 << 20
 MAX_SEARCH_BATCH = 4096
+INIT_WORK_FACTOR = 5  # float32 copies of one matrix alive during a loftq/pissa/olora init
 
 SHAPES_DIR = Path(__file__).parent / "model_shapes"
 # Hub ids (lower case) whose published config.json ships in model_shapes/ (architecture only:
@@ -401,6 +407,29 @@ def adapter_tensors(shape: ModelShape, targets: list[str], r: int, dora: bool) -
     return per_layer * shape.num_layers
 
 
+def variant_tensors(shape: ModelShape, targets: list[str], lora: Any) -> tuple[list[int], int]:
+    """(element counts of every trainable tensor, elements of frozen adapter state) for ``lora.type``.
+
+    LoRA: A, B (+ DoRA magnitude).  AdaLoRA: A, B and the singular values E (r each) per module.
+    VeRA: lambda_b (out) and lambda_d (r) per module, plus the shared frozen projections
+    vera_A (r x largest in) and vera_B (largest out x r).
+    """
+    if lora.type == "lora":
+        return adapter_tensors(shape, targets, lora.r, lora.use_dora), 0
+    layers = linear_layers(shape)
+    per_layer: list[int] = []
+    for name in targets:
+        lin = layers[name]
+        if lora.type == "adalora":
+            per_layer += [lora.r * lin.in_features, lin.out_features * lora.r, lora.r]
+        else:
+            per_layer += [lin.out_features, lora.r]
+    frozen = 0
+    if lora.type == "vera":
+        frozen = lora.r * (max(layers[n].in_features for n in targets) + max(layers[n].out_features for n in targets))
+    return per_layer * shape.num_layers, frozen
+
+
 def optimizer_bytes(numels: list[int], optimizer: str, adapter_bytes: int) -> tuple[int, int]:
     """(total, pageable) optimizer-state bytes for adapter tensors of the given sizes.
 
@@ -448,6 +477,7 @@ class Techniques:
     dropout: bool
     dora: bool
     double_quant: bool
+    lora_type: str = "lora"  # lora | adalora | vera
 
     @property
     def mask_bytes(self) -> int:
@@ -485,6 +515,7 @@ def techniques(cfg: Config, shape: ModelShape, device: str = "cuda") -> Techniqu
         tiled_mlp=bool(t.tiled_mlp), optimizer=t.optimizer,
         targets=tuple(resolve_targets(cfg.lora.target_modules, shape)), r=cfg.lora.r,
         dropout=cfg.lora.dropout > 0, dora=cfg.lora.use_dora, double_quant=cfg.model.double_quant,
+        lora_type=cfg.lora.type,
     )
 
 
@@ -500,6 +531,7 @@ def adapter_saved_per_token(shape: ModelShape, tech: Techniques, groups: tuple[s
     input, one copy per input shared by the modules reading it (none for ``o_proj`` on the
     flash path, whose input is the output the attention kernel keeps anyway).  ``B`` saves
     ``A``'s r-wide output.  DoRA also keeps the base output for its magnitude (approximate).
+    VeRA keeps ``x A`` scaled by lambda_d beside it, and ``(.) B`` (out wide) for lambda_b.
     """
     layers = linear_layers(shape)
     s, total, shared = tech.s, 0, set()
@@ -508,6 +540,8 @@ def adapter_saved_per_token(shape: ModelShape, tech: Techniques, groups: tuple[s
         if lin.group not in groups:
             continue
         total += s * tech.r
+        if tech.lora_type == "vera":
+            total += s * (tech.r + lin.out_features)
         if tech.dora:
             total += s * lin.out_features
         if tech.dropout:
@@ -705,7 +739,8 @@ class MemoryPlan:
     @property
     def torch_allocated_peak(self) -> int:
         """Predicted ``torch.cuda.max_memory_allocated`` (paged optimizer state excluded)."""
-        return self.allocated_peak - self.paged_optimizer_bytes
+        paged = self.paged_optimizer_bytes if "optimizer_state" in self.phases[self.peak_phase] else 0
+        return self.allocated_peak - paged
 
     @property
     def torch_reserved_peak(self) -> int:
@@ -718,7 +753,7 @@ class MemoryPlan:
                 "cuda_context": self.cuda_context}
 
     def phase_totals(self) -> dict[str, int]:
-        """Total bytes of each phase (load, loss, backward)."""
+        """Total bytes of each phase (load, init, loss, backward)."""
         return {name: sum(parts.values()) for name, parts in self.phases.items()}
 
 
@@ -741,8 +776,8 @@ def estimate(cfg: Config, shape: ModelShape, micro_batch_size: int | None = None
     labelled = tokens if labelled_tokens is None else min(labelled_tokens, tokens)
     tech = techniques(cfg, shape, device)
     weights = weight_components(shape, tech)
-    numels = adapter_tensors(shape, list(tech.targets), tech.r, tech.dora)
-    static = {**weights, **adapter_components(numels, tech)}
+    numels, frozen = variant_tensors(shape, list(tech.targets), cfg.lora)
+    static = {**weights, **adapter_components(numels, tech, frozen)}
     loss_phase, backward_phase, stage, host = activation_phases(shape, tech, batch, length, labelled, numels)
     parallel = parallel or _PARALLEL.get()
     max_linear = max(lin.numel for lin in linear_layers(shape).values())
@@ -752,6 +787,10 @@ def estimate(cfg: Config, shape: ModelShape, micro_batch_size: int | None = None
         static = {**static, **per_gpu}
         load = per_gpu_load or load
         host += host_shards
+    phases = {"load": load, "loss": {**static, **loss_phase}, "backward": {**static, **backward_phase}}
+    init = init_phase(shape, cfg, tech, tokens, numels, frozen, (loss_phase, backward_phase))
+    if init:
+        phases["init"] = {**weights, **init}
     _, pageable = optimizer_bytes(numels, tech.optimizer, tech.adapter_bytes)
     paged = pageable if tech.optimizer.startswith("paged_") and device == "cuda" and not parallel.fsdp else 0
     return MemoryPlan(
@@ -759,7 +798,7 @@ def estimate(cfg: Config, shape: ModelShape, micro_batch_size: int | None = None
         compute_dtype="float32" if tech.s == 4 else ("bfloat16" if cfg.model.compute_dtype == "auto"
                                                      else cfg.model.compute_dtype),
         targets=list(tech.targets), trainable_parameters=sum(numels),
-        phases={"load": load, "loss": {**static, **loss_phase}, "backward": {**static, **backward_phase}},
+        phases=phases,
         paged_optimizer_bytes=paged, weights_bytes=sum(weights.values()), host_bytes=host, stage=stage,
         fragmentation_fraction=fragmentation_fraction(),
     )
@@ -778,11 +817,53 @@ def weight_components(shape: ModelShape, tech: Techniques) -> dict[str, int]:
     return {"nf4_weights": nf4, "weights_16bit": params16 * tech.s}
 
 
-def adapter_components(numels: list[int], tech: Techniques) -> dict[str, int]:
-    """Adapter weights (master copy), their gradients (resident across gradient accumulation), optimizer state."""
+def adapter_components(numels: list[int], tech: Techniques, frozen: int = 0) -> dict[str, int]:
+    """Adapter weights (master copy), their gradients (resident across gradient accumulation), optimizer state;
+    VeRA's ``frozen`` shared projections; AdaLoRA's importance scores (its RankAllocator keeps the score, its
+    average and its uncertainty for every parameter)."""
     n, a = sum(numels), tech.adapter_bytes
     opt, _ = optimizer_bytes(numels, tech.optimizer, a)
-    return {"lora_parameters": n * a, "lora_gradients": n * a, "optimizer_state": opt}
+    parts = {"lora_parameters": n * a, "lora_gradients": n * a, "optimizer_state": opt}
+    if frozen:
+        parts["vera_projections"] = frozen * a
+    if tech.lora_type == "adalora":
+        parts["adalora_importance"] = 3 * n * a
+    return parts
+
+
+def init_phase(shape: ModelShape, cfg: Config, tech: Techniques, tokens: int, numels: list[int], frozen: int,
+               passes: tuple[dict[str, int], dict[str, int]]) -> dict[str, int]:
+    """Memory of ``lora.init`` beyond the base weights (empty for the default init); no optimizer exists yet.
+
+    lora_ga: the adapters, a float32 gradient per target weight, the input each target's hook
+    keeps until its backward (per ``lora.loraga_passes`` group), and one training
+    forward/backward with the adapters disabled (``passes``: the loss and backward phases'
+    activations).  loftq / pissa / olora: the adapters, plus the float32 working set of one
+    matrix's SVD/QR and residual (W, residual, U, Vh, product: :data:`INIT_WORK_FACTOR` x the
+    largest target, 4 bytes each) and its 4-bit replacement.
+    """
+    if cfg.lora.init == "default":
+        return {}
+    layers = linear_layers(shape)
+    targets = list(tech.targets)
+    largest = max(layers[n].numel for n in targets)
+    adapters = sum(numels) * tech.adapter_bytes + frozen * tech.adapter_bytes
+    if cfg.lora.init != "lora_ga":
+        return {"lora_parameters": adapters, "init_working": INIT_WORK_FACTOR * 4 * largest + nf4_bytes(largest)}
+    widths = {layers[n].group: layers[n].in_features for n in targets}
+    working = max(sum(v for k, v in phase.items() if k != "autocast_adapter_copies") for phase in passes)
+    return {"lora_parameters": adapters,
+            "loraga_gradients": _per_pass(4 * sum(layers[n].numel for n in targets), shape, cfg, 4 * largest),
+            "loraga_inputs": _per_pass(tech.s * tokens * sum(widths.values()), shape, cfg, 0),
+            "loraga_forward_backward": working}
+
+
+def _per_pass(per_layer: int, shape: ModelShape, cfg: Config, slack: int) -> int:
+    """Bytes of one LoRA-GA gradient pass: the targets are cut into ``lora.loraga_passes`` contiguous groups of
+    about equal size, so one group holds total/passes plus at most one layer (and one matrix, ``slack``)."""
+    total = per_layer * shape.num_layers
+    passes = cfg.lora.loraga_passes
+    return total if passes == 1 else min(total, total // passes + per_layer + slack)
 
 
 def fused_loss_rows(tech: Techniques, batch: int, length: int, labelled: int) -> int:
@@ -974,13 +1055,22 @@ def suggest(cfg: Config, shape: ModelShape, budget: int) -> str:
     if batch is not None and batch < b:
         options.append(f"--set train.micro_batch_size={batch} "
                        f"--set train.gradient_accumulation_steps={accum * math.ceil(b / batch)}")
-    for section, change, text in (
+    knobs = [
         ("train", {"gradient_checkpointing": True}, "--set train.gradient_checkpointing=true"),
         ("train", {"checkpoint_every_n_layers": 1}, "--set train.checkpoint_every_n_layers=1"),
         ("train", {"tiled_mlp": True}, "--set train.tiled_mlp=true"),
         ("train", {"fused_loss": True}, "--set train.fused_loss=true"),
         ("lora", {"dropout": 0.0}, "--set lora.dropout=0 (no per-adapter dropout copies)"),
-    ):
+    ]
+    if cfg.lora.init == "lora_ga":  # its fp32 gradient of every target weight, not the activations, is the peak
+        passes = _largest(lambda k: not fits(_variant(cfg, "lora", loraga_passes=k), shape, budget), 1, 64)
+        if passes is not None and passes < 64 and passes + 1 > cfg.lora.loraga_passes:
+            options.append(f"--set lora.loraga_passes={passes + 1} (LoRA-GA's gradients estimated in "
+                           f"{passes + 1} groups, the samples re-run for each)")
+        knobs += [("lora", {"target_modules": "attention"},
+                   "--set lora.target_modules=attention (LoRA-GA keeps a float32 gradient of every target weight)"),
+                  ("lora", {"init": "default"}, "--set lora.init=default")]
+    for section, change, text in knobs:
         key, value = next(iter(change.items()))
         current = getattr(getattr(cfg, section), key)
         if current != value and current != "auto" and fits(_variant(cfg, section, **change), shape, budget):
@@ -1053,7 +1143,7 @@ def _concrete(cfg: Config, offload: bool, tiled: bool, every_n: int) -> Config:
 def _pick_optimizer(cfg: Config, shape: ModelShape, budget: int) -> str:
     """``paged_adamw_8bit`` when the run fits only if its pageable state may leave the GPU; else ``adamw_8bit``."""
     plan = estimate(_variant(cfg, "train", optimizer="adamw_8bit"), shape)
-    numels = adapter_tensors(shape, plan.targets, cfg.lora.r, cfg.lora.use_dora)
+    numels, _ = variant_tensors(shape, plan.targets, cfg.lora)
     _, pageable = optimizer_bytes(numels, "paged_adamw_8bit", 4)
     if plan.total_bytes > budget >= plan.total_bytes - pageable and pageable > 0:
         return "paged_adamw_8bit"
@@ -1192,6 +1282,8 @@ def build_report(cfg: Config, shape: ModelShape, budget: int, budget_source: str
         "memory_settings": memory_settings(resolved),
         "auto_settings": [k for k, v in memory_settings(cfg).items() if v == "auto"],
         "lora_targets": plan.targets,
+        "lora_type": cfg.lora.type,
+        "lora_init": cfg.lora.init,
         "trainable_parameters": plan.trainable_parameters,
         "weights_bytes": plan.weights_bytes,
         "peak_phase": plan.peak_phase,
@@ -1240,6 +1332,12 @@ _LABELS = {
     "fsdp_gathered_layers": "FSDP: decoder layers gathered (2)",
     "fragmentation_margin": "allocator fragmentation margin ({frag:.0%})",
     "cuda_context": "CUDA context + kernels",
+    "vera_projections": "VeRA shared frozen projections",
+    "adalora_importance": "AdaLoRA importance scores",
+    "loraga_gradients": "LoRA-GA fp32 gradients of the target weights",
+    "loraga_inputs": "LoRA-GA target inputs kept for the gradient",
+    "loraga_forward_backward": "LoRA-GA forward/backward pass",
+    "init_working": "adapter init SVD/QR working set (1 matrix)",
 }
 
 

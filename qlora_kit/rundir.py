@@ -11,6 +11,8 @@
       train.log            every log line of every `qlora-kit train` of this run (appended on resume)
       loss.png             loss curve
       checkpoint-<step>/   resumable state (see checkpoint.py); only complete ones are ever renamed here
+      base_residual.safetensors  base-changing lora.init only: the re-quantised NF4 weights the adapter
+                           trains against (qlora_kit/variants/residual.py); never changes after setup
       checkpoint-<step>.corrupt/  a checkpoint that did not verify on resume, kept for inspection
 
     ../.<output_dir name>.lock    the run's lock file (runlock.py), beside the directory

@@ -70,10 +70,12 @@ RESUME_BREAKING = (
     "model.name_or_path", "model.revision", "model.quant_type", "model.double_quant", "model.chat_template",
     "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.use_rslora", "lora.use_dora",
     "lora.adapter_dtype",
+    "lora.type", "lora.init", "lora.loraga_samples", "lora.loftq_iter", "lora.adalora_target_r",
+    "lora.adalora_tinit_ratio", "lora.adalora_tfinal_ratio", "lora.adalora_delta_t", "lora.adalora_orth_reg_weight",
     "data.path", "data.val_path", "data.format", "data.split", "data.val_fraction", "data.val_max_rows",
     "data.train_on_inputs", "data.packing", "data.shuffle",
     "train.seed", "train.micro_batch_size", "train.gradient_accumulation_steps", "train.max_length",
-    "train.optimizer",
+    "train.optimizer", "train.loraplus_lr_ratio",
 )
 MAX_CONSECUTIVE_SKIPS = 10
 MIN_LOSS_SCALE = 1.0  # fp16 loss scaling: below this the run is not recovering
@@ -113,6 +115,7 @@ class Run:
     precision: Any = None  # ops.precision.Precision
     scaler: torch.amp.GradScaler | None = None  # fp16 compute only
     dist: distributed.Dist = distributed.SINGLE  # this process's rank in a multi-process run
+    residual: Any = None  # _Residual: a base-changing init's NF4 base, stored by begin()
     wrapped: Any = None  # what runs forward/backward: DDP/FSDP around ``model`` (``model`` itself when single)
 
 
@@ -351,6 +354,8 @@ def setup(cfg: Config, config_text: str, out: Path, start: outdir.Start | None, 
     dist = distributed.current()
     start = start or outdir.Start(out, "fresh")
     seed_everything(cfg.train.seed)
+    # a resumed run with a checkpoint: its residual base (base-changing lora.init) replaces the loaded weights
+    resume_dir = out if start.resume_from is not None else None
     with dist.together():  # no collective inside: a failure on any rank ends every rank here, reported once
         device = dist.device or qmodel.pick_device()
         compute_dtype = qmodel.resolve_compute_dtype(cfg.model.compute_dtype, device)
@@ -366,30 +371,32 @@ def setup(cfg: Config, config_text: str, out: Path, start: outdir.Start | None, 
         data = _setup_data(cfg, tokenizer, show=dist.is_main)
         if start.resume_from is not None:
             _check_data_unchanged(start.resume_from, data.fingerprint)
+        micro_per_epoch = len(_epoch_plan(cfg, data, 0))
+        total_steps = compute_total_steps(cfg, micro_per_epoch)
+        _check_variant_needs(cfg, data, total_steps)
         if device.type == "cuda" and not skip_memory_check:
             _check_memory(cfg, source, device)
-        model = build_model(cfg, source, precision, quant_storage=compute_dtype if dist.fsdp else torch.uint8,
-                            load_on=dist.load_device(device))
+        model = build_model(cfg, source, precision, total_steps, resume_dir,
+                            quant_storage=compute_dtype if dist.fsdp else torch.uint8, load_on=dist.load_device(device))
         if start.resume_from is not None and dist.fsdp:
             ckpt.load_adapter_weights(start.resume_from, model)  # before sharding; FSDP syncs rank 0's to the others
+    spec = qmodel.quant_spec(model, cfg.model, compute_dtype)
+    variant, residual = _setup_variant(cfg, model, data, tokenizer, source, precision, out, resume_dir)
     if dist.rank:
         seed_everything(cfg.train.seed + dist.rank)  # dropout differs per rank; the adapters started equal
-    spec = qmodel.quant_spec(model, cfg.model, compute_dtype)
     trainable, total = qmodel.count_parameters(model)
-    log.info("model: %s | 4-bit %s (double quant: %s) | LoRA r=%d on %s | trainable %s of %s parameters",
-             cfg.model.name_or_path, spec.quant_type, spec.double_quant, cfg.lora.r,
-             ",".join(model.peft_config["default"].target_modules), f"{trainable:,}", f"{total:,}")
+    log.info("model: %s | 4-bit %s (double quant: %s) | %s r=%d on %s | trainable %s of %s parameters",
+             cfg.model.name_or_path, spec.quant_type, spec.double_quant, cfg.lora.type, cfg.lora.r,
+             ",".join(sorted(model.peft_config["default"].target_modules)), f"{trainable:,}", f"{total:,}")
     wrapped = dist.wrap(model)
     if cfg.train.fused_loss:
         cfg = _check_fused_loss(cfg, wrapped, data, tokenizer, precision)
         if not cfg.train.fused_loss and device.type == "cuda" and not skip_memory_check:
             _check_memory(cfg, source, device)  # full logits need more memory: re-check before training
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg, params, device)
-    micro_per_epoch = len(_epoch_plan(cfg, data, 0))
-    total_steps = compute_total_steps(cfg, micro_per_epoch)
+    optimizer = build_optimizer(cfg, params, device, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
-    manifest = _new_manifest(cfg, device, source, spec, data, model, trainable, out, not start.fresh)
+    manifest = _new_manifest(cfg, device, source, spec, data, model, trainable, out, not start.fresh, variant)
     manifest["memory"] = memory_record(cfg, model, precision)
     if dist.active:
         manifest["distributed"] = dist.describe()
@@ -397,6 +404,7 @@ def setup(cfg: Config, config_text: str, out: Path, start: outdir.Start | None, 
     run = Run(cfg, config_text, out, device, model, tokenizer, data, optimizer, scheduler, total_steps,
               micro_per_epoch, manifest, metrics, params=params, fresh=start.fresh,
               precision=precision, scaler=precision.make_scaler(), dist=dist, wrapped=wrapped)
+    run.residual = residual
     run.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     if not start.fresh:
@@ -509,21 +517,31 @@ def device_memory(device: torch.device) -> int:
     return psutil.virtual_memory().total
 
 
-def build_model(cfg: Config, source: Path, precision: Any, quant_storage: torch.dtype = torch.uint8,
+def build_model(cfg: Config, source: Path, precision: Any, total_steps: int | None = None,
+                resume_dir: Path | None = None, quant_storage: torch.dtype = torch.uint8,
                 load_on: torch.device | None = None) -> Any:
-    """NF4 base → fused loss head → LoRA (+ checkpointing) → packed attention, tiled MLP, offload.
+    """NF4 base (+ a resumed run's residual base) → fused loss head → adapters of ``lora.type`` (+ checkpointing)
+    → packed attention, tiled MLP, offload.
 
+    ``total_steps``: the run's optimizer steps (AdaLoRA schedules its rank budget on them).
+    ``resume_dir``: the run being resumed; a base-changing ``lora.init`` trained against the
+    residual NF4 weights stored there, which replace the loaded ones before the adapters attach.
     ``quant_storage`` and ``load_on`` (default: the training device) serve FSDP (distributed.py).
+
+    Raises:
+        ModelError: the resumed run's residual base is missing or changed.
     """
     from qlora_kit import model as qmodel
     from qlora_kit.ops import loss, packing, precision as prec, tiled_mlp
 
     device, t = precision.device, cfg.train
     model = qmodel.load_quantized_base(source, cfg.model, precision.compute_dtype, load_on or device, quant_storage)
+    if resume_dir is not None:
+        qmodel.load_residual_base(model, resume_dir, ckpt.read_json(resume_dir / rundir.MANIFEST))
     if t.fused_loss:
         loss.add_fused_loss(model)  # before peft wraps the model
     model = qmodel.attach_lora(model, cfg.lora, precision.adapter_dtype, t.gradient_checkpointing,
-                               t.checkpoint_every_n_layers)
+                               t.checkpoint_every_n_layers, total_steps)
     if precision.autocast:
         prec.keep_adapter_inputs_in_compute_dtype(model)
     packing.use_packed_attention(model)
@@ -585,6 +603,112 @@ def memory_record(cfg: Config, model: Any, precision: Any) -> dict[str, Any]:
     }
 
 
+def _check_variant_needs(cfg: Config, data: Any, total_steps: int) -> None:
+    """Data-dependent checks of the LoRA variant (the config-only ones live in config.py).
+
+    Raises:
+        ConfigError: LoRA-GA with fewer training rows than its gradient estimate uses, or an
+            AdaLoRA schedule that does not fit the run's step count.
+    """
+    from qlora_kit.variants import adalora_steps
+
+    if cfg.lora.init == "lora_ga" and len(data.train) < cfg.lora.loraga_samples:
+        raise ConfigError(
+            f"lora.init=lora_ga estimates its init from lora.loraga_samples={cfg.lora.loraga_samples} training rows, "
+            f"but data.path leaves only {len(data.train)} after the validation split",
+            f"set lora.loraga_samples to at most {len(data.train)}, or add data",
+        )
+    if cfg.lora.type == "adalora":
+        adalora_steps(cfg.lora, total_steps)
+
+
+def _setup_variant(cfg: Config, model: Any, data: Any, tokenizer: Any, source: Path, precision: Any, out: Path,
+                   resume_dir: Path | None) -> tuple[dict[str, Any], "_Residual | None"]:
+    """Apply ``lora.init`` to a fresh run's adapters: the manifest's ``lora`` variant facts, and the changed base to store.
+
+    Nothing is written here: :func:`begin` stores the residual base (a base-changing init) with
+    the run's other files.  On resume nothing is initialised: the adapters come from the
+    checkpoint and the residual base was loaded by :func:`build_model`; the facts are carried
+    over from the manifest.
+    """
+    from qlora_kit import variants
+    from qlora_kit.variants import init as vinit
+
+    info: dict[str, Any] = {"variant": variants.describe(cfg), "residual_base": None}
+    if resume_dir is not None:
+        previous = ckpt.read_json(out / rundir.MANIFEST).get("lora") or {}
+        info["residual_base"] = previous.get("residual_base")
+        info["variant"]["init_report"] = (previous.get("variant") or {}).get("init_report")
+        return info, None
+    if cfg.lora.init == "default":
+        return info, None
+    started = time.perf_counter()
+    loraga = _estimate_loraga(cfg, model, data, tokenizer.pad_token_id, source, precision) \
+        if cfg.lora.init == "lora_ga" else None
+    estimate_s = time.perf_counter() - started
+    # the residual is quantised from the dtype the loader quantises from (the compute dtype)
+    report = vinit.initialise(model, cfg.lora, source, precision.compute_dtype, loraga)
+    report.seconds += estimate_s  # LoRA-GA's gradient passes are part of its init
+    info["variant"]["init_report"] = report.to_json()
+    residual = _Residual(vinit.lora_layers(model), report.changed_base) if report.changed_base else None
+    if precision.device.type == "cuda":
+        torch.cuda.empty_cache()  # LoRA-GA's gradients and the init's working set
+    return info, residual
+
+
+@dataclass
+class _Residual:
+    """A base-changing init's re-quantised NF4 weights, written by :func:`begin` (variants/residual.py)."""
+
+    layers: dict[str, Any]  # HF module name -> peft LoRA layer
+    modules: list[str]
+
+    def nbytes(self) -> int:
+        return sum(self.layers[m].get_base_layer().weight.data.nbytes for m in self.modules) + 2**20
+
+    def write(self, path: Path, manifest: dict[str, Any]) -> None:
+        from qlora_kit.variants.residual import RESIDUAL_FILE, save_residual
+
+        entry = save_residual(self.layers, self.modules, path)
+        manifest["lora"]["residual_base"] = {**entry, "file": RESIDUAL_FILE}
+
+
+def _estimate_loraga(cfg: Config, model: Any, data: Any, pad_id: int, source: Path, precision: Any
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """LoRA-GA's factors from dL/dW of every target weight on the first ``lora.loraga_samples`` training rows.
+
+    The gradient is taken along the training path (same collation, packing, loss, precision,
+    checkpointing) with the adapters disabled, i.e. of the NF4 base model.
+    """
+    from qlora_kit.ops.loss import causal_lm_loss
+    from qlora_kit.variants.init import loraga_factors
+
+    batches, n_items = _gradient_batches(cfg, data, pad_id)
+    log.info("lora.init=lora_ga: estimating gradients on %d training rows (%d micro-batches, %d pass(es))",
+             cfg.lora.loraga_samples, len(batches), cfg.lora.loraga_passes)
+
+    def summed_loss(batch: dict[str, Any]) -> torch.Tensor:
+        with precision.forward_context():
+            return causal_lm_loss(model, to_device(batch, precision.device), 1, cfg.train.fused_loss)
+
+    return loraga_factors(model, cfg.lora, batches, summed_loss, n_items, source)
+
+
+def _gradient_batches(cfg: Config, data: Any, pad_id: int) -> tuple[list[dict[str, Any]], int]:
+    """The first training micro-batches (in training order) holding ``lora.loraga_samples`` rows, and their
+    trainable-token count."""
+    from qlora_kit.data import collate
+    from qlora_kit.ops.loss import count_targets
+
+    batches, taken = [], 0
+    for rows in _epoch_plan(cfg, data, 0):
+        batches.append(collate(data.train, rows, pad_id, cfg.train.max_length, cfg.data.packing))
+        taken += sum(len(row) for row in rows)
+        if taken >= cfg.lora.loraga_samples:
+            break
+    return batches, max(1, sum(count_targets(b["labels"]) for b in batches))
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA)."""
     random.seed(seed)
@@ -628,21 +752,44 @@ def _check_memory(cfg: Config, source: Path, device: torch.device) -> None:
         log.warning("memory pre-flight skipped: %s", exc.message)
 
 
-def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    """bitsandbytes 8-bit AdamW (non-paged or paged), paged 32-bit AdamW, or torch AdamW (fused on CUDA)."""
+def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch.device,
+                    model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+    """bitsandbytes 8-bit AdamW (non-paged or paged), paged 32-bit AdamW, or torch AdamW (fused on CUDA).
+
+    With ``train.loraplus_lr_ratio`` (LoRA+), peft's ``create_loraplus_optimizer`` groups the
+    same parameters of ``model``: B matrices and 1-D adapter vectors at ratio x the learning rate.
+
+    Raises:
+        RuntimeError: LoRA+'s groups do not hold exactly ``params`` (a peft change to look at).
+    """
     lr, wd = cfg.train.learning_rate, cfg.train.weight_decay
+    cls, extra = _optimizer_class(cfg, device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if cfg.train.loraplus_lr_ratio is None:
+            return cls(params, lr=lr, weight_decay=wd, **extra)
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer = create_loraplus_optimizer(model, cls, lr=lr, loraplus_lr_ratio=cfg.train.loraplus_lr_ratio,
+                                              loraplus_weight_decay=wd, **extra)
+    grouped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if grouped != {id(p) for p in params}:
+        raise RuntimeError("LoRA+ parameter groups do not cover exactly the trainable parameters")
+    return optimizer
+
+
+def _optimizer_class(cfg: Config, device: torch.device) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The class of ``train.optimizer`` (resolved, not "auto") and its extra keyword arguments."""
     name = cfg.train.optimizer
     if name == "adamw_torch":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=device.type == "cuda")
+        return torch.optim.AdamW, {"fused": device.type == "cuda"}
     import bitsandbytes as bnb
 
     if device.type != "cuda" and name.startswith("paged_"):
         log.info("%s: paged memory needs CUDA; bitsandbytes uses its non-paged version on CPU", name)
     classes = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
                "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return classes[name](params, lr=lr, weight_decay=wd)
+    return classes[name], {}
 
 
 def compute_total_steps(cfg: Config, micro_per_epoch: int) -> int:
@@ -676,7 +823,7 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
 
 
 def _new_manifest(cfg: Config, device: torch.device, source: Path, spec: Any, data: Any, model: Any,
-                  trainable: int, out: Path, resuming: bool) -> dict[str, Any]:
+                  trainable: int, out: Path, resuming: bool, variant: dict[str, Any]) -> dict[str, Any]:
     previous = ckpt.read_json(out / rundir.MANIFEST) if resuming else {}
     return {
         "qlora_kit_version": package_versions().get("qlora-kit"),
@@ -688,7 +835,7 @@ def _new_manifest(cfg: Config, device: torch.device, source: Path, spec: Any, da
         "quant": spec.to_json(),
         "data": data.fingerprint,
         "lora": {"target_modules": sorted(model.peft_config["default"].target_modules),
-                 "trainable_parameters": trainable},
+                 "trainable_parameters": trainable, **variant},
         "start_time": previous.get("start_time", now_iso()),
         "resumed": list(previous.get("resumed") or []),
         "end_time": None,
@@ -714,6 +861,7 @@ def _restore(run: Run, start: outdir.Start) -> None:
                 _check_data_unchanged(path, run.data.fingerprint)
             model = None if run.dist.fsdp else run.model  # FSDP: the adapter was loaded before sharding
             state = ckpt.load_checkpoint(path, model, run.optimizer, run.scheduler, rank=run.dist.rank)
+            _restore_variant(run, path, state)
             break
         except ckpt.CorruptCheckpoint as exc:
             log.warning("%s cannot be used (%s): trying the checkpoint before it", path.name, exc)
@@ -741,6 +889,23 @@ def _restore(run: Run, start: outdir.Start) -> None:
     log.info("resumed from %s: step %d of %d", path.name, run.step, run.total_steps)
 
 
+def _restore_variant(run: Run, path: Path, state: dict[str, Any]) -> None:
+    """A LoRA variant's own state from checkpoint ``path`` (AdaLoRA: rank budget, importance scores).
+
+    Raises:
+        ConfigError: AdaLoRA resumed with another step count than its rank budget was scheduled for.
+    """
+    from qlora_kit.variants import adalora
+
+    if run.cfg.lora.type == "adalora" and state.get("total_steps") != run.total_steps:
+        raise ConfigError(
+            f"cannot resume {path.name}: lora.type=adalora scheduled its rank budget for "
+            f"{state.get('total_steps')} steps, and train.max_steps / train.num_epochs now give {run.total_steps}",
+            "restore train.max_steps / train.num_epochs, or start a new run",
+        )
+    adalora.restore_state(run.model, state.get("variant") or {}, ckpt.read_variant_tensors(path))
+
+
 def _restored_losses(run: Run, state: dict[str, Any]) -> tuple[float | None, float | None]:
     """The last logged train/eval loss at the checkpoint (from its state, else from metrics.jsonl)."""
     train_loss, eval_loss = state.get("last_train_loss"), state.get("last_eval_loss")
@@ -763,8 +928,14 @@ def begin(run: Run, start: outdir.Start) -> None:
     """
     fix = "free space on that disk, or set output_dir on another one"
     needed = SETUP_BYTES + _checkpoint_estimate(run) + _adapter_bytes(run)
+    writers: dict[str, Callable[[Path], Any]] = {}
+    if run.residual is not None:  # first: the manifest records its hash
+        from qlora_kit.variants.residual import RESIDUAL_FILE
+
+        needed += run.residual.nbytes()
+        writers[RESIDUAL_FILE] = lambda p: run.residual.write(p, run.manifest)
     diskspace.require_free(run.out, needed, "the run's files, a checkpoint and the adapter", fix)
-    writers: dict[str, Callable[[Path], Any]] = {
+    writers |= {
         rundir.CONFIG: lambda p: p.write_text(run.config_text),
         rundir.TOKENIZER: lambda p: run.tokenizer.save_pretrained(p),
         rundir.DATA_SUMMARY: lambda p: p.write_text(json.dumps(run.data.summary.to_json(), indent=2, default=str)),
@@ -982,6 +1153,7 @@ def train_step(run: Run, batches: Iterable[dict[str, torch.Tensor]], n_items: in
     gradients (the returned loss is this rank's share of the step's loss).
     """
     from qlora_kit.ops.loss import causal_lm_loss, count_targets
+    from qlora_kit.variants.adalora import orthogonality_penalty
 
     if n_items is None:
         batches = list(batches)
@@ -998,6 +1170,9 @@ def train_step(run: Run, batches: Iterable[dict[str, torch.Tensor]], n_items: in
             scaled = loss * factor if factor != 1.0 else loss
             (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
         loss_sum += loss.detach().float()
+    penalty = orthogonality_penalty(run.model, run.cfg.lora.adalora_orth_reg_weight)
+    if penalty is not None:  # AdaLoRA, once per optimizer step (not part of the logged loss)
+        (run.scaler.scale(penalty) if run.scaler is not None else penalty).backward()
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
     max_norm = run.cfg.train.max_grad_norm or float("inf")
@@ -1011,14 +1186,27 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def optimizer_step(run: Run, skipped: bool) -> None:
-    """Apply the step (the loss scaler skips it by itself when the scaled gradients overflowed)."""
+    """Apply the step (the loss scaler skips it by itself when the scaled gradients overflowed).
+
+    AdaLoRA's budget step follows every step that was applied, before the gradients are
+    zeroed (it scores the triplets by |p * grad|); a step the scaler skipped has non-finite
+    gradients that would poison its importance averages.
+    """
+    from qlora_kit.variants import adalora
+
     if run.scaler is None:
         if not skipped:
             run.optimizer.step()
+            adalora.after_optimizer_step(run.model, run.step)
         return
-    if not skipped:
-        run.scaler.step(run.optimizer)  # one host sync: the scaler reads its overflow flag
+    if skipped:
+        run.scaler.update()
+        return
+    scale = run.scaler.get_scale() if adalora.tuner(run.model) is not None else None  # a host sync: AdaLoRA only
+    run.scaler.step(run.optimizer)  # one host sync: the scaler reads its overflow flag
     run.scaler.update()
+    if scale is not None and run.scaler.get_scale() >= scale:  # the scale only drops when the step was skipped
+        adalora.after_optimizer_step(run.model, run.step)
 
 
 def scheduler_step(run: Run) -> None:
@@ -1136,6 +1324,7 @@ def _log_step(run: Run, window: _Window, lr: float, grad_norm: torch.Tensor, pro
         "learning_rate": lr,
         "grad_norm": round(gnorm, 6),
         "tokens_per_second": round(window.tokens / max(elapsed, 1e-9), 2),
+        "seconds_per_step": round(elapsed / window.steps, 4),
     }
     if run.skipped_steps:
         record["skipped_steps"] = run.skipped_steps
@@ -1226,6 +1415,9 @@ def save(run: Run) -> Path:
     }
     if run.scaler is not None:
         state["grad_scaler"] = run.scaler.state_dict()
+    from qlora_kit.variants import adalora
+
+    state["variant"], variant_tensors = adalora.checkpoint_state(run.model)
     if run.dist.active:  # every rank's RNG (and FSDP optimizer shard) and the whole adapter, on rank 0
         state["distributed"] = run.dist.describe()
         ranks = run.dist.gather(run.dist.rank_state(run.optimizer))
@@ -1233,14 +1425,15 @@ def save(run: Run) -> Path:
     else:
         ranks, adapter = None, None
     # rank 0 writes; nobody moves on (or exits) before it has, and a failure there ends every rank
-    path = run.dist.from_main(lambda: _write_checkpoint(run, name, state, ranks, adapter))
+    with adalora.full_rank_state(run.model):
+        path = run.dist.from_main(lambda: _write_checkpoint(run, name, state, ranks, adapter, variant_tensors))
     run.last_save_step = run.step
     log.info("saved %s", path.name)
     return path
 
 
 def _write_checkpoint(run: Run, name: str, state: dict[str, Any], ranks: list[dict[str, Any]] | None,
-                      adapter: dict[str, torch.Tensor] | None) -> Path:
+                      adapter: dict[str, torch.Tensor] | None, variant_tensors: dict[str, torch.Tensor]) -> Path:
     """Write the checkpoint after checking free space, then prune old ones (the writing process only).
 
     Raises:
@@ -1255,7 +1448,7 @@ def _write_checkpoint(run: Run, name: str, state: dict[str, Any], ranks: list[di
     diskspace.require_free(run.out, _checkpoint_estimate(run), name, fix)
     with diskspace.no_space_as_error(run.out, name, fix):
         path = ckpt.save_checkpoint(run.out, run.step, run.model, run.optimizer, run.scheduler, state,
-                                    run.config_text, ranks, adapter)
+                                    run.config_text, ranks, adapter, variant_tensors)
     ckpt.prune_checkpoints(run.out, run.cfg.train.save_total_limit)
     return path
 
@@ -1290,6 +1483,13 @@ def finish(run: Run) -> None:
     """
     if run.dist.any(not adapters_finite(run)):
         _raise_if_nonfinite(run, True)
+    from qlora_kit.variants import adalora
+
+    ranks = adalora.ranks(run.model)
+    if ranks is not None:
+        run.manifest["lora"]["variant"]["ranks"] = ranks
+        log.info("AdaLoRA kept %d of %d ranks (per module %d-%d)", ranks["total"], ranks["initial_total"],
+                 ranks["min"], ranks["max"])
     adapter = run.dist.adapter_state(run.wrapped, run.model) if run.dist.active else None
     run.dist.from_main(lambda: _publish(run, adapter))
     log.info("done: adapter in %s", run.out / rundir.ADAPTER)

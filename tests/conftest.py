@@ -188,7 +188,7 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, da
 
 def metrics_of(run: Path) -> list[dict]:
     """metrics.jsonl without the timing field."""
-    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_second"}
+    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_second", "seconds_per_step")}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 

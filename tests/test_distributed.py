@@ -69,7 +69,7 @@ def rank_exit_codes(text: str) -> list[int]:
 
 
 def metrics(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_second"}
+    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_second", "seconds_per_step")}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 

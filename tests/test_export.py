@@ -226,14 +226,19 @@ def test_adapter_variants_verify(arch: str, lora: dict, overrides: dict, tmp_pat
 
 
 def test_rank_and_alpha_patterns_set_per_module_scale(tmp_path: Path) -> None:
+    from qlora_kit.variants.merge import module_scale
+
+    def scale(config: dict, module: str, rank: int) -> float:
+        return module_scale(config, "LORA", module, {"A": [rank, 64], "B": [64, rank]})
+
     config = {"r": 8, "lora_alpha": 16, "rank_pattern": {"v_proj": 4},
               "alpha_pattern": {"layers.1.self_attn.q_proj": 4}, "use_rslora": False}
-    assert ex._module_scale(config, "model.layers.0.self_attn.q_proj", 8) == 2.0
-    assert ex._module_scale(config, "model.layers.1.self_attn.q_proj", 8) == 0.5
-    assert ex._module_scale(config, "model.layers.0.self_attn.v_proj", 4) == 4.0
-    assert ex._module_scale({**config, "use_rslora": True}, "model.layers.0.self_attn.k_proj", 8) == 16 / 8**0.5
+    assert scale(config, "model.layers.0.self_attn.q_proj", 8) == 2.0
+    assert scale(config, "model.layers.1.self_attn.q_proj", 8) == 0.5
+    assert scale(config, "model.layers.0.self_attn.v_proj", 4) == 4.0
+    assert scale({**config, "use_rslora": True}, "model.layers.0.self_attn.k_proj", 8) == 16 / 8**0.5
     with pytest.raises(ModelError, match="rank"):
-        ex._module_scale(config, "model.layers.0.self_attn.k_proj", 4)
+        scale(config, "model.layers.0.self_attn.k_proj", 4)
 
 
 def test_every_adapter_tensor_must_be_consumed(llama_run: Path, tmp_path: Path) -> None:
