@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qlora_kit.errors import ConfigError
 
@@ -51,6 +51,12 @@ class LoraConfig(_Section):
     )
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA). Slower, more memory.")
+    adapter_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Adapter weights (the optimizer's master copy). float32 keeps small updates that bf16 would "
+                    "round away; compute stays in the 16-bit compute dtype on CUDA (autocast), so activations "
+                    "do not grow.",
+    )
 
     @model_validator(mode="after")
     def _non_empty_targets(self) -> "LoraConfig":
@@ -69,7 +75,11 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of rows held out for validation.")
     val_max_rows: int = Field(200, ge=0, description="Cap on held-out rows (eval cost).")
     train_on_inputs: bool = Field(False, description="Also train on prompt/user/system tokens (default: assistant only).")
-    packing: bool = Field(False, description="Pack several samples per row; samples never attend to each other.")
+    packing: bool = Field(
+        True,
+        description="Padding-free packing: samples concatenated, no padding and no T*T mask; samples never attend "
+                    "to each other. false: one sample per row, right-padded.",
+    )
     shuffle: bool = Field(True, description="Shuffle rows each epoch (seeded by train.seed).")
     max_bad_fraction: float = Field(
         0.01, ge=0.0, le=1.0, description="Abort when more than this fraction of rows is malformed."
@@ -88,10 +98,34 @@ class TrainConfig(_Section):
     micro_batch_size: int = Field(1, gt=0)
     gradient_accumulation_steps: int = Field(8, gt=0)
     max_length: int = Field(2048, ge=16, description="Tokens per row; longer samples are truncated.")
-    optimizer: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = Field("paged_adamw_8bit")
+    optimizer: Literal["auto", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = Field(
+        "auto",
+        description="auto: bitsandbytes 8-bit AdamW, paged only when the planner says the state is large enough "
+                    "to matter. adamw_8bit: non-paged (no per-step host sync).",
+    )
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping; 0 disables.")
     gradient_checkpointing: bool = Field(True, description="Non-reentrant activation checkpointing.")
+    checkpoint_every_n_layers: Literal["auto"] | int = Field(
+        "auto",
+        description="1: checkpoint every decoder layer; n: only every n-th (the others keep their activations: "
+                    "faster, more memory). auto: the planner picks the largest n that fits.",
+    )
+    activation_offload: Literal["auto"] | bool = Field(
+        "auto",
+        description="Checkpointed layer inputs go to pinned host memory on a side CUDA stream and are prefetched "
+                    "ahead of the backward. auto: on only when the run would not fit otherwise. No-op on CPU.",
+    )
+    tiled_mlp: Literal["auto"] | bool = Field(
+        "auto",
+        description="Compute the MLP in sequence tiles, forward and backward (the recomputed layer keeps one "
+                    "tile of MLP intermediates). auto: on when the planner says it is needed (long sequences).",
+    )
+    fused_loss: bool = Field(
+        True,
+        description="Loss fused with the lm_head projection, tiled over labelled positions: no [tokens x vocab] "
+                    "logits. false: the plain full-logits path (reference).",
+    )
     logging_steps: int = Field(10, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (default: save_steps).")
     save_steps: int = Field(100, gt=0, description="Checkpoint every N optimizer steps (and at the end).")
@@ -109,6 +143,27 @@ class TrainConfig(_Section):
             )
         return self
 
+    @field_validator("checkpoint_every_n_layers", mode="before")
+    @classmethod
+    def _auto_or_layers(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("must be 'auto' or an integer >= 1")
+
+    @field_validator("activation_offload", "tiled_mlp", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, value: Any) -> Any:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError("must be 'auto', true or false")
+
+    @model_validator(mode="after")
+    def _check_offload(self) -> "TrainConfig":
+        if self.activation_offload is True and not self.gradient_checkpointing:
+            raise ValueError("train.activation_offload=true moves the checkpointed layer inputs to the host: "
+                             "it needs train.gradient_checkpointing=true")
+        return self
+
 
 class Config(_Section):
     """A whole qlora-kit run."""
@@ -118,15 +173,6 @@ class Config(_Section):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = Field(description="Run directory: adapter, checkpoints, metrics, manifest.")
-
-    @model_validator(mode="after")
-    def _check_packing_attention(self) -> "Config":
-        if self.data.packing and self.model.attn_implementation == "flash_attention_2" and self.train.micro_batch_size > 1:
-            raise ValueError(
-                "data.packing with model.attn_implementation=flash_attention_2 needs train.micro_batch_size=1 "
-                "(transformers only isolates packed samples in a single row there); use sdpa or micro_batch_size 1"
-            )
-        return self
 
 
 SECTIONS: dict[str, type[BaseModel]] = {

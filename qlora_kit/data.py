@@ -14,13 +14,13 @@ mapped to tokens with the fast tokenizer's offsets.  When a template renders ear
 turns differently from prefixes (Qwen3 thinking blocks, Mistral's system prompt in the
 last user turn), the reply is found by text search instead.
 
-Packing: ``plan_batches`` packs shuffled samples into rows; ``collate`` returns
-``position_ids`` that restart at 0 for every sample and no ``attention_mask``, so
-transformers (``masking_utils.find_packed_sequence_indices``) builds a block-diagonal
-causal mask for sdpa and eager attention.  This detection only runs when the model is
-called without a KV cache: call it with ``use_cache=False`` (gradient checkpointing
-forces that in training mode, but not in eval mode).  flash_attention_2 only detects
-packing for a micro-batch of one row.
+Packing (padding-free): ``plan_batches`` packs shuffled samples into rows of at most
+``max_length`` tokens; ``collate`` concatenates a micro-batch's rows into one row with no
+padding, ``position_ids`` that restart at 0 for every sample, and the cumulative sample
+lengths the attention kernels use to keep samples apart (``qlora_kit.ops.packing``): no
+T x T mask with qlora-kit's packed attention (sdpa) or flash_attention_2.  With eager
+attention transformers builds a block-diagonal mask from ``position_ids`` (only when the
+model is called without a KV cache: pass ``use_cache=False``).
 """
 
 from __future__ import annotations
@@ -1196,32 +1196,46 @@ def plan_batches(
 
 def collate(
     samples: Sequence[Sample], rows: Sequence[Sequence[int]], pad_id: int, max_length: int, packing: bool | None = None
-) -> dict[str, torch.Tensor]:
-    """Tensors for one micro-batch, right-padded to its longest row (labels -100 on padding).
+) -> dict[str, Any]:
+    """Tensors for one micro-batch.
 
-    Unpacked: ``input_ids``, ``labels``, ``attention_mask``.  Packed (``packing`` True, or
-    None and some row holds several samples): ``input_ids``, ``labels``, ``position_ids``
-    restarting at 0 for every sample and for the trailing padding, and no attention mask,
-    so transformers builds a block-diagonal causal mask.  Call the model with
-    ``use_cache=False``: with a KV cache the packed detection is skipped.
+    Unpacked: ``input_ids``, ``labels`` (-100 on padding) and ``attention_mask``, right-padded
+    to the longest row.  Packed (``packing`` True, or None and some row holds several
+    samples): every row's samples, each row cut at ``max_length``, concatenated into one
+    padding-free row with ``position_ids`` restarting at 0 per sample and the varlen
+    attention inputs of :func:`qlora_kit.ops.packing.pack_batch` (``cu_seq_lens_q/k``,
+    ``max_length_q/k``, ``packed_seq_lens``); no attention mask.
     """
+    from qlora_kit.ops.packing import pack_batch
+
     packed = any(len(r) > 1 for r in rows) if packing is None else packing
+    if packed:
+        return pack_batch([piece for row in rows for piece in row_pieces(samples, row, max_length)])
     joined = [join_row(samples, row, max_length) for row in rows]
     width = max(len(ids) for ids, _, _ in joined)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, (ids, labs, pos) in enumerate(joined):
+    for b, (ids, labs, _) in enumerate(joined):
         n = len(ids)
         input_ids[b, :n] = torch.tensor(ids, dtype=torch.long)
         labels[b, :n] = torch.tensor(labs, dtype=torch.long)
-        positions[b, :n] = torch.tensor(pos, dtype=torch.long)
-        positions[b, n:] = torch.arange(width - n)
         mask[b, :n] = 1
-    if packed:
-        return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def row_pieces(samples: Sequence[Sample], row: Sequence[int], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """A packed row's samples as (input_ids, labels) pieces, the row cut at ``max_length``."""
+    pieces: list[tuple[list[int], list[int]]] = []
+    room = max_length
+    for idx in row:
+        if room <= 0:
+            break
+        ids, labels = samples[idx]["input_ids"][:room], samples[idx]["labels"][:room]
+        if ids:
+            pieces.append((ids, labels))
+        room -= len(ids)
+    return pieces
 
 
 def join_row(samples: Sequence[Sample], row: Sequence[int], max_length: int) -> tuple[list[int], list[int], list[int]]:

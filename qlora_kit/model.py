@@ -47,18 +47,26 @@ def pick_device() -> torch.device:
 
 
 def resolve_compute_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """Pick the compute/adapter dtype: bf16 on CUDA (fp16 without bf16 support), fp32 on CPU."""
+    """Pick the compute dtype: bf16 on CUDA cards with native bf16, fp16 (loss-scaled) on older ones, fp32 on CPU.
+
+    ``torch.cuda.is_bf16_supported()`` is not used: it also says yes where bf16 is emulated
+    (V100, T4), which is slow; compute capability 8.0 (Ampere) is the line.
+    """
+    from qlora_kit.ops.precision import native_bf16
+
     if requested != "auto":
         dtype = DTYPES[requested]
         if device.type == "cpu" and dtype != torch.float32:
             log.warning("compute_dtype=%s on CPU is ~6x slower than float32 here; consider 'auto'", requested)
-        if dtype == torch.float16:
-            log.warning("float16 compute can overflow to NaN during training; bfloat16 is safer where supported")
+        if device.type == "cuda" and dtype == torch.bfloat16 and not native_bf16(device):
+            log.warning("this GPU has no native bfloat16 (compute capability < 8.0): bf16 is emulated and slow; "
+                        "'auto' picks float16 with loss scaling")
         return dtype
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if native_bf16(device):
             return torch.bfloat16
-        log.warning("this GPU has no bfloat16 support: using float16 compute (watch for NaN losses)")
+        log.info("this GPU has no native bfloat16 (compute capability < 8.0): float16 compute with fp32 adapters "
+                 "and dynamic loss scaling")
         return torch.float16
     log.info("CPU run: using float32 compute and adapter dtype (bf16 is ~6x slower on CPU)")
     return torch.float32
@@ -301,14 +309,20 @@ def resolve_target_modules(model: nn.Module, spec: str | list[str]) -> list[str]
     return list(spec)
 
 
-def attach_lora(model: nn.Module, cfg: LoraConfig, adapter_dtype: torch.dtype, gradient_checkpointing: bool):
-    """Add trainable LoRA adapters (B = 0, so the model starts unchanged) in ``adapter_dtype``."""
+def attach_lora(model: nn.Module, cfg: LoraConfig, adapter_dtype: torch.dtype, gradient_checkpointing: bool,
+                every_n_layers: int = 1):
+    """Add trainable LoRA adapters (B = 0, so the model starts unchanged) in ``adapter_dtype``.
+
+    With ``gradient_checkpointing``, every ``every_n_layers``-th decoder layer is checkpointed
+    (non-reentrant; transformers' ``activation_checkpointing_enable``).
+    """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     targets = resolve_target_modules(model, cfg.target_modules)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              every_n_layers=every_n_layers)
         model.config.use_cache = False
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
@@ -337,8 +351,15 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def set_inference_mode(model: nn.Module) -> None:
-    """eval(), no gradient checkpointing, KV cache on: generating in train mode is wrong and slow."""
+    """eval(), no gradient checkpointing, KV cache on, stock attention: generating in train mode is wrong and slow.
+
+    Training swaps sdpa for qlora-kit's packed attention (``ops.packing``), which takes no
+    mask; generation needs transformers' own (left padding, KV cache).
+    """
+    from qlora_kit.ops.packing import restore_attention
+
     model.eval()
+    restore_attention(model)
     if getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
     for m in (model, getattr(model, "base_model", None), getattr(model, "model", None)):

@@ -3,56 +3,54 @@
 No weights are loaded: the shape (hidden size, layers, heads, vocabulary, ...) comes from
 a local model directory, a ``.gguf`` file's metadata, a built-in copy of the published
 ``config.json`` for well-known hub ids (``qlora_kit/model_shapes``; works offline), or the
-hub (``config.json`` only).  ``train`` calls :func:`check_fits` before loading on CUDA.
+hub (``config.json`` only).  ``train`` resolves the ``"auto"`` memory settings with
+:func:`resolve_auto` and calls :func:`check_fits` before loading on CUDA.
 
-Notation: B micro-batch, T max_length, H hidden, I intermediate, L layers, V vocabulary,
-qd = heads*head_dim, kvd = kv_heads*head_dim, r LoRA rank, s bytes of the compute dtype
-(2 for bf16/fp16 — "auto" assumes a CUDA card — 4 for fp32), a = s (adapters and their
-gradients are kept in the compute dtype, as ``train`` does).
+The model follows what the training code keeps alive (docs/CONTRACTS.md, "Memory
+techniques"); each term is one row of the breakdown.  Notation: N tokens of a micro-batch
+(micro_batch_size x max_length: packed rows carry no padding, padded rows count their
+padding), N_lab of them labelled (all, unless told), H hidden, I intermediate, L layers,
+V vocabulary, qd/kvd query/key-value widths, r LoRA rank, s bytes of the compute dtype (2
+on CUDA, 4 for fp32), a bytes of an adapter weight (4: fp32 master copies by default).
 
-Assumptions (each is one term of the breakdown):
-
-* ``nf4_weights``: every decoder linear layer in 4 bit: n/2 bytes + one absmax per 64
-  values, stored as 1 byte with double quantisation (plus one fp32 constant per 256
-  absmax values), or fp32 without it.  Per-tensor code tables/offsets (< 2 KiB per
-  matrix) are left to the fragmentation margin.
-* ``weights_16bit``: embeddings, lm_head (unless tied), RMSNorm weights and q/k/v biases
-  (Qwen2) stay in the compute dtype.
-* ``lora_parameters`` / ``lora_gradients``: r*(in+out) per adapted matrix (+out for DoRA),
-  ``a`` bytes each; gradients are counted as resident (gradient accumulation keeps them).
-* ``optimizer_state``: bitsandbytes 8-bit AdamW: 2 bytes/param + two fp32 absmax per 256
-  values, fp32 states (8 bytes/param) for tensors under 4096 values; 32-bit paged AdamW:
-  8 bytes/param; torch AdamW: 2*a bytes/param.  Paged states (tensors of >= 1e5 values)
-  live in CUDA managed memory: counted here, invisible to ``torch.cuda.max_memory_allocated``.
-* ``checkpoints``: non-reentrant gradient checkpointing keeps each layer's input, s*H per
-  token per layer (without checkpointing every layer keeps its full activation set).
-* ``layer_recompute``: the activations one decoder layer saves when it is recomputed in
-  the backward pass, per token: two fp32 RMSNorm inputs (8H); q, k, v and the attention
-  output (s*(2qd + 2kvd), k/v widened to qd when GQA heads must be repeated: sdpa with a
-  mask, or eager); SwiGLU gate, activation and up (3*s*I); the inputs each LoRA adapter
-  saves — one shared copy per input when dropout is 0, but a separate dropout output plus
-  a 1-byte mask per adapted module when dropout > 0 (peft keeps them); r*s per adapter.
-  Attention with sdpa/flash keeps no T*T score matrix; when a mask is materialised
-  (micro-batch > 1 or packing with sdpa) SDPA holds a B*T*T additive mask in the compute
-  dtype; eager attention holds B*heads*T*T*(8+2s) bytes of scores/probabilities/grads.
-* ``attention_mask``: the B*T*T boolean mask kept for the whole step when materialised
-  (compute dtype for eager; none for flash_attention_2).
-* ``backward_working``: gradients of the MLP intermediates and of the residual stream
-  alive at once during a layer's backward: s*(3I + 2H) per token.
-* ``dequant_buffer``: bitsandbytes dequantises one 4-bit matrix at a time to the compute
-  dtype for the matmul (largest matrix, s bytes/value).
-* ``logits_and_loss``: logits in the compute dtype (B*T*V*s) plus the fp32 loss: the
-  log-softmax output and, during its backward, the incoming and outgoing fp32 gradients
-  (3 * 4 bytes) — often the largest term for 128K vocabularies.  The training step keeps
-  only the loss of the model output, so the logits are gone once the loss's backward has
-  run and do not count in the ``backward`` phase.  ``final_norm``: the
-  fp32 input of the final RMSNorm (4H per token).
-* ``quantisation_buffer`` (load phase): a 16-bit matrix and its fp32 absmax while it is
-  being quantised at load time.
-* The peak is the largest of three phases: ``load``, ``loss`` (end of the forward pass)
-  and ``backward`` (recompute of the last layer).  ``fragmentation_margin``: 10 % of that
-  peak for the caching allocator's rounding and fragmentation; ``cuda_context``: 500 MiB
-  for the CUDA context, cuBLAS and bitsandbytes kernels (outside PyTorch's allocator).
+* Static: ``nf4_weights`` (4-bit values + absmax, double-quantised or fp32),
+  ``weights_16bit`` (embeddings, lm_head, norms, biases), ``lora_parameters`` and
+  ``lora_gradients`` (a bytes each, gradients resident across gradient accumulation),
+  ``optimizer_state`` (8-bit AdamW: 2 bytes/param + fp32 absmax per 256 values, fp32 for
+  tensors under 4096 values; 32-bit: 8 bytes/param; paged states of >= 1e5 values live in
+  CUDA managed memory: counted, but invisible to ``torch.cuda.max_memory_allocated``).
+* ``autocast_adapter_copies``: with 16-bit compute and fp32 adapters autocast caches a
+  16-bit copy of every adapter weight for the forward pass.
+* ``step_inputs``: token ids, labels, positions (int64) and the RoPE cos/sin tables that
+  every layer's checkpoint keeps.
+* ``checkpoints``: every ``checkpoint_every_n_layers``-th layer keeps only its input (s*H
+  per token); with activation offload they live in pinned host memory (``host_memory``)
+  and the GPU holds the layer being recomputed plus one prefetched input.
+  ``layer_activations``: the layers that are not checkpointed keep everything they save.
+* What one layer saves (``layer_recompute`` when it is recomputed): two RMSNorms (fp32
+  input copy + fp32 reciprocal norm), the attention's q, k (after RoPE), v, output and
+  fp32 log-sum-exp (flash / memory-efficient kernels: no T*T matrix, K/V never repeated),
+  the MLP's gate, SiLU output and up (3*s*I; with ``tiled_mlp`` only the MLP input: the
+  intermediates exist for one 4096-token tile at a time), and the adapters' inputs: with
+  dropout every adapted module keeps its dropout output + mask, without one shared copy
+  per input; the r-wide middle of each adapter.  Eager attention adds T*T scores per head.
+* ``backward_working``: the largest of four moments of the backward pass (``peak_stage``):
+  the final norm's backward, a layer's MLP backward (two ``[N, I]`` gradients, or one
+  tile), its post-attention RMSNorm backward (~5 fp32 ``[N, H]`` temporaries), its
+  attention backward (FlashAttention-2 buffers: dq/dk/dv, fp32 dq accumulator, dk/dv
+  expanded to every query head for grouped-query attention).  ``dequant_buffer``: one 4-bit
+  matrix dequantised to the compute dtype for the matmul.
+* Loss: ``fused_loss`` (default): no logits; a 4096 x 32768 projection tile, the
+  labelled hidden states (s bytes, saved; CUDA projects only labelled positions) and their
+  fp32 gradient: flat in T for the vocabulary, linear in N_lab*H.  ``logits_and_loss`` (``fused_loss: false``): B*T*V
+  logits in the compute dtype + fp32 log-probabilities and gradients (12 bytes/logit).
+  ``final_norm``: the final RMSNorm's fp32 input.
+* The peak is the largest of three phases: ``load`` (a 16-bit matrix being quantised),
+  ``loss`` (end of the forward pass) and ``backward``.  ``fragmentation_margin``: 5 % of
+  the peak with ``expandable_segments`` (what ``train`` sets), 10 % when
+  ``PYTORCH_CUDA_ALLOC_CONF`` is set without it; ``cuda_context``: 500 MiB for the CUDA
+  context, cuBLAS and bitsandbytes kernels (outside PyTorch's allocator).  Both are
+  assumptions until a GPU benchmark measures them (benchmarks/README.md).
 
 Mixture-of-experts models are not modelled and are refused.
 """
@@ -78,8 +76,17 @@ OPT8_MIN_NUMEL = 4096  # bitsandbytes keeps fp32 states for smaller tensors (min
 OPT8_BLOCK = 256  # values per fp32 absmax in 8-bit optimizer states
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages only state buffers at least this large
 LOSS_FP32_BYTES = 12  # fp32 log-probs + fp32 gradient in + fp32 gradient out, per logit
+LOSS_TOKEN_TILE = 4096  # trl's ChunkedLogProbFunction: tokens per projection tile (TOKEN_CHUNK_SIZE)
+LOSS_VOCAB_TILE = 32768  # vocabulary entries per tile (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+LOSS_SCALARS_PER_LABEL = 48  # fp32 online-softmax statistics, log-probs, int64 target per labelled token
+MLP_TILE_TOKENS = 4096  # qlora_kit.ops.tiled_mlp.MLP_TILE_TOKENS
+NORM_BACKWARD_FP32_COPIES = 5  # fp32 [N, H] temporaries of an RMSNorm's backward (measured on CPU, same ops)
+OFFLOAD_IN_FLIGHT = 2  # offloaded checkpoints on the GPU at once: the layer recomputed + one prefetched
+STEP_INPUT_BYTES = 24  # int64 input_ids, labels, position_ids per token
 CUDA_CONTEXT_BYTES = 500 * MiB
-FRAGMENTATION_DIVISOR = 10  # margin = peak // 10
+FRAGMENTATION_EXPANDABLE = 0.05  # allocator margin with expandable_segments (train's default)
+FRAGMENTATION_LEGACY = 0.10  # ... with fixed-size segments
+AUTO_HEADROOM = 0.10  # checkpoint_every_n_layers=auto keeps this fraction of the budget spare
 DEFAULT_GPU_GIB = 24.0
 LENGTH_STEP = 64  # max_length_that_fits is a multiple of this
 MAX_SEARCH_LENGTH = 1 << 20
@@ -369,21 +376,197 @@ def adapter_tensors(shape: ModelShape, targets: list[str], r: int, dora: bool) -
 
 
 def optimizer_bytes(numels: list[int], optimizer: str, adapter_bytes: int) -> tuple[int, int]:
-    """(total, paged) optimizer-state bytes for tensors of the given sizes."""
-    total = paged = 0
+    """(total, pageable) optimizer-state bytes for adapter tensors of the given sizes.
+
+    ``auto`` counts as ``adamw_8bit`` (what it resolves to unless paging matters, which
+    does not change the total).  Pageable bytes are those a paged optimizer keeps in CUDA
+    managed memory (tensors of at least :data:`PAGED_MIN_NUMEL` values).
+    """
+    total = pageable = 0
     for n in numels:
         if optimizer == "adamw_torch":
             total += 2 * adapter_bytes * n
             continue
-        if optimizer == "paged_adamw_8bit" and n >= OPT8_MIN_NUMEL:
+        if optimizer in ("paged_adamw_8bit", "adamw_8bit", "auto") and n >= OPT8_MIN_NUMEL:
             state = 2 * n
             absmax = 2 * 4 * math.ceil(n / OPT8_BLOCK)
         else:
             state, absmax = 8 * n, 0
         total += state + absmax
         if n >= PAGED_MIN_NUMEL:
-            paged += state
-    return total, paged
+            pageable += state
+    return total, pageable
+
+
+# --------------------------------------------------------------------------- the techniques of one run
+
+
+@dataclass(frozen=True)
+class Techniques:
+    """The memory-relevant choices of one run, concrete (no ``"auto"``), as ``train`` applies them."""
+
+    device: str  # "cuda" or "cpu": which kernels run (loss fold, attention, dropout masks)
+    s: int  # bytes per activation value: the compute dtype
+    adapter_bytes: int  # bytes per adapter weight and per adapter gradient (the master copy)
+    autocast: bool  # 16-bit compute with fp32 adapters: autocast caches 16-bit adapter copies
+    attention: str  # "flash" (CUDA, 16-bit), "sdpa_cpu" (per-sample SDPA), "math" (T*T scores)
+    packed: bool
+    fused_loss: bool
+    checkpointing: bool
+    every_n: int  # checkpoint every n-th decoder layer
+    offload: bool
+    tiled_mlp: bool
+    optimizer: str
+    targets: tuple[str, ...]
+    r: int
+    dropout: bool
+    dora: bool
+    double_quant: bool
+
+    @property
+    def mask_bytes(self) -> int:
+        """Bytes per value of a dropout mask: bool from CUDA's fused dropout; CPU multiplies by a noise tensor."""
+        return 1 if self.device == "cuda" else self.s
+
+
+def compute_bytes(compute_dtype: str, device: str = "cuda") -> int:
+    """Bytes per value of the compute dtype ('auto' = bf16/fp16 on CUDA, fp32 on CPU)."""
+    if compute_dtype == "float32" or (compute_dtype == "auto" and device != "cuda"):
+        return 4
+    return 2
+
+
+def techniques(cfg: Config, shape: ModelShape, device: str = "cuda") -> Techniques:
+    """What ``train`` does with ``cfg`` on ``device``; ``"auto"`` values count as their conservative choice.
+
+    Raises:
+        ModelError: LoRA targets that this architecture does not have.
+    """
+    t = conservative_settings(cfg).train
+    s = compute_bytes(cfg.model.compute_dtype, device)
+    adapter = 4 if cfg.lora.adapter_dtype == "float32" or cfg.model.compute_dtype == "float16" else s
+    if cfg.model.attn_implementation == "eager":
+        attention = "eager"
+    elif device != "cuda":
+        attention = "sdpa_cpu"
+    else:
+        attention = "flash" if s == 2 else "math"  # flash kernels need 16-bit inputs
+    every_n = int(t.checkpoint_every_n_layers)
+    return Techniques(
+        device=device, s=s, adapter_bytes=adapter, autocast=s == 2 and adapter == 4, attention=attention,
+        packed=cfg.data.packing, fused_loss=t.fused_loss, checkpointing=t.gradient_checkpointing,
+        every_n=every_n, offload=bool(t.activation_offload) and t.gradient_checkpointing and device == "cuda",
+        tiled_mlp=bool(t.tiled_mlp), optimizer=t.optimizer,
+        targets=tuple(resolve_targets(cfg.lora.target_modules, shape)), r=cfg.lora.r,
+        dropout=cfg.lora.dropout > 0, dora=cfg.lora.use_dora, double_quant=cfg.model.double_quant,
+    )
+
+
+# --------------------------------------------------------------------------- per-token pieces of a layer
+
+
+def adapter_saved_per_token(shape: ModelShape, tech: Techniques, groups: tuple[str, ...]) -> int:
+    """Bytes per token the LoRA adapters of the given input groups save for the backward pass.
+
+    peft's LoRA forward is ``base(x) + B(A(dropout(x))) * scale``.  The 4-bit base saves
+    nothing of ``x`` (bitsandbytes keeps only the packed weight).  With dropout, every
+    adapted module saves its own dropout output plus the mask; without, ``A`` saves the
+    input, one copy per input shared by the modules reading it (none for ``o_proj`` on the
+    flash path, whose input is the output the attention kernel keeps anyway).  ``B`` saves
+    ``A``'s r-wide output.  DoRA also keeps the base output for its magnitude (approximate).
+    """
+    layers = linear_layers(shape)
+    s, total, shared = tech.s, 0, set()
+    for name in tech.targets:
+        lin = layers[name]
+        if lin.group not in groups:
+            continue
+        total += s * tech.r
+        if tech.dora:
+            total += s * lin.out_features
+        if tech.dropout:
+            total += (s + tech.mask_bytes) * lin.in_features
+        elif lin.group not in shared:
+            shared.add(lin.group)
+            if not (lin.group == "attn_out" and tech.attention == "flash"):
+                total += s * lin.in_features
+    return total
+
+
+def norm_saved_per_token(shape: ModelShape, tech: Techniques) -> int:
+    """One RMSNorm: its fp32 input (a copy for 16-bit inputs) and the fp32 reciprocal norm."""
+    return 4 * shape.hidden_size + 4
+
+
+def attention_saved_per_token(shape: ModelShape, tech: Techniques) -> int:
+    """Bytes per token the attention block keeps, T*T terms excluded (see :func:`attention_square`).
+
+    Flash / CPU SDPA keep q and k after RoPE, v, the output and a fp32 log-sum-exp per head;
+    K/V are never repeated for grouped-query heads.  Eager/math attention keeps k/v repeated
+    to every head plus its own output copy.
+    """
+    s, qd, kvd = tech.s, shape.q_dim, shape.kv_dim
+    total = adapter_saved_per_token(shape, tech, ("attn_in", "attn_out")) + norm_saved_per_token(shape, tech)
+    if tech.attention in ("flash", "sdpa_cpu"):
+        total += s * (qd + kvd) + s * kvd + s * qd + 4 * shape.num_heads
+    else:
+        total += s * qd * 4
+    if shape.qk_norm:
+        total += 4 * (qd + shape.kv_dim) + 4 * (shape.num_heads + shape.num_kv_heads)
+    return total
+
+
+def mlp_saved_per_token(shape: ModelShape, tech: Techniques, tiled: bool) -> int:
+    """Bytes per token the MLP half keeps over the whole sequence: its norm and either its
+    activations (SwiGLU gate, activation and up; the adapters' inputs) or, tiled, its input only."""
+    total = norm_saved_per_token(shape, tech)
+    if tiled:
+        return total + tech.s * shape.hidden_size
+    return total + 3 * tech.s * shape.intermediate_size + adapter_saved_per_token(shape, tech, ("mlp_in", "mlp_out"))
+
+
+def mlp_tile_per_token(shape: ModelShape, tech: Techniques) -> int:
+    """Bytes per token of one MLP tile during its backward: activations, adapter inputs and gradients."""
+    s, h, i = tech.s, shape.hidden_size, shape.intermediate_size
+    saved = 3 * s * i + adapter_saved_per_token(shape, tech, ("mlp_in", "mlp_out"))
+    return saved + 2 * s * i + 2 * s * h
+
+
+def mlp_is_tiled(tech: Techniques, batch: int, length: int) -> bool:
+    """True when the tiled MLP really tiles: its rows (the packed row, or each padded row) exceed one tile."""
+    return tech.tiled_mlp and (batch * length if tech.packed else length) > MLP_TILE_TOKENS
+
+
+def layer_saved_bytes(shape: ModelShape, tech: Techniques, batch: int, length: int) -> tuple[int, int]:
+    """(attention half, MLP half) of what one decoder layer saves for its backward, in bytes."""
+    n = batch * length
+    attention = attention_saved_per_token(shape, tech) * n + attention_square(shape, tech, batch, length)[1]
+    return attention, mlp_saved_per_token(shape, tech, mlp_is_tiled(tech, batch, length)) * n
+
+
+def attention_square(shape: ModelShape, tech: Techniques, batch: int, length: int) -> tuple[int, int]:
+    """(mask kept all step, per-layer T*T bytes saved by one layer) for eager/math attention; (0, 0) otherwise."""
+    if tech.attention not in ("eager", "math"):
+        return 0, 0
+    square = (batch * length) ** 2 if tech.packed else batch * length * length
+    mask = square * tech.s if tech.attention == "eager" else 0
+    return mask, square * shape.num_heads * (4 + tech.s)  # fp32 softmax output + 16-bit probabilities
+
+
+def flash_backward_per_token(shape: ModelShape, tech: Techniques) -> int:
+    """Buffers of the attention backward kernel per token.
+
+    FlashAttention-2's backward (what torch's flash SDPA and ``varlen_attn`` run): dq, dk,
+    dv in the compute dtype, an fp32 ``dq_accum`` over all query heads, an fp32
+    ``softmax_d`` per head, and for grouped-query attention dk/dv expanded to every query
+    head before they are summed per group.  The CPU backward is modelled the same way,
+    without the expansion.
+    """
+    s, qd, kvd = tech.s, shape.q_dim, shape.kv_dim
+    total = s * qd + 2 * s * kvd + 4 * qd + 4 * shape.num_heads
+    if tech.attention == "flash" and shape.num_kv_heads != shape.num_heads:
+        total += 2 * s * qd
+    return total
 
 
 # --------------------------------------------------------------------------- the estimate
@@ -402,6 +585,9 @@ class MemoryPlan:
     phases: dict[str, dict[str, int]]
     paged_optimizer_bytes: int
     weights_bytes: int
+    host_bytes: int = 0
+    stage: str = ""  # the moment of the backward phase that peaks
+    fragmentation_fraction: float = 0.05
     peak_phase: str = ""
     allocated_peak: int = 0
     fragmentation: int = 0
@@ -411,7 +597,7 @@ class MemoryPlan:
         sums = {name: sum(parts.values()) for name, parts in self.phases.items()}
         self.peak_phase = max(sums, key=lambda k: sums[k])
         self.allocated_peak = sums[self.peak_phase]
-        self.fragmentation = self.allocated_peak // FRAGMENTATION_DIVISOR
+        self.fragmentation = int(self.allocated_peak * self.fragmentation_fraction)
 
     @property
     def total_bytes(self) -> int:
@@ -438,155 +624,215 @@ class MemoryPlan:
         return {name: sum(parts.values()) for name, parts in self.phases.items()}
 
 
-def compute_bytes(compute_dtype: str) -> int:
-    """Bytes per value of the compute dtype ('auto' = bf16 on CUDA, fp16 where bf16 is missing)."""
-    return 4 if compute_dtype == "float32" else 2
-
-
-def _mask_mode(cfg: Config, batch: int) -> str:
-    """'none', 'sdpa' (bool mask + per-layer additive copy) or 'eager' (float mask + T*T scores)."""
-    attn = cfg.model.attn_implementation
-    if attn == "eager":
-        return "eager"
-    if attn == "sdpa" and (batch > 1 or cfg.data.packing):
-        return "sdpa"
-    return "none"
-
-
-def layer_saved_per_token(shape: ModelShape, cfg: Config, targets: list[str], kv_width: int) -> int:
-    """Bytes per token one decoder layer saves for its backward pass (T*T terms excluded)."""
-    s = compute_bytes(cfg.model.compute_dtype)
-    h, i, qd = shape.hidden_size, shape.intermediate_size, shape.q_dim
-    total = 2 * 4 * h  # fp32 inputs of the two RMSNorms
-    total += s * (qd + 2 * kv_width) + s * qd  # q, k, v into attention, attention output
-    total += 3 * s * i  # gate (SiLU input), SiLU output, up
-    if shape.qk_norm:
-        total += 4 * (qd + shape.kv_dim)
-    return total + lora_saved_per_token(shape, cfg, targets)
-
-
-def lora_saved_per_token(shape: ModelShape, cfg: Config, targets: list[str]) -> int:
-    """Bytes per token the adapters save: their inputs (dropout copies) and r-wide middles."""
-    s = compute_bytes(cfg.model.compute_dtype)
-    layers = linear_layers(shape)
-    dropout = cfg.lora.dropout > 0
-    by_group: dict[str, list[int]] = {}
-    for name in targets:
-        by_group.setdefault(layers[name].group, []).append(layers[name].in_features)
-    total = 0
-    for widths in by_group.values():
-        total += sum((s + 1) * w for w in widths) if dropout else s * widths[0]
-    total += len(targets) * s * cfg.lora.r
-    if cfg.lora.use_dora:
-        total += sum(s * layers[n].out_features for n in targets)  # base output kept for the magnitude
-    return total
-
-
-def attention_quadratic(shape: ModelShape, cfg: Config, batch: int, length: int) -> tuple[int, int]:
-    """(mask kept all step, per-layer T*T bytes during recompute) for this attention setup."""
-    s = compute_bytes(cfg.model.compute_dtype)
-    mode = _mask_mode(cfg, batch)
-    square = batch * length * length
-    if mode == "eager":
-        return square * s, square * shape.num_heads * (8 + 2 * s)
-    if mode == "sdpa":
-        return square, square * s
-    return 0, 0
-
-
-def estimate(cfg: Config, shape: ModelShape, micro_batch_size: int | None = None,
-             max_length: int | None = None) -> MemoryPlan:
+def estimate(cfg: Config, shape: ModelShape, micro_batch_size: int | None = None, max_length: int | None = None,
+             *, device: str = "cuda", labelled_tokens: int | None = None) -> MemoryPlan:
     """Predict the memory of ``cfg`` on ``shape`` (optionally at another micro-batch/length).
+
+    ``"auto"`` settings count as their conservative choice (see :func:`resolve_auto` for
+    the planner's). ``labelled_tokens`` (tokens that carry a label) defaults to all of them.
+    ``device="cpu"`` models the CPU kernels (used to check the model against measurements).
 
     Raises:
         ModelError: LoRA targets that this architecture does not have.
     """
     batch = micro_batch_size or cfg.train.micro_batch_size
     length = max_length or cfg.train.max_length
-    s = compute_bytes(cfg.model.compute_dtype)
-    targets = resolve_targets(cfg.lora.target_modules, shape)
-    weights = _weight_components(shape, cfg)
-    adapters = _adapter_components(shape, cfg, targets)
-    dynamic = _activation_phases(shape, cfg, targets, batch, length)
+    tokens = batch * length
+    labelled = tokens if labelled_tokens is None else min(labelled_tokens, tokens)
+    tech = techniques(cfg, shape, device)
+    weights = weight_components(shape, tech)
+    numels = adapter_tensors(shape, list(tech.targets), tech.r, tech.dora)
+    static = {**weights, **adapter_components(numels, tech)}
+    loss_phase, backward_phase, stage, host = activation_phases(shape, tech, batch, length, labelled, numels)
     max_linear = max(lin.numel for lin in linear_layers(shape).values())
-    load = {**weights, "quantisation_buffer": max_linear * s + 4 * math.ceil(max_linear / NF4_BLOCK)}
-    phases = {
-        "load": load,
-        "loss": {**weights, **adapters, **dynamic["loss"]},
-        "backward": {**weights, **adapters, **dynamic["backward"]},
-    }
-    numels = adapter_tensors(shape, targets, cfg.lora.r, cfg.lora.use_dora)
-    _, paged = optimizer_bytes(numels, cfg.train.optimizer, s)
-    plan = MemoryPlan(
+    load = {**weights, "quantisation_buffer": max_linear * tech.s + 4 * math.ceil(max_linear / NF4_BLOCK)}
+    _, pageable = optimizer_bytes(numels, tech.optimizer, tech.adapter_bytes)
+    paged = pageable if tech.optimizer.startswith("paged_") and device == "cuda" else 0
+    return MemoryPlan(
         shape=shape, micro_batch_size=batch, max_length=length,
-        compute_dtype="float32" if s == 4 else ("bfloat16" if cfg.model.compute_dtype == "auto"
-                                                else cfg.model.compute_dtype),
-        targets=targets, trainable_parameters=sum(numels), phases=phases, paged_optimizer_bytes=paged,
-        weights_bytes=sum(weights.values()),
+        compute_dtype="float32" if tech.s == 4 else ("bfloat16" if cfg.model.compute_dtype == "auto"
+                                                     else cfg.model.compute_dtype),
+        targets=list(tech.targets), trainable_parameters=sum(numels),
+        phases={"load": load, "loss": {**static, **loss_phase}, "backward": {**static, **backward_phase}},
+        paged_optimizer_bytes=paged, weights_bytes=sum(weights.values()), host_bytes=host, stage=stage,
+        fragmentation_fraction=fragmentation_fraction(),
     )
-    return plan
 
 
-def _weight_components(shape: ModelShape, cfg: Config) -> dict[str, int]:
-    s = compute_bytes(cfg.model.compute_dtype)
+def weight_components(shape: ModelShape, tech: Techniques) -> dict[str, int]:
+    """The frozen base: 4-bit linear layers, 16-bit embeddings / lm_head / norms / biases."""
     layers = linear_layers(shape)
-    nf4 = shape.num_layers * sum(nf4_bytes(lin.numel, cfg.model.double_quant) for lin in layers.values())
+    nf4 = shape.num_layers * sum(nf4_bytes(lin.numel, tech.double_quant) for lin in layers.values())
     h, L = shape.hidden_size, shape.num_layers
     params16 = shape.vocab_size * h * (1 if shape.tie_word_embeddings else 2) + (2 * L + 1) * h
     if shape.qkv_bias:
         params16 += L * (shape.q_dim + 2 * shape.kv_dim)
     if shape.qk_norm:
         params16 += L * 2 * shape.head_dim
-    return {"nf4_weights": nf4, "weights_16bit": params16 * s}
+    return {"nf4_weights": nf4, "weights_16bit": params16 * tech.s}
 
 
-def _adapter_components(shape: ModelShape, cfg: Config, targets: list[str]) -> dict[str, int]:
-    a = compute_bytes(cfg.model.compute_dtype)
-    numels = adapter_tensors(shape, targets, cfg.lora.r, cfg.lora.use_dora)
-    opt, _ = optimizer_bytes(numels, cfg.train.optimizer, a)
-    n = sum(numels)
+def adapter_components(numels: list[int], tech: Techniques) -> dict[str, int]:
+    """Adapter weights (master copy), their gradients (resident across gradient accumulation), optimizer state."""
+    n, a = sum(numels), tech.adapter_bytes
+    opt, _ = optimizer_bytes(numels, tech.optimizer, a)
     return {"lora_parameters": n * a, "lora_gradients": n * a, "optimizer_state": opt}
 
 
-def _activation_phases(shape: ModelShape, cfg: Config, targets: list[str], batch: int,
-                       length: int) -> dict[str, dict[str, int]]:
-    s = compute_bytes(cfg.model.compute_dtype)
-    h, i, v, L = shape.hidden_size, shape.intermediate_size, shape.vocab_size, shape.num_layers
-    tokens = batch * length
-    mode = _mask_mode(cfg, batch)
-    repeat_kv = mode != "none" and shape.num_kv_heads < shape.num_heads
-    kv_width = shape.q_dim if repeat_kv else shape.kv_dim
-    mask, per_layer_square = attention_quadratic(shape, cfg, batch, length)
-    layer = layer_saved_per_token(shape, cfg, targets, kv_width) * tokens + per_layer_square
-    max_linear = max(lin.numel for lin in linear_layers(shape).values())
-    dequant = max_linear * s * (3 if cfg.lora.use_dora else 1)
-    working = s * (3 * i + 2 * h) * tokens
-    if cfg.train.gradient_checkpointing:
-        stored = {"checkpoints": L * s * h * tokens}
-        recompute = {"layer_recompute": layer}
+def fused_loss_rows(tech: Techniques, batch: int, length: int, labelled: int) -> int:
+    """Positions trl's fused LM head projects: the labelled ones with Triton (CUDA), every position elsewhere."""
+    return labelled if tech.device == "cuda" else batch * (length - 1)
+
+
+def fused_loss_bytes(shape: ModelShape, tech: Techniques, batch: int, length: int, labelled: int) -> int:
+    """Peak of trl's fused LM-head loss (``ops.loss``: ``add_fused_lm_head`` → ``ChunkedLogProbFunction``).
+
+    With Triton (CUDA) the labelled rows of the backbone's last hidden state are copied out
+    (saved) and the full hidden state is freed after the forward; elsewhere every position is
+    scored from the hidden state itself (a view for one row, kept until the backward).  One
+    projection buffer of ``min(rows, 4096) x 32768`` values in the compute dtype; the backward
+    adds an fp32 gradient accumulator ``[rows, H]`` and its cast.  Triton folds the tile in
+    place; on CPU trl folds it with torch ops, holding fp32 temporaries of tile size (3 in the
+    forward, 7 + a bool mask in the backward: trl 1.16 ``_forward_tile`` / ``_backward_tile``).
+    Per row a few fp32 statistics and the int64 target.
+    """
+    s, h, n = tech.s, shape.hidden_size, batch * length
+    rows = fused_loss_rows(tech, batch, length, labelled)
+    buffer = s * min(rows, LOSS_TOKEN_TILE) * LOSS_VOCAB_TILE  # allocated 32768 wide even for smaller vocabularies
+    if tech.device == "cuda":
+        forward = s * h * (n + rows) + buffer
+        backward = (2 * s + 4) * h * rows + buffer
     else:
-        stored = {"layer_activations": L * layer}
-        recompute = {}
-    common = {**stored, "attention_mask": mask}
-    loss = {**common, "final_norm": 4 * h * tokens, "logits_and_loss": (s + LOSS_FP32_BYTES) * v * tokens}
-    backward = {**common, **recompute, "backward_working": working, "dequant_buffer": dequant}
-    return {"loss": loss, "backward": backward}
+        tile = min(rows, LOSS_TOKEN_TILE) * min(shape.vocab_size, LOSS_VOCAB_TILE)
+        copy = s * h * rows if batch > 1 else 0  # [:, :-1] of one row is a view; of several rows, a copy
+        forward = s * h * n + copy + buffer + 3 * 4 * tile
+        backward = s * h * n + copy + (s + 4) * h * rows + buffer + 29 * tile
+    return max(forward, backward) + LOSS_SCALARS_PER_LABEL * rows
+
+
+def activation_phases(shape: ModelShape, tech: Techniques, batch: int, length: int, labelled: int,
+                      numels: list[int]) -> tuple[dict[str, int], dict[str, int], str, int]:
+    """(loss-phase terms, backward-phase terms, backward peak stage, pinned host bytes)."""
+    s, h, L, n = tech.s, shape.hidden_size, shape.num_layers, batch * length
+    tiled = mlp_is_tiled(tech, batch, length)
+    mask = attention_square(shape, tech, batch, length)[0]
+    attn_part, mlp_part = layer_saved_bytes(shape, tech, batch, length)
+    n_ckpt = math.ceil(L / tech.every_n) if tech.checkpointing else 0
+    resident = n_ckpt if not tech.offload else min(n_ckpt, OFFLOAD_IN_FLIGHT)
+    common = {
+        "step_inputs": n * (STEP_INPUT_BYTES + 2 * s * shape.head_dim),
+        "checkpoints": resident * s * h * n,
+        "layer_activations": (L - n_ckpt) * (attn_part + mlp_part),  # layers that are not checkpointed
+        "attention_mask": mask,
+    }
+    per_layer_params = sum(numels) // L
+    loss = {**common, "autocast_adapter_copies": s * sum(numels) if tech.autocast else 0,
+            "final_norm": norm_saved_per_token(shape, tech) * n}
+    if tech.fused_loss:
+        loss["fused_loss"] = fused_loss_bytes(shape, tech, batch, length, labelled)
+    else:
+        loss["logits_and_loss"] = (s + LOSS_FP32_BYTES) * shape.vocab_size * n
+    stages = backward_stages(shape, tech, batch, length, attn_part, mlp_part, tiled)
+    if not tech.checkpointing or (L - 1) % tech.every_n:
+        # The backward peaks at the last layer; not checkpointed, its activations are already in layer_activations
+        # (a checkpointed layer further down finds one layer's activations freed for each recomputed one).
+        stages = {k: {**v, "layer_recompute": 0} if k != "final_norm" else v for k, v in stages.items()}
+    stage = max(stages, key=lambda k: sum(stages[k].values()))
+    copies = s * per_layer_params * (L - n_ckpt + 1) if tech.autocast else 0
+    backward = {**common, "autocast_adapter_copies": copies, **stages[stage]}
+    host = n_ckpt * s * h * n if tech.offload else 0
+    return loss, backward, stage, host
+
+
+def backward_stages(shape: ModelShape, tech: Techniques, batch: int, length: int, attn_part: int, mlp_part: int,
+                    tiled: bool) -> dict[str, dict[str, int]]:
+    """Memory of the backward pass at its candidate peaks, beyond what the whole step keeps.
+
+    - ``final_norm``: the final RMSNorm's backward (before any decoder layer): the scattered
+      hidden-state gradients and the norm's fp32 temporaries;
+    - ``mlp``: a recomputed layer's MLP backward: the layer's saved activations, the
+      incoming gradient, the two ``[tokens, I]`` gradients of the down projection's input
+      (base and adapter paths), a dequantised 4-bit matrix.  Tiled: one tile's
+      activations and gradients, plus the MLP input and its gradient;
+    - ``norm``: the post-attention RMSNorm backward (MLP activations freed): ~5 fp32
+      ``[tokens, H]`` temporaries (``pow``/``mean``/``rsqrt`` backward in fp32);
+    - ``attention``: the attention backward: the kernel's buffers (:func:`flash_backward_per_token`).
+    """
+    s, h, i, n = tech.s, shape.hidden_size, shape.intermediate_size, batch * length
+    dequant = max(lin.numel for lin in linear_layers(shape).values()) * s
+    grad = s * h * n  # the gradient arriving at the layer (or the norm)
+    norm_temps = NORM_BACKWARD_FP32_COPIES * 4 * h * n
+    final = {"final_norm": norm_saved_per_token(shape, tech) * n, "backward_working": 2 * grad + norm_temps}
+    if tiled:
+        rows = batch * MLP_TILE_TOKENS if not tech.packed else MLP_TILE_TOKENS
+        mlp_work = 2 * grad + mlp_tile_per_token(shape, tech) * rows
+    else:
+        mlp_work = grad + 2 * s * i * n
+    attention_work = grad + s * shape.q_dim * n + flash_backward_per_token(shape, tech) * n
+    if tech.attention in ("eager", "math"):
+        square = (batch * length) ** 2 if tech.packed else batch * length * length
+        attention_work += square * shape.num_heads * (4 + tech.s)  # gradients of the scores
+    norm2 = norm_saved_per_token(shape, tech) * n
+    return {
+        "final_norm": final,
+        "mlp": {"layer_recompute": attn_part + mlp_part, "backward_working": mlp_work, "dequant_buffer": dequant},
+        "norm": {"layer_recompute": attn_part + norm2, "backward_working": 2 * grad + norm_temps},
+        "attention": {"layer_recompute": attn_part, "backward_working": attention_work, "dequant_buffer": dequant},
+    }
+
+
+def fragmentation_fraction() -> float:
+    """Allocator margin: smaller with ``expandable_segments`` (what ``train`` sets unless the user chose)."""
+    import os
+
+    conf = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or ""
+    if conf and "expandable_segments:true" not in conf.replace(" ", "").lower():
+        return FRAGMENTATION_LEGACY
+    return FRAGMENTATION_EXPANDABLE
 
 
 # --------------------------------------------------------------------------- what fits
 
 
+def memory_minimal(cfg: Config, offload: bool | None = None) -> Config:
+    """``cfg`` with every ``"auto"`` memory setting at its lowest-memory choice.
+
+    Tiled MLP on, every layer checkpointed, 8-bit AdamW, offload on; ``offload`` (when
+    given) sets activation offload whatever the config says (off without checkpointing).
+    Values the user set are kept.
+    """
+    copy = _fill_auto(cfg, tiled_mlp=True, checkpoint_every_n_layers=1, optimizer="adamw_8bit",
+                      activation_offload=cfg.train.gradient_checkpointing)
+    if offload is not None:
+        copy.train.activation_offload = offload and copy.train.gradient_checkpointing
+    return copy
+
+
+def _fill_auto(cfg: Config, **choices: Any) -> Config:
+    """A copy of ``cfg`` whose ``train`` settings still at ``"auto"`` take the given values."""
+    copy = cfg.model_copy(deep=True)
+    for key, value in choices.items():
+        if getattr(copy.train, key) == "auto":
+            setattr(copy.train, key, value)
+    return copy
+
+
 def fits(cfg: Config, shape: ModelShape, budget: int, micro_batch_size: int | None = None,
-         max_length: int | None = None) -> bool:
-    """True when the predicted total is within ``budget`` bytes."""
-    return estimate(cfg, shape, micro_batch_size, max_length).total_bytes <= budget
+         max_length: int | None = None, offload: bool | None = None) -> bool:
+    """True when some choice allowed by ``cfg``'s ``"auto"`` settings fits ``budget`` bytes."""
+    plan = estimate(memory_minimal(cfg, offload), shape, micro_batch_size, max_length)
+    return plan.total_bytes <= budget
 
 
-def max_length_that_fits(cfg: Config, shape: ModelShape, budget: int) -> int | None:
-    """Largest max_length (a multiple of 64, up to the model's context) that fits; None if none does."""
+def max_length_that_fits(cfg: Config, shape: ModelShape, budget: int, offload: bool | None = None) -> int | None:
+    """Largest max_length (a multiple of 64, up to the model's context) that fits; None if none does.
+
+    ``offload`` forces activation offload on or off; by default the config's own setting
+    (``auto`` allows it).
+    """
     limit = min(shape.max_position_embeddings or MAX_SEARCH_LENGTH, MAX_SEARCH_LENGTH)
-    return _largest(lambda k: fits(cfg, shape, budget, max_length=k * LENGTH_STEP), 1, limit // LENGTH_STEP,
-                    scale=LENGTH_STEP)
+    return _largest(lambda k: fits(cfg, shape, budget, max_length=k * LENGTH_STEP, offload=offload), 1,
+                    limit // LENGTH_STEP, scale=LENGTH_STEP)
 
 
 def micro_batch_size_that_fits(cfg: Config, shape: ModelShape, budget: int) -> int | None:
@@ -613,25 +859,29 @@ def suggest(cfg: Config, shape: ModelShape, budget: int) -> str:
     length = max_length_that_fits(cfg, shape, budget)
     if length is not None and length < t.max_length:
         options.append(f"--set train.max_length={length} (the longest that fits)")
+    if t.activation_offload is False and t.gradient_checkpointing:
+        offloaded = max_length_that_fits(cfg, shape, budget, offload=True)
+        if offloaded is not None and offloaded > (length or 0):
+            options.append("--set train.activation_offload=true"
+                           + (f" --set train.max_length={offloaded}" if offloaded < t.max_length else ""))
     batch = micro_batch_size_that_fits(cfg, shape, budget)
     if batch is not None and batch < b:
         options.append(f"--set train.micro_batch_size={batch} "
                        f"--set train.gradient_accumulation_steps={accum * math.ceil(b / batch)}")
-    elif b > 1:
-        single = _variant(cfg, "train", micro_batch_size=1)
-        length1 = max_length_that_fits(single, shape, budget)
-        if length1 is not None and length1 > (length or 0):
-            options.append(f"--set train.micro_batch_size=1 --set train.gradient_accumulation_steps={accum * b} "
-                           f"--set train.max_length={min(length1, t.max_length)}")
     for section, change, text in (
         ("train", {"gradient_checkpointing": True}, "--set train.gradient_checkpointing=true"),
+        ("train", {"checkpoint_every_n_layers": 1}, "--set train.checkpoint_every_n_layers=1"),
+        ("train", {"tiled_mlp": True}, "--set train.tiled_mlp=true"),
+        ("train", {"fused_loss": True}, "--set train.fused_loss=true"),
         ("lora", {"dropout": 0.0}, "--set lora.dropout=0 (no per-adapter dropout copies)"),
     ):
-        if getattr(getattr(cfg, section), next(iter(change))) != next(iter(change.values())) and fits(
-                _variant(cfg, section, **change), shape, budget):
+        key, value = next(iter(change.items()))
+        current = getattr(getattr(cfg, section), key)
+        if current != value and current != "auto" and fits(_variant(cfg, section, **change), shape, budget):
             options.append(text)
     if not options:
-        smallest = estimate(_variant(cfg, "train", micro_batch_size=1, max_length=256), shape).total_bytes
+        smallest = estimate(memory_minimal(_variant(cfg, "train", micro_batch_size=1, max_length=256)),
+                            shape).total_bytes
         return (f"even micro_batch_size=1 at max_length=256 needs {smallest / GiB:.1f} GiB: "
                 "use a card with more memory, or a smaller model")
     return "; or ".join(options)
@@ -645,11 +895,95 @@ def _variant(cfg: Config, section: str, **values: Any) -> Config:
     return copy
 
 
+# --------------------------------------------------------------------------- "auto" settings
+
+
+def resolve_auto(cfg: Config, shape: ModelShape, budget_bytes: int) -> Config:
+    """A copy of ``cfg`` with every ``"auto"`` memory setting made concrete by the plan.
+
+    - ``activation_offload``: on only when the run does not fit ``budget_bytes`` without it
+      (after the tiled MLP was tried);
+    - ``tiled_mlp``: on only when the untiled MLP does not fit (and the row is longer than a tile);
+    - ``checkpoint_every_n_layers``: the largest n that fits with :data:`AUTO_HEADROOM` to spare
+      (fewer recomputed layers: faster), 1 when even that is too much;
+    - ``optimizer``: ``adamw_8bit``; ``paged_adamw_8bit`` only when the run fits just because a
+      paged state may leave the GPU under memory pressure.
+
+    A run that fits in no arrangement gets the lowest-memory one (``check_fits`` then refuses it).
+    """
+    t = cfg.train
+    offloads = [False, True] if t.activation_offload == "auto" else [bool(t.activation_offload)]
+    tilings = [False, True] if t.tiled_mlp == "auto" else [t.tiled_mlp]
+    every_n = 1 if t.checkpoint_every_n_layers == "auto" else t.checkpoint_every_n_layers
+    candidates = [(o, m) for o in offloads for m in tilings if t.gradient_checkpointing or not o]
+    chosen = None
+    for offload, tiled in candidates:
+        candidate = _concrete(cfg, offload, tiled, every_n)
+        if estimate(candidate, shape).total_bytes <= budget_bytes:
+            chosen = candidate
+            break
+    if chosen is None:
+        chosen = _concrete(cfg, *candidates[-1], every_n)
+    elif t.checkpoint_every_n_layers == "auto" and t.gradient_checkpointing:
+        roomy = int(budget_bytes * (1 - AUTO_HEADROOM))
+        n = _largest(lambda k: estimate(_variant(chosen, "train", checkpoint_every_n_layers=k), shape).total_bytes
+                     <= roomy, 1, shape.num_layers)
+        chosen.train.checkpoint_every_n_layers = n or 1
+    if t.optimizer == "auto":
+        chosen.train.optimizer = _pick_optimizer(chosen, shape, budget_bytes)
+    _log_resolution(cfg, chosen)
+    return chosen
+
+
+def _concrete(cfg: Config, offload: bool, tiled: bool, every_n: int) -> Config:
+    copy = cfg.model_copy(deep=True)
+    t = copy.train
+    t.activation_offload, t.tiled_mlp, t.checkpoint_every_n_layers = offload, tiled, every_n
+    if t.optimizer == "auto":
+        t.optimizer = "adamw_8bit"
+    return copy
+
+
+def _pick_optimizer(cfg: Config, shape: ModelShape, budget: int) -> str:
+    """``paged_adamw_8bit`` when the run fits only if its pageable state may leave the GPU; else ``adamw_8bit``."""
+    plan = estimate(_variant(cfg, "train", optimizer="adamw_8bit"), shape)
+    numels = adapter_tensors(shape, plan.targets, cfg.lora.r, cfg.lora.use_dora)
+    _, pageable = optimizer_bytes(numels, "paged_adamw_8bit", 4)
+    if plan.total_bytes > budget >= plan.total_bytes - pageable and pageable > 0:
+        return "paged_adamw_8bit"
+    return "adamw_8bit"
+
+
+def _log_resolution(cfg: Config, resolved: Config) -> None:
+    keys = ("activation_offload", "tiled_mlp", "checkpoint_every_n_layers", "optimizer")
+    made = [f"{k}={getattr(resolved.train, k)}" for k in keys if getattr(cfg.train, k) == "auto"]
+    if made:
+        log.debug("memory plan: auto settings resolved to %s", ", ".join(made))
+
+
+def conservative_settings(cfg: Config) -> Config:
+    """``"auto"`` made concrete without a plan: offload off, every layer checkpointed, MLP untiled,
+    non-paged 8-bit AdamW (used when the model's shape cannot be planned)."""
+    return _fill_auto(cfg, activation_offload=False, checkpoint_every_n_layers=1, tiled_mlp=False,
+                      optimizer="adamw_8bit")
+
+
+MEMORY_KEYS = ("packing", "fused_loss", "gradient_checkpointing", "checkpoint_every_n_layers", "tiled_mlp",
+               "activation_offload", "optimizer")
+
+
+def memory_settings(cfg: Config) -> dict[str, Any]:
+    """The memory-relevant settings of ``cfg`` (data.packing and the train keys), as a flat mapping."""
+    return {k: cfg.data.packing if k == "packing" else getattr(cfg.train, k) for k in MEMORY_KEYS}
+
+
 # --------------------------------------------------------------------------- train's pre-flight
 
 
 def check_fits(cfg: Config, source_dir: Path, device: Any) -> None:
     """Refuse a run predicted not to fit in the free memory of ``device`` (CUDA only).
+
+    ``cfg`` is the run's resolved config (no ``"auto"`` left: see :func:`resolve_auto`).
 
     Raises:
         OutOfMemoryError: predicted peak above the free memory, with the knob to turn.
@@ -718,54 +1052,69 @@ def gpu_budget(gpu_memory: float | None) -> tuple[int, str]:
 
 
 def build_report(cfg: Config, shape: ModelShape, budget: int, budget_source: str = "") -> dict[str, Any]:
-    """The JSON-able prediction, with what fits ``budget``."""
-    plan = estimate(cfg, shape)
+    """The JSON-able prediction for ``cfg`` with its ``"auto"`` settings resolved for ``budget``."""
+    resolved = resolve_auto(cfg, shape, budget)
+    plan = estimate(resolved, shape)
+    checkpointing = cfg.train.gradient_checkpointing
+    fits_now = plan.total_bytes <= budget
     return {
         "model": cfg.model.name_or_path,
         "shape": {k: v for k, v in asdict(shape).items()},
         "micro_batch_size": plan.micro_batch_size,
         "max_length": plan.max_length,
         "compute_dtype": plan.compute_dtype,
-        "gradient_checkpointing": cfg.train.gradient_checkpointing,
-        "optimizer": cfg.train.optimizer,
+        "adapter_dtype": cfg.lora.adapter_dtype,
+        "gradient_checkpointing": checkpointing,
+        "optimizer": resolved.train.optimizer,
         "double_quant": cfg.model.double_quant,
+        "memory_settings": memory_settings(resolved),
+        "auto_settings": [k for k, v in memory_settings(cfg).items() if v == "auto"],
         "lora_targets": plan.targets,
         "trainable_parameters": plan.trainable_parameters,
         "weights_bytes": plan.weights_bytes,
         "peak_phase": plan.peak_phase,
+        "peak_stage": plan.stage if plan.peak_phase == "backward" else None,
         "peak_allocated_bytes": plan.allocated_peak,
         "torch_allocated_peak_bytes": plan.torch_allocated_peak,
         "torch_reserved_peak_bytes": plan.torch_reserved_peak,
+        "host_memory_bytes": plan.host_bytes,
         "total_bytes": plan.total_bytes,
         "total_gib": round(plan.total_bytes / GiB, 2),
         "gpu_memory_bytes": budget,
         "gpu_memory_source": budget_source,
-        "fits": plan.total_bytes <= budget,
+        "fits": fits_now,
         "headroom_bytes": budget - plan.total_bytes,
         "max_length_that_fits": max_length_that_fits(cfg, shape, budget),
+        "max_length_that_fits_without_offload": max_length_that_fits(cfg, shape, budget, offload=False),
+        "max_length_that_fits_with_offload": (max_length_that_fits(cfg, shape, budget, offload=True)
+                                              if checkpointing else None),
         "micro_batch_size_that_fits": micro_batch_size_that_fits(cfg, shape, budget),
+        "fragmentation_fraction": plan.fragmentation_fraction,
         "breakdown": plan.breakdown(),
         "phases": plan.phase_totals(),
-        "suggestion": None if plan.total_bytes <= budget else suggest(cfg, shape, budget),
+        "suggestion": None if fits_now else suggest(resolved, shape, budget),
     }
 
 
 _LABELS = {
     "nf4_weights": "4-bit linear weights (NF4{dq})",
     "weights_16bit": "16-bit embeddings, lm_head, norms",
-    "lora_parameters": "LoRA parameters",
-    "lora_gradients": "LoRA gradients",
+    "lora_parameters": "LoRA parameters ({adapter})",
+    "lora_gradients": "LoRA gradients ({adapter})",
     "optimizer_state": "optimizer state ({opt})",
-    "checkpoints": "activation checkpoints (1 per layer)",
-    "layer_activations": "activations of all layers (no checkpointing)",
+    "autocast_adapter_copies": "16-bit adapter copies (autocast)",
+    "step_inputs": "token ids, labels, positions, RoPE tables",
+    "checkpoints": "checkpointed layer inputs{offload}",
+    "layer_activations": "activations of layers not checkpointed",
     "attention_mask": "attention mask",
     "layer_recompute": "one layer recomputed for backward",
-    "backward_working": "backward working gradients",
+    "backward_working": "backward gradients and temporaries ({stage})",
     "dequant_buffer": "dequantised weight buffer",
     "final_norm": "final norm input (fp32)",
+    "fused_loss": "fused loss (tiles, labelled hidden states)",
     "logits_and_loss": "logits + fp32 loss and its gradient",
     "quantisation_buffer": "16-bit matrix being quantised",
-    "fragmentation_margin": "allocator fragmentation margin (10%)",
+    "fragmentation_margin": "allocator fragmentation margin ({frag:.0%})",
     "cuda_context": "CUDA context + kernels",
 }
 
@@ -774,28 +1123,41 @@ def _human(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.0f} MiB"
 
 
+def _tokens(n: int | None) -> str:
+    return "none" if n is None else f"{n:,}"
+
+
 def print_report(report: dict[str, Any]) -> None:
-    """Print the prediction as a rich table with a verdict."""
+    """Print the prediction as a rich table with a verdict and what fits."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
+    settings = report["memory_settings"]
     table = Table(title=f"Memory plan: {report['model']} (B={report['micro_batch_size']}, "
                         f"T={report['max_length']}, {report['compute_dtype']}, peak in {report['peak_phase']} phase)")
     table.add_column("component")
     table.add_column("memory", justify="right")
-    dq = " + double quant" if report["double_quant"] else ""
+    context = {"dq": " + double quant" if report["double_quant"] else "", "opt": report["optimizer"],
+               "adapter": report["adapter_dtype"], "stage": report["peak_stage"] or "loss",
+               "frag": report["fragmentation_fraction"],
+               "offload": " (2 on the GPU, the rest on the host)" if settings["activation_offload"] else ""}
     for key, value in report["breakdown"].items():
         if value:
-            label = _LABELS.get(key, key).format(dq=dq, opt=report["optimizer"])
-            table.add_row(label, _human(value))
+            table.add_row(_LABELS.get(key, key).format(**context), _human(value))
     table.add_row("[bold]predicted peak[/bold]", f"[bold]{_human(report['total_bytes'])}[/bold]")
     table.add_row("GPU memory", f"{_human(report['gpu_memory_bytes'])} ({report['gpu_memory_source']})")
     console.print(table)
     verdict = "[green]fits[/green]" if report["fits"] else "[red]does NOT fit[/red]"
     console.print(f"{verdict}: headroom {_human(report['headroom_bytes'])}; "
                   f"{report['trainable_parameters']:,} trainable parameters on {', '.join(report['lora_targets'])}")
-    console.print(f"largest max_length that fits: {report['max_length_that_fits']}; "
-                  f"largest micro_batch_size that fits: {report['micro_batch_size_that_fits']}")
+    auto = set(report["auto_settings"])
+    shown = ", ".join(f"{k}={v}{' (auto)' if k in auto else ''}" for k, v in settings.items())
+    console.print(f"memory settings: {shown}")
+    if report["host_memory_bytes"]:
+        console.print(f"pinned host memory for offloaded checkpoints: {_human(report['host_memory_bytes'])}")
+    console.print(f"longest max_length that fits: {_tokens(report['max_length_that_fits_without_offload'])} "
+                  f"without activation offload, {_tokens(report['max_length_that_fits_with_offload'])} with it; "
+                  f"largest micro_batch_size that fits: {_tokens(report['micro_batch_size_that_fits'])}")
     if report["suggestion"]:
         console.print(f"fix: {report['suggestion']}")

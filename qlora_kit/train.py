@@ -11,8 +11,14 @@ need here are easier to keep in plain code:
 - SIGTERM/SIGINT checkpoint at the next step boundary (signals.py);
 - nothing is written that holds NaN/inf, and checkpoints/adapters appear atomically.
 
+Memory and speed techniques live in ``qlora_kit/ops`` (one module each) and are switched
+on in :func:`setup`: fused loss (no full logits), padding-free packing with packed
+attention, tiled MLP, activation offload, fp32 adapters under autocast (fp16 loss
+scaling on cards without native bf16).  ``"auto"`` settings are made concrete by the
+planner (``plan.resolve_auto``) before anything is built.
+
 Building blocks are the field's own: transformers models and schedulers, bitsandbytes
-4-bit layers and paged optimizers, peft adapters.
+4-bit layers and 8-bit optimizers, peft adapters, trl's fused LM-head loss.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -45,12 +52,14 @@ log = logging.getLogger("qlora_kit")
 RESUME_BREAKING = (
     "model.name_or_path", "model.revision", "model.quant_type", "model.double_quant", "model.chat_template",
     "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.use_rslora", "lora.use_dora",
+    "lora.adapter_dtype",
     "data.path", "data.val_path", "data.format", "data.split", "data.val_fraction", "data.val_max_rows",
     "data.train_on_inputs", "data.packing", "data.shuffle",
     "train.seed", "train.micro_batch_size", "train.gradient_accumulation_steps", "train.max_length",
     "train.optimizer",
 )
 MAX_CONSECUTIVE_SKIPS = 10
+MIN_LOSS_SCALE = 1.0  # fp16 loss scaling: below this the run is not recovering
 
 
 @dataclass
@@ -81,6 +90,8 @@ class Run:
     nonfinite: torch.Tensor | None = None  # device flag: any non-finite step so far (stop mode)
     first_bad_step: torch.Tensor | None = None
     params: list[torch.nn.Parameter] = field(default_factory=list)
+    precision: Any = None  # ops.precision.Precision
+    scaler: torch.amp.GradScaler | None = None  # fp16 compute only
 
 
 # --------------------------------------------------------------------------- entry point
@@ -94,6 +105,9 @@ def run_training(
     skip_memory_check: bool = False,
 ) -> int:
     """``qlora-kit train``: returns 0, or raises a QloraKitError with a documented exit code."""
+    from qlora_kit.ops.allocator import configure_cuda_allocator
+
+    configure_cuda_allocator()  # before anything touches CUDA
     cfg, sources = load_config(config_path, overrides)
     out = Path(cfg.output_dir).expanduser()
     resume_from = prepare_output_dir(out, resume=resume, overwrite=overwrite)
@@ -205,26 +219,31 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, skip_memory_check: bool) -> Run:
-    """Load data first (fails fast), then the 4-bit model, adapters, optimizer and schedule."""
+    """Load data first (fails fast), then the 4-bit model, adapters, optimizer and schedule.
+
+    ``cfg`` may hold ``"auto"`` memory settings; the returned run's ``cfg`` has them resolved.
+    """
     from qlora_kit import model as qmodel
+    from qlora_kit.ops.precision import resolve_precision
 
     seed_everything(cfg.train.seed)
     device = qmodel.pick_device()
     compute_dtype = qmodel.resolve_compute_dtype(cfg.model.compute_dtype, device)
+    precision = resolve_precision(compute_dtype, cfg.lora.adapter_dtype, device)
     source = qmodel.resolve_source(cfg.model)
+    cfg = resolve_memory_settings(cfg, source, device, _recorded_memory(out) if resume_from is not None else None)
     tokenizer = qmodel.load_tokenizer(source, cfg.model)
     data = _setup_data(cfg, tokenizer, out)
     if resume_from is not None:
         _check_data_unchanged(resume_from, data.fingerprint)
     if device.type == "cuda" and not skip_memory_check:
         _check_memory(cfg, source, device)
-    model = qmodel.load_quantized_base(source, cfg.model, compute_dtype, device)
+    model = build_model(cfg, source, precision)
+    if cfg.train.fused_loss:
+        cfg = _check_fused_loss(cfg, model, data, tokenizer, precision)
+        if not cfg.train.fused_loss and device.type == "cuda" and not skip_memory_check:
+            _check_memory(cfg, source, device)  # full logits need more memory: re-check before training
     spec = qmodel.quant_spec(model, cfg.model, compute_dtype)
-    # bf16 adapters on CUDA; with fp16 compute (no loss scaling here) adapters stay fp32 so small
-    # gradients do not underflow.
-    adapter_dtype = torch.float32 if compute_dtype == torch.float16 else compute_dtype
-    model = qmodel.attach_lora(model, cfg.lora, adapter_dtype, cfg.train.gradient_checkpointing)
-    model.train()
     trainable, total = qmodel.count_parameters(model)
     log.info("model: %s | 4-bit %s (double quant: %s) | LoRA r=%d on %s | trainable %s of %s parameters",
              cfg.model.name_or_path, spec.quant_type, spec.double_quant, cfg.lora.r,
@@ -237,14 +256,140 @@ def setup(cfg: Config, config_text: str, out: Path, resume_from: Path | None, sk
     total_steps = compute_total_steps(cfg, micro_per_epoch)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     manifest = _new_manifest(cfg, device, source, spec, data, model, trainable, out, resume_from)
+    manifest["memory"] = memory_record(cfg, model, precision)
     run = Run(cfg, config_text, out, device, model, tokenizer, data, optimizer, scheduler, total_steps,
-              micro_per_epoch, manifest, MetricsLog(out / rundir.METRICS), params=params)
+              micro_per_epoch, manifest, MetricsLog(out / rundir.METRICS), params=params,
+              precision=precision, scaler=precision.make_scaler())
     run.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     if resume_from is not None:
         _restore(run, resume_from)
     write_manifest(out / rundir.MANIFEST, manifest)
     return run
+
+
+MEMORY_KEYS = ("checkpoint_every_n_layers", "tiled_mlp", "activation_offload", "optimizer")
+
+
+def resolve_memory_settings(cfg: Config, source: Path, device: torch.device,
+                            recorded: dict[str, Any] | None = None) -> Config:
+    """``cfg`` with every ``"auto"`` memory setting made concrete by the planner (logged).
+
+    On ``--resume`` the choices recorded in the run's manifest are kept for the settings left
+    "auto" (``recorded``): another card or more free memory must not change the optimizer class
+    or the computation of a resumed run.
+    """
+    from qlora_kit.errors import ModelError
+    from qlora_kit.plan import conservative_settings, load_shape_file, resolve_auto
+
+    pinned = {k: recorded[k] for k in MEMORY_KEYS if recorded and k in recorded and
+              getattr(cfg.train, k) == "auto"}
+    if pinned:
+        cfg = cfg.model_copy(deep=True)
+        for key, value in pinned.items():
+            setattr(cfg.train, key, value)
+        log.info("resume: keeping the memory settings the run started with (%s)",
+                 ", ".join(f"{k}={v}" for k, v in pinned.items()))
+    try:
+        shape = load_shape_file(source / "config.json")
+    except ModelError as exc:  # an architecture the planner cannot model: safe settings
+        log.warning("memory planner unavailable (%s): conservative memory settings", exc.message)
+        resolved = conservative_settings(cfg)
+    else:
+        resolved = resolve_auto(cfg, shape, device_memory(device))
+    t = resolved.train
+    log.info("memory settings: packing=%s fused_loss=%s checkpoint_every_n_layers=%s tiled_mlp=%s "
+             "activation_offload=%s optimizer=%s", resolved.data.packing, t.fused_loss,
+             t.checkpoint_every_n_layers, t.tiled_mlp, t.activation_offload, t.optimizer)
+    return resolved
+
+
+def device_memory(device: torch.device) -> int:
+    """Memory the run may plan for on ``device`` (host RAM for the CPU).
+
+    CUDA: what is free now (other processes and a desktop already hold some), plus what our
+    allocator holds and the CUDA context the planner counts, capped at the card's total.
+    """
+    if device.type == "cuda":
+        from qlora_kit.plan import CUDA_CONTEXT_BYTES
+
+        free, total = torch.cuda.mem_get_info(device)
+        return min(total, free + torch.cuda.memory_reserved(device) + CUDA_CONTEXT_BYTES)
+    import psutil
+
+    return psutil.virtual_memory().total
+
+
+def build_model(cfg: Config, source: Path, precision: Any) -> Any:
+    """NF4 base → fused loss head → LoRA (+ checkpointing) → packed attention, tiled MLP, offload."""
+    from qlora_kit import model as qmodel
+    from qlora_kit.ops import loss, packing, precision as prec, tiled_mlp
+
+    device, t = precision.device, cfg.train
+    model = qmodel.load_quantized_base(source, cfg.model, precision.compute_dtype, device)
+    if t.fused_loss:
+        loss.add_fused_loss(model)  # before peft wraps the model
+    model = qmodel.attach_lora(model, cfg.lora, precision.adapter_dtype, t.gradient_checkpointing,
+                               t.checkpoint_every_n_layers)
+    if precision.autocast:
+        prec.keep_adapter_inputs_in_compute_dtype(model)
+    packing.use_packed_attention(model)
+    if t.tiled_mlp:
+        log.info("tiled_mlp: %d MLPs computed in tiles of %d tokens", tiled_mlp.tile_mlps(model),
+                 tiled_mlp.MLP_TILE_TOKENS)
+    if t.activation_offload:
+        _enable_offload(model, cfg, device)
+    model.train()
+    return model
+
+
+def _check_fused_loss(cfg: Config, model: Any, data: Any, tokenizer: Any, precision: Any) -> Config:
+    """Keep the fused loss only if it reproduces the model's own loss on the first batch."""
+    from qlora_kit.data import collate
+    from qlora_kit.ops.loss import check_fused_loss
+
+    rows = _epoch_plan(cfg, data, 0)[0]
+    batch = to_device(collate(data.train, rows, tokenizer.pad_token_id, cfg.train.max_length, cfg.data.packing),
+                      precision.device)
+    with precision.forward_context():
+        if check_fused_loss(model, batch):
+            return cfg
+    log.warning("fused_loss: the fused loss differs from this model's own loss (its forward changes the logits "
+                "in a way the fused path does not know); training with the full-logits loss instead")
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.fused_loss = False
+    return cfg
+
+
+def _enable_offload(model: Any, cfg: Config, device: torch.device) -> None:
+    from qlora_kit.ops.offload import ActivationOffload, enable_offload
+
+    if device.type != "cuda":
+        log.info("activation_offload: nothing to do on CPU (activations already live in host memory)")
+        return
+    enable_offload(model, ActivationOffload(device), cfg.train.checkpoint_every_n_layers)
+    log.info("activation_offload: checkpointed layer inputs kept in pinned host memory")
+
+
+def _recorded_memory(out: Path) -> dict[str, Any] | None:
+    """The memory settings recorded in ``out``'s manifest (None for runs that predate them)."""
+    manifest = ckpt.read_json(out / rundir.MANIFEST)
+    memory = manifest.get("memory") if isinstance(manifest, dict) else None
+    return memory if isinstance(memory, dict) else None
+
+
+def memory_record(cfg: Config, model: Any, precision: Any) -> dict[str, Any]:
+    """The memory/speed settings this run actually used (for the manifest)."""
+    t = cfg.train
+    return {
+        "packing": cfg.data.packing, "fused_loss": t.fused_loss, "gradient_checkpointing": t.gradient_checkpointing,
+        "checkpoint_every_n_layers": t.checkpoint_every_n_layers, "tiled_mlp": t.tiled_mlp,
+        "activation_offload": bool(t.activation_offload) and precision.device.type == "cuda",
+        "optimizer": t.optimizer, "attention": getattr(model.config, "_attn_implementation", None),
+        "compute_dtype": str(precision.compute_dtype).removeprefix("torch."),
+        "adapter_dtype": str(precision.adapter_dtype).removeprefix("torch."),
+        "autocast": precision.autocast, "loss_scaling": precision.loss_scaling,
+    }
 
 
 def seed_everything(seed: int) -> None:
@@ -290,21 +435,20 @@ def _check_memory(cfg: Config, source: Path, device: torch.device) -> None:
 
 
 def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    """Paged AdamW (8-bit default, 32-bit option) from bitsandbytes, or torch AdamW."""
+    """bitsandbytes 8-bit AdamW (non-paged or paged), paged 32-bit AdamW, or torch AdamW (fused on CUDA)."""
     lr, wd = cfg.train.learning_rate, cfg.train.weight_decay
-    if cfg.train.optimizer == "adamw_torch":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    import warnings
-
+    name = cfg.train.optimizer
+    if name == "adamw_torch":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=device.type == "cuda")
     import bitsandbytes as bnb
 
-    if device.type != "cuda":
-        log.info("%s: paged memory needs CUDA; bitsandbytes uses its non-paged version on CPU",
-                 cfg.train.optimizer)
-    cls = bnb.optim.PagedAdamW8bit if cfg.train.optimizer == "paged_adamw_8bit" else bnb.optim.PagedAdamW32bit
+    if device.type != "cuda" and name.startswith("paged_"):
+        log.info("%s: paged memory needs CUDA; bitsandbytes uses its non-paged version on CPU", name)
+    classes = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+               "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cls(params, lr=lr, weight_decay=wd)
+        return classes[name](params, lr=lr, weight_decay=wd)
 
 
 def compute_total_steps(cfg: Config, micro_per_epoch: int) -> int:
@@ -364,6 +508,8 @@ def _restore(run: Run, resume_from: Path) -> None:
     run.skipped_steps = state.get("skipped_steps", 0)
     run.last_save_step = run.step
     run.last_eval_step = state.get("last_eval_step", -1)
+    if run.scaler is not None and "grad_scaler" in state:
+        run.scaler.load_state_dict(state["grad_scaler"])
     run.metrics.truncate_after(run.step)
     log.info("resumed from %s: step %d of %d", resume_from.name, run.step, run.total_steps)
 
@@ -420,15 +566,14 @@ def train(run: Run, stop: StopRequest) -> None:
                 _preempt(run, stop)
             lr = run.optimizer.param_groups[0]["lr"]
             micro = [next(stream)[1] for _ in range(cfg.gradient_accumulation_steps)]
-            batches = [collate(run.data.train, rows, pad_id, cfg.max_length) for rows in micro]
+            batches = [collate(run.data.train, rows, pad_id, cfg.max_length, run.cfg.data.packing) for rows in micro]
             loss, grad_norm = train_step(run, batches)
             n_tokens = sum(len(run.data.train[i]["input_ids"]) for rows in micro for row in rows for i in row)
             run.micro_index += cfg.gradient_accumulation_steps
             skipped = _guard_nonfinite(run, loss, grad_norm)
-            if not skipped:
-                run.optimizer.step()
+            optimizer_step(run, skipped)
             run.optimizer.zero_grad(set_to_none=True)
-            run.scheduler.step()
+            scheduler_step(run)
             run.step += 1
             if not skipped:
                 window.add(loss, n_tokens)
@@ -442,32 +587,65 @@ def train(run: Run, stop: StopRequest) -> None:
         progress.close()
 
 
-def train_step(run: Run, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(run: Run, batches: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward/backward over the accumulated micro-batches; returns (loss, grad norm) on device.
 
-    The loss is the mean over *all* trainable tokens of the step (``num_items_in_batch``), so
-    micro-batches with few trainable tokens are not over-weighted.  ``use_cache=False``
-    matters: with a KV cache transformers skips the block-diagonal mask of packed rows.
+    The loss is the sum over *all* trainable tokens of the step divided by their number
+    (``num_items_in_batch``), so micro-batches with few trainable tokens are not
+    over-weighted.  Each forward runs in the run's precision context (autocast with fp32
+    adapters); with fp16 compute the loss is scaled before the backward and the gradients
+    unscaled before clipping.
     """
-    n_items = max(1, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+    from qlora_kit.ops.loss import causal_lm_loss, count_targets
+
+    n_items = max(1, sum(count_targets(b["labels"]) for b in batches))
     loss_sum = torch.zeros((), device=run.device)
     for batch in batches:
-        batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
-        loss = run.model(**batch, num_items_in_batch=n_items, use_cache=False).loss
-        loss.backward()  # the logits die with the forward's output before the backward pass
+        batch = to_device(batch, run.device)
+        with run.precision.forward_context():
+            loss = causal_lm_loss(run.model, batch, n_items, run.cfg.train.fused_loss)
+        (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
         loss_sum += loss.detach().float()
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
     max_norm = run.cfg.train.max_grad_norm or float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
     return loss_sum, grad_norm.detach().float()
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors of a collated batch on ``device`` (host values such as ``max_length_q`` stay)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def optimizer_step(run: Run, skipped: bool) -> None:
+    """Apply the step (the loss scaler skips it by itself when the scaled gradients overflowed)."""
+    if run.scaler is None:
+        if not skipped:
+            run.optimizer.step()
+        return
+    if not skipped:
+        run.scaler.step(run.optimizer)  # one host sync: the scaler reads its overflow flag
+    run.scaler.update()
+
+
+def scheduler_step(run: Run) -> None:
+    """Advance the LR schedule (a pure function of the step, skipped steps included)."""
+    with warnings.catch_warnings():  # torch warns when the loss scaler skipped the very first optimizer step
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        run.scheduler.step()
 
 
 def _guard_nonfinite(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
     """Record a non-finite step; return True when the optimizer step must be skipped.
 
     ``stop`` mode only updates device flags (no host sync); they are read with the logged
-    loss and before every save.  ``skip`` mode reads the flag every step (one sync).
+    loss and before every save.  ``skip`` mode reads the flag every step (one sync).  With
+    fp16 loss scaling, overflowing gradients are the scaler's business (it skips the step
+    and lowers the scale); only a non-finite loss counts here.
     """
-    bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    finite = torch.isfinite(loss) if run.scaler is not None else torch.isfinite(loss) & torch.isfinite(grad_norm)
+    bad = ~finite
     if run.cfg.train.on_nonfinite == "stop":
         run.first_bad_step = torch.where(run.nonfinite | ~bad, run.first_bad_step, run.step + 1)
         run.nonfinite = run.nonfinite | bad
@@ -500,6 +678,17 @@ def _raise_if_nonfinite(run: Run, bad: bool) -> None:
     )
 
 
+def _raise_if_scale_collapsed(run: Run, scale: float | None) -> None:
+    """fp16: a loss scale below 1 means the gradients kept overflowing (or are NaN) step after step."""
+    if scale is not None and scale < MIN_LOSS_SCALE:
+        raise NonFiniteLossError(
+            f"the fp16 loss scale fell to {scale:g} by step {run.step}: the gradients are non-finite step after "
+            "step; nothing was saved after the last good checkpoint",
+            "lower train.learning_rate or max_grad_norm, check the data, or train on a GPU with bfloat16 "
+            "(compute capability 8.0+)",
+        )
+
+
 @dataclass
 class _Window:
     """Loss and throughput since the last log line (device tensors until logged)."""
@@ -522,9 +711,11 @@ def _log_step(run: Run, window: _Window, lr: float, grad_norm: torch.Tensor, pro
     if window.loss is None:  # every step of the window was skipped (on_nonfinite=skip)
         window.reset()
         return
+    scale = run.scaler.get_scale() if run.scaler is not None else None
     values = torch.stack([window.loss / window.steps, grad_norm, run.nonfinite.float()]).tolist()  # one sync
     loss, gnorm, bad = values
     _raise_if_nonfinite(run, bad > 0)
+    _raise_if_scale_collapsed(run, scale)
     elapsed = time.perf_counter() - window.start
     record: dict[str, Any] = {
         "step": run.step,
@@ -536,6 +727,8 @@ def _log_step(run: Run, window: _Window, lr: float, grad_norm: torch.Tensor, pro
     }
     if run.skipped_steps:
         record["skipped_steps"] = run.skipped_steps
+    if scale is not None:
+        record["loss_scale"] = scale
     if run.device.type == "cuda":
         record["peak_memory_allocated"] = torch.cuda.max_memory_allocated(run.device)
         record["peak_memory_reserved"] = torch.cuda.max_memory_reserved(run.device)
@@ -546,12 +739,18 @@ def _log_step(run: Run, window: _Window, lr: float, grad_norm: torch.Tensor, pro
 
 
 def evaluate(run: Run, stop: StopRequest) -> float | None:
-    """Token-weighted mean loss on the validation rows; None when interrupted by a stop signal."""
-    from qlora_kit.data import collate, plan_batches
+    """Token-weighted mean loss on the validation rows; None when interrupted by a stop signal.
 
+    Batched like training (same packing, same fused loss, same precision context), in
+    eval mode and without gradients.
+    """
+    from qlora_kit.data import collate, plan_batches
+    from qlora_kit.ops.loss import causal_lm_loss, count_targets
+
+    cfg = run.cfg
     lengths = [len(s["input_ids"]) for s in run.data.val]
-    plan = plan_batches(lengths, run.cfg.train.micro_batch_size, run.cfg.train.max_length, False,
-                        run.cfg.train.seed, 0, False)
+    plan = plan_batches(lengths, cfg.train.micro_batch_size, cfg.train.max_length, cfg.data.packing,
+                        cfg.train.seed, 0, False)
     total = torch.zeros((), device=run.device)
     count = 0
     run.model.eval()
@@ -560,10 +759,12 @@ def evaluate(run: Run, stop: StopRequest) -> float | None:
             for rows in plan:
                 if stop.requested:
                     return None
-                batch = collate(run.data.val, rows, run.tokenizer.pad_token_id, run.cfg.train.max_length)
-                n = int((batch["labels"][:, 1:] != -100).sum())
-                batch = {k: v.to(run.device) for k, v in batch.items()}
-                total += run.model(**batch, num_items_in_batch=max(n, 1), use_cache=False).loss.float() * n
+                batch = collate(run.data.val, rows, run.tokenizer.pad_token_id, cfg.train.max_length,
+                                cfg.data.packing)
+                n = count_targets(batch["labels"])
+                with run.precision.forward_context():
+                    loss = causal_lm_loss(run.model, to_device(batch, run.device), max(n, 1), cfg.train.fused_loss)
+                total += loss.float() * n
                 count += n
     finally:
         run.model.train()
@@ -595,6 +796,8 @@ def save(run: Run) -> Path:
         "data_fingerprint": run.data.fingerprint,
         "saved_at": now_iso(),
     }
+    if run.scaler is not None:
+        state["grad_scaler"] = run.scaler.state_dict()
     path = ckpt.save_checkpoint(run.out, run.step, run.model, run.optimizer, run.scheduler, state, run.config_text)
     ckpt.prune_checkpoints(run.out, run.cfg.train.save_total_limit)
     run.last_save_step = run.step

@@ -20,7 +20,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def gpu(test: Any) -> Any:
+    """Mark a test as a GPU test: selected by ``pytest -m gpu``, skipped cleanly without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 def require_demo_gguf() -> Path:
@@ -117,3 +119,45 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict[s
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "qlora_kit.cli", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+def make_qlora_model(source: Path, *, fused_loss: bool = False, targets: Any = "attention", dropout: float = 0.0,
+                     checkpointing: bool = True, every_n_layers: int = 1, attn: str = "sdpa",
+                     compute_dtype: torch.dtype = torch.float32, adapter_dtype: torch.dtype = torch.float32,
+                     seed: int = 0):
+    """NF4 base + LoRA in train mode with non-zero, seeded adapters (B starts at zero otherwise).
+
+    The same ``seed`` gives the same adapters, so two models differing in one technique
+    can be compared on the same inputs.
+    """
+    from qlora_kit.config import LoraConfig, ModelConfig
+    from qlora_kit.model import attach_lora, load_quantized_base
+    from qlora_kit.ops.loss import add_fused_loss
+
+    base = load_quantized_base(source, ModelConfig(name_or_path=str(source), attn_implementation=attn),
+                               compute_dtype, torch.device("cpu"))
+    if fused_loss:
+        add_fused_loss(base)
+    torch.manual_seed(seed)
+    model = attach_lora(base, LoraConfig(r=8, alpha=16, dropout=dropout, target_modules=targets), adapter_dtype,
+                        checkpointing, every_n_layers)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.1, generator=generator)
+    model.train()
+    return model
+
+
+def adapter_grads(model) -> dict[str, torch.Tensor]:
+    """Copies of the trainable parameters' gradients, by name."""
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float = 1e-6,
+                       rtol: float = 1e-5) -> None:
+    """Every adapter gradient present, non-trivial somewhere, and equal within tolerance."""
+    assert got.keys() == want.keys() and got
+    assert any(float(g.abs().max()) > 0 for g in want.values()), "reference gradients are all zero"
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")

@@ -27,7 +27,9 @@ output_dir: out
 def test_minimal_config_gets_defaults(tmp_path: Path) -> None:
     cfg, sources = load_config(_write(tmp_path, MINIMAL))
     assert cfg.lora.target_modules == "attention"
-    assert cfg.train.optimizer == "paged_adamw_8bit"
+    assert cfg.train.optimizer == "auto"
+    assert cfg.data.packing is True and cfg.train.fused_loss is True and cfg.lora.adapter_dtype == "float32"
+    assert cfg.train.activation_offload == cfg.train.tiled_mlp == cfg.train.checkpoint_every_n_layers == "auto"
     assert cfg.model.trust_remote_code is False
     assert sources["lora.r"] == "default"
     assert sources["model.name_or_path"].startswith("file ")

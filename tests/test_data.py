@@ -567,16 +567,21 @@ def test_collate_unpacked_pads_right():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
 
 
-def test_collate_packed_position_ids_restart_per_sample_and_padding():
+def test_collate_packed_is_one_padding_free_row_with_varlen_inputs():
     samples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]},
                {"input_ids": [3, 4, 5, 6, 7, 8], "labels": [-100, 4, 5, 6, 7, 8]}]
     batch = D.collate(samples, [[0, 1], [2]], pad_id=5, max_length=16)
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
-    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100], [-100, 4, 5, 6, 7, 8]]
-    assert batch["input_ids"][0].tolist() == [5, 6, 7, 8, 9, 5]
-    single = D.collate(samples, [[1], [0]], pad_id=0, max_length=16, packing=True)
-    assert single["position_ids"].tolist() == [[0, 1, 0], [0, 1, 2]]
+    assert "attention_mask" not in batch
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 3, 4, 5, 6, 7, 8]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, 4, 5, 6, 7, 8]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 4, 5]]
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 3, 5, 11]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 6 and batch["packed_seq_lens"] == (3, 2, 6)
+    # a row is cut at max_length (its last sample shortened), rows of one sample are packed too
+    cut = D.collate(samples, [[0, 2], [1]], pad_id=0, max_length=5, packing=True)
+    assert cut["packed_seq_lens"] == (3, 2, 2) and cut["input_ids"].tolist() == [[5, 6, 7, 3, 4, 8, 9]]
+    assert cut["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
 
 
 def test_padding_with_eos_id_keeps_eos_targets(tmp_path, tok):
@@ -613,24 +618,29 @@ def _qlora_model(source: Path, attn: str, gradient_checkpointing: bool):
     return model
 
 
-@pytest.mark.parametrize(("attn", "gradient_checkpointing"), [("sdpa", False), ("sdpa", True), ("eager", True)])
+@pytest.mark.parametrize(("attn", "gradient_checkpointing"),
+                         [("sdpa", False), ("sdpa", True), ("eager", True), ("packed", True), ("packed", False)])
 def test_packed_samples_do_not_attend_to_each_other(tiny_llama, packed_samples, attn, gradient_checkpointing):
-    model = _qlora_model(tiny_llama, attn, gradient_checkpointing)
-    rows = [[0, 5, 1], [2, 3]]  # two packed rows of different lengths: the second is padded
+    from qlora_kit.ops.packing import ATTENTION_NAME, use_packed_attention
+
+    model = _qlora_model(tiny_llama, "sdpa" if attn == "packed" else attn, gradient_checkpointing)
+    if attn == "packed":  # what training uses: no mask at all, samples kept apart by cu_seq_lens
+        assert use_packed_attention(model) and model.config._attn_implementation == ATTENTION_NAME
+    rows = [[0, 5, 1], [2, 3]]  # two packed rows, flattened into one padding-free row
     batch = D.collate(packed_samples, rows, pad_id=0, max_length=128, packing=True)
-    assert "attention_mask" not in batch
-    # Packed detection needs a cache-free forward: training-mode gradient checkpointing forces
-    # use_cache=False by itself; without it the caller must pass it (else samples attend to each other).
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    # transformers' own packed detection (sdpa/eager masks) needs a cache-free forward: training-mode gradient
+    # checkpointing forces use_cache=False by itself; without it the caller must pass it.
     packed = model(**batch) if gradient_checkpointing else model(**batch, use_cache=False)
     assert torch.isfinite(packed.loss)
-    for b, row in enumerate(rows):
-        offset = 0
-        for idx in row:
-            ids = torch.tensor([packed_samples[idx]["input_ids"]])
-            alone = model(input_ids=ids, use_cache=False).logits[0]
-            inside = packed.logits[b, offset : offset + ids.shape[1]]
-            torch.testing.assert_close(inside, alone, atol=1e-5, rtol=0)
-            offset += ids.shape[1]
+    offset = 0
+    for idx in [i for row in rows for i in row]:
+        ids = torch.tensor([packed_samples[idx]["input_ids"]])
+        alone = model(input_ids=ids, use_cache=False).logits[0]
+        inside = packed.logits[0, offset : offset + ids.shape[1]]
+        torch.testing.assert_close(inside, alone, atol=1e-5, rtol=0)
+        offset += ids.shape[1]
+    assert offset == batch["input_ids"].shape[1]
 
 
 def test_unpacked_padding_does_not_change_logits(tiny_llama, packed_samples):

@@ -19,9 +19,12 @@ SHIPPED_24GB = [p for p in CONFIGS if p.name.endswith("_qlora_24gb.yaml")]
 
 
 def make_cfg(name: str = "meta-llama/Llama-3.1-8B-Instruct", **sections) -> plan.Config:
-    raw = {"model": {"name_or_path": name}, "data": {"path": "/data/x.jsonl"}, "output_dir": "/out/x",
+    # The hand computations below model the paged 8-bit optimizer, unpacked rows and full logits, with
+    # every memory setting concrete unless a test changes it.
+    raw = {"model": {"name_or_path": name}, "data": {"path": "/data/x.jsonl", "packing": False}, "output_dir": "/out/x",
            "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
-           "train": {"micro_batch_size": 1, "max_length": 2048}}
+           "train": {"micro_batch_size": 1, "max_length": 2048, "optimizer": "paged_adamw_8bit", "fused_loss": False,
+                     "activation_offload": False, "tiled_mlp": False, "checkpoint_every_n_layers": 1}}
     for key, value in sections.items():
         raw.setdefault(key, {}).update(value)
     return validate(raw)
@@ -56,73 +59,158 @@ def test_llama31_8b_static_memory_matches_hand_computation():
     assert parts["nf4_weights"] == 32 * (2 * q + 2 * k + 3 * mlp) == 3_600_416_768  # 3.35 GiB ("3.6 GB")
     # bf16 embeddings + untied lm_head (2 x 128256 x 4096) + 65 RMSNorm vectors.
     assert parts["weights_16bit"] == 2 * (2 * 128256 * 4096 + 65 * 4096) == 2_101_878_784  # "2.1 GB"
-    # LoRA r=16 on all 7 projections: 16*(in+out) each.
+    # LoRA r=16 on all 7 projections: 16*(in+out) each; fp32 master weights and gradients (4 bytes each).
     per_layer = 16 * ((4096 + 4096) * 2 + (4096 + 1024) * 2 + (4096 + 14336) * 3)
     assert p.trainable_parameters == 32 * per_layer == 41_943_040
-    assert parts["lora_parameters"] == parts["lora_gradients"] == 2 * 41_943_040
+    assert parts["lora_parameters"] == parts["lora_gradients"] == 4 * 41_943_040  # 160 MiB each
     # 8-bit AdamW: 2 bytes/param + two fp32 absmax per 256 values (every tensor >= 4096 values).
     assert parts["optimizer_state"] == 2 * 41_943_040 + 8 * 41_943_040 // 256 == 85_196_800
+    # autocast keeps a bf16 copy of every adapter weight during the forward pass.
+    assert parts["autocast_adapter_copies"] == 2 * 41_943_040
     # Paged (>= 1e5 values): gate/up lora_B and down lora_A, 14336x16 each, uint8 states.
     assert p.paged_optimizer_bytes == 32 * 3 * (14336 * 16) * 2 == 44_040_192
-
-
-def test_llama31_8b_activations_and_total_match_hand_computation():
-    p = plan.estimate(make_cfg(), plan.load_builtin_shape("llama-3.1-8b"))
-    tokens = 1 * 2048
-    loss = p.phases["loss"]
-    assert loss["checkpoints"] == 32 * 2 * 4096 * tokens == 512 * MiB
-    assert loss["final_norm"] == 4 * 4096 * tokens
-    assert loss["logits_and_loss"] == (2 + 12) * 128256 * tokens  # bf16 logits + 3 fp32 copies
-    assert loss["attention_mask"] == 0  # micro-batch 1, no packing: causal sdpa, no mask
-    static = 3_600_416_768 + 2_101_878_784 + 2 * 83_886_080 + 85_196_800
-    assert p.peak_phase == "loss"
-    assert p.allocated_peak == static + 536_870_912 + 33_554_432 + 3_677_356_032 == 10_203_045_888
-    assert p.fragmentation == 10_203_045_888 // 10
-    assert p.total_bytes == 10_203_045_888 + 1_020_304_588 + 500 * MiB == 11_747_638_476  # 10.94 GiB
-    assert p.torch_allocated_peak == 10_203_045_888 - 44_040_192
-    assert p.weights_bytes == 3_600_416_768 + 2_101_878_784
+    bf16 = plan.estimate(make_cfg(lora={"adapter_dtype": "bfloat16"}), plan.load_builtin_shape("llama-3.1-8b"))
+    assert bf16.phases["loss"]["lora_parameters"] == 2 * 41_943_040
+    assert bf16.phases["loss"]["autocast_adapter_copies"] == 0  # bf16 adapters: no autocast
+    non_paged = plan.estimate(make_cfg(train={"optimizer": "adamw_8bit"}), plan.load_builtin_shape("llama-3.1-8b"))
+    assert non_paged.paged_optimizer_bytes == 0 and non_paged.torch_allocated_peak == non_paged.allocated_peak
 
 
 def test_tiny_shape_every_component_by_hand():
-    # H=64, I=128, L=2, 4 heads / 2 kv heads (d=16), V=100; B=2, T=32 -> a materialised sdpa mask and
-    # repeated k/v heads; attention targets, dropout>0 (separate copies), r=4, bf16, 8-bit AdamW.
-    cfg = make_cfg(lora={"r": 4, "dropout": 0.1, "target_modules": "attention"},
-                   train={"micro_batch_size": 2, "max_length": 32})
+    # H=64, I=128, L=2, 4 heads / 2 kv heads (d=16), V=100; one packed row of 32 tokens, all labelled; LoRA r=4
+    # on q/k/v/o with dropout; bf16 on CUDA (flash attention), fp32 adapters, 8-bit AdamW, fused loss.
+    cfg = make_cfg(lora={"r": 4, "dropout": 0.1, "target_modules": "attention"}, data={"packing": True},
+                   train={"max_length": 32, "optimizer": "adamw_8bit", "fused_loss": True})
     p = plan.estimate(cfg, tiny_shape())
-    tokens = 64
-    # layer saved/token: norms 8*64 + q,k,v (k/v widened to 64) 2*192 + attn out 2*64 + MLP 3*2*128
-    # + LoRA inputs with dropout (2+1)*64 for q,k,v,o + r-wide middles 4*2*4.
-    per_token = 512 + 384 + 128 + 768 + 4 * 3 * 64 + 32
-    assert per_token == 2592
-    back = p.phases["backward"]
-    assert back["layer_recompute"] == per_token * tokens + 2 * 32 * 32 * 2 == 169_984  # + bf16 B*T*T mask copy
-    assert back["attention_mask"] == 2 * 32 * 32  # bool mask kept all step
-    assert back["checkpoints"] == 2 * 2 * 64 * tokens
-    assert back["backward_working"] == 2 * (3 * 128 + 2 * 64) * tokens
-    assert back["dequant_buffer"] == 64 * 128 * 2
-    assert "logits_kept" not in back  # the step keeps only the loss, not the logits
-    # Weights: q,o 64x64 -> 2048+64+4; k,v 64x32 -> 1024+32+4; gate/up/down 64x128 -> 4096+128+4.
-    assert back["nf4_weights"] == 2 * (2 * 2116 + 2 * 1060 + 3 * 4228) == 38_072
-    assert back["weights_16bit"] == 2 * (2 * 100 * 64 + 5 * 64) == 26_240
-    assert p.trainable_parameters == 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2) == 3584
-    assert back["optimizer_state"] == 8 * 3584  # every tensor < 4096 values: fp32 states
-    loss = p.phases["loss"]
-    assert loss["final_norm"] == 4 * 64 * tokens and loss["logits_and_loss"] == 14 * 100 * tokens
-    assert sum(loss.values()) == 231_736
-    assert sum(back.values()) == 377_656
-    assert p.phases["load"]["quantisation_buffer"] == 64 * 128 * 2 + 4 * (64 * 128 // 64)
-    assert p.peak_phase == "backward" and p.allocated_peak == 377_656
-    assert p.total_bytes == 377_656 + 37_765 + 500 * MiB
+    n = 32
+    # Per token: each adapter keeps its dropout output (bf16) + bool mask + its r-wide middle: 4 x (3*64 + 2*4);
+    # the input RMSNorm its fp32 input + fp32 reciprocal norm; flash attention q, k (after RoPE), v, out (bf16)
+    # and an fp32 log-sum-exp per head.
+    attention = 4 * (3 * 64 + 2 * 4) + (4 * 64 + 4) + 2 * (64 + 32) + 2 * 32 + 2 * 64 + 4 * 4
+    mlp = (4 * 64 + 4) + 3 * 2 * 128  # post-attention norm; gate, SiLU output, up
+    assert (attention, mlp) == (1460, 1028)
+    tech = plan.techniques(cfg, tiny_shape())
+    assert plan.layer_saved_bytes(tiny_shape(), tech, 1, n) == (attention * n, mlp * n)
+    # Static: NF4 q,o 64x64 -> 2048+64+4; k,v 64x32 -> 1024+32+4; gate/up/down 64x128 -> 4096+128+4.
+    nf4 = 2 * (2 * 2116 + 2 * 1060 + 3 * 4228)
+    adapters = 2 * (4 * (64 + 64) * 2 + 4 * (64 + 32) * 2)  # A and B of q, o, k, v on 2 layers
+    assert nf4 == 38_072 and adapters == 3584
+    static = {"nf4_weights": nf4, "weights_16bit": 2 * (2 * 100 * 64 + 5 * 64), "lora_parameters": 4 * adapters,
+              "lora_gradients": 4 * adapters, "optimizer_state": 8 * adapters}  # tensors < 4096 values: fp32 states
+    common = {"step_inputs": n * (24 + 2 * 2 * 16),  # int64 ids/labels/positions, bf16 RoPE cos/sin (d=16)
+              "checkpoints": 2 * 2 * 64 * n, "layer_activations": 0, "attention_mask": 0}
+    # Fused loss: one projection buffer of 32 labelled rows x 32768 (trl allocates it 32768 wide whatever the
+    # vocabulary); forward keeps the hidden state and the labelled copy (bf16), backward the copy + fp32
+    # gradient + its cast; 48 bytes of scalars per label.
+    tile = 32 * 32768
+    fused = max(2 * 64 * (n + n) + 2 * tile, (2 * 2 + 4) * 64 * n + 2 * tile) + 48 * n
+    assert p.phases["loss"] == {**static, **common, "autocast_adapter_copies": 2 * adapters,
+                                "final_norm": (4 * 64 + 4) * n, "fused_loss": fused}
+    # Backward: the MLP stage of the recomputed last layer peaks: its saved activations, the incoming gradient
+    # (bf16 [n, H]), the two [n, I] gradients of the down projection's input, one dequantised 64x128 matrix.
+    assert p.stage == "mlp"
+    assert p.phases["backward"] == {**static, **common, "autocast_adapter_copies": 2 * adapters // 2,
+                                    "layer_recompute": (attention + mlp) * n,
+                                    "backward_working": 2 * 64 * n + 2 * 2 * 128 * n, "dequant_buffer": 2 * 64 * 128}
+    assert sum(p.phases["backward"].values()) == 252_728
+    assert p.peak_phase == "loss"  # the loss's 32 x 32768 bf16 buffer (2 MiB) outweighs this tiny layer
+    assert p.allocated_peak == sum(p.phases["loss"].values()) == 2_263_224
+    assert p.fragmentation == int(2_263_224 * 0.05) and p.total_bytes == 2_263_224 + 113_161 + 500 * MiB
+
+
+def test_attention_backward_buffers_include_the_gqa_expansion():
+    shape = plan.load_builtin_shape("llama-3.1-8b")  # 32 query heads, 8 kv heads, d=128
+    tech = plan.techniques(make_cfg(), shape)
+    # FlashAttention-2 backward: dq, dk, dv (bf16), fp32 dq accumulator, fp32 softmax_d per head,
+    # dk/dv expanded to 32 heads for grouped-query attention.
+    assert plan.flash_backward_per_token(shape, tech) == 2 * 4096 + 2 * 2 * 1024 + 4 * 4096 + 4 * 32 + 2 * 2 * 4096
+    mha = plan.load_builtin_shape("llama-2-7b")  # 32 kv heads: no expansion
+    assert plan.flash_backward_per_token(mha, plan.techniques(make_cfg(), mha)) == 2 * 4096 * 3 + 4 * 4096 + 128
+
+
+def test_fused_loss_is_flat_in_the_vocabulary_and_full_logits_are_not():
+    shape = plan.load_builtin_shape("llama-3.1-8b")
+    fused = plan.techniques(make_cfg(train={"fused_loss": True}), shape)
+    at = {n: plan.fused_loss_bytes(shape, fused, 1, n, n) for n in (4096, 8192, 65536)}
+    # beyond the hidden states (the backbone's output in the forward; in the backward the labelled copy, its fp32
+    # gradient and the gradient's bf16 cast) and scalars, one bf16 tile
+    tile = 2 * 4096 * 32768
+    assert at[4096] - tile == at[8192] - tile - (8 * 4096 + 48) * 4096
+    assert at[65536] == (2 * 2 + 4) * 4096 * 65536 + tile + 48 * 65536
+    assumed_all = plan.estimate(make_cfg(train={"fused_loss": True}), shape, max_length=8192)
+    replies = plan.estimate(make_cfg(train={"fused_loss": True}), shape, max_length=8192, labelled_tokens=1024)
+    assert assumed_all.phases["loss"]["fused_loss"] > replies.phases["loss"]["fused_loss"]
+    full = plan.estimate(make_cfg(), shape, max_length=8192).phases["loss"]["logits_and_loss"]
+    assert full == (2 + 12) * 128256 * 8192  # 13.7 GiB of logits at 8K tokens
+    assert plan.estimate(make_cfg(train={"fused_loss": True}), shape, max_length=8192).phases["loss"][
+        "fused_loss"] < full / 8
+
+
+def test_offload_keeps_two_checkpoints_on_the_gpu_and_the_rest_in_host_memory():
+    shape = plan.load_builtin_shape("llama-3.1-8b")
+    on = plan.estimate(make_cfg(train={"activation_offload": True}), shape, max_length=32768)
+    off = plan.estimate(make_cfg(train={"activation_offload": False}), shape, max_length=32768)
+    per_layer = 2 * 4096 * 32768  # bf16 layer input: 256 KiB per token
+    assert off.phases["backward"]["checkpoints"] == 32 * per_layer and off.host_bytes == 0
+    assert on.phases["backward"]["checkpoints"] == 2 * per_layer and on.host_bytes == 32 * per_layer
+    assert off.total_bytes - on.total_bytes > 29 * per_layer
+    cpu = plan.estimate(make_cfg(train={"activation_offload": True}), shape, device="cpu")
+    assert cpu.host_bytes == 0  # a no-op on CPU
+
+
+def test_every_n_layers_keeps_the_other_layers_whole():
+    shape = plan.load_builtin_shape("llama-3.1-8b")
+    cfg = make_cfg(train={"checkpoint_every_n_layers": 4})
+    p = plan.estimate(cfg, shape)
+    layer = sum(plan.layer_saved_bytes(shape, plan.techniques(cfg, shape), 1, 2048))
+    assert p.phases["backward"]["checkpoints"] == 8 * 2 * 4096 * 2048  # layers 0, 4, ..., 28
+    assert p.phases["backward"]["layer_activations"] == 24 * layer
+    # the last layer (31) is not checkpointed: the backward peaks there, with nothing recomputed
+    assert p.phases["backward"].get("layer_recompute", 0) == 0
+    no_ckpt = plan.estimate(make_cfg(train={"gradient_checkpointing": False}), shape)
+    assert no_ckpt.phases["backward"]["layer_activations"] == 32 * layer and no_ckpt.phases["backward"][
+        "checkpoints"] == 0
+
+
+def test_tiled_mlp_shrinks_the_recomputed_layer_at_long_lengths_only():
+    shape = plan.load_builtin_shape("llama-3.1-8b")
+    untiled = make_cfg(data={"packing": True}, train={"fused_loss": True})
+    tiled = make_cfg(data={"packing": True}, train={"fused_loss": True, "tiled_mlp": True})
+    assert plan.estimate(tiled, shape, max_length=4096).total_bytes == plan.estimate(untiled, shape,
+                                                                                      max_length=4096).total_bytes
+    long_untiled = plan.estimate(untiled, shape, max_length=65536)
+    long_tiled = plan.estimate(tiled, shape, max_length=65536)
+    t = plan.techniques(tiled, shape)
+    # tiled: the MLP half keeps its norm and its input; the intermediates (3 x 14336 bf16 + adapter copies) go
+    assert plan.layer_saved_bytes(shape, t, 1, 65536)[1] == (4 * 4096 + 4 + 2 * 4096) * 65536
+    assert long_tiled.total_bytes < long_untiled.total_bytes - 7 * GiB
+    assert (long_untiled.stage, long_tiled.stage) == ("mlp", "norm")  # the RMSNorm backward is the next wall
 
 
 def test_lora_dropout_costs_the_documented_copies():
     shape = plan.load_builtin_shape("llama-3.1-8b")
-    with_drop = plan.estimate(make_cfg(lora={"dropout": 0.05}), shape).phases["backward"]["layer_recompute"]
-    without = plan.estimate(make_cfg(lora={"dropout": 0.0}), shape).phases["backward"]["layer_recompute"]
-    # dropout > 0: each adapted module keeps its own dropout output (bf16) + 1-byte mask instead of one
-    # shared input: q,k,v 3*3*4096 vs 2*4096; o 3*4096 vs 2*4096; gate,up 2*3*4096 vs 2*4096; down 3*I vs 2*I.
-    extra = (9 * 4096 - 2 * 4096) + (3 * 4096 - 2 * 4096) + (6 * 4096 - 2 * 4096) + (3 * 14336 - 2 * 14336)
+    with_drop = sum(plan.layer_saved_bytes(shape, plan.techniques(make_cfg(lora={"dropout": 0.05}), shape), 1, 2048))
+    without = sum(plan.layer_saved_bytes(shape, plan.techniques(make_cfg(lora={"dropout": 0.0}), shape), 1, 2048))
+    # dropout > 0: each adapted module keeps its own dropout output (bf16) + 1-byte mask; without, one shared
+    # input per group: q,k,v 3*3*4096 vs 2*4096; o 3*4096 vs 0 (flash keeps the attention output anyway);
+    # gate,up 2*3*4096 vs 2*4096; down 3*I vs 2*I.
+    extra = (9 * 4096 - 2 * 4096) + 3 * 4096 + (6 * 4096 - 2 * 4096) + (3 * 14336 - 2 * 14336)
     assert with_drop - without == extra * 2048
+
+
+def test_cpu_kernels_are_modelled_separately():
+    shape = plan.load_builtin_shape("llama-3.1-8b")
+    cfg = make_cfg(model={"compute_dtype": "bfloat16"}, train={"fused_loss": True})
+    gpu, cpu = plan.techniques(cfg, shape, "cuda"), plan.techniques(cfg, shape, "cpu")
+    assert (gpu.attention, gpu.mask_bytes, cpu.attention, cpu.mask_bytes) == ("flash", 1, "sdpa_cpu", 2)
+    # CUDA (Triton) projects the 512 labelled positions and folds tiles in place; CPU projects all 1023 positions
+    # and folds with torch ops: fp32 temporaries of tile size (7 + a bool mask in the backward, trl 1.16).
+    assert plan.fused_loss_rows(gpu, 1, 1024, 512) == 512 and plan.fused_loss_rows(cpu, 1, 1024, 512) == 1023
+    gpu_tile, cpu_tile = 512 * 32768, 1023 * 32768
+    assert plan.fused_loss_bytes(shape, gpu, 1, 1024, 512) == (2 * 2 + 4) * 4096 * 512 + 2 * gpu_tile + 48 * 512
+    assert plan.fused_loss_bytes(shape, cpu, 1, 1024, 512) == (
+        2 * 4096 * 1024 + (2 + 4) * 4096 * 1023 + 2 * cpu_tile + 29 * cpu_tile + 48 * 1023)
+    assert plan.techniques(make_cfg(), shape, "cpu").s == 4  # compute_dtype auto: fp32 on CPU
 
 
 def test_options_move_memory_in_the_expected_direction():
@@ -133,6 +221,7 @@ def test_options_move_memory_in_the_expected_direction():
     assert plan.estimate(make_cfg(model={"double_quant": False}), shape).total_bytes > base
     assert plan.estimate(make_cfg(model={"compute_dtype": "float32"}), shape).total_bytes > base
     assert plan.estimate(make_cfg(lora={"target_modules": "attention"}), shape).total_bytes < base
+    assert plan.estimate(make_cfg(train={"fused_loss": True}), shape).total_bytes < base
     eager = plan.estimate(make_cfg(model={"attn_implementation": "eager"}), shape)
     assert eager.phases["backward"]["layer_recompute"] > plan.estimate(make_cfg(), shape).phases["backward"][
         "layer_recompute"] + 32 * 2048 * 2048  # T*T scores per head
@@ -175,6 +264,69 @@ def test_max_length_and_micro_batch_searches_are_tight():
     assert plan.max_length_that_fits(cfg, shape, 4 * GiB) is None  # weights alone exceed 4 GiB
     # Llama-2 fits its whole 4096 context: the search stops at max_position_embeddings.
     assert plan.max_length_that_fits(cfg, plan.load_builtin_shape("llama-2-7b"), budget) == 4096
+
+
+def test_shipped_llama31_config_reaches_the_issue_8_lengths_by_the_plan():
+    # The planner's prediction (not a measurement): issue 8 asks for 32,768 tokens without offload and 81,920
+    # with it on a 24 GiB card, and a 2,048-token peak under 12 GB.
+    cfg, _ = load_config(next(p for p in SHIPPED_24GB if "llama-3.1-8b" in p.name))
+    shape, budget = plan.read_shape(cfg.model), 24 * GiB
+    assert plan.max_length_that_fits(cfg, shape, budget, offload=False) >= 32768
+    assert plan.max_length_that_fits(cfg, shape, budget, offload=True) >= 81920
+    at_2k = plan.estimate(plan.resolve_auto(cfg, shape, budget), shape, max_length=2048)
+    assert at_2k.total_bytes <= 12 * 10**9
+
+
+def test_resolve_auto_offloads_and_tiles_only_when_needed():
+    cfg, _ = load_config(next(p for p in SHIPPED_24GB if "llama-3.1-8b" in p.name))
+    shape, budget = plan.read_shape(cfg.model), 24 * GiB
+    short = plan.resolve_auto(cfg, shape, budget)
+    assert (short.train.activation_offload, short.train.tiled_mlp, short.train.optimizer) == (False, False,
+                                                                                           "adamw_8bit")
+    assert cfg.train.activation_offload == "auto"  # the input is not changed
+    mid = plan.resolve_auto(_set(cfg, max_length=32768), shape, budget)
+    assert (mid.train.activation_offload, mid.train.tiled_mlp, mid.train.checkpoint_every_n_layers) == (False, True,
+                                                                                                       1)
+    long = plan.resolve_auto(_set(cfg, max_length=81920), shape, budget)
+    assert (long.train.activation_offload, long.train.tiled_mlp) == (True, True)
+    assert plan.estimate(long, shape).total_bytes <= budget
+    # user values are kept, even when they do not fit
+    kept = plan.resolve_auto(_set(cfg, max_length=81920, activation_offload=False), shape, budget)
+    assert kept.train.activation_offload is False and plan.estimate(kept, shape).total_bytes > budget
+    nothing = plan.resolve_auto(_set(cfg, max_length=131072), shape, budget)  # the lowest-memory arrangement
+    assert (nothing.train.activation_offload, nothing.train.tiled_mlp) == (True, True)
+
+
+def test_resolve_auto_spends_spare_memory_on_fewer_checkpoints():
+    cfg = make_cfg(lora={"target_modules": "attention", "dropout": 0.0},
+                   train={"checkpoint_every_n_layers": "auto", "optimizer": "auto", "fused_loss": True,
+                          "max_length": 1024})
+    shape = plan.load_builtin_shape("llama-3.1-8b")
+    roomy = plan.resolve_auto(cfg, shape, 80 * GiB)
+    n = roomy.train.checkpoint_every_n_layers
+    assert n > 1 and plan.estimate(roomy, shape).total_bytes <= 0.9 * 80 * GiB
+    if n < shape.num_layers:
+        assert plan.estimate(_set(roomy, checkpoint_every_n_layers=n + 1), shape).total_bytes > 0.9 * 80 * GiB
+    every_layer = plan.estimate(_set(cfg, checkpoint_every_n_layers=1), shape).total_bytes
+    tight = plan.resolve_auto(cfg, shape, every_layer)  # fits, but with nothing to spare
+    assert tight.train.checkpoint_every_n_layers == 1
+
+
+def test_resolve_auto_pages_the_optimizer_only_when_that_makes_it_fit():
+    cfg = make_cfg(train={"optimizer": "auto", "fused_loss": True})
+    shape = plan.load_builtin_shape("llama-3.1-8b")
+    p = plan.estimate(_set(cfg, optimizer="adamw_8bit"), shape)
+    pageable = 32 * 3 * (14336 * 16) * 2  # the 8-bit states of the three 14336x16 adapter matrices per layer
+    assert plan.resolve_auto(cfg, shape, p.total_bytes).train.optimizer == "adamw_8bit"
+    assert plan.resolve_auto(cfg, shape, p.total_bytes - pageable // 2).train.optimizer == "paged_adamw_8bit"
+    assert plan.resolve_auto(cfg, shape, p.total_bytes - 2 * pageable).train.optimizer == "adamw_8bit"
+
+
+def _set(cfg: plan.Config, **train) -> plan.Config:
+    copy = cfg.model_copy(deep=True)
+    for key, value in train.items():
+        setattr(copy.train, key, value)
+    return copy
 
 
 @pytest.mark.parametrize("path", SHIPPED_24GB, ids=lambda p: p.name)
@@ -291,8 +443,31 @@ def test_cli_json_and_table(tmp_path: Path):
                 "breakdown"):
         assert key in report
     assert report["fits"] is True and report["total_bytes"] == sum(report["breakdown"].values())
+    for key in ("memory_settings", "auto_settings", "max_length_that_fits_without_offload",
+                "max_length_that_fits_with_offload", "host_memory_bytes", "peak_stage", "fragmentation_fraction"):
+        assert key in report
+    assert "auto" not in report["memory_settings"].values()
+    assert report["max_length_that_fits_with_offload"] >= report["max_length_that_fits_without_offload"]
+    table = run_cli("plan", str(cfg), "--gpu-memory", "24", timeout=120)
+    assert "longest max_length that fits:" in table.stdout and "with it" in table.stdout
+    # Not even offload makes it fit: exit 4, the verdict, and the longest length that does fit.
+    too_long = run_cli("plan", str(cfg), "--gpu-memory", "24", "--set", "train.max_length=1000000", "--json",
+                       timeout=120)
+    assert too_long.returncode == EXIT_OOM
+    longest = json.loads(too_long.stdout)
+    assert f"--set train.max_length={longest['max_length_that_fits']} (the longest that fits)" in longest["suggestion"]
     small = run_cli("plan", str(cfg), "--gpu-memory", "8", "--set", "train.max_length=8192", timeout=120)
     assert small.returncode == EXIT_OOM
     assert "does NOT fit" in small.stdout and "fix:" in small.stdout
     bad = run_cli("plan", str(cfg), "--set", "model.name_or_path=" + str(tmp_path / "nope"), timeout=120)
     assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+def test_planner_constants_are_the_codes():
+    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    from qlora_kit.ops import tiled_mlp
+
+    assert plan.MLP_TILE_TOKENS == tiled_mlp.MLP_TILE_TOKENS
+    assert (plan.LOSS_TOKEN_TILE, plan.LOSS_VOCAB_TILE) == (TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE)

@@ -118,17 +118,48 @@ def test_packing_run(tmp_path: Path, tiny_llama: Path) -> None:
     with StopRequest() as stop:
         train(run, stop)
     assert run.step == 2
+    assert run.manifest["memory"]["packing"] and run.manifest["memory"]["attention"] == "qlora_kit_varlen"
+
+
+def test_memory_techniques_train_like_the_plain_path(tmp_path: Path, tiny_llama: Path, monkeypatch) -> None:
+    """Fused loss + tiled MLP + every-2nd-layer checkpointing: the same training as the plain path."""
+    from qlora_kit.ops import tiled_mlp
+
+    monkeypatch.setattr(tiled_mlp, "MLP_TILE_TOKENS", 16)  # tiny rows: make the tiling happen
+    tiled_calls = []
+    apply = tiled_mlp.TiledMLPFunction.apply
+    monkeypatch.setattr(tiled_mlp.TiledMLPFunction, "apply", lambda *a: tiled_calls.append(1) or apply(*a))
+    common = {"lora": {"target_modules": "all-linear"}}
+    plain = _setup_run(tmp_path / "plain", tiny_llama, train={"fused_loss": False, "tiled_mlp": False,
+                                                               "checkpoint_every_n_layers": 1}, **common)
+    fast = _setup_run(tmp_path / "fast", tiny_llama, train={"fused_loss": True, "tiled_mlp": True,
+                                                             "checkpoint_every_n_layers": 2}, **common)
+    assert fast.manifest["memory"] | {"fused_loss": True, "tiled_mlp": True, "checkpoint_every_n_layers": 2} == \
+        fast.manifest["memory"]
+    for run in (plain, fast):
+        with StopRequest() as stop:
+            train(run, stop)
+    want = [r["loss"] for r in plain.metrics.read() if "loss" in r]
+    got = [r["loss"] for r in fast.metrics.read() if "loss" in r]
+    assert len(got) == len(want) == 6 and tiled_calls
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    for (name, a), b in zip(plain.model.named_parameters(), fast.model.parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @gpu
-def test_cuda_bf16_adapters_and_paged_optimizer(tmp_path: Path, tiny_llama: Path) -> None:
-    run = _setup_run(tmp_path, tiny_llama, train={"optimizer": "paged_adamw_8bit", "max_steps": 2})
+def test_cuda_fp32_adapters_autocast_and_8bit_optimizer(tmp_path: Path, tiny_llama: Path) -> None:
+    run = _setup_run(tmp_path, tiny_llama, train={"optimizer": "auto", "max_steps": 2})
     trainable = [p for p in run.model.parameters() if p.requires_grad]
-    assert all(p.dtype == torch.bfloat16 and p.is_cuda for p in trainable)
-    assert type(run.optimizer).__name__ == "PagedAdamW8bit"
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in trainable)
+    assert run.precision.autocast and run.precision.compute_dtype in (torch.bfloat16, torch.float16)
+    assert type(run.optimizer).__name__ == "AdamW8bit"
     with StopRequest() as stop:
         train(run, stop)
     assert run.step == 2
+    paged = _setup_run(tmp_path / "paged", tiny_llama, train={"optimizer": "paged_adamw_8bit", "max_steps": 1})
+    assert type(paged.optimizer).__name__ == "PagedAdamW8bit"
 
 
 def test_epochs_decide_the_step_count_when_max_steps_is_unset(tmp_path: Path, tiny_llama: Path) -> None:
@@ -142,3 +173,19 @@ def test_epochs_decide_the_step_count_when_max_steps_is_unset(tmp_path: Path, ti
     run = _setup_run(tmp_path / "e", tiny_llama, train={"max_steps": None, "num_epochs": 1,
                                                          "gradient_accumulation_steps": 2})
     assert run.total_steps == -(-run.micro_per_epoch // 2)
+
+
+def test_resume_keeps_the_memory_settings_the_run_started_with(tiny_llama: Path) -> None:
+    """"auto" settings are re-decided only for new runs: a resumed run keeps its optimizer class etc."""
+    from qlora_kit.config import validate
+    from qlora_kit.train import resolve_memory_settings
+
+    cfg = validate({"model": {"name_or_path": str(tiny_llama)}, "data": {"path": "x"}, "output_dir": "x",
+                    "train": {"tiled_mlp": False}})
+    recorded = {"optimizer": "paged_adamw_8bit", "checkpoint_every_n_layers": 2, "tiled_mlp": True,
+                "activation_offload": False}
+    resumed = resolve_memory_settings(cfg, tiny_llama, torch.device("cpu"), recorded)
+    assert resumed.train.optimizer == "paged_adamw_8bit" and resumed.train.checkpoint_every_n_layers == 2
+    assert resumed.train.tiled_mlp is False  # set explicitly in the config: the user's value wins
+    fresh = resolve_memory_settings(cfg, tiny_llama, torch.device("cpu"))
+    assert fresh.train.optimizer != "auto" and fresh.train.checkpoint_every_n_layers != "auto"
