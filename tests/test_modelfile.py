@@ -56,9 +56,11 @@ LLAMA2 = (
 UNKNOWN = ("{% for m in messages %}{{ '### ' + m.role | upper + ':\\n' + m.content + '\\n' }}{% endfor %}"
            "{% if add_generation_prompt %}{{ '### ASSISTANT:\\n' }}{% endif %}")
 
-CASES = {  # name: (template, end-of-turn token, expected family)
+CASES = {  # name: (template, end-of-turn token, expected family[, BOS token])
     "chatml": (CHATML, "<|im_end|>", "chatml"),
     "chatml-default-system": (CHATML_DEFAULT_SYSTEM, "<|im_end|>", "chatml"),
+    # SmolLM2: the BOS token *is* <|im_start|>, which opens every turn (not a BOS the template adds)
+    "chatml-bos-is-im_start": (CHATML_DEFAULT_SYSTEM, "<|im_end|>", "chatml", "<|im_start|>"),
     "llama3": (LLAMA3, "<|eot_id|>", "llama3"),
     "llama3.1": (LLAMA31, "<|eot_id|>", "llama3"),
     "mistral-system-last": (MISTRAL_SYSTEM_LAST, "</s>", "mistral"),
@@ -86,12 +88,14 @@ def base_tokenizer(tiny_models) -> Any:
     return tokenizer
 
 
-def _with_template(tokenizer: Any, template: str, eos: str) -> Any:
+def _with_template(tokenizer: Any, template: str | None, eos: str, bos: str | None = None) -> Any:
     import copy
 
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = template
     tok.eos_token = eos
+    if bos is not None:
+        tok.bos_token = bos
     return tok
 
 
@@ -106,14 +110,14 @@ def ollama_data(messages: list[dict[str, str]], modelfile_system: str | None) ->
 @pytest.mark.parametrize("bos_added_by_runtime", [True, False])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_go_template_renders_the_jinja_template(case: str, bos_added_by_runtime: bool, base_tokenizer) -> None:
-    template, eos, family = CASES[case]
-    tok = _with_template(base_tokenizer, template, eos)
+    template, eos, family, *bos = CASES[case]
+    tok = _with_template(base_tokenizer, template, eos, *bos)
     fmt = chat_format(tok, [tok.convert_tokens_to_ids(eos)], bos_added_by_runtime=bos_added_by_runtime)
     assert fmt.family == family and fmt.warning is None
     assert fmt.stops == [eos]
     for messages in CONVERSATIONS:
         want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if bos_added_by_runtime and want.startswith(tok.bos_token):
+        if bos_added_by_runtime and want.startswith(tok.bos_token) and not bos:
             want = want[len(tok.bos_token):]  # llama.cpp adds the BOS token itself (add_bos_token)
         got = gotemplate.render(fmt.template, ollama_data(messages, fmt.system))
         assert got == want, (case, messages)

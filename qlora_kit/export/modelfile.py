@@ -181,40 +181,46 @@ PLAIN_TEMPLATE = ('{{ if .System }}{{ .System }}\n\n{{ end }}{{ range .Messages 
 
 
 def render_probes(tokenizer: Any) -> dict[int, str]:
-    """The run's chat template rendered on each probe it accepts (index → text, leading BOS removed)."""
-    bos = getattr(tokenizer, "bos_token", None) or ""
+    """The run's chat template rendered on each probe it accepts (index → text, exactly as rendered)."""
     out = {}
     for i, messages in enumerate(PROBES):
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            out[i] = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception:  # templates refuse conversations in many ways (no system role, raise_exception)
             continue
-        out[i] = text[len(bos):] if bos and text.startswith(bos) else text
     return out
 
 
-def starts_with_bos(tokenizer: Any) -> bool:
-    """Whether the run's template writes the BOS token text itself at the start of a conversation."""
-    bos = getattr(tokenizer, "bos_token", None)
-    if not bos or not getattr(tokenizer, "chat_template", None):
-        return False
-    try:
-        return tokenizer.apply_chat_template(PROBES[0], tokenize=False, add_generation_prompt=True).startswith(bos)
-    except Exception:
-        return False
+def probe_readings(probes: dict[int, str], bos: str | None) -> list[tuple[dict[int, str], str]]:
+    """Ways to read the probes: (texts, leading BOS text the template writes itself).
+
+    When every probe starts with the BOS text, it is first read as a BOS the template writes
+    (Llama-3's ``<|begin_of_text|>``), then as part of the format itself (SmolLM2's BOS *is*
+    ``<|im_start|>``, which opens every ChatML turn).
+    """
+    readings = []
+    if bos and probes and all(text.startswith(bos) for text in probes.values()):
+        readings.append(({i: text[len(bos):] for i, text in probes.items()}, bos))
+    readings.append((probes, ""))
+    return readings
 
 
 def chat_format(tokenizer: Any, stop_ids: list[int], bos_added_by_runtime: bool) -> ChatFormat:
-    """Recognise the run's conversation format and build the Modelfile pieces for it."""
+    """Recognise the run's conversation format and build the Modelfile pieces for it.
+
+    ``bos_added_by_runtime``: the GGUF says ``add_bos_token``, so llama.cpp/Ollama prepend the
+    BOS token themselves and the Go template must not write it again.
+    """
     stops = stop_strings(tokenizer, stop_ids)
     probes = render_probes(tokenizer) if getattr(tokenizer, "chat_template", None) else {}
-    lead = tokenizer.bos_token if starts_with_bos(tokenizer) and not bos_added_by_runtime else ""
-    if 0 in probes:
+    for texts, lead in probe_readings(probes, getattr(tokenizer, "bos_token", None)):
+        if 0 not in texts:
+            continue
         for family in FAMILIES:
-            found = family(probes)
+            found = family(texts)
             if found is not None and found.render is not None and all(
-                    found.render(PROBES[i]) == text for i, text in probes.items()):
-                found.template = lead + found.template
+                    found.render(PROBES[i]) == text for i, text in texts.items()):
+                found.template = ("" if bos_added_by_runtime else lead) + found.template
                 found.stops = stops
                 return found
     why = "the run has no chat template" if not probes else \
