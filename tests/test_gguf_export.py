@@ -224,6 +224,22 @@ def test_verification_catches_a_wrong_rope_permutation(runs, tmp_path: Path, no_
     assert ver["status"] == "failed" and any("logit std" in f for f in ver["failures"])
 
 
+def test_verification_catches_a_gguf_without_the_fine_tune(runs, tmp_path: Path, no_llamacpp,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The adapter never merged ("no LoRA effect"): as far from the trained model as the untuned base, exit 5."""
+    out = tmp_path / "ok"
+    assert export_run(runs("llama"), out, fmt="gguf", quant="f16", show_progress=False, verify_prompts=4) == 0
+    kept = json.loads((out / REPORT).read_text())["verification"]["untuned"]
+    assert kept["judged"] and kept["ratio"] < 0.01, kept
+    monkeypatch.setattr(merge, "apply_adapter", lambda w, mod, factors, dora: w)
+    out = tmp_path / "lost"
+    assert export_run(runs("llama"), out, fmt="gguf", quant="f16", show_progress=False, verify_prompts=4) == 5
+    ver = json.loads((out / REPORT).read_text())["verification"]
+    assert ver["untuned"]["judged"] and ver["untuned"]["ratio"] > 0.9, ver["untuned"]
+    assert any("fine-tune is largely lost" in f for f in ver["failures"]), ver["failures"]
+    assert "fine-tune LOST" in (out / "README.md").read_text()
+
+
 # --------------------------------------------------------------------------- Modelfile
 
 

@@ -140,6 +140,11 @@ def verification_lines(ver: dict[str, Any]) -> list[str]:
                      f"({m['rel_max']:.3g} of the logit std), mean KL {m['kl_mean']:.3g} nats, top-1 agreement "
                      f"{m['top1_agreement']:.3f}")
         lines.append(f"- greedy answers identical on {g['greedy_exact']}/{g['greedy_total']} prompts")
+        u = ver.get("untuned")
+        if u and u["judged"]:
+            kept = "kept" if u["ratio"] <= u["max_ratio"] else "LOST"
+            lines.append(f"- fine-tune {kept}: KL(trained || GGUF) is {u['ratio']:.3g}x KL(trained || untuned base) "
+                         f"({u['kl_mean_export']:.3g} vs {u['kl_mean_untuned']:.3g} nats; limit {u['max_ratio']}x)")
     for label, key in (("vs the trained model (NF4 + adapter)", "vs_trained"),
                        ("vs original base + adapter", "vs_original_adapter")):
         m = ver.get(key)

@@ -91,11 +91,16 @@ class Prompt:
 @dataclass
 class Outputs:
     """Per prompt: teacher-forced logits (float32, CPU), greedy continuation ids, and at each greedy
-    step the lead of the chosen token's logit over the runner-up (how close that choice was to a tie)."""
+    step the lead of the chosen token's logit over the runner-up (how close that choice was to a tie).
+
+    ``untuned_kl`` (optional): mean KL(these logits || the same model with its adapter switched
+    off), nats per position: how much the fine-tune changed the model.
+    """
 
     logits: list[torch.Tensor]
     greedy: list[list[int]]
     margins: list[list[float]]
+    untuned_kl: float | None = None
 
 
 def tolerance(dtype: str, compute_dtype: str = "float32", trained_dtype: str = "float32") -> dict[str, float]:
@@ -199,19 +204,37 @@ def greedy_agreement(ref: Outputs, other: list[list[int]], margin: float) -> dic
 
 
 def run_reference(run_dir: Path, prompts: list[Prompt], eos_ids: list[int], pad_id: int | None,
-                  device: torch.device, max_new_tokens: int) -> Outputs:
-    """Outputs of the trained model (NF4 base + adapter, the training weights), computing in float32."""
+                  device: torch.device, max_new_tokens: int, untuned: bool = False) -> Outputs:
+    """Outputs of the trained model (NF4 base + adapter, the training weights), computing in float32.
+
+    ``untuned=True`` also measures how far the base alone (adapter switched off) is from it.
+    """
     from qlora_kit.model import load_run_for_inference
 
     # load_quantized_base already keeps bitsandbytes from repacking the 4-bit weights on CPU.
     model, _, _ = load_run_for_inference(run_dir, device=device, compute_dtype=torch.float32)
     outputs = collect(model, prompts, eos_ids, pad_id, max_new_tokens)
+    if untuned:
+        outputs.untuned_kl = untuned_kl(model, prompts, outputs.logits)
     _free(model)
     return outputs
 
 
+def untuned_kl(model: Any, prompts: list[Prompt], logits: list[torch.Tensor]) -> float:
+    """Mean KL(``logits`` || a peft model's base alone, adapter switched off) over every position, nats.
+
+    One prompt at a time, so only one extra set of logits is held.
+    """
+    device = next(model.parameters()).device
+    kl = []
+    with torch.inference_mode(), model.disable_adapter():
+        for p, ref in zip(prompts, logits):
+            kl.append(_kl(ref, model(input_ids=torch.tensor([p.full_ids], device=device)).logits[0].float().cpu()))
+    return float(torch.cat(kl).mean())
+
+
 def run_original_adapter(run_dir: Path, prompts: list[Prompt], eos_ids: list[int], pad_id: int | None,
-                         device: torch.device, max_new_tokens: int) -> Outputs:
+                         device: torch.device, max_new_tokens: int, untuned: bool = False) -> Outputs:
     """Outputs of the unquantised source base + adapter (what ``--merge-base original`` claims to be)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -225,6 +248,8 @@ def run_original_adapter(run_dir: Path, prompts: list[Prompt], eos_ids: list[int
     model = PeftModel.from_pretrained(base, run_dir / rundir.ADAPTER, is_trainable=False)
     set_inference_mode(model)
     outputs = collect(model, prompts, eos_ids, pad_id, max_new_tokens)
+    if untuned:
+        outputs.untuned_kl = untuned_kl(model, prompts, outputs.logits)
     _free(model)
     return outputs
 

@@ -18,17 +18,43 @@ without llama.cpp:
     into the base's architecture, compared with the reference like an HF export,
   and the report says that llama.cpp did not run.
 
-Tolerance per quant type.  As for the HF export (``verify``), drift is measured relative to
-the spread of the reference logits and allowed ``MAX_FACTOR`` / ``MEAN_FACTOR`` times a
-rounding unit u: here the larger of the weight format's ``QUANT_ROUNDOFF`` (the unit
-roundoff of f16/bf16; for block formats about half a quantisation step relative to the
-block's largest weight), the run's training dtype, and — in llama.cpp — the precision its
-matrix products round activations to (f16 for f16 weights, 8-bit blocks for quantised ones).
-Positions where the reference is decisive (top-1 ahead by more than twice the allowed error)
-must keep their top-1 token; greedy answers must be identical on ``MIN_GREEDY_EXACT[quant]``
-of the prompts (4-6 bit formats shift near-ties, so they are allowed more divergence);
-tokenisation must be exact.  The measured values are in ``export_report.json`` and the
-calibration runs are quoted in docs/CONTRACTS.md.
+Tolerance per quant type (``gguf_tolerance``; the values used are written to the report).
+Drift is measured as for the HF export (``verify``): |Δlogit| relative to the spread of the
+reference logits (``rel_max``, ``rel_mean``), and the mean KL(reference || GGUF) of the
+next-token distributions.  f16 / bf16 use ``verify``'s rounding model (64u / 8u with u the unit
+roundoff of the larger of the weight format and the run's training dtype; llama.cpp rounds the
+activations of f16 matrix products to f16 too).  The block formats have no such model: their
+limits (``BLOCK_LIMITS``) are set at 2-3x what correct exports of SmolLM2-135M measured through
+llama.cpp (``benchmarks/gguf_verify.py``; a 135M model quantises worse than a 7B one, so the
+limits are generous for 7B models), with the KL limit below what two known-wrong models
+measured (``benchmarks/results/gguf-verify-20261125T035904Z.json``):
+
+  =================  =========  ========  =========  ==============  =================
+  SmolLM2-135M       rel_max    rel_mean  KL (nats)  greedy exact/8  KL / KL(untuned)
+  =================  =========  ========  =========  ==============  =================
+  f16                0.017      0.0015    7.3e-6     8               ~1e-5
+  bf16               0.097      0.011     3.7e-4     8               ~5e-4
+  q8_0               0.37       0.047     8.8e-3     8               0.011
+  q6_k               0.92       0.068     0.020      7               0.026
+  q5_k_m             1.44       0.164     0.074      7               0.095
+  q4_k_m             2.88       0.220     0.117      6               0.15
+  q4_0               4.28       0.428     0.653      4               0.85
+  wrong: merged onto
+  original weights   2.80       0.389     0.443      5 (3 diverged)  0.57
+  wrong: no adapter  3.98       0.382     0.773      0 (8 diverged)  1.0
+  =================  =========  ========  =========  ==============  =================
+
+A quantised model can drift as far as a wrong one when the fine-tune changed the model less
+than quantisation noise does, so one more criterion asks whether the fine-tune survived: the
+reference's base with its adapter switched off (the untuned model) is run too, and the GGUF
+must be much closer to the trained model than the untuned model is: KL(trained || GGUF) <=
+``UNTUNED_KL_MAX_RATIO`` x KL(trained || untuned) (the "no LoRA effect" failure).  q4_0 of
+SmolLM2-135M fails it (0.85): at 4 bits that model loses most of what it was taught, and the
+export says so (exit 5) rather than shipping it silently.
+
+Also required: exact tokenisation and tokenizer metadata; top-1 kept where the reference is
+decisive (top-1 ahead by more than twice ``rel_max``); greedy answers identical except where
+the reference itself was at a near tie (top-2 within twice ``rel_max``).
 """
 
 from __future__ import annotations
@@ -48,19 +74,40 @@ from qlora_kit.export.verify import (MAX_FACTOR, MEAN_FACTOR, UNIT_ROUNDOFF, Out
 
 log = logging.getLogger("qlora_kit")
 
-QUANT_ROUNDOFF = {"f16": 2.0**-11, "bf16": 2.0**-8, "q8_0": 2.0**-8, "q6_k": 2.0**-6, "q5_k_m": 2.0**-5,
-                  "q4_k_m": 2.0**-4, "q4_0": 2.0**-4}
-# Mean KL(reference || GGUF) of the next-token distributions, nats per position.
-KL_MEAN_MAX = {"f16": 1e-3, "bf16": 3e-3, "q8_0": 1e-2, "q6_k": 3e-2, "q5_k_m": 5e-2, "q4_k_m": 0.1, "q4_0": 0.15}
-_LLAMACPP_ACTIVATIONS = {"f16": 2.0**-11, "bf16": 2.0**-8}  # everything else: 8-bit blocks (≈ 2^-8)
+# Limits of the block formats: rel_max, rel_mean (of the logit std) and mean KL (nats), see above.
+BLOCK_LIMITS = {"q8_0": (1.0, 0.12, 0.03), "q6_k": (2.5, 0.2, 0.06), "q5_k_m": (4.0, 0.35, 0.15),
+                "q4_k_m": (8.0, 0.5, 0.25), "q4_0": (8.0, 0.5, 0.25)}
+FLOAT_ROUNDOFF = {"f16": 2.0**-11, "bf16": 2.0**-8}
+FLOAT_KL_MAX = {"f16": 1e-3, "bf16": 3e-3}
+UNTUNED_KL_MAX_RATIO = 0.4
+_UNTUNED_KL_MIN = 1e-4  # below this the adapter does not measurably change the model: nothing to keep
 
 
-def gguf_tolerance(quant: str, trained_dtype: str, in_llamacpp: bool) -> dict[str, float]:
-    """Allowed ``rel_max`` / ``rel_mean`` / ``kl_mean`` for a GGUF of type ``quant`` (see the module docstring)."""
-    u = max(QUANT_ROUNDOFF[quant], UNIT_ROUNDOFF.get(trained_dtype, 0.0))
-    if in_llamacpp:
-        u = max(u, _LLAMACPP_ACTIVATIONS.get(quant, 2.0**-8))
-    return {"rel_max": MAX_FACTOR * u, "rel_mean": MEAN_FACTOR * u, "kl_mean": KL_MEAN_MAX[quant]}
+def gguf_tolerance(quant: str, trained_dtype: str) -> dict[str, float]:
+    """Allowed ``rel_max`` / ``rel_mean`` / ``kl_mean`` for a GGUF of type ``quant`` (see the module docstring).
+
+    The same with and without llama.cpp: llama.cpp rounds f16 matrix products' activations to
+    f16 (the weights' own unit roundoff) and quantised ones' to 8-bit blocks (inside the block
+    formats' measured limits).
+    """
+    u = UNIT_ROUNDOFF.get(trained_dtype, 0.0)
+    if quant in FLOAT_ROUNDOFF:
+        u = max(u, FLOAT_ROUNDOFF[quant])
+        return {"rel_max": MAX_FACTOR * u, "rel_mean": MEAN_FACTOR * u, "kl_mean": FLOAT_KL_MAX[quant]}
+    rel_max, rel_mean, kl = BLOCK_LIMITS[quant]
+    return {"rel_max": max(rel_max, MAX_FACTOR * u), "rel_mean": max(rel_mean, MEAN_FACTOR * u), "kl_mean": kl}
+
+
+def untuned_check(ref: Outputs, export: float) -> dict[str, Any]:
+    """How close the GGUF (mean KL ``export`` from the trained model) is compared with the untuned base.
+
+    ``judged`` is False when the adapter changes the next-token distributions by less than
+    ``_UNTUNED_KL_MIN`` nats (an untrained adapter): there is no fine-tune effect to lose.
+    """
+    untuned = ref.untuned_kl if ref.untuned_kl is not None else 0.0
+    judged = untuned >= _UNTUNED_KL_MIN
+    return {"kl_mean_untuned": untuned, "kl_mean_export": export, "ratio": export / untuned if judged else None,
+            "max_ratio": UNTUNED_KL_MAX_RATIO, "judged": judged}
 
 
 @dataclass
@@ -98,7 +145,7 @@ def verify_gguf(run_dir: Path, gguf_path: Path, quant: str, vocab: GgufVocab, eo
     pad = tokenizer.pad_token_id
     prompts, origin = load_prompts(run.run_dir, tokenizer, max_prompts)
     reference = run_reference if merge_base == "dequantized" else run_original_adapter
-    ref = reference(run.run_dir, prompts, eos_ids, pad, device, max_new_tokens)
+    ref = reference(run.run_dir, prompts, eos_ids, pad, device, max_new_tokens, untuned=True)
     trained = run.quant.get("load_dtype", "float32")
     result: dict[str, Any] = {
         "prompts": len(prompts), "prompt_source": origin, "max_new_tokens": max_new_tokens, "quant": quant,
@@ -107,14 +154,14 @@ def verify_gguf(run_dir: Path, gguf_path: Path, quant: str, vocab: GgufVocab, eo
     }
     stored = vocab_round_trip(gguf_path, vocab)
     result["tokenizer_metadata"] = {"identical": not stored, "differences": stored}
+    tol = gguf_tolerance(quant, trained)
     if llamacpp.available():
-        tol = gguf_tolerance(quant, trained, in_llamacpp=True)
         result.update(_check_with_llamacpp(gguf_path, prompts, ref, tokenizer, eos_ids, tol, max_new_tokens))
     else:
-        tol = gguf_tolerance(quant, trained, in_llamacpp=False)
         result.update(_check_with_transformers(gguf_path, run, prompts, ref, eos_ids, pad, device, tol,
                                                max_new_tokens))
     result["criteria"] = {**{f"{k}_max": v for k, v in tol.items()}, "decisive_agreement_min": 1.0,
+                          "kl_vs_untuned_ratio_max": UNTUNED_KL_MAX_RATIO,
                           "greedy": "no answer diverges from the reference except at a near-tie",
                           "tokenization": "exact"}
     failures = _failures(result)
@@ -143,6 +190,11 @@ def _failures(result: dict[str, Any]) -> list[str]:
     if m["decisive_agreement"] < 1.0:
         wrong = m["decisive_positions"] - round(m["decisive_agreement"] * m["decisive_positions"])
         failures.append(f"top-1 token differs at {wrong} position(s) where the reference is decisive")
+    u = result["untuned"]
+    if u["judged"] and u["ratio"] > u["max_ratio"]:
+        failures.append(f"the fine-tune is largely lost: KL(trained || GGUF) is {u['ratio']:.2f}x KL(trained || "
+                        f"untuned base) (limit {u['max_ratio']}); {result['quant']} rounds away more than the adapter "
+                        "changed (a larger --quant keeps it), or the adapter was not merged")
     g = result["greedy"]
     if g["greedy_diverged"]:
         failures.append(f"greedy answers diverge from the reference on {g['greedy_diverged']}/{g['greedy_total']} "
@@ -173,6 +225,7 @@ def _check_with_llamacpp(path: Path, prompts: list[Prompt], ref: Outputs, tokeni
         "backend": "llama.cpp",
         "tokenization": {"identical": same_ids, "total": len(prompts), "chat_prompt_lengths_identical": same_len},
         "next_token": next_token,
+        "untuned": untuned_check(ref, next_token["kl_mean"]),
         "greedy": greedy,
     }
 
@@ -247,6 +300,7 @@ def _check_with_transformers(path: Path, run: rundir.RunInfo, prompts: list[Prom
         "llama_cpp": f"did not run: llama-cpp-python is not installed ({llamacpp.INSTALL_HINT})",
         "backend": "transformers GGUF loader (weights dequantised and un-permuted by transformers)",
         "next_token": metrics,
+        "untuned": untuned_check(ref, metrics["kl_mean"]),
         "greedy": greedy,
     }
 
