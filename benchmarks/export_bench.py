@@ -227,7 +227,7 @@ def run_child(code: str, args: list[str], env: dict[str, str], workdir: Path) ->
 
 def import_baseline(env: dict[str, str], workdir: Path) -> int:
     """Peak RSS of a child that only imports what the exporter imports (the floor under any export)."""
-    code = "import torch, transformers, bitsandbytes, safetensors, peft, qlora_kit.export, qlora_kit.verify\n"
+    code = "import torch, transformers, bitsandbytes, safetensors, peft, qlora_kit.export, qlora_kit.export.verify\n"
     _, _, peak, _ = run_child(code, [], env, workdir)
     return peak
 

@@ -154,23 +154,29 @@ def train(
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="output_dir of a finished `qlora-kit train`."),
-    out: Path = typer.Option(..., "--out", help="Directory for the merged model."),
-    dtype: str = typer.Option("float16", "--dtype", help="float16 or bfloat16."),
+    out: Path = typer.Option(..., "--out", help="Directory for the merged model (HF) or the .gguf + Modelfile."),
+    fmt: str = typer.Option("hf", "--format", help="hf (safetensors for transformers/vLLM; default) or gguf "
+                                                   "(one .gguf file + Ollama Modelfile for llama.cpp/Ollama)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="--format hf: float16 (default) or bfloat16."),
+    quant: Optional[str] = typer.Option(
+        None, "--quant", help="--format gguf: f16, bf16, q8_0 (default), q4_0; q4_k_m, q5_k_m, q6_k need "
+                              "llama-cpp-python (pip install 'qlora-kit[llamacpp]')."),
     merge_base: str = typer.Option(
         "dequantized", "--merge-base", help="dequantized (what was trained; default) or original (16-bit source)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare the export with NF4+adapter."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare the export with NF4+adapter "
+                                                                   "(GGUF: in llama.cpp when installed)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
 ) -> None:
-    """Merge the adapter into a plain fp16 HF checkpoint, and prove it matches the trained model."""
+    """Merge the adapter into a plain fp16 HF checkpoint or a GGUF, and prove it matches the trained model."""
 
     def body() -> int:
         _one_process_only("export")
         from qlora_kit.export import export_run
 
         return export_run(run_dir, out, dtype=dtype, merge_base=merge_base, overwrite=overwrite, verify=verify,
-                          device=device)
+                          device=device, fmt=fmt, quant=quant)
 
     _run(body)
 

@@ -122,34 +122,17 @@ def split_reference(row: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
     return messages[:-1], messages[-1]["content"]
 
 
-@torch.no_grad()
 def generate_greedy(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int,
                     batch_size: int = 8) -> list[str]:
-    """Greedy replies through the chat template, stopped at EOS; left-padded batches."""
+    """Greedy replies through the chat template, stopped at EOS / end of turn; left-padded batches."""
+    from qlora_kit.generate import encode_chat, eos_token_ids, generate_tokens, strip_stop
     from qlora_kit.model import set_inference_mode
 
     set_inference_mode(model)
-    device = next(model.parameters()).device
-    texts = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=False)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    replies: list[str] = []
-    try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            replies += [_decode_reply(tokenizer, ids) for ids in out[:, enc["input_ids"].shape[1]:]]
-    finally:
-        tokenizer.padding_side = side
-    return replies
-
-
-def _decode_reply(tokenizer: Any, ids: torch.Tensor) -> str:
-    ids = ids.tolist()
-    if tokenizer.eos_token_id in ids:
-        ids = ids[: ids.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+    eos = eos_token_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None))
+    ids = generate_tokens(model, [encode_chat(tokenizer, p) for p in prompts], eos, tokenizer.pad_token_id,
+                          max_new_tokens, batch_size=batch_size)
+    return [tokenizer.decode(strip_stop(reply, eos), skip_special_tokens=True).strip() for reply in ids]
 
 
 def exact_match(model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int = MAX_NEW_TOKENS,

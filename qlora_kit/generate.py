@@ -162,48 +162,89 @@ def _stored_dtype(path: Path) -> str | None:
 # --------------------------------------------------------------------------- prompting
 
 
-def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Prompt ids for ``messages`` through the chat template (plain text join when there is none)."""
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The prompt text for ``messages``: the chat template with the generation prompt (plain join without one).
+
+    Raises:
+        ModelError: the template rejects the conversation (e.g. no system role, roles not alternating).
+    """
     if getattr(tokenizer, "chat_template", None):
         from jinja2.exceptions import TemplateError
 
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except TemplateError as exc:  # e.g. "System role not supported", roles must alternate
             raise ModelError(f"the chat template rejected this conversation: {exc}",
                              "drop --system if the template has no system role, or keep user/assistant turns "
                              "alternating") from exc
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    text = "\n".join(m["content"] for m in messages) + "\n"
-    return tokenizer(text)["input_ids"]
+    return "\n".join(m["content"] for m in messages) + "\n"
 
 
-def generation_config(loaded: Loaded, max_new_tokens: int, temperature: float):
-    """The model's generation config with our stop tokens, greedy at temperature 0."""
-    gen = copy.deepcopy(loaded.model.generation_config)
-    pad = loaded.tokenizer.pad_token_id
-    gen.update(max_new_tokens=max_new_tokens, eos_token_id=loaded.eos_ids,
-               pad_token_id=pad if pad is not None else loaded.eos_ids[0] if loaded.eos_ids else None)
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Prompt ids for ``messages`` through the chat template (plain text join when there is none).
+
+    Raises:
+        ModelError: the template rejects the conversation.
+    """
+    text = render_chat(tokenizer, messages)
+    return tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+
+
+def greedy_or_sampling_config(model: Any, eos_ids: list[int], pad_id: int | None, max_new_tokens: int,
+                              temperature: float = 0.0):
+    """The model's generation config with our stop tokens: plain argmax at temperature 0, else sampling.
+
+    Greedy switches off everything that would bend the argmax (sampling knobs, repetition
+    penalties from the base's generation_config.json), so two models compared greedily are
+    compared on their logits alone.
+    """
+    gen = copy.deepcopy(model.generation_config)
+    pad = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else None)
+    gen.update(max_new_tokens=max_new_tokens, eos_token_id=list(eos_ids) or None, pad_token_id=pad)
     if temperature > 0:
         gen.update(do_sample=True, temperature=temperature)
     else:
-        gen.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None)
+        gen.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None, repetition_penalty=None,
+                   no_repeat_ngram_size=None)
     return gen
+
+
+def generate_tokens(model: Any, prompts: list[list[int]], eos_ids: list[int], pad_id: int | None,
+                    max_new_tokens: int, temperature: float = 0.0, batch_size: int = 1,
+                    streamer: Any = None) -> list[list[int]]:
+    """New token ids for each prompt, greedy at temperature 0 (the one generation helper of qlora-kit).
+
+    Prompts are run ``batch_size`` at a time, left-padded.  Each result ends at, and keeps,
+    its first stop token (``eos_ids``); nothing after it (batch padding) is returned.
+    """
+    gen = greedy_or_sampling_config(model, eos_ids, pad_id, max_new_tokens, temperature)
+    device = next(model.parameters()).device
+    results: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[gen.pad_token_id or 0] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, streamer=streamer)
+        results += [cut_after_stop(row[width:].tolist(), eos_ids) for row in out]
+    return results
+
+
+def cut_after_stop(ids: list[int], eos_ids: list[int]) -> list[int]:
+    """Everything up to and including the first stop token."""
+    for i, tok in enumerate(ids):
+        if tok in eos_ids:
+            return ids[: i + 1]
+    return ids
 
 
 def generate_ids(loaded: Loaded, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
                  streamer: Any = None) -> list[int]:
     """New token ids for one prompt (stops after an EOS id, which is kept)."""
-    device = next(loaded.model.parameters()).device
-    input_ids = torch.tensor([prompt_ids], device=device)
-    with torch.inference_mode():
-        out = loaded.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            generation_config=generation_config(loaded, max_new_tokens, temperature),
-            streamer=streamer,
-        )
-    return out[0, len(prompt_ids):].tolist()
+    pad = loaded.tokenizer.pad_token_id
+    return generate_tokens(loaded.model, [prompt_ids], loaded.eos_ids, pad, max_new_tokens, temperature,
+                           streamer=streamer)[0]
 
 
 def strip_stop(ids: list[int], eos_ids: list[int]) -> list[int]:

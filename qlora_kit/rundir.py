@@ -21,8 +21,12 @@
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("qlora_kit")
 
 CONFIG = "config.yaml"
 MANIFEST = "manifest.json"
@@ -129,3 +133,40 @@ def _parse_safetensors_header(path: Path) -> None:
         raise CorruptCheckpoint(f"{path.name} is not a readable safetensors file") from exc
     if 8 + n + end != size:
         raise CorruptCheckpoint(f"{path.name} has {size} bytes, its header describes {8 + n + end} (truncated?)")
+
+
+@dataclass
+class RunInfo:
+    """What export and verification need from a finished run directory."""
+
+    run_dir: Path
+    manifest: dict[str, Any]
+    config: Any  # qlora_kit.config.Config
+    source_dir: Path
+    quant: dict[str, Any]
+
+
+def read_run(run_dir: str | Path) -> RunInfo:
+    """Read manifest, config and base source of a finished run.
+
+    Raises:
+        ModelError: the directory is not a finished qlora-kit run, or its base cannot be found.
+    """
+    from qlora_kit.config import load_config
+    from qlora_kit.errors import ModelError
+    from qlora_kit.model import resolve_source
+
+    run = Path(run_dir)
+    manifest = require_finished_run(run)
+    if manifest.get("status") not in (None, "completed"):
+        log.warning("run status is %r, not 'completed': exporting the adapter it saved last", manifest.get("status"))
+    cfg, _ = load_config(run / CONFIG)
+    source = Path(str((manifest.get("base") or {}).get("source_dir") or ""))
+    if not (source / "config.json").is_file():
+        source = resolve_source(cfg.model)
+    quant = manifest.get("quant") or {}
+    for key in ("quant_type", "double_quant", "blocksize", "load_dtype"):
+        if key not in quant:
+            raise ModelError(f"{run / MANIFEST} has no quant.{key}: cannot reproduce the NF4 base",
+                             "the run was written by an older qlora-kit; add the quant section from its training log")
+    return RunInfo(run, manifest, cfg, source, quant)

@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import qlora_kit.export as ex
 from qlora_kit.errors import EXIT_VERIFY_FAILED, ModelError, OutputError
+from qlora_kit.export import REPORT, export_run, hf, merge, source
+from qlora_kit.rundir import read_run
 from run_fixture import make_run
 
 from conftest import require_demo_gguf, run_cli
@@ -36,11 +37,11 @@ def llama_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def default_export(llama_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("exports") / "merged"
-    return out, ex.export_run(llama_run, out, show_progress=False)
+    return out, export_run(llama_run, out, show_progress=False)
 
 
 def _report(out: Path) -> dict:
-    return json.loads((out / ex.REPORT).read_text())
+    return json.loads((out / REPORT).read_text())
 
 
 def _partials(target: Path) -> list[Path]:
@@ -59,27 +60,27 @@ def test_nf4_reproduction_is_bit_exact(arch: str, tiny_models) -> None:
     from qlora_kit.config import ModelConfig
     from qlora_kit.model import load_quantized_base
 
-    source = tiny_models(arch)
-    model = load_quantized_base(source, ModelConfig(name_or_path=str(source)), torch.float32, torch.device("cpu"))
+    base = tiny_models(arch)
+    model = load_quantized_base(base, ModelConfig(name_or_path=str(base)), torch.float32, torch.device("cpu"))
     loaded = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     quant = {"quant_type": "nf4", "double_quant": True, "blocksize": 64, "load_dtype": "float32"}
-    assert ex.model_layout(source, quant).quantised == set(loaded)
-    ctx = ex.MergeContext("dequantized", quant, torch.float32, torch.device("cpu"), torch.device("cpu"))
-    with safe_open(str(source / "model.safetensors"), framework="pt") as fh:
+    assert source.model_layout(base, quant).quantised == set(loaded)
+    ctx = merge.MergeContext("dequantized", quant, torch.float32, torch.device("cpu"), torch.device("cpu"))
+    with safe_open(str(base / "model.safetensors"), framework="pt") as fh:
         for name, module in loaded.items():
-            mine = ex.reproduce_nf4(fh.get_tensor(f"{name}.weight"), ctx)
+            mine = merge.reproduce_nf4(fh.get_tensor(f"{name}.weight"), ctx)
             theirs = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
             assert torch.equal(mine, theirs), name
 
 
 def test_float32_merge_equals_nf4_plus_adapter(llama_run: Path, tmp_path: Path) -> None:
     """Before rounding to 16 bits, the merged weights give the trained model's logits (summation order only)."""
-    from qlora_kit.verify import compare, load_prompts, run_export, run_reference, tolerance
+    from qlora_kit.export.verify import compare, load_prompts, run_export, run_reference, tolerance
 
-    run = ex.read_run(llama_run)
-    ctx = ex.MergeContext("dequantized", run.quant, torch.float32, torch.device("cpu"), torch.device("cpu"))
-    ex.write_weights(ex.plan_export(run, torch.float32), tmp_path, ctx, show_progress=False)
-    eos = ex.write_model_files(run, tmp_path, "float32")
+    run = read_run(llama_run)
+    ctx = merge.MergeContext("dequantized", run.quant, torch.float32, torch.device("cpu"), torch.device("cpu"))
+    hf.write_weights(merge.plan_export(run, torch.float32), tmp_path, ctx, show_progress=False)
+    eos = hf.write_model_files(run, tmp_path, "float32")
     from transformers import AutoTokenizer
 
     prompts, _ = load_prompts(llama_run, AutoTokenizer.from_pretrained(tmp_path), 4)
@@ -114,7 +115,7 @@ def test_run_written_by_the_trainer_exports_and_verifies(tiny_llama: Path, tmp_p
     config = write_config(tmp_path / "cfg.yaml", tiny_llama, data, tmp_path / "run", train={"max_steps": 4})
     assert run_training(config, [], resume=False, overwrite=False, skip_memory_check=True) == 0
     out = tmp_path / "export"
-    assert ex.export_run(tmp_path / "run", out, show_progress=False) == 0
+    assert export_run(tmp_path / "run", out, show_progress=False) == 0
     ver = _report(out)["verification"]
     assert ver["status"] == "passed" and ver["prompt_source"] == "heldout.jsonl"
     assert ver["vs_trained"]["greedy_exact"] == ver["vs_trained"]["greedy_total"]
@@ -123,13 +124,13 @@ def test_run_written_by_the_trainer_exports_and_verifies(tiny_llama: Path, tmp_p
 def test_export_is_a_complete_model_directory(default_export: tuple[Path, int], llama_run: Path) -> None:
     out, _ = default_export
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors", "README.md", ex.REPORT,
+    assert {"config.json", "generation_config.json", "model.safetensors", "README.md", REPORT,
             "tokenizer.json", "tokenizer_config.json"} <= names
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float16"
     with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
         assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"F16"}
-        source_keys = set(safe_open(str(ex.read_run(llama_run).source_dir / "model.safetensors"), "pt").keys())
+        source_keys = set(safe_open(str(read_run(llama_run).source_dir / "model.safetensors"), "pt").keys())
         assert set(fh.keys()) == source_keys
     readme = (out / "README.md").read_text()
     for needle in ("base_model:", "## Data", "## Hyperparameters", "eval_loss", "## Verification", "from_pretrained"):
@@ -172,7 +173,7 @@ def test_eos_union_when_tokenizer_eos_differs_from_end_of_turn(tmp_path: Path) -
     tok.eos_token = "</s>"
     tok.save_pretrained(run / "tokenizer")
     out = tmp_path / "out"
-    assert ex.export_run(run, out, verify=False, show_progress=False) == 0
+    assert export_run(run, out, verify=False, show_progress=False) == 0
     eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
     assert set(eos) >= {tok.convert_tokens_to_ids("</s>"), tok.convert_tokens_to_ids("<|im_end|>")}
 
@@ -184,10 +185,10 @@ def test_original_merge_base_differs_by_what_the_report_says(llama_run: Path, de
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora_kit.model import load_run_for_inference
-    from qlora_kit.verify import load_prompts
+    from qlora_kit.export.verify import load_prompts
 
     out = tmp_path / "original"
-    assert ex.export_run(llama_run, out, merge_base="original", show_progress=False) == 0
+    assert export_run(llama_run, out, merge_base="original", show_progress=False) == 0
     ver = _report(out)["verification"]
     assert ver["status"] == "passed"  # it is what it claims: original base + adapter
     assert ver["vs_original_adapter"]["decisive_agreement"] == 1.0
@@ -219,7 +220,7 @@ def test_adapter_variants_verify(arch: str, lora: dict, overrides: dict, tmp_pat
     """rsLoRA + biases (Qwen2), DoRA, tied embeddings (Gemma): each export verifies."""
     run = make_run(tmp_path / "r", arch, lora=lora, model_overrides=overrides, n_heldout=4)
     out = tmp_path / "out"
-    code = ex.export_run(run, out, show_progress=False, verify_prompts=4)
+    code = export_run(run, out, show_progress=False, verify_prompts=4)
     ver = _report(out)["verification"]
     assert code == 0 and ver["status"] == "passed", ver["failures"]
     assert ver["vs_trained"]["greedy_exact"] == ver["vs_trained"]["greedy_total"]
@@ -253,16 +254,16 @@ def test_every_adapter_tensor_must_be_consumed(llama_run: Path, tmp_path: Path) 
     tensors["base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight"] = torch.zeros(8, 64)
     tensors["base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight"] = torch.zeros(128, 8)
     save_file(tensors, weights)
-    ex.export_run(run, tmp_path / "ok", verify=False, show_progress=False)  # gate_proj exists: merged
+    export_run(run, tmp_path / "ok", verify=False, show_progress=False)  # gate_proj exists: merged
     tensors["base_model.model.model.layers.0.mlp.nothing.lora_A.weight"] = torch.zeros(8, 64)
     tensors["base_model.model.model.layers.0.mlp.nothing.lora_B.weight"] = torch.zeros(128, 8)
     save_file(tensors, weights)
     with pytest.raises(ModelError, match="no tensor"):
-        ex.export_run(run, tmp_path / "bad", verify=False, show_progress=False)
+        export_run(run, tmp_path / "bad", verify=False, show_progress=False)
     tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(8, 512)
     save_file(tensors, weights)
     with pytest.raises(ModelError, match="not a LoRA"):
-        ex.export_run(run, tmp_path / "bad", verify=False, show_progress=False)
+        export_run(run, tmp_path / "bad", verify=False, show_progress=False)
     assert not (tmp_path / "bad").exists()
 
 
@@ -275,13 +276,13 @@ def test_unmergeable_adapter_options_are_refused(llama_run: Path, tmp_path: Path
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "lora_bias": True}))
     with pytest.raises(ModelError, match="lora_bias"):
-        ex.export_run(run, tmp_path / "out", verify=False, show_progress=False)
+        export_run(run, tmp_path / "out", verify=False, show_progress=False)
 
 
 def test_pickle_only_source_is_refused(tmp_path: Path) -> None:
     (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
     with pytest.raises(ModelError, match="pickle"):
-        ex.source_files(tmp_path)
+        source.source_files(tmp_path)
 
 
 # --------------------------------------------------------------------------- verification catches bad merges
@@ -289,9 +290,9 @@ def test_pickle_only_source_is_refused(tmp_path: Path) -> None:
 
 def test_wrong_merge_fails_verification(llama_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A merge that drops the adapter is caught: exit status 5 and a failed report."""
-    monkeypatch.setattr(ex, "apply_adapter", lambda w, mod, factors, dora: w)
+    monkeypatch.setattr(merge, "apply_adapter", lambda w, mod, factors, dora: w)
     out = tmp_path / "out"
-    assert ex.export_run(llama_run, out, show_progress=False) == EXIT_VERIFY_FAILED
+    assert export_run(llama_run, out, show_progress=False) == EXIT_VERIFY_FAILED
     ver = _report(out)["verification"]
     assert ver["status"] == "failed" and ver["failures"]
     assert "outside tolerance" in (out / "README.md").read_text()
@@ -303,15 +304,15 @@ def test_wrong_merge_fails_verification(llama_run: Path, tmp_path: Path, monkeyp
 def test_target_checks(llama_run: Path, default_export, tmp_path: Path) -> None:
     out, _ = default_export
     with pytest.raises(OutputError, match="not empty"):
-        ex.export_run(llama_run, out, verify=False, show_progress=False)
-    for bad in (llama_run, llama_run / "adapter", llama_run.parent, ex.read_run(llama_run).source_dir):
+        export_run(llama_run, out, verify=False, show_progress=False)
+    for bad in (llama_run, llama_run / "adapter", llama_run.parent, read_run(llama_run).source_dir):
         with pytest.raises(OutputError):
-            ex.export_run(llama_run, bad, overwrite=True, verify=False, show_progress=False)
+            export_run(llama_run, bad, overwrite=True, verify=False, show_progress=False)
     assert (llama_run / "adapter" / "adapter_config.json").exists()
     target = tmp_path / "again"
     target.mkdir()
     (target / "stale.txt").write_text("old")
-    assert ex.export_run(llama_run, target, overwrite=True, verify=False, show_progress=False) == 0
+    assert export_run(llama_run, target, overwrite=True, verify=False, show_progress=False) == 0
     assert not (target / "stale.txt").exists() and (target / "model.safetensors").exists()
     assert not list(tmp_path.glob(".again.*"))
 
@@ -319,7 +320,7 @@ def test_target_checks(llama_run: Path, default_export, tmp_path: Path) -> None:
 @pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
 def test_failed_export_leaves_no_target(error: BaseException, llama_run: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    original = ex.ShardWriter.write
+    original = hf.ShardWriter.write
     calls = {"n": 0}
 
     def failing(self, name, tensor):
@@ -328,23 +329,23 @@ def test_failed_export_leaves_no_target(error: BaseException, llama_run: Path, t
             raise error
         return original(self, name, tensor)
 
-    monkeypatch.setattr(ex.ShardWriter, "write", failing)
+    monkeypatch.setattr(hf.ShardWriter, "write", failing)
     target = tmp_path / "out"
     with pytest.raises(type(error)):
-        ex.export_run(llama_run, target, verify=False, show_progress=False)
+        export_run(llama_run, target, verify=False, show_progress=False)
     assert not target.exists()
     assert not _partials(target)
 
 
 _SLOW_EXPORT = """
 import sys, time
-import qlora_kit.export as ex
-write = ex.ShardWriter.write
+from qlora_kit.export import export_run, hf
+write = hf.ShardWriter.write
 def slow(self, name, tensor):
     time.sleep(0.1)
     return write(self, name, tensor)
-ex.ShardWriter.write = slow
-sys.exit(ex.export_run(sys.argv[1], sys.argv[2], verify=False, show_progress=False))
+hf.ShardWriter.write = slow
+sys.exit(export_run(sys.argv[1], sys.argv[2], verify=False, show_progress=False))
 """
 
 
@@ -371,7 +372,7 @@ def test_killed_export_leaves_no_half_written_target(llama_run: Path, tmp_path: 
     assert not target.exists()
     leftovers = _partials(target)
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".")  # hidden, never named like the target
-    assert ex.export_run(llama_run, target, verify=False, show_progress=False) == 0
+    assert export_run(llama_run, target, verify=False, show_progress=False) == 0
     assert not _partials(target)  # the next export cleans up after the killed one
 
 
@@ -384,13 +385,13 @@ def test_streaming_memory_and_sharded_output(tmp_path: Path) -> None:
              "num_key_value_heads": 4}
     run = make_run(tmp_path / "big", "llama", model_overrides=shape, max_shard_size="16MB", n_heldout=3,
                    lora={"target_modules": "all-linear"})
-    info = ex.read_run(run)
-    source_shards = ex.source_files(info.source_dir)
+    info = read_run(run)
+    source_shards = source.source_files(info.source_dir)
     assert len(source_shards) > 3
     largest_source = max(p.stat().st_size for p in source_shards)
     source_total = sum(p.stat().st_size for p in source_shards)
     out = tmp_path / "out"
-    assert ex.export_run(run, out, max_shard_bytes=8 * 2**20, show_progress=False, verify_prompts=3) == 0
+    assert export_run(run, out, max_shard_bytes=8 * 2**20, show_progress=False, verify_prompts=3) == 0
     report = _report(out)
     assert report["verification"]["status"] == "passed"
     growth = report["weights_peak_rss_bytes"] - report["rss_before_weights_bytes"]
@@ -417,11 +418,11 @@ def test_cli_export_and_refusal(llama_run: Path, tmp_path: Path) -> None:
 
 
 def test_float16_overflow_is_refused_with_a_hint() -> None:
-    src = ex.SourceTensor("model.embed_tokens.weight", Path("unused"), torch.float32, [2, 2])
-    job = ex.Job(src, torch.float16, quantised=False, adapter=None, keep_fp32=False)
-    ctx = ex.MergeContext("dequantized", {}, torch.float32, torch.device("cpu"), torch.device("cpu"))
+    src = source.SourceTensor("model.embed_tokens.weight", Path("unused"), torch.float32, [2, 2])
+    job = merge.Job(src, torch.float16, quantised=False, adapter=None, keep_fp32=False)
+    ctx = merge.MergeContext("dequantized", {}, torch.float32, torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(ModelError, match="non-finite") as err:
-        ex.make_tensor(job, torch.full((2, 2), 1e6), ctx, None, None, set())
+        merge.make_tensor(job, torch.full((2, 2), 1e6), ctx, None, None, set())
     assert "bfloat16" in err.value.hint
 
 
@@ -433,10 +434,10 @@ def test_smollm2_export_reproduces_trained_model(tmp_path: Path) -> None:
     """Real weights, 30 layers, tied embeddings, ChatML template: the default fp16 export verifies."""
     from qlora_kit.model import convert_gguf
 
-    source = convert_gguf(require_demo_gguf())
-    run = make_run(tmp_path / "smol", base=source, lora={"target_modules": "all-linear"}, n_heldout=8)
+    base = convert_gguf(require_demo_gguf())
+    run = make_run(tmp_path / "smol", base=base, lora={"target_modules": "all-linear"}, n_heldout=8)
     out = tmp_path / "out"
-    assert ex.export_run(run, out, show_progress=False) == 0
+    assert export_run(run, out, show_progress=False) == 0
     ver = _report(out)["verification"]
     m = ver["vs_trained"]
     assert ver["status"] == "passed" and m["greedy_exact"] == m["greedy_total"] == 8
@@ -454,26 +455,26 @@ def test_cuda_reproduction_matches_the_cuda_loader(tiny_models) -> None:
     from qlora_kit.config import ModelConfig
     from qlora_kit.model import load_quantized_base
 
-    source = tiny_models("llama")
+    base = tiny_models("llama")
     cuda = torch.device("cuda", 0)
-    model = load_quantized_base(source, ModelConfig(name_or_path=str(source)), torch.bfloat16, cuda)
+    model = load_quantized_base(base, ModelConfig(name_or_path=str(base)), torch.bfloat16, cuda)
     quant = {"quant_type": "nf4", "double_quant": True, "blocksize": 64, "load_dtype": "bfloat16"}
-    ctx = ex.MergeContext("dequantized", quant, torch.bfloat16, cuda, cuda)
-    cpu_ctx = ex.MergeContext("dequantized", quant, torch.bfloat16, torch.device("cpu"), torch.device("cpu"))
-    with safe_open(str(source / "model.safetensors"), framework="pt") as fh:
+    ctx = merge.MergeContext("dequantized", quant, torch.bfloat16, cuda, cuda)
+    cpu_ctx = merge.MergeContext("dequantized", quant, torch.bfloat16, torch.device("cpu"), torch.device("cpu"))
+    with safe_open(str(base / "model.safetensors"), framework="pt") as fh:
         for name, module in model.named_modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 weight = fh.get_tensor(f"{name}.weight")
                 theirs = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
-                assert torch.equal(ex.reproduce_nf4(weight, ctx), theirs), name
-                assert torch.equal(ex.reproduce_nf4(weight, cpu_ctx).to(cuda), theirs), f"{name} (CPU kernels)"
+                assert torch.equal(merge.reproduce_nf4(weight, ctx), theirs), name
+                assert torch.equal(merge.reproduce_nf4(weight, cpu_ctx).to(cuda), theirs), f"{name} (CPU kernels)"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_export_verifies(llama_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert ex.export_run(llama_run, out, device="cuda", show_progress=False) == 0
+    assert export_run(llama_run, out, device="cuda", show_progress=False) == 0
     report = _report(out)
     assert report["compute_device"].startswith("cuda") and report["verification"]["status"] == "passed"
 

@@ -88,3 +88,14 @@ def test_refresh_script_keeps_the_header() -> None:
     script = (ROOT / ".ci" / "refresh-constraints").read_text()
     assert "pip freeze --exclude-editable" in script and "constraints.txt" in script
     assert "refresh-constraints" in (ROOT / "constraints.txt").read_text()
+
+
+def test_llamacpp_is_an_optional_extra_installed_only_by_the_ci_slow_step() -> None:
+    """llama.cpp (K-quants, GGUF verification in llama.cpp) is the [llamacpp] extra: pinned, never in the
+    README's install commands, installed from the lock by CI before its slow tests."""
+    extra = [canonicalize_name(Requirement(r).name) for r in PYPROJECT["project"]["optional-dependencies"]["llamacpp"]]
+    assert "llama-cpp-python" in extra and "llama-cpp-python" in pins()
+    assert not any("llamacpp" in command for command in _install_commands())
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install -c constraints.txt -e ".[llamacpp]"' in ci
+    assert ci.index(".[llamacpp]") < ci.index("pytest -q -m slow")

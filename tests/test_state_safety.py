@@ -424,7 +424,7 @@ def test_real_full_disk_on_a_tmpfs(tmp_path: Path, tiny_llama: Path, data_file: 
 def test_full_disk_during_export(reference_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    import qlora_kit.export as ex
+    import qlora_kit.export.hf as ex
     from qlora_kit.cli import app
 
     monkeypatch.setattr(diskspace, "free_bytes", lambda path: 5000)
@@ -579,7 +579,7 @@ def test_targets_counted_up_front_match_the_collated_batches(packing: bool, tmp_
 def test_export_stops_on_sigterm_with_75(reference_run: Path, tmp_path: Path) -> None:
     script = textwrap.dedent("""
         import sys, time
-        import qlora_kit.export as ex
+        import qlora_kit.export.hf as ex
         write = ex.ShardWriter.write
         def slow(self, name, tensor):
             time.sleep(0.2)

@@ -19,6 +19,7 @@ from conftest import arithmetic_rows, gpu, write_config, write_jsonl
 from safetensors.torch import load_file
 
 from qlora_kit import export as ex
+from qlora_kit.export import command
 from qlora_kit import model as qmodel
 from qlora_kit.config import load_config, validate
 from qlora_kit.errors import ConfigError, ModelError, Preempted
@@ -174,8 +175,8 @@ def test_residual_base_is_what_the_merge_needs(trained, tmp_path: Path, monkeypa
     with pytest.raises(ModelError, match="--merge-base original cannot be merged exactly for lora.init=pissa"):
         ex.export_run(run, tmp_path / "orig", merge_base="original", show_progress=False)
     # merging onto NF4 of the original weights instead of the stored residual is caught by verification
-    real = ex.merge_context
-    monkeypatch.setattr(ex, "merge_context", lambda *a: dataclasses.replace(real(*a), residual_modules=frozenset()))
+    real = command.merge_context
+    monkeypatch.setattr(command, "merge_context", lambda *a: dataclasses.replace(real(*a), residual_modules=frozenset()))
     assert ex.export_run(run, tmp_path / "wrong", show_progress=False, verify_prompts=3) == 5
     monkeypatch.undo()
 

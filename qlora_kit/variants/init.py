@@ -63,7 +63,7 @@ class SourceWeights:
     """Tensors of the base checkpoint, read one at a time (safetensors, no pickle)."""
 
     def __init__(self, source_dir: Path):
-        from qlora_kit.export import read_source_index, source_files
+        from qlora_kit.export.source import read_source_index, source_files
 
         self.index = {t.name: t.file for t in read_source_index(source_files(source_dir))}
 

@@ -1,4 +1,4 @@
-"""Prove that an export is the trained model: logits and greedy generations vs NF4 base + adapter.
+"""Prove that an HF export is the trained model: logits and greedy generations vs NF4 base + adapter.
 
 What is compared, on the first ``max_prompts`` held-out rows of the run (``heldout.jsonl``;
 a few fixed prompts when it is missing): the prompt rendered through the chat template,
@@ -77,18 +77,31 @@ FALLBACK_PROMPTS = ["Hello! Who are you?", "Write one sentence about the sea.", 
 
 @dataclass
 class Prompt:
-    """One verification case: prompt ids (for generation) and prompt + reference ids (teacher forcing)."""
+    """One verification case: prompt ids (for generation) and prompt + reference ids (teacher forcing).
+
+    ``messages`` holds the chat turns (``None`` for a raw-text row) and ``text`` the rendered
+    prompt, so that other runtimes (llama.cpp) can be given the same conversation.
+    """
 
     prompt_ids: list[int]
     full_ids: list[int]
+    messages: list[dict[str, str]] | None = None
+    text: str = ""
 
 
 @dataclass
 class Outputs:
-    """Per prompt: teacher-forced logits (float32, CPU) and greedy continuation ids."""
+    """Per prompt: teacher-forced logits (float32, CPU), greedy continuation ids, and at each greedy
+    step the lead of the chosen token's logit over the runner-up (how close that choice was to a tie).
+
+    ``untuned_kl`` (optional): mean KL(these logits || the same model with its adapter switched
+    off), nats per position: how much the fine-tune changed the model.
+    """
 
     logits: list[torch.Tensor]
     greedy: list[list[int]]
+    margins: list[list[float]]
+    untuned_kl: float | None = None
 
 
 def tolerance(dtype: str, compute_dtype: str = "float32", trained_dtype: str = "float32") -> dict[str, float]:
@@ -106,7 +119,7 @@ def tolerance(dtype: str, compute_dtype: str = "float32", trained_dtype: str = "
 
 def load_prompts(run_dir: Path, tokenizer: Any, max_prompts: int) -> tuple[list[Prompt], str]:
     """Held-out prompts of the run (or fixed fallbacks), encoded; returns (prompts, where they came from)."""
-    from qlora_kit.generate import encode_chat
+    from qlora_kit.generate import encode_chat, render_chat
 
     rows = _heldout_rows(run_dir / rundir.HELDOUT, max_prompts)
     origin = rundir.HELDOUT
@@ -115,12 +128,14 @@ def load_prompts(run_dir: Path, tokenizer: Any, max_prompts: int) -> tuple[list[
         origin = "fallback prompts (no held-out rows in the run)"
     prompts = []
     for row in rows[:max_prompts]:
-        if "messages" in row:
-            ids = encode_chat(tokenizer, row["messages"])
+        messages = row.get("messages")
+        if messages:
+            text, ids = render_chat(tokenizer, messages), encode_chat(tokenizer, messages)
         else:
-            ids = tokenizer(row.get("prompt", ""))["input_ids"]
+            text = row.get("prompt", "")
+            ids = tokenizer(text)["input_ids"]
         answer = tokenizer(row.get("reference") or "", add_special_tokens=False)["input_ids"]
-        prompts.append(Prompt(ids, ids + answer))
+        prompts.append(Prompt(ids, ids + answer, messages or None, text))
     return prompts, origin
 
 
@@ -148,49 +163,98 @@ def _heldout_rows(path: Path, limit: int) -> list[dict[str, Any]]:
 def collect(model: Any, prompts: list[Prompt], eos_ids: list[int], pad_id: int | None,
             max_new_tokens: int) -> Outputs:
     """Teacher-forced logits and greedy continuations of ``model`` for every prompt."""
+    from qlora_kit.generate import generate_tokens
+
     device = next(model.parameters()).device
-    logits, greedy = [], []
+    greedy = generate_tokens(model, [p.prompt_ids for p in prompts], eos_ids, pad_id, max_new_tokens)
+    logits, margins = [], []
     with torch.inference_mode():
-        for p in prompts:
-            full = torch.tensor([p.full_ids], device=device)
-            logits.append(model(input_ids=full).logits[0].float().cpu())
-            ids = torch.tensor([p.prompt_ids], device=device)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
-                                 pad_token_id=pad_id if pad_id is not None else eos_ids[0],
-                                 temperature=None, top_p=None, top_k=None)
-            greedy.append(out[0, len(p.prompt_ids):].tolist())
-    return Outputs(logits, greedy)
+        for p, answer in zip(prompts, greedy):
+            logits.append(model(input_ids=torch.tensor([p.full_ids], device=device)).logits[0].float().cpu())
+            path = model(input_ids=torch.tensor([p.prompt_ids + answer], device=device)).logits[0].float().cpu()
+            margins.append(top2_margins(path[len(p.prompt_ids) - 1: len(p.prompt_ids) - 1 + len(answer)]))
+    return Outputs(logits, greedy, margins)
+
+
+def top2_margins(logits: torch.Tensor) -> list[float]:
+    """Per position (rows of ``logits``): top-1 logit minus top-2 logit."""
+    if logits.shape[0] == 0:
+        return []
+    top = logits.topk(2, dim=-1).values
+    return (top[:, 0] - top[:, 1]).tolist()
+
+
+def greedy_agreement(ref: Outputs, other: list[list[int]], margin: float) -> dict[str, Any]:
+    """Greedy answers of ``other`` against the reference's: identical, diverging at a near-tie, or diverging.
+
+    A divergence at step k is a near-tie when the reference's own top-1 led its runner-up by at
+    most ``margin`` there: rounding may legitimately flip such a choice, and everything after
+    it differs.  A divergence where the reference was decisive (or a different stop) is not.
+    """
+    exact = ties = 0
+    first_divergence = []
+    for ref_ids, ref_margins, ids in zip(ref.greedy, ref.margins, other):
+        if ids == ref_ids:
+            exact += 1
+            first_divergence.append(None)
+            continue
+        k = next((i for i, (a, b) in enumerate(zip(ref_ids, ids)) if a != b), min(len(ref_ids), len(ids)))
+        first_divergence.append(k)
+        same_length_prefix = k < len(ref_ids) and k < len(ids)
+        if same_length_prefix and ref_margins[k] <= margin:
+            ties += 1
+    total = len(ref.greedy)
+    return {"greedy_exact": exact, "greedy_total": total, "greedy_near_tie": ties,
+            "greedy_diverged": total - exact - ties, "tie_margin": margin, "first_divergence": first_divergence}
 
 
 def run_reference(run_dir: Path, prompts: list[Prompt], eos_ids: list[int], pad_id: int | None,
-                  device: torch.device, max_new_tokens: int) -> Outputs:
-    """Outputs of the trained model (NF4 base + adapter, the training weights), computing in float32."""
+                  device: torch.device, max_new_tokens: int, untuned: bool = False) -> Outputs:
+    """Outputs of the trained model (NF4 base + adapter, the training weights), computing in float32.
+
+    ``untuned=True`` also measures how far the base alone (adapter switched off) is from it.
+    """
     from qlora_kit.model import load_run_for_inference
 
     # load_quantized_base already keeps bitsandbytes from repacking the 4-bit weights on CPU.
     model, _, _ = load_run_for_inference(run_dir, device=device, compute_dtype=torch.float32)
     outputs = collect(model, prompts, eos_ids, pad_id, max_new_tokens)
+    if untuned:
+        outputs.untuned_kl = untuned_kl(model, prompts, outputs.logits)
     _free(model)
     return outputs
 
 
+def untuned_kl(model: Any, prompts: list[Prompt], logits: list[torch.Tensor]) -> float:
+    """Mean KL(``logits`` || a peft model's base alone, adapter switched off) over every position, nats.
+
+    One prompt at a time, so only one extra set of logits is held.
+    """
+    device = next(model.parameters()).device
+    kl = []
+    with torch.inference_mode(), model.disable_adapter():
+        for p, ref in zip(prompts, logits):
+            kl.append(_kl(ref, model(input_ids=torch.tensor([p.full_ids], device=device)).logits[0].float().cpu()))
+    return float(torch.cat(kl).mean())
+
+
 def run_original_adapter(run_dir: Path, prompts: list[Prompt], eos_ids: list[int], pad_id: int | None,
-                         device: torch.device, max_new_tokens: int) -> Outputs:
+                         device: torch.device, max_new_tokens: int, untuned: bool = False) -> Outputs:
     """Outputs of the unquantised source base + adapter (what ``--merge-base original`` claims to be)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.export import read_run
     from qlora_kit.model import set_inference_mode
 
-    run = read_run(run_dir)
+    run = rundir.read_run(run_dir)
     dtype = torch.float32 if fits_in_float32(run.source_dir, device) else "auto"
     base = AutoModelForCausalLM.from_pretrained(run.source_dir, dtype=dtype, device_map={"": device},
                                                 trust_remote_code=run.config.model.trust_remote_code)
     model = PeftModel.from_pretrained(base, run_dir / rundir.ADAPTER, is_trainable=False)
     set_inference_mode(model)
     outputs = collect(model, prompts, eos_ids, pad_id, max_new_tokens)
+    if untuned:
+        outputs.untuned_kl = untuned_kl(model, prompts, outputs.logits)
     _free(model)
     return outputs
 
@@ -236,27 +300,47 @@ def _free(model: Any) -> None:
 
 def compare(ref: Outputs, other: Outputs, tol: dict[str, float]) -> dict[str, Any]:
     """Logit drift and greedy agreement of ``other`` against ``ref``."""
-    diffs = [(a - b).abs() for a, b in zip(ref.logits, other.logits)]
-    flat_ref = torch.cat([r.reshape(-1) for r in ref.logits])
-    scale = float(flat_ref.std()) or 1.0
+    exact = sum(a == b for a, b in zip(ref.greedy, other.greedy))
+    return {
+        **compare_logits(ref.logits, other.logits, tol),
+        "greedy_exact": exact,
+        "greedy_total": len(ref.greedy),
+        "greedy_token_agreement": _prefix_agreement(ref.greedy, other.greedy),
+    }
+
+
+def compare_logits(ref: list[torch.Tensor], other: list[torch.Tensor], tol: dict[str, float]) -> dict[str, Any]:
+    """Teacher-forced drift of ``other`` from ``ref`` (lists of [positions, vocab] logits, one per prompt).
+
+    Besides |Δlogit| (absolute and relative to the reference's logit spread) it reports the
+    mean and largest KL(ref || other) of the next-token distributions, in nats per position.
+    """
+    diffs = [(a - b).abs() for a, b in zip(ref, other)]
+    scale = float(torch.cat([r.reshape(-1) for r in ref]).std()) or 1.0
     max_abs = max(float(d.max()) for d in diffs)
     mean_abs = float(torch.cat([d.reshape(-1) for d in diffs]).mean())
-    decisive, agree = _decisive(ref.logits, other.logits, 2 * tol["rel_max"] * scale)
-    exact = sum(a == b for a, b in zip(ref.greedy, other.greedy))
+    kl = torch.cat([_kl(a, b) for a, b in zip(ref, other)])
+    decisive, agree = _decisive(ref, other, 2 * tol["rel_max"] * scale)
     return {
         "max_abs": max_abs,
         "mean_abs": mean_abs,
         "logit_std": scale,
         "rel_max": max_abs / scale,
         "rel_mean": mean_abs / scale,
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
         "tolerance": dict(tol),
-        "top1_agreement": _top1(ref.logits, other.logits),
+        "top1_agreement": _top1(ref, other),
         "decisive_positions": decisive,
         "decisive_agreement": agree / decisive if decisive else 1.0,
-        "greedy_exact": exact,
-        "greedy_total": len(ref.greedy),
-        "greedy_token_agreement": _prefix_agreement(ref.greedy, other.greedy),
     }
+
+
+def _kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(ref) || softmax(other)) per position, float64."""
+    p = torch.log_softmax(ref.double(), dim=-1)
+    q = torch.log_softmax(other.double(), dim=-1)
+    return (p.exp() * (p - q)).sum(-1).clamp_min(0.0)
 
 
 def _top1(ref: list[torch.Tensor], other: list[torch.Tensor]) -> float:
@@ -285,7 +369,7 @@ def _prefix_agreement(ref: list[list[int]], other: list[list[int]]) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
-def judge(m: dict[str, Any]) -> list[str]:
+def judge(m: dict[str, Any], min_greedy_exact: float = MIN_GREEDY_EXACT) -> list[str]:
     """Reasons the metrics fall outside tolerance (empty when they pass)."""
     failures = []
     tol = m["tolerance"]
@@ -296,9 +380,9 @@ def judge(m: dict[str, Any]) -> list[str]:
     if m["decisive_agreement"] < 1.0:
         wrong = m["decisive_positions"] - round(m["decisive_agreement"] * m["decisive_positions"])
         failures.append(f"top-1 token differs at {wrong} position(s) where the reference is decisive")
-    if m["greedy_exact"] < MIN_GREEDY_EXACT * m["greedy_total"]:
+    if m["greedy_exact"] < min_greedy_exact * m["greedy_total"]:
         failures.append(f"greedy generations identical on only {m['greedy_exact']}/{m['greedy_total']} prompts "
-                        f"(need {MIN_GREEDY_EXACT:.0%})")
+                        f"(need {min_greedy_exact:.0%})")
     return failures
 
 

@@ -1,0 +1,20 @@
+"""``qlora-kit export``: merge a trained adapter onto exactly what was trained, write it, prove it.
+
+The data path, one module per step::
+
+    rundir.read_run ─► source (base checkpoint headers, quantised-module layout)
+                    ─► adapter (LoRA factors, scales)
+                    ─► merge (NF4-exact base + adapter delta, streamed tensor by tensor)
+                    ─► hf (safetensors shards, config, tokenizer)      --format hf (default)
+                       gguf_file + gguf_vocab + modelfile (+ llamacpp)  --format gguf
+                    ─► verify (HF) / verify_gguf (llama.cpp or transformers' GGUF loader)
+                    ─► card (README model card, export_report.json)
+                    ─► publish (staging directory renamed into place)
+
+``command.export_run`` runs it; ``monitor`` holds the progress bar and memory sampling.
+"""
+
+from qlora_kit.export.card import REPORT
+from qlora_kit.export.command import FORMATS, export_run
+
+__all__ = ["FORMATS", "REPORT", "export_run"]
