@@ -31,7 +31,7 @@ exports each run and records its verification.  Output: JSON (device, threads, l
 versions, settings) and a Markdown table next to it.
 
 Example (the committed CPU result):
-    python benchmarks/variants_bench.py --out benchmarks/results/variants-cpu-demo.json --export \\
+    python benchmarks/variants_bench.py --out benchmarks/results/variants-cpu-demo-<date>.json --export \\
         --note "2 CPU cores shared with other jobs"
 Any config:
     python benchmarks/variants_bench.py --config my.yaml --set train.max_steps=200 --variants lora,pissa
