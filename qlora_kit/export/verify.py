@@ -369,17 +369,22 @@ def _prefix_agreement(ref: list[list[int]], other: list[list[int]]) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
-def judge(m: dict[str, Any], min_greedy_exact: float = MIN_GREEDY_EXACT) -> list[str]:
-    """Reasons the metrics fall outside tolerance (empty when they pass)."""
+def drift_failures(m: dict[str, Any]) -> list[str]:
+    """Reasons the teacher-forced drift ``m`` (``compare_logits``) is outside its tolerance: |Δlogit|, decisive top-1."""
     failures = []
     tol = m["tolerance"]
-    if m["rel_max"] > tol["rel_max"]:
-        failures.append(f"max |Δlogit| is {m['rel_max']:.3g} of the logit std (tolerance {tol['rel_max']:.3g})")
-    if m["rel_mean"] > tol["rel_mean"]:
-        failures.append(f"mean |Δlogit| is {m['rel_mean']:.3g} of the logit std (tolerance {tol['rel_mean']:.3g})")
+    for key, label in (("rel_max", "max |Δlogit|"), ("rel_mean", "mean |Δlogit|")):
+        if m[key] > tol[key]:
+            failures.append(f"{label} is {m[key]:.3g} of the logit std (tolerance {tol[key]:.3g})")
     if m["decisive_agreement"] < 1.0:
         wrong = m["decisive_positions"] - round(m["decisive_agreement"] * m["decisive_positions"])
         failures.append(f"top-1 token differs at {wrong} position(s) where the reference is decisive")
+    return failures
+
+
+def judge(m: dict[str, Any], min_greedy_exact: float = MIN_GREEDY_EXACT) -> list[str]:
+    """Reasons the metrics fall outside tolerance (empty when they pass)."""
+    failures = drift_failures(m)
     if m["greedy_exact"] < min_greedy_exact * m["greedy_total"]:
         failures.append(f"greedy generations identical on only {m['greedy_exact']}/{m['greedy_total']} prompts "
                         f"(need {min_greedy_exact:.0%})")
