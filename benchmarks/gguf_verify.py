@@ -49,7 +49,7 @@ def train_demo_run(workdir: Path, steps: int) -> Path:
 
     train_path, heldout_path = demo.make_demo_data(workdir / "data")
     run_dir = workdir / "run"
-    overrides = demo.demo_overrides(demo.find_demo_gguf(), train_path, heldout_path, run_dir, steps)
+    overrides = demo.demo_overrides(train_path, heldout_path, run_dir, steps)
     assert run_training(demo.find_demo_config(), overrides, resume=False, overwrite=True,
                         skip_memory_check=True) == 0
     return run_dir

@@ -170,12 +170,11 @@ def export_and_verify(run_dir: Path) -> dict[str, Any]:
 def demo_setup(workdir: Path, steps: int | None) -> tuple[Path, list[str]]:
     """The demo config and its overrides (data generated into ``workdir``; the GGUF converted once)."""
     from qlora_kit.config import load_config
-    from qlora_kit.demo import demo_overrides, find_demo_config, find_demo_gguf, make_demo_data
+    from qlora_kit.demo import demo_overrides, find_demo_config, make_demo_data
     from qlora_kit.model import resolve_source
 
-    gguf = find_demo_gguf()
     train_path, heldout_path = make_demo_data(workdir / "data")
-    overrides = [o for o in demo_overrides(gguf, train_path, heldout_path, workdir, steps)
+    overrides = [o for o in demo_overrides(train_path, heldout_path, workdir, steps)
                  if not o.startswith("output_dir=")]  # each variant gets its own
     config = find_demo_config()
     resolve_source(load_config(config, overrides)[0].model)  # convert the GGUF once, outside the timings

@@ -208,10 +208,24 @@ def _run_locked(cfg: Config, sources: dict[str, str], out: Path, config_path: st
             _fail(run, start, exc)
         if isinstance(exc, Preempted | NonFiniteLossError) and dist.active:
             dist.barrier()  # agreed by every rank at a step boundary: they leave together
+        if dist.active:
+            _release_wrapper(run)
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             raise _oom_error(run, exc) from exc
         raise
     return 0
+
+
+def _release_wrapper(run: Run) -> None:
+    """Free the DDP/FSDP wrapper now, while its process group exists.
+
+    The exception's traceback keeps ``run`` alive until the interpreter exits; a wrapper torn
+    down then, after ``destroy_process_group``, can abort the process (SIGABRT).
+    """
+    import gc
+
+    run.wrapped = None
+    gc.collect()
 
 
 def _check_target(out: Path, cfg: Config, config_path: str | Path, overwrite: bool) -> None:

@@ -75,7 +75,7 @@ def test_smollm2_trained_exported_to_f16_and_q8_0_answers_like_the_hf_export(tmp
     torch.set_num_threads(2)
     train_path, heldout_path = demo.make_demo_data(tmp_path / "data", n_heldout=8)
     run = tmp_path / "run"
-    overrides = demo.demo_overrides(demo.find_demo_gguf(), train_path, heldout_path, run, steps=10)
+    overrides = demo.demo_overrides(train_path, heldout_path, run, steps=10)
     assert run_training(demo.find_demo_config(), overrides, resume=False, overwrite=False,
                         skip_memory_check=True) == 0
     assert export_run(run, tmp_path / "hf", show_progress=False, verify=False) == 0
