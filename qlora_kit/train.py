@@ -169,7 +169,10 @@ def _lock(out: Path, dist: distributed.Dist) -> Iterator[None]:
             yield
         return
     with contextlib.ExitStack() as stack:
-        dist.from_main(lambda: stack.enter_context(runlock.exclusive(out, "train")) and None)
+        def take() -> None:
+            stack.enter_context(runlock.exclusive(out, "train"))
+
+        dist.from_main(take)  # rank 0 holds the lock; a refusal there (RunInUseError) reaches every rank
         yield
 
 
