@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import arithmetic_rows, gpu, run_cli, write_config, write_jsonl
+from conftest import arithmetic_rows, gpu, metrics_of, run_cli, write_config, write_jsonl
 from safetensors.torch import load_file
 
 from qlora_kit import distributed
@@ -68,11 +68,6 @@ def rank_exit_codes(text: str) -> list[int]:
     return [int(code) for code in re.findall(r"^\s*exitcode\s+:\s*(-?\d+)", text, flags=re.MULTILINE)]
 
 
-def metrics(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_second", "seconds_per_step")}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def adapter_diff(a: Path, b: Path) -> float:
     x, y = load_file(a / "adapter/adapter_model.safetensors"), load_file(b / "adapter/adapter_model.safetensors")
     assert x.keys() == y.keys() and x
@@ -101,7 +96,7 @@ def equal_runs(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, data_
 def test_two_processes_equal_one_process_with_twice_the_micro_batch(equal_runs: dict) -> None:
     one, two = equal_runs["one"], equal_runs["two"]
     assert adapter_diff(one, two) < 1e-5
-    a, b = metrics(one), metrics(two)
+    a, b = metrics_of(one), metrics_of(two)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
@@ -130,7 +125,7 @@ def test_torchrun_trains_the_same_adapter(equal_runs: dict, tmp_path: Path, tiny
 
 def test_rank_zero_alone_writes(equal_runs: dict) -> None:
     two, out = equal_runs["two"], equal_runs["out"]
-    records = metrics(two)
+    records = metrics_of(two)
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, 7)), "one metrics line per optimizer step"
     assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
@@ -230,7 +225,7 @@ def test_sigterm_to_one_rank_then_resume_is_exact(tmp_path: Path, tiny_llama: Pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from checkpoint-{saved}" in resumed.stderr + resumed.stdout
     assert adapter_diff(tmp_path / "run", resume_reference) <= 1e-6
-    assert metrics(tmp_path / "run") == metrics(resume_reference)
+    assert metrics_of(tmp_path / "run") == metrics_of(resume_reference)
 
 
 def test_sigterm_to_the_launcher_checkpoints_once_and_every_rank_exits_75(tmp_path: Path, tiny_llama: Path,

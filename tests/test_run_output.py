@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import arithmetic_rows, run_cli, write_config, write_jsonl
+from conftest import arithmetic_rows, metrics_of, run_cli, write_config, write_jsonl
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -85,11 +85,6 @@ def test_stop_signal_checkpoints_when_the_output_pipe_is_dead(tmp_path: Path, ti
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO +step \d+ +loss", log_text, flags=re.M)
 
 
-def _metrics(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_second", "seconds_per_step")}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_metrics_after_a_resume_inside_a_logging_window_equal_the_uninterrupted_run(
         tmp_path: Path, tiny_llama: Path, data_file: Path) -> None:
@@ -108,8 +103,8 @@ def test_metrics_after_a_resume_inside_a_logging_window_equal_the_uninterrupted_
         subprocess.run(["rm", "-r", str(resumed / name)], check=True)
     cfg = write_config(tmp_path / "resumed.yaml", tiny_llama, data_file, resumed, train=train)
     assert qtrain.run_training(cfg, [], resume=True) == 0
-    assert [r["step"] for r in _metrics(resumed) if "loss" in r] == [4, 8, 12]
-    assert _metrics(resumed) == _metrics(reference)
+    assert [r["step"] for r in metrics_of(resumed) if "loss" in r] == [4, 8, 12]
+    assert metrics_of(resumed) == metrics_of(reference)
     a = load_file(reference / "adapter/adapter_model.safetensors")
     b = load_file(resumed / "adapter/adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -153,10 +148,10 @@ def test_a_signal_during_evaluation_is_resumed_with_that_evaluation(
         qtrain.run_training(cfg, [])
     monkeypatch.setattr(qtrain, "evaluate", real_evaluate)
     assert list_checkpoints(run)[-1][0] == cut_at and not (run / "adapter").exists()
-    assert not any("eval_loss" in r for r in _metrics(run) if r["step"] == cut_at)
+    assert not any("eval_loss" in r for r in metrics_of(run) if r["step"] == cut_at)
 
     assert qtrain.run_training(cfg, [], resume=True) == 0
-    assert _metrics(run) == _metrics(eval_reference)
+    assert metrics_of(run) == metrics_of(eval_reference)
     assert json.loads((run / "manifest.json").read_text())["final_metrics"]["eval_loss"] == \
         json.loads((eval_reference / "manifest.json").read_text())["final_metrics"]["eval_loss"]
 

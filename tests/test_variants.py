@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import arithmetic_rows, gpu, write_config, write_jsonl
+from conftest import arithmetic_rows, gpu, metrics_of, write_config, write_jsonl
 from safetensors.torch import load_file
 
 from qlora_kit import export as ex
-from qlora_kit.export import command
 from qlora_kit import model as qmodel
 from qlora_kit.config import load_config, validate
 from qlora_kit.errors import ConfigError, ModelError, Preempted
+from qlora_kit.export import command
 from qlora_kit.outdir import Start
 from qlora_kit.train import begin, dump_config, run_training, setup, train
 
@@ -80,11 +80,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, data_fil
     return get
 
 
-def _losses(run: Path) -> list[dict[str, Any]]:
-    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_second", "seconds_per_step")}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def _interrupted_then_resumed(root: Path, name: str, model: Path, data: Path) -> tuple[Path, Any]:
     cfg_path = _config(root, name, model, data, "run")
     cfg, sources = load_config(cfg_path)
@@ -107,14 +102,14 @@ def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
 def test_variant_trains_resumes_exports_and_loads_with_peft(name: str, trained, tiny_llama: Path, data_file: Path,
                                                             tmp_path: Path, one_thread) -> None:
     reference = trained(name)
-    losses = [r["loss"] for r in _losses(reference) if "loss" in r]
+    losses = [r["loss"] for r in metrics_of(reference) if "loss" in r]
     assert losses[-1] < losses[0] - 0.02, f"{name}: loss did not fall: {losses}"
 
     resumed, first_part = _interrupted_then_resumed(tmp_path, name, tiny_llama, data_file)
     a = load_file(reference / "adapter/adapter_model.safetensors")
     b = load_file(resumed / "adapter/adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name}: resumed adapter differs"
-    assert _losses(resumed) == _losses(reference), f"{name}: resumed losses differ"
+    assert metrics_of(resumed) == metrics_of(reference), f"{name}: resumed losses differ"
 
     manifest = json.loads((reference / "manifest.json").read_text())
     variant = manifest["lora"]["variant"]
