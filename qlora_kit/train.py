@@ -150,7 +150,7 @@ def run_training(
     try:
         with _run_log(out, header, dist) as file_log, \
                 StopRequest(immediate=True, echo_window=2.0 if dist.active else 0.0) as stop, _lock(out, dist):
-            return _run_locked(cfg, sources, out, config_path, resume, overwrite, skip_memory_check, stop, file_log)
+            return _run_locked(cfg, sources, out, resume, overwrite, skip_memory_check, stop, file_log)
     except StopNow as exc:  # only raised before anything was written
         raise Preempted(f"stopped by {exc.signal_name} before training started; nothing was written",
                         "run the same command again") from None
@@ -164,10 +164,6 @@ def _run_log(out: Path, header: str, dist: distributed.Dist) -> contextlib.Abstr
 @contextlib.contextmanager
 def _lock(out: Path, dist: distributed.Dist) -> Iterator[None]:
     """One writer per run: the process that writes (rank 0) holds ``output_dir``'s lock; a refusal reaches every rank."""
-    if not dist.active:
-        with runlock.exclusive(out, "train"):
-            yield
-        return
     with contextlib.ExitStack() as stack:
         def take() -> None:
             stack.enter_context(runlock.exclusive(out, "train"))
@@ -176,8 +172,8 @@ def _lock(out: Path, dist: distributed.Dist) -> Iterator[None]:
         yield
 
 
-def _run_locked(cfg: Config, sources: dict[str, str], out: Path, config_path: str | Path, resume: bool,
-                overwrite: bool, skip_memory_check: bool, stop: StopRequest, file_log: logs.RunLog | None) -> int:
+def _run_locked(cfg: Config, sources: dict[str, str], out: Path, resume: bool, overwrite: bool,
+                skip_memory_check: bool, stop: StopRequest, file_log: logs.RunLog | None) -> int:
     """The recipe, with ``output_dir`` locked: inspect → setup (in memory) → begin → train → finish.
 
     ``file_log`` holds the log lines until :func:`begin` has written the run's directory, then
@@ -684,10 +680,9 @@ class _Residual:
         return sum(self.layers[m].get_base_layer().weight.data.nbytes for m in self.modules) + 2**20
 
     def write(self, path: Path, manifest: dict[str, Any]) -> None:
-        from qlora_kit.variants.residual import RESIDUAL_FILE, save_residual
+        from qlora_kit.variants.residual import save_residual
 
-        entry = save_residual(self.layers, self.modules, path)
-        manifest["lora"]["residual_base"] = {**entry, "file": RESIDUAL_FILE}
+        manifest["lora"]["residual_base"] = save_residual(self.layers, self.modules, path)
 
 
 def _estimate_loraga(cfg: Config, model: Any, data: Any, pad_id: int, source: Path, precision: Any

@@ -134,8 +134,9 @@ def merge_context(run: rundir.RunInfo, merge_base: str, compute: torch.device, q
 
 
 _NO_SPACE_FIX = "free space on that disk, or choose --out on another one"
-# bytes per parameter of a GGUF file, by --quant (K-quants: at most q6_k's 6.6 bits; llama.cpp also writes an f16 copy)
+# bytes per parameter of a GGUF file, by --quant
 _GGUF_BYTES_PER_PARAM = {"f16": 2.0, "bf16": 2.0, "q8_0": 1.07, "q4_0": 0.57}
+_K_QUANT_BYTES_PER_PARAM = 6.6 / 8 + 2.0  # at most q6_k's 6.6 bits, plus the f16 file llama.cpp quantises from
 
 
 def _require_space(run: rundir.RunInfo, target: Path, weight_bytes: int) -> None:
@@ -150,7 +151,7 @@ def _require_space(run: rundir.RunInfo, target: Path, weight_bytes: int) -> None
 
 def _gguf_bytes(plan: Plan, quant: str) -> int:
     params = plan.total_bytes // 4  # planned in float32
-    per_param = _GGUF_BYTES_PER_PARAM.get(quant, 0.83 + 2.0)
+    per_param = _GGUF_BYTES_PER_PARAM.get(quant, _K_QUANT_BYTES_PER_PARAM)
     return int(params * per_param)
 
 
