@@ -149,8 +149,9 @@ class TrainConfig(_Section):
     max_length: int = Field(2048, ge=16, description="Tokens per row; longer samples are truncated.")
     optimizer: Literal["auto", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = Field(
         "auto",
-        description="auto: bitsandbytes 8-bit AdamW, paged only when the planner says the state is large enough "
-                    "to matter. adamw_8bit: non-paged (no per-step host sync).",
+        description="auto: torch's fused AdamW (fp32 states, no host sync) when the plan has spare memory for "
+                    "it, else bitsandbytes 8-bit AdamW (its step synchronises the GPU once per parameter), "
+                    "paged only when paging makes the run fit.",
     )
     weight_decay: float = Field(0.0, ge=0.0)
     loraplus_lr_ratio: float | None = Field(

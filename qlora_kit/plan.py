@@ -1102,8 +1102,11 @@ def resolve_auto(cfg: Config, shape: ModelShape, budget_bytes: int) -> Config:
     - ``tiled_mlp``: on only when the untiled MLP does not fit (and the row is longer than a tile);
     - ``checkpoint_every_n_layers``: the largest n that fits with :data:`AUTO_HEADROOM` to spare
       (fewer recomputed layers: faster), 1 when even that is too much;
-    - ``optimizer``: ``adamw_8bit``; ``paged_adamw_8bit`` only when the run fits just because a
-      paged state may leave the GPU under memory pressure.
+    - ``optimizer``: ``adamw_torch`` (fused on CUDA: fp32 states, no host sync in its step) when its
+      states fit in what the rest of the plan leaves spare (with :data:`AUTO_HEADROOM`), so it never
+      costs context length or recomputed layers; else ``adamw_8bit`` (bitsandbytes 0.50 synchronises
+      the GPU once per parameter in its step); ``paged_adamw_8bit`` only when the run fits just
+      because a paged state may leave the GPU under memory pressure.
 
     A run that fits in no arrangement gets the lowest-memory one (``check_fits`` then refuses it).
     """
@@ -1141,8 +1144,16 @@ def _concrete(cfg: Config, offload: bool, tiled: bool, every_n: int) -> Config:
 
 
 def _pick_optimizer(cfg: Config, shape: ModelShape, budget: int) -> str:
-    """``paged_adamw_8bit`` when the run fits only if its pageable state may leave the GPU; else ``adamw_8bit``."""
+    """The optimizer ``auto`` resolves to for ``cfg`` (planned with 8-bit AdamW) within ``budget`` bytes.
+
+    ``adamw_torch`` when the run with its fp32 states stays within the budget less
+    :data:`AUTO_HEADROOM` (no host sync per step: bitsandbytes 0.50's step synchronises the GPU once
+    per parameter); ``paged_adamw_8bit`` when the run fits only if its pageable state may leave the
+    GPU; else ``adamw_8bit``.
+    """
     plan = estimate(_variant(cfg, "train", optimizer="adamw_8bit"), shape)
+    if estimate(_variant(cfg, "train", optimizer="adamw_torch"), shape).total_bytes <= budget * (1 - AUTO_HEADROOM):
+        return "adamw_torch"
     numels, _ = variant_tensors(shape, plan.targets, cfg.lora)
     _, pageable = optimizer_bytes(numels, "paged_adamw_8bit", 4)
     if plan.total_bytes > budget >= plan.total_bytes - pageable and pageable > 0:

@@ -282,7 +282,7 @@ def test_resolve_auto_offloads_and_tiles_only_when_needed():
     shape, budget = plan.read_shape(cfg.model), 24 * GiB
     short = plan.resolve_auto(cfg, shape, budget)
     assert (short.train.activation_offload, short.train.tiled_mlp, short.train.optimizer) == (False, False,
-                                                                                           "adamw_8bit")
+                                                                                           "adamw_torch")
     assert cfg.train.activation_offload == "auto"  # the input is not changed
     mid = plan.resolve_auto(_set(cfg, max_length=32768), shape, budget)
     assert (mid.train.activation_offload, mid.train.tiled_mlp, mid.train.checkpoint_every_n_layers) == (False, True,
@@ -310,6 +310,26 @@ def test_resolve_auto_spends_spare_memory_on_fewer_checkpoints():
     every_layer = plan.estimate(_set(cfg, checkpoint_every_n_layers=1), shape).total_bytes
     tight = plan.resolve_auto(cfg, shape, every_layer)  # fits, but with nothing to spare
     assert tight.train.checkpoint_every_n_layers == 1
+
+
+def test_resolve_auto_takes_sync_free_fp32_adamw_only_from_spare_memory():
+    # bitsandbytes 0.50's 8-bit step synchronises the GPU once per parameter; torch's fused AdamW does not.
+    # fp32 states are taken only from memory the rest of the plan leaves unused: never a shorter context,
+    # never more recomputed layers.
+    cfg = make_cfg(lora={"target_modules": "all-linear"},
+                   train={"checkpoint_every_n_layers": "auto", "optimizer": "auto", "fused_loss": True})
+    shape = plan.load_builtin_shape("llama-3.1-8b")
+    eight = plan.estimate(_set(cfg, optimizer="adamw_8bit", checkpoint_every_n_layers=1), shape).total_bytes
+    fp32 = plan.estimate(_set(cfg, optimizer="adamw_torch", checkpoint_every_n_layers=1), shape).total_bytes
+    assert fp32 > eight
+    roomy = plan.resolve_auto(cfg, shape, 24 * GiB)
+    assert roomy.train.optimizer == "adamw_torch" and plan.estimate(roomy, shape).total_bytes <= 0.9 * 24 * GiB
+    pinned = plan.resolve_auto(_set(cfg, optimizer="adamw_8bit"), shape, 24 * GiB)
+    assert roomy.train.checkpoint_every_n_layers == pinned.train.checkpoint_every_n_layers
+    edge = plan.resolve_auto(cfg, shape, int(eight / 0.9) + (fp32 - eight) // 2)
+    assert (edge.train.optimizer, edge.train.checkpoint_every_n_layers) == ("adamw_8bit", 1)
+    long = plan.max_length_that_fits(cfg, shape, 24 * GiB, offload=False)
+    assert plan.resolve_auto(_set(cfg, max_length=long), shape, 24 * GiB).train.optimizer != "adamw_torch"
 
 
 def test_resolve_auto_pages_the_optimizer_only_when_that_makes_it_fit():

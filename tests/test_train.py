@@ -153,7 +153,7 @@ def test_memory_techniques_train_like_the_plain_path(tmp_path: Path, tiny_llama:
 
 @gpu
 def test_cuda_fp32_adapters_autocast_and_8bit_optimizer(tmp_path: Path, tiny_llama: Path) -> None:
-    run = _setup_run(tmp_path, tiny_llama, train={"optimizer": "auto", "max_steps": 2})
+    run = _setup_run(tmp_path, tiny_llama, train={"optimizer": "adamw_8bit", "max_steps": 2})
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 and p.is_cuda for p in trainable)
     assert run.precision.autocast and run.precision.compute_dtype in (torch.bfloat16, torch.float16)
@@ -163,6 +163,38 @@ def test_cuda_fp32_adapters_autocast_and_8bit_optimizer(tmp_path: Path, tiny_lla
     assert run.step == 2
     paged = _setup_run(tmp_path / "paged", tiny_llama, train={"optimizer": "paged_adamw_8bit", "max_steps": 1})
     assert type(paged.optimizer).__name__ == "PagedAdamW8bit"
+
+
+def _host_syncs_in_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], monkeypatch) -> int:
+    """Explicit ``torch.cuda.synchronize`` calls in a second ``optimizer.step()`` (the first creates the states);
+    implicit syncs (``.item()``, blocking copies) raise under the sync debug mode."""
+    calls = []
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    for p in params:
+        p.grad = torch.randn_like(p)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: calls.append(args))  # looked up per call
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        monkeypatch.undo()
+    return len(calls)
+
+
+@gpu
+def test_auto_optimizer_steps_without_a_host_sync_on_cuda(tmp_path: Path, tiny_llama: Path, monkeypatch) -> None:
+    """Issue 8 item 5: with room to spare, ``auto`` is torch's fused AdamW, whose step never waits for the GPU;
+    bitsandbytes 0.50's 8-bit step synchronises once per parameter (the control that shows the check works)."""
+    run = _setup_run(tmp_path, tiny_llama, train={"optimizer": "auto", "max_steps": 1})
+    assert run.cfg.train.optimizer == "adamw_torch" and run.optimizer.defaults.get("fused") is True
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    assert _host_syncs_in_step(run.optimizer, trainable, monkeypatch) == 0
+    eight = _setup_run(tmp_path / "8bit", tiny_llama, train={"optimizer": "adamw_8bit", "max_steps": 1})
+    trainable = [p for p in eight.model.parameters() if p.requires_grad]
+    assert _host_syncs_in_step(eight.optimizer, trainable, monkeypatch) >= len(trainable)
 
 
 def test_epochs_decide_the_step_count_when_max_steps_is_unset(tmp_path: Path, tiny_llama: Path) -> None:
