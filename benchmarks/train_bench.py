@@ -8,8 +8,8 @@ targets), learning rate, micro-batch size and ``max_length``; everything else is
 recipe's own default:
 
 * ``qlora-kit``: ``qlora_kit.train.run_training`` with its defaults (padding-free packing,
-  fused loss on labelled positions, fp32 master adapters under bf16 autocast, 8-bit AdamW,
-  ``auto`` checkpointing/offload/tiling resolved by the planner for ``--cap-gib``);
+  fused loss on labelled positions, fp32 master adapters under bf16 autocast, ``auto``
+  optimizer (fused fp32 AdamW when the plan has room, else 8-bit), checkpointing/offload/tiling resolved by the planner for ``--cap-gib``);
   ``qlora-kit-no-offload`` is the same with ``train.activation_offload=false``;
 * ``stock``: trl ``SFTTrainer`` + ``SFTConfig`` defaults on a bitsandbytes NF4 model with a
   peft ``LoraConfig`` (no packing, padding, trl's fused LM head loss, its default optimizer;
