@@ -160,7 +160,8 @@ def export(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="--format hf: float16 (default) or bfloat16."),
     quant: Optional[str] = typer.Option(
         None, "--quant", help="--format gguf: f16, bf16, q8_0 (default), q4_0; q4_k_m, q5_k_m, q6_k need "
-                              "llama-cpp-python (pip install 'qlora-kit[llamacpp]')."),
+                              "llama-cpp-python (the extra qlora-kit\\[llamacpp]).",  # \\[: not rich markup
+    ),
     merge_base: str = typer.Option(
         "dequantized", "--merge-base", help="dequantized (what was trained; default) or original (16-bit source)."
     ),

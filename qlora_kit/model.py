@@ -16,6 +16,7 @@ receive gradients.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -271,6 +272,43 @@ def require_safetensors(source: Path) -> None:
                      "or at a .gguf file")
 
 
+ATTENTION_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
+
+
+def require_attention(source: Path, cfg: ModelConfig) -> None:
+    """Refuse ``model.attn_implementation`` when the architecture of ``source`` lacks it (see
+    :func:`check_attention`); an unreadable config.json is left to transformers to report."""
+    try:
+        model_type = json.loads((source / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return
+    check_attention(str(model_type), cfg.attn_implementation, str(source))
+
+
+def check_attention(model_type: str, attn_implementation: str, where: str) -> None:
+    """Refuse an attention implementation the ``model_type`` architecture lacks, naming the setting that works.
+
+    A shipped config says ``sdpa``; Gemma-2 (soft-capped attention) has no sdpa path in
+    transformers, whose own error is a paragraph ending in Python code. Remote-code models and
+    architectures transformers does not map are left to transformers.
+
+    Raises:
+        ModelError: the implementation is not available for this architecture.
+    """
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    flag = ATTENTION_FLAGS.get(attn_implementation)
+    cls = getattr(transformers, str(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "")), None)
+    if flag is None or cls is None or getattr(cls, flag, True):
+        return
+    hint = "set model.attn_implementation: eager"
+    if attn_implementation != "flash_attention_2" and getattr(cls, ATTENTION_FLAGS["flash_attention_2"], False):
+        hint += " (or flash_attention_2 on a CUDA card with the flash-attn package installed)"
+    raise ModelError(f"{cls.__name__} ({where}) has no {attn_implementation} attention in transformers "
+                     f"{transformers.__version__}", hint, key="model.attn_implementation")
+
+
 def load_quantized_base(source: Path, cfg: ModelConfig, compute_dtype: torch.dtype, device: torch.device,
                         quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     """Load ``source`` with every linear layer (except lm_head) in bitsandbytes 4-bit.
@@ -286,6 +324,7 @@ def load_quantized_base(source: Path, cfg: ModelConfig, compute_dtype: torch.dty
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     require_safetensors(source)
+    require_attention(source, cfg)
     bnb = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quant_type,

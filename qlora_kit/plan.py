@@ -1235,9 +1235,12 @@ def run_plan(config_path: str | Path, overrides: list[str], gpu_memory: float | 
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}",
                           "ddp: the whole model on every GPU; fsdp: sharded; fsdp-offload: sharded in host memory")
+    from qlora_kit.model import check_attention
+
     cfg, sources = load_config(config_path, overrides)
     try:
         shape = read_shape(cfg.model)
+        check_attention(shape.model_type, cfg.model.attn_implementation, cfg.model.name_or_path)
     except ModelError as exc:
         exc.key = exc.key or "model.name_or_path"
         attribute_origin(exc, sources)

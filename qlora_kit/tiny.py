@@ -39,7 +39,7 @@ _WORDS = (
     "five using himself usually user assistant system hello question reply 0 1 2 3 4 5 6 7 8 9 + - = ? ! . ,"
 ).split()
 
-ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "phi3")
+ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "phi3", "gemma2", "gemma3_text", "qwen3")
 
 
 def _corpus(n_lines: int = 2000, seed: int = 0) -> list[str]:
@@ -101,7 +101,7 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
         max_position_embeddings=512,
         tie_word_embeddings=False,
     )
-    if arch == "gemma":
+    if arch in ("gemma", "gemma2", "gemma3_text", "qwen3"):
         kwargs["head_dim"] = 16
     kwargs.update(overrides)
     return AutoConfig.for_model(arch, **kwargs)

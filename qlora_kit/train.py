@@ -379,6 +379,7 @@ def setup(cfg: Config, config_text: str, out: Path, start: outdir.Start | None, 
             _check_fsdp_supported(cfg, precision)
         source = qmodel.resolve_source(cfg.model)
         qmodel.require_safetensors(source)
+        qmodel.require_attention(source, cfg.model)
         cfg = resolve_memory_settings(cfg, source, device, None if start.fresh else _recorded_memory(out))
         tokenizer = qmodel.load_tokenizer(source, cfg.model)
         data = _setup_data(cfg, tokenizer, show=dist.is_main)

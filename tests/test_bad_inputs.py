@@ -79,6 +79,15 @@ def _pickle_only_base(ws: Path, model: Path) -> list[str]:
     return ["train", str(_config(ws, base, "pickle"))]
 
 
+def _gemma2_with_sdpa(ws: Path, model: Path) -> list[str]:
+    from qlora_kit.tiny import build_tiny_model
+
+    base = ws / "gemma2-base"
+    if not base.exists():
+        build_tiny_model(base, "gemma2")
+    return ["train", str(_config(ws, base, "g2")), "--set", "model.attn_implementation=sdpa"]
+
+
 def _dangling_output(ws: Path, model: Path) -> list[str]:
     link = ws / "out-dangling"
     if not link.is_symlink():
@@ -208,6 +217,8 @@ CASES: dict[str, tuple[Callable[[Path, Path], list[str]], list[str]]] = {
         ["line 2 nests JSON too deeply"]),
     "pickle-only pytorch_model.bin base": (_pickle_only_base, ["only pickle weights (pytorch_model.bin)",
                                                                "does not unpickle"]),
+    "attention the architecture lacks (Gemma-2 with sdpa)": (
+        _gemma2_with_sdpa, ["Gemma2ForCausalLM", "has no sdpa attention", "fix: set model.attn_implementation: eager"]),
     "dangling symlink as output_dir": (_dangling_output, ["is a symlink to", "which does not exist"]),
     "output_dir=/ --overwrite": (lambda ws, m: ["train", str(_config(ws, m, "root")), "--set", "output_dir=/",
                                                 "--overwrite"], ["is the filesystem root"]),

@@ -48,6 +48,40 @@ def test_packed_loss_and_grads_equal_unpacked_per_sample(tiny_models, one_thread
     assert_grads_close(adapter_grads(packed_model), adapter_grads(alone_model), atol=1e-6, rtol=1e-5)
 
 
+SLIDING = {  # window 6 < the 9-, 12- and 17-token samples: the window changes the result
+    "mistral": {"sliding_window": 6},
+    "gemma3_text": {"sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"]},
+    "qwen3": {"use_sliding_window": True, "sliding_window": 6, "layer_types": ["full_attention", "sliding_attention"]},
+    "gemma2": {"sliding_window": 6},  # soft-capped: no sdpa in transformers, eager only
+}
+
+
+@pytest.mark.parametrize("arch, attn", [("mistral", "sdpa"), ("gemma3_text", "sdpa"), ("qwen3", "sdpa"),
+                                        ("gemma2", "eager"), ("mistral", "eager")])
+def test_sliding_window_models_pack_like_unpacked_samples(tmp_path, one_thread, arch: str, attn: str) -> None:
+    """Local-attention layers keep their window inside packed rows (packed attention or transformers' eager mask)."""
+    from qlora_kit.tiny import build_tiny_model
+
+    source = build_tiny_model(tmp_path / arch, arch, **SLIDING[arch])
+    samples = _samples([9, 17, 5, 12])
+    n_items = sum(count_targets(torch.tensor([s["labels"]])) for s in samples)
+    packed_model = make_qlora_model(source, attn=attn)
+    assert P.use_packed_attention(packed_model) == (attn == "sdpa")
+    packed_loss = causal_lm_loss(packed_model, D.collate(samples, [[0, 1], [2, 3]], pad_id=0, max_length=64,
+                                                         packing=True), n_items, False)
+    packed_loss.backward()
+    alone_model = make_qlora_model(source, attn=attn)
+    alone = [causal_lm_loss(alone_model, {"input_ids": torch.tensor([s["input_ids"]]),
+                                          "labels": torch.tensor([s["labels"]])}, n_items, False) for s in samples]
+    sum(alone).backward()
+    assert packed_loss.item() == pytest.approx(sum(x.item() for x in alone), rel=1e-6, abs=1e-6)
+    assert_grads_close(adapter_grads(packed_model), adapter_grads(alone_model), atol=1e-6, rtol=1e-5)
+    unwindowed = make_qlora_model(build_tiny_model(tmp_path / f"{arch}-full", arch), attn=attn)
+    full = sum(causal_lm_loss(unwindowed, {"input_ids": torch.tensor([s["input_ids"]]),
+                                           "labels": torch.tensor([s["labels"]])}, n_items, False) for s in samples)
+    assert abs(full.item() - packed_loss.item()) > 1e-4  # the window mattered
+
+
 def test_no_mask_reaches_the_packed_attention(tiny_llama, one_thread, monkeypatch) -> None:
     """transformers builds no mask for the packed attention: no T x T tensor, only cu_seq_lens."""
     seen = []
