@@ -66,6 +66,7 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
 }
 ROLE_NAMES = {
     "system": "system",
+    "developer": "system",  # OpenAI's newer name for system instructions
     "user": "user",
     "human": "user",
     "assistant": "assistant",
@@ -888,8 +889,8 @@ def encode_splits(
     train_enc, train_bad = encode_rows(train_rows, tokenizer, max_length, cfg.train_on_inputs, chat, "train")
     val_enc, val_bad = encode_rows(val_rows, tokenizer, max_length, cfg.train_on_inputs, chat, "val")
     if chat is not None and chat.searched_turns:
-        log.info("the chat template renders earlier turns differently: %d replies located by text search",
-                 chat.searched_turns)
+        log.info("the chat template renders earlier turns differently: %d %s located by text search",
+                 chat.searched_turns, "reply" if chat.searched_turns == 1 else "replies")
     train_part.bad += train_bad + (val_bad if val_part is None else [])
     if val_part is not None:
         val_part.bad += val_bad

@@ -101,6 +101,14 @@ def test_sharegpt_maps_roles_and_trains_gpt_turns(tmp_path, tok):
     assert tok.decode(sample["input_ids"]).startswith("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n")
 
 
+def test_developer_role_is_a_system_turn(tmp_path, tok):
+    row = {"messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "1 + 1 ?"},
+                        {"role": "assistant", "content": "2"}]}
+    sample = build(tmp_path, [row], tok).train[0]
+    assert tok.decode(sample["input_ids"]).startswith("<|im_start|>system\nbe brief<|im_end|>\n")
+    assert trained_runs(tok, sample) == ["2<|im_end|>"]
+
+
 def test_alpaca_becomes_user_assistant_chat(tmp_path, tok):
     rows = [
         {"instruction": "add", "input": "2 + 2 ?", "output": "2 + 2 = 4"},
