@@ -383,6 +383,7 @@ def setup(cfg: Config, config_text: str, out: Path, start: outdir.Start | None, 
         cfg = resolve_memory_settings(cfg, source, device, None if start.fresh else _recorded_memory(out))
         tokenizer = qmodel.load_tokenizer(source, cfg.model)
         data = _setup_data(cfg, tokenizer, show=dist.is_main)
+        _warn_beyond_context(source, data.summary.length_max, cfg.train.max_length)
         if start.resume_from is not None:
             _check_data_unchanged(start.resume_from, data.fingerprint)
         micro_per_epoch = len(_epoch_plan(cfg, data, 0))
@@ -737,6 +738,22 @@ def _setup_data(cfg: Config, tokenizer: Any, show: bool = True) -> Any:
         return data
     print_summary(data.summary)
     return data
+
+
+def _warn_beyond_context(source: Path, longest: int, max_length: int) -> None:
+    """Warn when samples are longer than the model's context (``max_position_embeddings``).
+
+    Positions restart at 0 in every sample (packed or not), so only a sample's own length counts:
+    positions past the context were never trained, and transformers does not refuse them.
+    """
+    try:
+        context = json.loads((source / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(context, int) and 0 < context < longest:
+        log.warning("the longest sample has %d tokens, more than the model's context of %d "
+                    "(max_position_embeddings): positions past %d were never trained; lower train.max_length "
+                    "to %d to truncate such samples there", longest, context, context, context)
 
 
 def _check_data_unchanged(resume_from: Path, fingerprint: dict[str, Any]) -> None:

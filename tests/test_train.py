@@ -224,3 +224,15 @@ def test_resume_keeps_the_memory_settings_the_run_started_with(tiny_llama: Path)
     assert resumed.train.tiled_mlp is False  # set explicitly in the config: the user's value wins
     fresh = resolve_memory_settings(cfg, tiny_llama, torch.device("cpu"))
     assert fresh.train.optimizer != "auto" and fresh.train.checkpoint_every_n_layers != "auto"
+
+
+def test_samples_longer_than_the_model_context_are_warned_about(tiny_llama: Path, caplog) -> None:
+    from qlora_kit.train import _warn_beyond_context
+
+    context = json.loads((tiny_llama / "config.json").read_text())["max_position_embeddings"]
+    with caplog.at_level("WARNING", logger="qlora_kit"):
+        _warn_beyond_context(tiny_llama, context, 4 * context)  # rows may be long: samples fit
+        assert not caplog.records
+        _warn_beyond_context(tiny_llama, context + 1, 4 * context)
+    assert f"more than the model's context of {context}" in caplog.text
+    assert f"lower train.max_length to {context}" in caplog.text
