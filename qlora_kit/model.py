@@ -509,15 +509,14 @@ def load_run_for_inference(run_dir: str | Path, device: torch.device | None = No
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    from qlora_kit.basecheck import run_base
     from qlora_kit.config import load_config
 
     run = Path(run_dir)
     manifest = rundir.require_finished_run(run)
     cfg, _ = load_config(run / rundir.CONFIG)
     device = device or pick_device()
-    source = Path(str((manifest.get("base") or {}).get("source_dir") or ""))
-    if not (source / "config.json").exists():
-        source = resolve_source(cfg.model)
+    source = run_base(run, manifest, cfg)
     if compute_dtype is None:
         stored = str((manifest.get("quant") or {}).get("compute_dtype"))
         compute_dtype = DTYPES.get(stored, torch.bfloat16) if device.type == "cuda" else torch.float32

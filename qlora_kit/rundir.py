@@ -152,18 +152,16 @@ def read_run(run_dir: str | Path) -> RunInfo:
     Raises:
         ModelError: the directory is not a finished qlora-kit run, or its base cannot be found.
     """
+    from qlora_kit.basecheck import run_base
     from qlora_kit.config import load_config
     from qlora_kit.errors import ModelError
-    from qlora_kit.model import resolve_source
 
     run = Path(run_dir)
     manifest = require_finished_run(run)
     if manifest.get("status") not in (None, "completed"):
         log.warning("run status is %r, not 'completed': exporting the adapter it saved last", manifest.get("status"))
     cfg, _ = load_config(run / CONFIG)
-    source = Path(str((manifest.get("base") or {}).get("source_dir") or ""))
-    if not (source / "config.json").is_file():
-        source = resolve_source(cfg.model)
+    source = run_base(run, manifest, cfg)
     quant = manifest.get("quant") or {}
     for key in ("quant_type", "double_quant", "blocksize", "load_dtype"):
         if key not in quant:

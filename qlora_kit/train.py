@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from qlora_kit import checkpoint as ckpt
-from qlora_kit import diskspace, distributed, logs, outdir, rundir, runlock
+from qlora_kit import basecheck, diskspace, distributed, logs, outdir, rundir, runlock
 from qlora_kit.config import Config, attribute_origin, dump_config, load_config, read_yaml, validate
 from qlora_kit.errors import (
     ConfigError,
@@ -77,6 +77,7 @@ RESUME_BREAKING = (
     "train.seed", "train.micro_batch_size", "train.gradient_accumulation_steps", "train.max_length",
     "train.optimizer", "train.loraplus_lr_ratio",
 )
+BASE_LOCATION = ("model.name_or_path", "model.revision")  # where the base is; its fingerprint says what it is
 MAX_CONSECUTIVE_SKIPS = 10
 MIN_LOSS_SCALE = 1.0  # fp16 loss scaling: below this the run is not recovering
 SETUP_BYTES = 64 * 2**20  # allowance for config, tokenizer, data audit, held-out rows, manifest
@@ -185,7 +186,7 @@ def _run_locked(cfg: Config, sources: dict[str, str], out: Path, resume: bool, o
         warn_if_validation_elsewhere(cfg, sources)
     start = dist.from_main(lambda: outdir.inspect(out, resume, overwrite))
     if not start.fresh:
-        check_resume_compatible(start.resume_from or out, cfg)
+        check_resume_compatible(start.resume_from or out, cfg, _recorded_base(out) is not None)
     try:
         run = setup(cfg, dump_config(cfg, sources), out, start, skip_memory_check)
     except BaseException as exc:
@@ -318,17 +319,20 @@ def warn_if_validation_elsewhere(cfg: Config, sources: dict[str, str]) -> None:
                 "check and the model card use them%s", cfg.data.val_path, origin, cfg.data.path, instead)
 
 
-def check_resume_compatible(checkpoint_dir: Path, cfg: Config) -> None:
+def check_resume_compatible(checkpoint_dir: Path, cfg: Config, base_fingerprinted: bool = False) -> None:
     """Refuse to resume when settings that define the model or the data order changed.
 
     ``checkpoint_dir`` is a checkpoint, or the run directory itself when it has none yet.
+    ``base_fingerprinted``: the run recorded its base's fingerprint, which ``setup`` checks, so
+    the base may have moved (``model.name_or_path`` / ``model.revision`` may change).
 
     Raises:
         ConfigError: naming every changed setting with its old and new value.
     """
     old = validate(read_yaml(checkpoint_dir / "config.yaml"), origin=str(checkpoint_dir / "config.yaml"))
     old_flat, new_flat = _flatten(old.model_dump()), _flatten(cfg.model_dump())
-    changed = [k for k in RESUME_BREAKING if old_flat.get(k) != new_flat.get(k)]
+    breaking = [k for k in RESUME_BREAKING if not (base_fingerprinted and k in BASE_LOCATION)]
+    changed = [k for k in breaking if old_flat.get(k) != new_flat.get(k)]
     if changed:
         lines = "; ".join(f"{k}: {short_repr(old_flat.get(k), 60)} -> {short_repr(new_flat.get(k), 60)}"
                           for k in changed)
@@ -336,7 +340,7 @@ def check_resume_compatible(checkpoint_dir: Path, cfg: Config) -> None:
             f"cannot resume {checkpoint_dir.name}: the config changed in ways that break the run ({lines})",
             "restore those settings, or start a new run with --overwrite / another output_dir",
         )
-    soft = [k for k in new_flat if k not in RESUME_BREAKING and old_flat.get(k) != new_flat.get(k)]
+    soft = [k for k in new_flat if k not in breaking and old_flat.get(k) != new_flat.get(k)]
     if soft:
         log.warning("resuming with changed settings: %s (the LR curve may differ from the first run)",
                     ", ".join(soft))
@@ -380,6 +384,11 @@ def setup(cfg: Config, config_text: str, out: Path, start: outdir.Start | None, 
         source = qmodel.resolve_source(cfg.model)
         qmodel.require_safetensors(source)
         qmodel.require_attention(source, cfg.model)
+        base_print = basecheck.fingerprint(source)
+        if not start.fresh:  # the adapter continues only on the weights it was trained against
+            basecheck.check_base(source, _recorded_base(out), out, base_print,
+                                 f"point model.name_or_path at the base the run was trained on (checked against the "
+                                 f"fingerprint in {out / rundir.MANIFEST})")
         cfg = resolve_memory_settings(cfg, source, device, None if start.fresh else _recorded_memory(out))
         tokenizer = qmodel.load_tokenizer(source, cfg.model)
         data = _setup_data(cfg, tokenizer, show=dist.is_main)
@@ -412,6 +421,7 @@ def setup(cfg: Config, config_text: str, out: Path, start: outdir.Start | None, 
     optimizer = build_optimizer(cfg, params, device, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     manifest = _new_manifest(cfg, device, source, spec, data, model, trainable, out, not start.fresh, variant)
+    manifest["base"]["fingerprint"] = base_print
     manifest["memory"] = memory_record(cfg, model, precision)
     if dist.active:
         manifest["distributed"] = dist.describe()
@@ -595,6 +605,13 @@ def _enable_offload(model: Any, cfg: Config, device: torch.device) -> None:
         return
     enable_offload(model, ActivationOffload(device), cfg.train.checkpoint_every_n_layers)
     log.info("activation_offload: checkpointed layer inputs kept in pinned host memory")
+
+
+def _recorded_base(out: Path) -> Any:
+    """The base fingerprint recorded in ``out``'s manifest (None for runs that predate it)."""
+    manifest = ckpt.read_json(out / rundir.MANIFEST)
+    base = manifest.get("base") if isinstance(manifest, dict) else None
+    return base.get("fingerprint") if isinstance(base, dict) else None
 
 
 def _recorded_memory(out: Path) -> dict[str, Any] | None:
@@ -887,7 +904,7 @@ def _restore(run: Run, start: outdir.Start) -> None:
     while path is not None:
         try:
             if path != first:
-                check_resume_compatible(path, run.cfg)
+                check_resume_compatible(path, run.cfg, _recorded_base(run.out) is not None)
                 _check_data_unchanged(path, run.data.fingerprint)
             model = None if run.dist.fsdp else run.model  # FSDP: the adapter was loaded before sharding
             state = ckpt.load_checkpoint(path, model, run.optimizer, run.scheduler, rank=run.dist.rank)

@@ -1,0 +1,116 @@
+"""basecheck: a run is resumed, generated from and exported only on the base weights it was trained on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import RESUME_TRAIN, assert_same_result, run_cli, snapshot, write_config
+
+from qlora_kit import basecheck
+from qlora_kit import checkpoint as ckpt
+from qlora_kit.errors import EXIT_USER_ERROR, ModelError
+
+LORA = {"dropout": 0.1}
+
+
+def _other_weights(base: Path, dest: Path) -> Path:
+    """A copy of ``base`` with the same files, shapes and sizes but other weights (another revision, say)."""
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(base, dest)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(dest)
+    assert {p.name: p.stat().st_size for p in dest.glob("*.safetensors")} == \
+        {p.name: p.stat().st_size for p in base.glob("*.safetensors")}
+    return dest
+
+
+def _stopped_at(reference: Path, dest: Path, step: int) -> Path:
+    """The reference run as it was when stopped right after checkpoint-<step>."""
+    shutil.copytree(reference, dest)
+    shutil.rmtree(dest / "adapter")
+    for s, path in ckpt.list_checkpoints(dest):
+        if s > step:
+            shutil.rmtree(path)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest.update(status="preempted", final_metrics=None, end_time=None)
+    manifest.pop("adapter_files", None)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+def _error(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith(("error: ", "fix: "))]
+
+
+def test_the_fingerprint_sees_other_weights_of_the_same_shape(tmp_path: Path, tiny_llama: Path) -> None:
+    recorded = basecheck.fingerprint(tiny_llama)
+    assert recorded and all(v["size"] > 0 for v in recorded.values())
+    basecheck.check_base(tiny_llama, recorded, tmp_path)  # the same weights pass
+    shutil.copytree(tiny_llama, tmp_path / "copy")
+    assert basecheck.fingerprint(tmp_path / "copy") == recorded  # a copy elsewhere is the same base
+    other = _other_weights(tiny_llama, tmp_path / "other")
+    with pytest.raises(ModelError, match="model.safetensors differs"):
+        basecheck.check_base(other, recorded, tmp_path)
+    basecheck.check_base(other, None, tmp_path)  # runs from before fingerprints: nothing to compare
+
+
+def test_resume_refuses_other_weights_and_follows_a_moved_base(tmp_path: Path, tiny_llama: Path, data_file: Path,
+                                                               reference_run: Path) -> None:
+    assert json.loads((reference_run / "manifest.json").read_text())["base"]["fingerprint"]
+    run = _stopped_at(reference_run, tmp_path / "run", step=8)
+    other = _other_weights(tiny_llama, tmp_path / "other")
+    before = snapshot(run)
+    cfg = write_config(tmp_path / "other.yaml", other, data_file, run, train=RESUME_TRAIN, lora=LORA)
+    proc = run_cli("train", str(cfg), "--resume")
+    assert proc.returncode == EXIT_USER_ERROR
+    error, fix = _error(proc)
+    assert f"the base model at {other} is not the one {run} was trained on" in error
+    assert fix.startswith("fix: point model.name_or_path at the base the run was trained on")
+    assert snapshot(run) == before
+
+    moved = shutil.copytree(tiny_llama, tmp_path / "moved-base")  # the same weights under another path
+    cfg = write_config(tmp_path / "moved.yaml", moved, data_file, run, train=RESUME_TRAIN, lora=LORA)
+    proc = run_cli("train", str(cfg), "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_result(run, reference_run)
+
+
+def test_export_and_generate_refuse_other_weights_and_follow_the_run_config(tmp_path: Path, tiny_llama: Path,
+                                                                            reference_run: Path) -> None:
+    run = shutil.copytree(reference_run, tmp_path / "run")
+    manifest = json.loads((run / "manifest.json").read_text())
+    other = _other_weights(tiny_llama, tmp_path / "other")
+    manifest["base"]["source_dir"] = str(other)  # as if another model had been put where the base was
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["name_or_path"] = str(other)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    for args in (["export", str(run), "--out", str(tmp_path / "exp")], ["generate", str(run), "1 + 1 ="]):
+        proc = run_cli(*args)
+        assert proc.returncode == EXIT_USER_ERROR, proc.stderr[-2000:]
+        error, fix = _error(proc)
+        assert f"the base model at {other} is not the one {run} was trained on" in error, args
+        assert f"point model.name_or_path in {run}/config.yaml at a copy" in fix
+    assert not (tmp_path / "exp").exists()
+
+    manifest["base"]["source_dir"] = str(tmp_path / "gone")  # the base moved away from where it was trained
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    config["model"]["name_or_path"] = str(tmp_path / "gone")
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = run_cli("export", str(run), "--out", str(tmp_path / "exp"))
+    assert proc.returncode == EXIT_USER_ERROR
+    assert "is not where it was" in _error(proc)[0] and f"{run}/config.yaml at a copy" in _error(proc)[1]
+    config["model"]["name_or_path"] = str(shutil.copytree(tiny_llama, tmp_path / "moved-base"))  # where it is now
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = run_cli("export", str(run), "--out", str(tmp_path / "exp"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "exp/export_report.json").read_text())["verification"]["status"] == "passed"
