@@ -47,8 +47,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from qlora_kit import checkpoint as ckpt
 from qlora_kit import basecheck, diskspace, distributed, logs, outdir, rundir, runlock
+from qlora_kit import checkpoint as ckpt
 from qlora_kit.config import Config, attribute_origin, dump_config, load_config, read_yaml, validate
 from qlora_kit.errors import (
     ConfigError,
