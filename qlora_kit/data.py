@@ -35,7 +35,7 @@ import random
 import re
 import statistics
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -860,6 +860,12 @@ def build_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: 
         train_rows, val_rows = train_part.rows, cap_rows(val_part.rows, cfg.val_max_rows, seed)
     else:
         train_rows, val_rows = split_rows(train_part.rows, cfg.val_fraction, cfg.val_max_rows, seed)
+    if has_template and not template_takes_system(tokenizer):
+        (train_rows, folded), (val_rows, folded_val) = fold_system_rows(train_rows), fold_system_rows(val_rows)
+        if folded + folded_val:
+            log.info("the chat template has no system role: the system prompt of %d rows goes before their first "
+                     "user message (prompt the trained model the same way; `qlora-kit generate --system` does)",
+                     folded + folded_val)
     train_enc, val_enc = encode_splits(train_rows, val_rows, train_part, val_part, tokenizer, max_length, cfg)
     train = [e.sample for e in train_enc if e.sample is not None]
     check_trainable(train_enc + val_enc, train, max_length, cfg.train_on_inputs, train_part.source.label)
@@ -899,6 +905,44 @@ def encode_splits(
             check_bad_fraction(part, cfg.max_bad_fraction)
             log_bad_rows(part)
     return train_enc, val_enc
+
+
+def template_takes_system(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the chat template renders a leading system turn (Gemma-2's raises "System role not supported").
+
+    A template that fails on a plain user turn too counts as taking one: its rows report the error.
+    """
+    user = [{"role": "user", "content": "Hi"}]
+    try:
+        tokenizer.apply_chat_template(user, tokenize=False)
+    except Exception:  # templates raise all kinds of errors (jinja, role checks)
+        return True
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, *user], tokenize=False)
+    except Exception:
+        return False
+    return True
+
+
+def fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A leading system turn put before the first user message (its content, a blank line, then the user's):
+    what models whose template has no system role expect; other conversations are returned unchanged."""
+    if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+        return messages
+    first = {**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
+    return [first, *messages[2:]]
+
+
+def fold_system_rows(rows: list[Row]) -> tuple[list[Row], int]:
+    """``rows`` with :func:`fold_system` applied (trained turn indices shifted); how many rows changed."""
+    out, folded = [], 0
+    for row in rows:
+        messages = fold_system(row.messages) if row.messages is not None else None
+        if messages is not row.messages:
+            row = replace(row, messages=messages, train_turns=tuple(i - 1 for i in row.train_turns))
+            folded += 1
+        out.append(row)
+    return out, folded
 
 
 def make_chat_spans(tokenizer: PreTrainedTokenizerBase, rows: list[Row]) -> ChatSpans | None:

@@ -166,17 +166,21 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """The prompt text for ``messages``: the chat template with the generation prompt (plain join without one).
 
     Raises:
-        ModelError: the template rejects the conversation (e.g. no system role, roles not alternating).
+        ModelError: the template rejects the conversation (e.g. roles not alternating); a template without
+            a system role gets the system prompt before the first user message, as in training.
     """
     if getattr(tokenizer, "chat_template", None):
         from jinja2.exceptions import TemplateError
 
+        from qlora_kit.data import fold_system, template_takes_system
+
+        if messages and messages[0]["role"] == "system" and not template_takes_system(tokenizer):
+            messages = fold_system(messages)  # as training did for this template
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except TemplateError as exc:  # e.g. "System role not supported", roles must alternate
             raise ModelError(f"the chat template rejected this conversation: {exc}",
-                             "drop --system if the template has no system role, or keep user/assistant turns "
-                             "alternating") from exc
+                             "keep user/assistant turns alternating (or drop --system)") from exc
     return "\n".join(m["content"] for m in messages) + "\n"
 
 

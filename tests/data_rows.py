@@ -2,8 +2,9 @@
 
 The templates imitate the structure of real model families (written here, not copied):
 Llama-2 ``[INST]`` turns with BOS/EOS, Llama-3 header tokens with trimmed content,
-ChatML with an injected default system prompt (SmolLM2-like), and a Qwen3-like one
-that renders the last reply differently from earlier ones (defeats prefix diffing).
+ChatML with an injected default system prompt (SmolLM2-like), a Qwen3-like one
+that renders the last reply differently from earlier ones (defeats prefix diffing), and a
+Gemma-2-like one with a ``model`` role that refuses system turns.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ LLAMA2_TEMPLATE = (
     "{{ bos_token + '[INST] ' + text | trim + ' [/INST]' }}"
     "{% else %}{{ ' ' + m['content'] | trim + ' ' + eos_token }}{% endif %}"
     "{% endfor %}"
+)
+
+NO_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}"
+    "{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{ '<|im_start|>' + role + '\n' + m['content'] | trim + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>model\n' }}{% endif %}"
 )
 
 LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]

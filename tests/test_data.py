@@ -21,6 +21,7 @@ from data_rows import (
     LLAMA3_SPECIAL,
     LLAMA3_TEMPLATE,
     MULTI_TURN,
+    NO_SYSTEM_TEMPLATE,
     SYSTEM_LAST_TEMPLATE,
     THINK_TEMPLATE,
     chat,
@@ -180,6 +181,27 @@ def test_llama2_template_errors_make_bad_rows(tmp_path, tok):
     bundle = build(tmp_path, good + [broken], tok, max_bad_fraction=0.2)
     assert bundle.summary.bad_rows == [10]
     assert "must alternate" in bundle.summary.bad_row_reasons[0]
+
+
+def test_template_without_system_role_gets_the_system_prompt_in_the_first_user_turn(tmp_path, tok, caplog):
+    _with_template(tok, NO_SYSTEM_TEMPLATE)
+    assert not D.template_takes_system(tok)
+    rows = [{"messages": chat(("system", "be brief"), ("user", f"{i} + 1 ?"), ("assistant", f"{i + 1}"),
+                              ("user", "and + 2 ?"), ("assistant", f"{i + 3}"))} for i in range(10)]
+    rows.append({"messages": chat(("user", "hi"), ("assistant", "hello"))})  # no system turn: unchanged
+    with caplog.at_level("INFO", logger="qlora_kit"):
+        bundle = build(tmp_path, rows, tok, val_fraction=0.2)
+    assert "no system role: the system prompt of 10 rows" in caplog.text
+    assert bundle.summary.bad_rows == []
+    first = next(s for s in bundle.train if "be brief" in tok.decode(s["input_ids"]))
+    assert tok.decode(first["input_ids"]).startswith("<|im_start|>user\nbe brief\n\n")
+    assert len(trained_runs(tok, first)) == 2  # both replies still trained, nothing else
+    assert all(h["messages"][0]["role"] == "user" for h in bundle.heldout)  # the export check prompts the same way
+    from qlora_kit.generate import render_chat
+
+    prompt = render_chat(tok, chat(("system", "be brief"), ("user", "1 + 1 ?")))
+    assert prompt == "<|im_start|>user\nbe brief\n\n1 + 1 ?<|im_end|>\n<|im_start|>model\n"
+    assert D.template_takes_system(_with_template(tok, LLAMA2_TEMPLATE))
 
 
 def test_llama3_header_template_trims_content(tmp_path, tok):

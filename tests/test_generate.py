@@ -158,7 +158,7 @@ def test_template_that_rejects_the_conversation_is_a_clear_error(tiny_llama) -> 
     from qlora_kit.generate import encode_chat
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
-                         "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
-    with pytest.raises(ModelError, match="System role not supported"):
-        encode_chat(tok, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('Roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ModelError, match="Roles must alternate"):
+        encode_chat(tok, [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}])
