@@ -78,6 +78,7 @@ RESUME_BREAKING = (
     "train.optimizer", "train.loraplus_lr_ratio",
 )
 BASE_LOCATION = ("model.name_or_path", "model.revision")  # where the base is; its fingerprint says what it is
+DATA_LOCATION = ("data.path", "data.val_path")  # where the data are; their sha256 says what they are
 MAX_CONSECUTIVE_SKIPS = 10
 MIN_LOSS_SCALE = 1.0  # fp16 loss scaling: below this the run is not recovering
 SETUP_BYTES = 64 * 2**20  # allowance for config, tokenizer, data audit, held-out rows, manifest
@@ -186,7 +187,7 @@ def _run_locked(cfg: Config, sources: dict[str, str], out: Path, resume: bool, o
         warn_if_validation_elsewhere(cfg, sources)
     start = dist.from_main(lambda: outdir.inspect(out, resume, overwrite))
     if not start.fresh:
-        check_resume_compatible(start.resume_from or out, cfg, _recorded_base(out) is not None)
+        check_resume_compatible(start.resume_from or out, cfg, relocatable_settings(out, start.resume_from))
     try:
         run = setup(cfg, dump_config(cfg, sources), out, start, skip_memory_check)
     except BaseException as exc:
@@ -319,19 +320,19 @@ def warn_if_validation_elsewhere(cfg: Config, sources: dict[str, str]) -> None:
                 "check and the model card use them%s", cfg.data.val_path, origin, cfg.data.path, instead)
 
 
-def check_resume_compatible(checkpoint_dir: Path, cfg: Config, base_fingerprinted: bool = False) -> None:
+def check_resume_compatible(checkpoint_dir: Path, cfg: Config, relocatable: tuple[str, ...] = ()) -> None:
     """Refuse to resume when settings that define the model or the data order changed.
 
     ``checkpoint_dir`` is a checkpoint, or the run directory itself when it has none yet.
-    ``base_fingerprinted``: the run recorded its base's fingerprint, which ``setup`` checks, so
-    the base may have moved (``model.name_or_path`` / ``model.revision`` may change).
+    ``relocatable``: settings that say where the base or the data are, free to change because
+    what they name is checked by content (:func:`relocatable_settings`).
 
     Raises:
         ConfigError: naming every changed setting with its old and new value.
     """
     old = validate(read_yaml(checkpoint_dir / "config.yaml"), origin=str(checkpoint_dir / "config.yaml"))
     old_flat, new_flat = _flatten(old.model_dump()), _flatten(cfg.model_dump())
-    breaking = [k for k in RESUME_BREAKING if not (base_fingerprinted and k in BASE_LOCATION)]
+    breaking = [k for k in RESUME_BREAKING if k not in relocatable]
     changed = [k for k in breaking if old_flat.get(k) != new_flat.get(k)]
     if changed:
         lines = "; ".join(f"{k}: {short_repr(old_flat.get(k), 60)} -> {short_repr(new_flat.get(k), 60)}"
@@ -605,6 +606,20 @@ def _enable_offload(model: Any, cfg: Config, device: torch.device) -> None:
         return
     enable_offload(model, ActivationOffload(device), cfg.train.checkpoint_every_n_layers)
     log.info("activation_offload: checkpointed layer inputs kept in pinned host memory")
+
+
+def relocatable_settings(out: Path, checkpoint: Path | None) -> tuple[str, ...]:
+    """The location settings a resume may change: the base's when the run recorded its fingerprint
+    (checked in ``setup``), the data's when ``checkpoint`` recorded the files' sha256 (checked by
+    ``_check_data_unchanged``). A moved base or data file then resumes; other content does not."""
+    keys = BASE_LOCATION if _recorded_base(out) is not None else ()
+    try:
+        data = ckpt.read_checkpoint_state(checkpoint).get("data_fingerprint") if checkpoint else None
+    except ckpt.CorruptCheckpoint:
+        data = None
+    if isinstance(data, dict) and data.get("sha256"):  # a hub dataset's hashes its name: renaming it still fails
+        keys += DATA_LOCATION
+    return keys
 
 
 def _recorded_base(out: Path) -> Any:
@@ -904,7 +919,7 @@ def _restore(run: Run, start: outdir.Start) -> None:
     while path is not None:
         try:
             if path != first:
-                check_resume_compatible(path, run.cfg, _recorded_base(run.out) is not None)
+                check_resume_compatible(path, run.cfg, relocatable_settings(run.out, path))
                 _check_data_unchanged(path, run.data.fingerprint)
             model = None if run.dist.fsdp else run.model  # FSDP: the adapter was loaded before sharding
             state = ckpt.load_checkpoint(path, model, run.optimizer, run.scheduler, rank=run.dist.rank)

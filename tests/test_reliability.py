@@ -105,9 +105,9 @@ def test_resume_refuses_changed_config_and_data(tmp_path: Path, tiny_llama: Path
     assert "lora.r: 8 -> 4" in proc.stderr and "train.seed: 0 -> 1" in proc.stderr
     assert snapshot(run) == before
 
-    other = write_jsonl(tmp_path / "other.jsonl", arithmetic_rows(48, seed=5))
+    other = write_jsonl(tmp_path / "other.jsonl", arithmetic_rows(48, seed=5))  # other rows at another path
     proc = run_cli("train", str(cfg), "--resume", "--set", f"data.path={other}")
-    assert proc.returncode == 2 and "data.path" in proc.stderr
+    assert proc.returncode == 2 and "the data file changed" in proc.stderr, proc.stderr[-2000:]
     assert snapshot(run) == before
 
     changed = write_jsonl(tmp_path / "changed.jsonl", arithmetic_rows(48, seed=5))
@@ -120,6 +120,24 @@ def test_resume_refuses_changed_config_and_data(tmp_path: Path, tiny_llama: Path
     proc = run_cli("train", str(cfg2), "--resume")
     assert proc.returncode == 2 and "data file changed" in proc.stderr, proc.stderr[-2000:]
     assert snapshot(run) == before, "a refused resume must not rewrite heldout.jsonl, data_summary.json, ..."
+
+
+def test_resume_follows_moved_data(tmp_path: Path, tiny_llama: Path, reference_run: Path, data_file: Path) -> None:
+    """The same rows under another path resume exactly (the checkpoint's sha256 says they are the same)."""
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(reference_run), str(run)], check=True)
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "preempted"}))
+    shutil.rmtree(run / "adapter")
+    for step, checkpoint in list_checkpoints(run):
+        if step > 8:
+            shutil.rmtree(checkpoint)
+    moved = shutil.copy(data_file, tmp_path / "moved.jsonl")
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, moved, run, train=TRAIN, lora={"dropout": 0.1})
+    proc = run_cli("train", str(cfg), "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from checkpoint-8" in proc.stderr
+    assert_same_result(run, reference_run)
 
 
 def _poison(monkeypatch: pytest.MonkeyPatch, at_step: int, corrupt_weights: bool) -> None:
