@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from qlora_kit import plan
+
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB = 128256
 TOLERANCE = 0.15
@@ -65,7 +67,7 @@ class Case:
     dropout: float = 0.05
     targets: str = "all-linear"
     tiled_mlp: bool = False
-    every_n: int = 1
+    every_n: float = 1  # fractional: plan.checkpointed_layers spreads ceil(layers / n) checkpoints
     offload: bool = False  # CUDA only (a no-op on CPU)
     compute_dtype: str = "bfloat16"
     notes: list[str] = field(default_factory=list)
@@ -79,6 +81,7 @@ CASES = {
     "small": Case("small"),
     "no-dropout": Case("no-dropout", dropout=0.0),
     "every-2": Case("every-2", layers=5, every_n=2),
+    "three-of-four": Case("three-of-four", layers=4, every_n=plan.every_n_for(4, 3)),  # layers 0, 2, 3 checkpointed
     # 16K tokens, the MLP in 4K tiles: the post-attention RMSNorm's backward becomes the layer's peak.  A small
     # vocabulary keeps the CPU's loss tiles (every position is scored on CPU) from hiding the layer.
     "long-tiled": Case("long-tiled", tokens=16384, labelled_per_sample=256, tiled_mlp=True, vocab=8192),
@@ -87,8 +90,9 @@ CASES = {
     # CUDA only: checkpointed inputs in pinned host memory, two on the GPU at a time.
     "offload": Case("offload", tokens=16384, labelled_per_sample=256, tiled_mlp=True, offload=True),
 }
-DEFAULT_CASES = {"cpu": ("small", "no-dropout", "every-2", "long-tiled", "long-real-vocab"),
-                 "cuda": ("small", "no-dropout", "every-2", "long-tiled", "long-real-vocab", "offload")}
+DEFAULT_CASES = {"cpu": ("small", "no-dropout", "every-2", "three-of-four", "long-tiled", "long-real-vocab"),
+                 "cuda": ("small", "no-dropout", "every-2", "three-of-four", "long-tiled", "long-real-vocab",
+                          "offload")}
 
 
 # --------------------------------------------------------------------------- model, config, batch
@@ -254,8 +258,9 @@ class Timeline:
 def windows(tl: Timeline, baseline: int, case: Case) -> dict[str, Any]:
     """The measured quantities the planner is compared with (bytes)."""
     per_layer = [tl.at(f"layer{i}_forward_end") - tl.at(f"layer{i}_forward") for i in range(case.layers)]
-    checkpointed = [per_layer[i] for i in range(case.layers) if i % case.every_n == 0]
-    kept_whole = [per_layer[i] for i in range(case.layers) if i % case.every_n != 0]
+    layout = plan.checkpointed_layers(case.layers, case.every_n)
+    checkpointed = [per_layer[i] for i in range(case.layers) if i in layout]
+    kept_whole = [per_layer[i] for i in range(case.layers) if i not in layout]
     return {
         "checkpoint_per_layer": sum(checkpointed) / len(checkpointed),
         "non_checkpointed_layer": sum(kept_whole) / len(kept_whole) if kept_whole else None,
@@ -273,8 +278,6 @@ def windows(tl: Timeline, baseline: int, case: Case) -> dict[str, Any]:
 
 def predict(case: Case, model_dir: Path, device_type: str = "cpu") -> dict[str, Any]:
     """The planner's numbers for the same windows (bytes), from the config and shape alone."""
-    from qlora_kit import plan
-
     cfg = case_config(case, model_dir)
     shape = plan.load_shape_file(model_dir / "config.json")
     est = plan.estimate(cfg, shape, device=device_type, labelled_tokens=case.labelled)

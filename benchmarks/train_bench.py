@@ -371,7 +371,7 @@ def run_qlora_kit(job: dict[str, Any]) -> dict[str, Any]:
         "memory_settings": memory, "config_train": mapping["train"], "packing": memory.get("packing"),
         "loss_path": ("trl fused LM head via qlora_kit.ops.loss: " + ("labelled positions only (Triton)" if
                       fused_head_compacts() else "every position (no Triton here)")) if fused else "full logits",
-        "checkpointed_layers": None if every is None else ("every", int(every)),
+        "checkpointed_layers": None if every is None else ("every", every),
         "lm_head_positions": "labelled" if fused and fused_head_compacts() else "all",
         "loss_recomputes_projection": fused,
         "tiled_mlp": bool(memory.get("tiled_mlp")),
@@ -657,7 +657,9 @@ def step_flops(stat: dict[str, Any], fm: dict[str, int], recipe: dict[str, Any])
     hardware = computed * (4 * L * layer + 6 * L * lora) + 6 * L * qd * attn_sq
     ckpt = recipe.get("checkpointed_layers")
     if ckpt:
-        recomputed = math.ceil(L / ckpt[1])
+        from qlora_kit.plan import checkpointed_layers
+
+        recomputed = len(checkpointed_layers(L, ckpt[1]))  # ceil(L / n), n possibly fractional
         hardware += recomputed * (computed * 2 * (layer + lora) + 2 * qd * attn_sq)
     if recipe.get("tiled_mlp") and computed > _mlp_tile_tokens():
         hardware += L * computed * 2 * (fm["mlp_matmul_params"] + fm["mlp_lora_params"])

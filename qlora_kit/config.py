@@ -9,6 +9,7 @@ default), so a run directory always says exactly what ran.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -159,10 +160,11 @@ class TrainConfig(_Section):
     )
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping; 0 disables.")
     gradient_checkpointing: bool = Field(True, description="Non-reentrant activation checkpointing.")
-    checkpoint_every_n_layers: Literal["auto"] | int = Field(
+    checkpoint_every_n_layers: Literal["auto"] | int | float = Field(
         "auto",
-        description="1: checkpoint every decoder layer; n: only every n-th (the others keep their activations: "
-                    "faster, more memory). auto: the planner picks the largest n that fits.",
+        description="1: checkpoint every decoder layer; n: only every n-th, ceil(L/n) layers spread evenly (the "
+                    "others keep their activations: faster, more memory; n may be fractional, e.g. 1.6842 for 19 "
+                    "of 32). auto: the planner picks the fewest checkpointed layers that fit.",
     )
     activation_offload: Literal["auto"] | bool = Field(
         "auto",
@@ -199,9 +201,10 @@ class TrainConfig(_Section):
     @field_validator("checkpoint_every_n_layers", mode="before")
     @classmethod
     def _auto_or_layers(cls, value: Any) -> Any:
-        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if value == "auto" or (number and math.isfinite(value) and value >= 1):
             return value
-        raise ValueError("must be 'auto' or an integer >= 1")
+        raise ValueError("must be 'auto' or a number >= 1 (1: every layer, 2: every second, 1.5: two of three)")
 
     @field_validator("activation_offload", "tiled_mlp", mode="before")
     @classmethod

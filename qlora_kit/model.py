@@ -434,7 +434,7 @@ def resolve_target_modules(model: nn.Module, spec: str | list[str]) -> list[str]
 
 
 def attach_lora(model: nn.Module, cfg: LoraConfig, adapter_dtype: torch.dtype, gradient_checkpointing: bool,
-                every_n_layers: int = 1, total_steps: int | None = None):
+                every_n_layers: float = 1, total_steps: int | None = None):
     """Add trainable adapters (``lora.type``: LoRA, AdaLoRA or VeRA, at peft's default init) in ``adapter_dtype``.
 
     The default LoRA init has B = 0, so the model starts unchanged; ``lora.init`` is applied
@@ -457,12 +457,39 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, adapter_dtype: torch.dtype, g
     return peft_model
 
 
-def enable_gradient_checkpointing(model: nn.Module, every_n_layers: int = 1) -> None:
+def enable_gradient_checkpointing(model: nn.Module, every_n_layers: float = 1) -> None:
     """Non-reentrant activation checkpointing of every ``every_n_layers``-th decoder layer (transformers'
     ``activation_checkpointing_enable``; adapters get gradients without an input-grad hook), no KV cache."""
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                          every_n_layers=every_n_layers)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    chosen, total = len(set_checkpointed_layers(model, every_n_layers)), len(checkpointable_layers(model))
+    if chosen < total:
+        log.info("activation checkpointing: %d of %d decoder layers (the other %d keep their activations: "
+                 "not recomputed)", chosen, total, total - chosen)
     model.config.use_cache = False
+
+
+def checkpointable_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers transformers can checkpoint (``GradientCheckpointingLayer``), in its order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_checkpointed_layers(model: nn.Module, every_n_layers: float) -> list[int]:
+    """Checkpoint exactly the decoder layers of :func:`qlora_kit.plan.checkpointed_layers` (what the planner
+    counted); return them.
+
+    transformers numbers its checkpointable layers (``GradientCheckpointingLayer``) in module order and
+    takes only integer steps; its per-layer ``gradient_checkpointing`` switch is set here the same way for
+    a fractional n too (an integer n gives transformers' own layout).
+    """
+    from qlora_kit.plan import checkpointed_layers
+
+    layers = checkpointable_layers(model)
+    chosen = checkpointed_layers(len(layers), every_n_layers)
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in chosen
+    return chosen
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

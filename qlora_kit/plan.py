@@ -468,7 +468,7 @@ class Techniques:
     packed: bool
     fused_loss: bool
     checkpointing: bool
-    every_n: int  # checkpoint every n-th decoder layer
+    every_n: float  # checkpoint every n-th decoder layer (n may be fractional: see checkpointed_layers)
     offload: bool
     tiled_mlp: bool
     optimizer: str
@@ -507,7 +507,7 @@ def techniques(cfg: Config, shape: ModelShape, device: str = "cuda") -> Techniqu
         attention = "sdpa_cpu"
     else:
         attention = "flash" if s == 2 else "math"  # flash kernels need 16-bit inputs
-    every_n = int(t.checkpoint_every_n_layers)
+    every_n = t.checkpoint_every_n_layers
     return Techniques(
         device=device, s=s, adapter_bytes=adapter, autocast=s == 2 and adapter == 4, attention=attention,
         packed=cfg.data.packing, fused_loss=t.fused_loss, checkpointing=t.gradient_checkpointing,
@@ -904,7 +904,8 @@ def activation_phases(shape: ModelShape, tech: Techniques, batch: int, length: i
     tiled = mlp_is_tiled(tech, batch, length)
     mask = attention_square(shape, tech, batch, length)[0]
     attn_part, mlp_part = layer_saved_bytes(shape, tech, batch, length)
-    n_ckpt = math.ceil(L / tech.every_n) if tech.checkpointing else 0
+    layout = checkpointed_layers(L, tech.every_n)
+    n_ckpt = len(layout) if tech.checkpointing else 0
     resident = n_ckpt if not tech.offload else min(n_ckpt, OFFLOAD_IN_FLIGHT)
     common = {
         "step_inputs": n * (STEP_INPUT_BYTES + 2 * s * shape.head_dim),
@@ -920,7 +921,7 @@ def activation_phases(shape: ModelShape, tech: Techniques, batch: int, length: i
     else:
         loss["logits_and_loss"] = (s + LOSS_FP32_BYTES) * shape.vocab_size * n
     stages = backward_stages(shape, tech, batch, length, attn_part, mlp_part, tiled)
-    if not tech.checkpointing or (L - 1) % tech.every_n:
+    if not tech.checkpointing or L - 1 not in layout:
         # The backward peaks at the last layer; not checkpointed, its activations are already in layer_activations
         # (a checkpointed layer further down finds one layer's activations freed for each recomputed one).
         stages = {k: {**v, "layer_recompute": 0} if k != "final_norm" else v for k, v in stages.items()}
@@ -1100,8 +1101,9 @@ def resolve_auto(cfg: Config, shape: ModelShape, budget_bytes: int) -> Config:
     - ``activation_offload``: on only when the run does not fit ``budget_bytes`` without it
       (after the tiled MLP was tried);
     - ``tiled_mlp``: on only when the untiled MLP does not fit (and the row is longer than a tile);
-    - ``checkpoint_every_n_layers``: the largest n that fits with :data:`AUTO_HEADROOM` to spare
-      (fewer recomputed layers: faster), 1 when even that is too much;
+    - ``checkpoint_every_n_layers``: the fewest checkpointed layers that fit with :data:`AUTO_HEADROOM`
+      to spare (fewer recomputed layers: faster; n may be fractional, see :func:`checkpointed_layers`),
+      1 when even that is too much;
     - ``optimizer``: ``adamw_torch`` (fused on CUDA: fp32 states, no host sync in its step) when its
       states fit in what the rest of the plan leaves spare (with :data:`AUTO_HEADROOM`), so it never
       costs context length or recomputed layers; else ``adamw_8bit`` (bitsandbytes 0.50 synchronises
@@ -1124,17 +1126,58 @@ def resolve_auto(cfg: Config, shape: ModelShape, budget_bytes: int) -> Config:
     if chosen is None:
         chosen = _concrete(cfg, *candidates[-1], every_n)
     elif t.checkpoint_every_n_layers == "auto" and t.gradient_checkpointing:
-        roomy = int(budget_bytes * (1 - AUTO_HEADROOM))
-        n = _largest(lambda k: estimate(_variant(chosen, "train", checkpoint_every_n_layers=k), shape).total_bytes
-                     <= roomy, 1, shape.num_layers)
-        chosen.train.checkpoint_every_n_layers = n or 1
+        chosen.train.checkpoint_every_n_layers = _sparsest_checkpointing(chosen, shape,
+                                                                         int(budget_bytes * (1 - AUTO_HEADROOM)))
     if t.optimizer == "auto":
         chosen.train.optimizer = _pick_optimizer(chosen, shape, budget_bytes)
     _log_resolution(cfg, chosen)
     return chosen
 
 
-def _concrete(cfg: Config, offload: bool, tiled: bool, every_n: int) -> Config:
+def _sparsest_checkpointing(cfg: Config, shape: ModelShape, roomy: int) -> float:
+    """The every-n with the fewest checkpointed layers (the least recomputation) whose plan fits ``roomy`` bytes;
+    1 when only checkpointing every layer does (or nothing does)."""
+    L = shape.num_layers
+
+    def fits(count: int) -> bool:
+        every_n = every_n_for(L, count)
+        return estimate(_variant(cfg, "train", checkpoint_every_n_layers=every_n), shape).total_bytes <= roomy
+
+    lo, hi = 1, L  # bisection for the smallest count that fits (memory falls as the count grows)
+    if fits(lo):
+        return every_n_for(L, lo)
+    if not fits(hi):
+        return 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return every_n_for(L, hi)
+
+
+def checkpointed_layers(num_layers: int, every_n: float) -> list[int]:
+    """The decoder layers checkpointed when every ``every_n``-th is: ``ceil(L / n)`` layers spread evenly.
+
+    An integer n gives transformers' own layout (layers 0, n, 2n, ...); a fractional one (what
+    ``auto`` may choose, e.g. 32/19 for 19 of 32 layers) fills the gap between n = 1 (all) and n = 2 (half).
+    """
+    return [i for i in range(num_layers) if i == 0 or math.floor(i / every_n) > math.floor((i - 1) / every_n)]
+
+
+def every_n_for(num_layers: int, count: int) -> float:
+    """The every-n that checkpoints ``count`` of ``num_layers`` layers: an int when one does, else L / count
+    rounded to 4 decimals (kept readable in logs and manifests; nudged until it gives exactly ``count``)."""
+    whole = math.ceil(num_layers / count)
+    if len(checkpointed_layers(num_layers, whole)) == count:
+        return whole
+    n = round(num_layers / count, 4)
+    while len(checkpointed_layers(num_layers, n)) > count:
+        n = round(n + 1e-4, 4)
+    while len(checkpointed_layers(num_layers, n)) < count:
+        n = round(n - 1e-4, 4)
+    return n
+
+
+def _concrete(cfg: Config, offload: bool, tiled: bool, every_n: float) -> Config:
     copy = cfg.model_copy(deep=True)
     t = copy.train
     t.activation_offload, t.tiled_mlp, t.checkpoint_every_n_layers = offload, tiled, every_n
@@ -1294,6 +1337,8 @@ def build_report(cfg: Config, shape: ModelShape, budget: int, budget_source: str
         "optimizer": resolved.train.optimizer,
         "double_quant": cfg.model.double_quant,
         "memory_settings": memory_settings(resolved),
+        "checkpointed_layers": len(checkpointed_layers(shape.num_layers, resolved.train.checkpoint_every_n_layers))
+        if checkpointing else 0,
         "auto_settings": [k for k, v in memory_settings(cfg).items() if v == "auto"],
         "lora_targets": plan.targets,
         "lora_type": cfg.lora.type,
@@ -1396,6 +1441,10 @@ def print_report(report: dict[str, Any]) -> None:
     auto = set(report["auto_settings"])
     shown = ", ".join(f"{k}={v}{' (auto)' if k in auto else ''}" for k, v in settings.items())
     console.print(f"memory settings: {shown}")
+    if report["checkpointed_layers"]:
+        layers = report["shape"]["num_layers"]
+        console.print(f"checkpointed layers: {report['checkpointed_layers']} of {layers} (recomputed in the backward; "
+                      f"the other {layers - report['checkpointed_layers']} keep their activations)")
     if report["host_memory_bytes"]:
         console.print(f"host memory (offloaded checkpoints / FSDP shards) per process: "
                       f"{_human(report['host_memory_bytes'])}")

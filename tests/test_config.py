@@ -36,6 +36,18 @@ def test_minimal_config_gets_defaults(tmp_path: Path) -> None:
     assert sources["model.name_or_path"].startswith("file ")
 
 
+@pytest.mark.parametrize("value, ok", [("2", True), ("1.6", True), ("1", True), ("0.5", False), ("0", False),
+                                       (".nan", False), (".inf", False), ("true", False), ("sometimes", False)])
+def test_checkpoint_every_n_layers_takes_auto_or_a_number_from_1(tmp_path: Path, value: str, ok: bool) -> None:
+    overrides = [f"train.checkpoint_every_n_layers={value}"]
+    if ok:
+        cfg, _ = load_config(_write(tmp_path, MINIMAL), overrides)
+        assert cfg.train.checkpoint_every_n_layers == float(value)
+    else:
+        with pytest.raises(ConfigError, match="checkpoint_every_n_layers"):
+            load_config(_write(tmp_path, MINIMAL), overrides)
+
+
 def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     text = """
 model: {name_or_path: m, chat_templat: x}

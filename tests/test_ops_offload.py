@@ -44,6 +44,32 @@ def test_offloaded_gradients_equal_plain_checkpointing(tiny_llama, one_thread, e
     assert offload.stats["prefetched"] == 2 * (checkpointed - 1)
 
 
+def test_fractional_every_n_checkpoints_the_planned_layers_with_the_same_gradients(tmp_path: Path,
+                                                                                  one_thread) -> None:
+    """n = 4/3 on 4 layers: layers 0, 2 and 3 are checkpointed (what the planner counts), 1 keeps its
+    activations; losses and adapter gradients equal those without checkpointing, offloaded or not."""
+    from qlora_kit.model import set_checkpointed_layers
+    from qlora_kit.plan import checkpointed_layers, every_n_for
+    from qlora_kit.tiny import build_tiny_model
+
+    source = build_tiny_model(tmp_path / "four", "llama", num_hidden_layers=4)
+    n = every_n_for(4, 3)
+    assert checkpointed_layers(4, n) == [0, 2, 3]
+    want_loss, want = _train_steps(make_qlora_model(source, targets="all-linear", dropout=0.1, checkpointing=False))
+    for offloaded in (False, True):
+        model = make_qlora_model(source, targets="all-linear", dropout=0.1, every_n_layers=n)
+        layers = model.get_base_model().model.layers
+        assert [i for i, layer in enumerate(layers) if layer.gradient_checkpointing] == [0, 2, 3]
+        offload = ActivationOffload(torch.device("cpu"), min_bytes=0)
+        if offloaded:
+            enable_offload(model, offload, n)
+            assert set_checkpointed_layers(model.get_base_model(), n) == [0, 2, 3]
+        got_loss, got = _train_steps(model)
+        torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-6)
+        assert_grads_close(got, want, atol=1e-6, rtol=1e-5)
+        assert offload.stats["offloaded"] == (2 * 3 if offloaded else 0)  # 3 checkpointed inputs, 2 micro-batches
+
+
 def test_pack_keeps_a_host_copy_only(one_thread) -> None:
     offload = ActivationOffload(torch.device("cpu"), min_bytes=0)
     x = torch.randn(3, 5)

@@ -268,13 +268,16 @@ def test_max_length_and_micro_batch_searches_are_tight():
 
 def test_shipped_llama31_config_reaches_the_issue_8_lengths_by_the_plan():
     # The planner's prediction (not a measurement): issue 8 asks for 32,768 tokens without offload and 81,920
-    # with it on a 24 GiB card, and a 2,048-token peak under 12 GB.
+    # with it on a 24 GiB card, and a 2,048-token peak under 12 GB. The lowest-memory arrangement (every layer
+    # checkpointed) has that peak; "auto" then spends the card's spare memory on fewer recomputed layers.
     cfg, _ = load_config(next(p for p in SHIPPED_24GB if "llama-3.1-8b" in p.name))
     shape, budget = plan.read_shape(cfg.model), 24 * GiB
     assert plan.max_length_that_fits(cfg, shape, budget, offload=False) >= 32768
     assert plan.max_length_that_fits(cfg, shape, budget, offload=True) >= 81920
-    at_2k = plan.estimate(plan.resolve_auto(cfg, shape, budget), shape, max_length=2048)
-    assert at_2k.total_bytes <= 12 * 10**9
+    lowest = _set(plan.resolve_auto(cfg, shape, budget), checkpoint_every_n_layers=1, optimizer="adamw_8bit")
+    assert plan.estimate(lowest, shape, max_length=2048).total_bytes <= 12 * 10**9
+    auto_2k = plan.resolve_auto(_set(cfg, max_length=2048), shape, budget)
+    assert 12 * 10**9 < plan.estimate(auto_2k, shape).total_bytes <= 0.9 * budget
 
 
 def test_resolve_auto_offloads_and_tiles_only_when_needed():
@@ -299,17 +302,34 @@ def test_resolve_auto_offloads_and_tiles_only_when_needed():
 
 def test_resolve_auto_spends_spare_memory_on_fewer_checkpoints():
     cfg = make_cfg(lora={"target_modules": "attention", "dropout": 0.0},
-                   train={"checkpoint_every_n_layers": "auto", "optimizer": "auto", "fused_loss": True,
-                          "max_length": 1024})
+                   train={"checkpoint_every_n_layers": "auto", "optimizer": "adamw_8bit", "fused_loss": True,
+                          "max_length": 4096})
     shape = plan.load_builtin_shape("llama-3.1-8b")
-    roomy = plan.resolve_auto(cfg, shape, 80 * GiB)
-    n = roomy.train.checkpoint_every_n_layers
-    assert n > 1 and plan.estimate(roomy, shape).total_bytes <= 0.9 * 80 * GiB
-    if n < shape.num_layers:
-        assert plan.estimate(_set(roomy, checkpoint_every_n_layers=n + 1), shape).total_bytes > 0.9 * 80 * GiB
+    L = shape.num_layers
+    for budget in (24 * GiB, 80 * GiB):
+        roomy = plan.resolve_auto(cfg, shape, budget)
+        count = len(plan.checkpointed_layers(L, roomy.train.checkpoint_every_n_layers))
+        assert count < L and plan.estimate(roomy, shape).total_bytes <= 0.9 * budget
+        if count > 1:  # one checkpoint fewer (one more layer keeping its activations) would not fit
+            fewer = _set(roomy, checkpoint_every_n_layers=plan.every_n_for(L, count - 1))
+            assert plan.estimate(fewer, shape).total_bytes > 0.9 * budget
+    # the shipped Llama-3.1-8B config at 4K on 24 GiB: between every layer (n = 1) and every second one (n = 2),
+    # where an integer n has nothing (the planner's prediction: 20 of 32 layers checkpointed)
+    shipped, _ = load_config(next(p for p in SHIPPED_24GB if "llama-3.1-8b" in p.name))
+    assert 1 < plan.resolve_auto(_set(shipped, max_length=4096), shape, 24 * GiB).train.checkpoint_every_n_layers < 2
     every_layer = plan.estimate(_set(cfg, checkpoint_every_n_layers=1), shape).total_bytes
     tight = plan.resolve_auto(cfg, shape, every_layer)  # fits, but with nothing to spare
     assert tight.train.checkpoint_every_n_layers == 1
+
+
+def test_every_n_for_reaches_every_count_and_keeps_integer_layouts():
+    for L in (2, 28, 32, 40, 80):
+        for count in range(1, L + 1):
+            n = plan.every_n_for(L, count)
+            layout = plan.checkpointed_layers(L, n)
+            assert len(layout) == count and layout[0] == 0, (L, count, n)
+            if float(n).is_integer():  # transformers' own every_n_layers layout
+                assert layout == list(range(0, L, int(n)))
 
 
 def test_resolve_auto_takes_sync_free_fp32_adamw_only_from_spare_memory():

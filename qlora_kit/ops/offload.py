@@ -160,13 +160,16 @@ def offloading_checkpoint(offload: ActivationOffload, **checkpoint_kwargs: Any) 
     return checkpoint_offloaded
 
 
-def enable_offload(model: nn.Module, offload: ActivationOffload, every_n_layers: int = 1) -> None:
+def enable_offload(model: nn.Module, offload: ActivationOffload, every_n_layers: float = 1) -> None:
     """Make ``model``'s checkpointed decoder layers offload their inputs through ``offload``.
 
     Uses transformers' own switch for the checkpointing function
     (``_set_gradient_checkpointing(gradient_checkpointing_func=...)``, what
-    ``activation_checkpointing_enable`` calls); checkpointing must already be enabled.
+    ``activation_checkpointing_enable`` calls); checkpointing must already be enabled. The same
+    layers stay checkpointed (``model.set_checkpointed_layers``, also for a fractional n).
     """
+    from qlora_kit.model import set_checkpointed_layers
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloading_checkpoint(offload),
-                                     every_n_layers=every_n_layers)
+    base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloading_checkpoint(offload))
+    set_checkpointed_layers(base, every_n_layers)
