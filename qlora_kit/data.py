@@ -915,11 +915,11 @@ def template_takes_system(tokenizer: PreTrainedTokenizerBase) -> bool:
     user = [{"role": "user", "content": "Hi"}]
     try:
         tokenizer.apply_chat_template(user, tokenize=False)
-    except Exception:  # templates raise all kinds of errors (jinja, role checks)
+    except Exception:  # noqa: BLE001 - templates raise all kinds of errors (jinja, role checks)
         return True
     try:
         tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, *user], tokenize=False)
-    except Exception:
+    except Exception:  # noqa: BLE001 - as above
         return False
     return True
 
