@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -184,6 +185,23 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, da
     proc = run_cli("train", str(cfg))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run"
+
+
+def interrupted_copy(reference: Path, dest: Path, last_step: int, status: str = "preempted") -> Path:
+    """The reference run as it was when stopped right after saving checkpoint-<last_step>."""
+    from qlora_kit import checkpoint as ckpt
+
+    shutil.copytree(reference, dest)
+    shutil.rmtree(dest / "adapter")
+    (dest / "loss.png").unlink(missing_ok=True)
+    for step, path in ckpt.list_checkpoints(dest):
+        if step > last_step:
+            shutil.rmtree(path)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest.update(status=status, final_metrics=None, end_time=None)
+    manifest.pop("adapter_files", None)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
 
 
 def metrics_of(run: Path) -> list[dict]:

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import RESUME_TRAIN, assert_same_result, run_cli, snapshot, write_config
+from conftest import RESUME_TRAIN, assert_same_result, interrupted_copy, run_cli, snapshot, write_config
 
 from qlora_kit import basecheck
-from qlora_kit import checkpoint as ckpt
 from qlora_kit.errors import EXIT_USER_ERROR, ModelError
 
 LORA = {"dropout": 0.1}
@@ -30,20 +29,6 @@ def _other_weights(base: Path, dest: Path) -> Path:
     model.save_pretrained(dest)
     assert {p.name: p.stat().st_size for p in dest.glob("*.safetensors")} == \
         {p.name: p.stat().st_size for p in base.glob("*.safetensors")}
-    return dest
-
-
-def _stopped_at(reference: Path, dest: Path, step: int) -> Path:
-    """The reference run as it was when stopped right after checkpoint-<step>."""
-    shutil.copytree(reference, dest)
-    shutil.rmtree(dest / "adapter")
-    for s, path in ckpt.list_checkpoints(dest):
-        if s > step:
-            shutil.rmtree(path)
-    manifest = json.loads((dest / "manifest.json").read_text())
-    manifest.update(status="preempted", final_metrics=None, end_time=None)
-    manifest.pop("adapter_files", None)
-    (dest / "manifest.json").write_text(json.dumps(manifest))
     return dest
 
 
@@ -66,7 +51,7 @@ def test_the_fingerprint_sees_other_weights_of_the_same_shape(tmp_path: Path, ti
 def test_resume_refuses_other_weights_and_follows_a_moved_base(tmp_path: Path, tiny_llama: Path, data_file: Path,
                                                                reference_run: Path) -> None:
     assert json.loads((reference_run / "manifest.json").read_text())["base"]["fingerprint"]
-    run = _stopped_at(reference_run, tmp_path / "run", step=8)
+    run = interrupted_copy(reference_run, tmp_path / "run", last_step=8)
     other = _other_weights(tiny_llama, tmp_path / "other")
     before = snapshot(run)
     cfg = write_config(tmp_path / "other.yaml", other, data_file, run, train=RESUME_TRAIN, lora=LORA)

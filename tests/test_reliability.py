@@ -16,6 +16,7 @@ from conftest import RESUME_TRAIN as TRAIN
 from conftest import (
     arithmetic_rows,
     assert_same_result,
+    interrupted_copy,
     metrics_of,
     reseal_checkpoint,
     run_cli,
@@ -124,14 +125,7 @@ def test_resume_refuses_changed_config_and_data(tmp_path: Path, tiny_llama: Path
 
 def test_resume_follows_moved_data(tmp_path: Path, tiny_llama: Path, reference_run: Path, data_file: Path) -> None:
     """The same rows under another path resume exactly (the checkpoint's sha256 says they are the same)."""
-    run = tmp_path / "run"
-    subprocess.run(["cp", "-r", str(reference_run), str(run)], check=True)
-    manifest = json.loads((run / "manifest.json").read_text())
-    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "preempted"}))
-    shutil.rmtree(run / "adapter")
-    for step, checkpoint in list_checkpoints(run):
-        if step > 8:
-            shutil.rmtree(checkpoint)
+    run = interrupted_copy(reference_run, tmp_path / "run", last_step=8)
     moved = shutil.copy(data_file, tmp_path / "moved.jsonl")
     cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, moved, run, train=TRAIN, lora={"dropout": 0.1})
     proc = run_cli("train", str(cfg), "--resume")

@@ -20,6 +20,7 @@ import pytest
 from conftest import RESUME_TRAIN as TRAIN
 from conftest import (
     assert_same_result,
+    interrupted_copy,
     reseal_checkpoint,
     run_cli,
     snapshot,
@@ -43,21 +44,6 @@ from qlora_kit.errors import (
 from qlora_kit.signals import StopRequest
 
 LORA = {"dropout": 0.1}
-
-
-def _interrupted_copy(reference: Path, dest: Path, last_step: int, status: str = "preempted") -> Path:
-    """The reference run as it was when stopped right after saving checkpoint-<last_step>."""
-    shutil.copytree(reference, dest)
-    shutil.rmtree(dest / "adapter")
-    (dest / "loss.png").unlink(missing_ok=True)
-    for step, path in ckpt.list_checkpoints(dest):
-        if step > last_step:
-            shutil.rmtree(path)
-    manifest = json.loads((dest / "manifest.json").read_text())
-    manifest.update(status=status, final_metrics=None, end_time=None)
-    manifest.pop("adapter_files", None)
-    (dest / "manifest.json").write_text(json.dumps(manifest))
-    return dest
 
 
 def _config(tmp_path: Path, tiny_llama: Path, data_file: Path, run: Path, **train) -> Path:
@@ -208,7 +194,7 @@ CORRUPTIONS = {
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
 def test_resume_skips_a_corrupt_checkpoint(case: str, tmp_path: Path, tiny_llama: Path, data_file: Path,
                                            reference_run: Path, caplog: pytest.LogCaptureFixture) -> None:
-    run = _interrupted_copy(reference_run, tmp_path / "run", last_step=12)
+    run = interrupted_copy(reference_run, tmp_path / "run", last_step=12)
     CORRUPTIONS[case](run / "checkpoint-12")
     with caplog.at_level(logging.INFO, logger="qlora_kit"):
         assert qtrain.run_training(_config(tmp_path, tiny_llama, data_file, run), [], resume=True) == 0
@@ -219,7 +205,7 @@ def test_resume_skips_a_corrupt_checkpoint(case: str, tmp_path: Path, tiny_llama
 
 def test_no_checkpoint_verifies_is_one_line_and_changes_nothing(tmp_path: Path, tiny_llama: Path,
                                                                 data_file: Path, reference_run: Path) -> None:
-    run = _interrupted_copy(reference_run, tmp_path / "run", last_step=8)
+    run = interrupted_copy(reference_run, tmp_path / "run", last_step=8)
     for _, path in ckpt.list_checkpoints(run):
         _truncate(path / "adapter_model.safetensors")
     before = snapshot(run)
@@ -237,7 +223,7 @@ def test_final_metrics_are_complete_after_a_kill_at_the_end(tmp_path: Path, tiny
     expected = json.loads((reference_run / "manifest.json").read_text())["final_metrics"]
     assert expected["train_loss"] is not None and expected["eval_loss"] is not None
     for legacy in (False, True):
-        run = _interrupted_copy(reference_run, tmp_path / f"run-{legacy}", last_step=16, status="running")
+        run = interrupted_copy(reference_run, tmp_path / f"run-{legacy}", last_step=16, status="running")
         if legacy:  # a checkpoint without the saved losses: they come from metrics.jsonl
             state = json.loads((run / "checkpoint-16/state.json").read_text())
             del state["last_train_loss"], state["last_eval_loss"]
@@ -461,7 +447,7 @@ cli.main()
                                                       ("model", "load_quantized_base", True)])
 def test_sigterm_during_setup_changes_nothing(module: str, function: str, resume: bool, tmp_path: Path,
                                               tiny_llama: Path, data_file: Path, reference_run: Path) -> None:
-    run = _interrupted_copy(reference_run, tmp_path / "run", last_step=8) if resume else tmp_path / "run"
+    run = interrupted_copy(reference_run, tmp_path / "run", last_step=8) if resume else tmp_path / "run"
     before = snapshot(run) if resume else None
     cfg = _config(tmp_path, tiny_llama, data_file, run)
     script = _SIGTERM_IN.format(module=module, function=function)
@@ -629,7 +615,7 @@ def test_failed_overwrite_restores_the_old_run(tmp_path: Path, tiny_llama: Path,
 def test_resume_before_the_first_checkpoint_starts_again(tmp_path: Path, tiny_llama: Path, data_file: Path,
                                                          reference_run: Path) -> None:
     """A run killed before its first checkpoint: --resume accepts it and trains from step 0."""
-    run = _interrupted_copy(reference_run, tmp_path / "run", last_step=0, status="running")
+    run = interrupted_copy(reference_run, tmp_path / "run", last_step=0, status="running")
     (run / ".tmp-checkpoint-4-999").mkdir()
     assert qtrain.run_training(_config(tmp_path, tiny_llama, data_file, run), [], resume=True) == 0
     assert_same_result(run, reference_run)
