@@ -393,7 +393,7 @@ def setup(cfg: Config, config_text: str, out: Path, start: outdir.Start | None, 
         cfg = resolve_memory_settings(cfg, source, device, None if start.fresh else _recorded_memory(out))
         tokenizer = qmodel.load_tokenizer(source, cfg.model)
         data = _setup_data(cfg, tokenizer, show=dist.is_main)
-        _warn_beyond_context(source, data.summary.length_max, cfg.train.max_length)
+        _warn_beyond_context(source, data.summary.length_max)
         if start.resume_from is not None:
             _check_data_unchanged(start.resume_from, data.fingerprint)
         micro_per_epoch = len(_epoch_plan(cfg, data, 0))
@@ -617,7 +617,7 @@ def relocatable_settings(out: Path, checkpoint: Path | None) -> tuple[str, ...]:
         data = ckpt.read_checkpoint_state(checkpoint).get("data_fingerprint") if checkpoint else None
     except ckpt.CorruptCheckpoint:
         data = None
-    if isinstance(data, dict) and data.get("sha256"):  # a hub dataset's hashes its name: renaming it still fails
+    if isinstance(data, dict) and data.get("sha256"):  # a hub dataset's sha256 covers its name: renaming still fails
         keys += DATA_LOCATION
     return keys
 
@@ -772,7 +772,7 @@ def _setup_data(cfg: Config, tokenizer: Any, show: bool = True) -> Any:
     return data
 
 
-def _warn_beyond_context(source: Path, longest: int, max_length: int) -> None:
+def _warn_beyond_context(source: Path, longest: int) -> None:
     """Warn when samples are longer than the model's context (``max_position_embeddings``).
 
     Positions restart at 0 in every sample (packed or not), so only a sample's own length counts:

@@ -231,8 +231,8 @@ def test_samples_longer_than_the_model_context_are_warned_about(tiny_llama: Path
 
     context = json.loads((tiny_llama / "config.json").read_text())["max_position_embeddings"]
     with caplog.at_level("WARNING", logger="qlora_kit"):
-        _warn_beyond_context(tiny_llama, context, 4 * context)  # rows may be long: samples fit
+        _warn_beyond_context(tiny_llama, context)  # rows (max_length) may be longer: only samples count
         assert not caplog.records
-        _warn_beyond_context(tiny_llama, context + 1, 4 * context)
+        _warn_beyond_context(tiny_llama, context + 1)
     assert f"more than the model's context of {context}" in caplog.text
     assert f"lower train.max_length to {context}" in caplog.text
