@@ -1194,9 +1194,9 @@ def _pick_optimizer(cfg: Config, shape: ModelShape, budget: int) -> str:
     per parameter); ``paged_adamw_8bit`` when the run fits only if its pageable state may leave the
     GPU; else ``adamw_8bit``.
     """
-    plan = estimate(_variant(cfg, "train", optimizer="adamw_8bit"), shape)
     if estimate(_variant(cfg, "train", optimizer="adamw_torch"), shape).total_bytes <= budget * (1 - AUTO_HEADROOM):
         return "adamw_torch"
+    plan = estimate(_variant(cfg, "train", optimizer="adamw_8bit"), shape)
     numels, _ = variant_tensors(shape, plan.targets, cfg.lora)
     _, pageable = optimizer_bytes(numels, "paged_adamw_8bit", 4)
     if plan.total_bytes > budget >= plan.total_bytes - pageable and pageable > 0:
