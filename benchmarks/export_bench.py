@@ -77,7 +77,7 @@ def write_checkpoint(base: Path, shape: dict[str, int], shard_bytes: int) -> lis
     """Write config, tokenizer and sharded safetensors, holding at most one shard in memory."""
     from transformers import GenerationConfig, LlamaConfig
 
-    from qlora_kit.tiny import build_tokenizer
+    from qlora_kit.model.tiny import build_tokenizer
 
     tok = build_tokenizer(base)
     config = LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16",
@@ -133,7 +133,7 @@ def write_run(run: Path, base: Path, shape: dict[str, int], rank: int = 16) -> N
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from qlora_kit.config import dump_config, validate
+    from qlora_kit.core.config import dump_config, validate
 
     h = shape["hidden_size"]
     kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]

@@ -44,8 +44,8 @@ ALL_QUANTS = ["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
 
 def train_demo_run(workdir: Path, steps: int) -> Path:
     """A finished SmolLM2 run trained ``steps`` steps on the demo's date task (held-out rows = its val rows)."""
-    from qlora_kit import demo
-    from qlora_kit.train import run_training
+    from qlora_kit.commands import demo
+    from qlora_kit.train.recipe import run_training
 
     train_path, heldout_path = demo.make_demo_data(workdir / "data")
     run_dir = workdir / "run"
@@ -77,7 +77,8 @@ def summarise(ver: dict[str, Any]) -> dict[str, Any]:
 
 def export_quant(run: Path, out: Path, quant: str, prompts: int) -> dict[str, Any]:
     """``export_run --format gguf --quant quant`` with verification; wall time, size and the summary."""
-    from qlora_kit.export import REPORT, export_run
+    from qlora_kit.export.card import REPORT
+    from qlora_kit.export.command import export_run
 
     start = time.perf_counter()
     code = export_run(run, out, fmt="gguf", quant=quant, show_progress=False, verify_prompts=prompts)
@@ -92,14 +93,14 @@ def wrong_model(run: Path, workdir: Path, kind: str, quant: str, prompts: int) -
     """A GGUF of a known-wrong model (``original-base`` or ``no-adapter``) judged against the trained model."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from qlora_kit import rundir
     from qlora_kit.export import gguf_file, hf, llamacpp
     from qlora_kit.export.gguf_vocab import read_vocab
     from qlora_kit.export.merge import MergeContext, plan_export
     from qlora_kit.export.verify_gguf import verify_gguf
-    from qlora_kit.model import DTYPES
+    from qlora_kit.model.base import DTYPES
+    from qlora_kit.rundir import finished, layout
 
-    info = rundir.read_run(run)
+    info = finished.read_run(run)
     cpu = torch.device("cpu")
     ctx = MergeContext("original" if kind == "original-base" else "dequantized", info.quant,
                        DTYPES[info.quant["load_dtype"]], cpu, cpu)
@@ -108,10 +109,10 @@ def wrong_model(run: Path, workdir: Path, kind: str, quant: str, prompts: int) -
         for job in plan.jobs:
             job.adapter = None
         plan.adapter.modules.clear()
-    tokenizer = AutoTokenizer.from_pretrained(info.run_dir / rundir.TOKENIZER)
+    tokenizer = AutoTokenizer.from_pretrained(info.run_dir / layout.TOKENIZER)
     _, eos = hf.export_generation_config(info, tokenizer)
     model = gguf_file.describe_model(AutoConfig.from_pretrained(info.source_dir))
-    vocab = read_vocab(info.run_dir / rundir.TOKENIZER, tokenizer, model.n_vocab, eos)
+    vocab = read_vocab(info.run_dir / layout.TOKENIZER, tokenizer, model.n_vocab, eos)
     path = workdir / f"{kind}-{quant}.gguf"
     first = path if quant in gguf_file.NUMPY_QUANTS else workdir / f"{kind}-f16.gguf"
     gguf_file.write_gguf(first, plan, ctx, model, vocab, quant, kind, None, show_progress=False)

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from qlora_kit.manifest import device_info, package_versions
+    from qlora_kit.rundir.manifest import device_info, package_versions
 
     rows = []
     for fused in (True, False):

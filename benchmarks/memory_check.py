@@ -18,7 +18,7 @@ so the memory can be read per window:
 * ``loss_phase`` / ``backward_phase`` / ``step``: absolute peaks (the parameters,
   gradients and optimizer state alive before the step, plus the step's allocations).
 
-Each is compared with :func:`qlora_kit.plan.estimate` for the same config (``device="cpu"``:
+Each is compared with :func:`qlora_kit.plan.estimate.estimate` for the same config (``device="cpu"``:
 the CPU's loss fold, per-sample attention and dropout masks) and the number of labelled
 tokens.  Compute is bf16 with fp32 adapters, as on a GPU, so the autograd graph is the one
 the GPU runs except for the attention kernel and the loss fold.
@@ -42,7 +42,9 @@ from typing import Any
 
 import torch
 
-from qlora_kit import plan
+from qlora_kit.ops import checkpointing
+from qlora_kit.plan import estimate, techniques, terms
+from qlora_kit.plan import shape as plan_shape
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB = 128256
@@ -81,7 +83,7 @@ CASES = {
     "small": Case("small"),
     "no-dropout": Case("no-dropout", dropout=0.0),
     "every-2": Case("every-2", layers=5, every_n=2),
-    "three-of-four": Case("three-of-four", layers=4, every_n=plan.every_n_for(4, 3)),  # layers 0, 2, 3 checkpointed
+    "three-of-four": Case("three-of-four", layers=4, every_n=checkpointing.every_n_for(4, 3)),  # layers 0, 2, 3 checkpointed
     # 16K tokens, the MLP in 4K tiles: the post-attention RMSNorm's backward becomes the layer's peak.  A small
     # vocabulary keeps the CPU's loss tiles (every position is scored on CPU) from hiding the layer.
     "long-tiled": Case("long-tiled", tokens=16384, labelled_per_sample=256, tiled_mlp=True, vocab=8192),
@@ -116,7 +118,7 @@ def build_model_dir(case: Case, root: Path) -> Path:
 
 def case_config(case: Case, model_dir: Path) -> Any:
     """The qlora-kit config of a case (every memory setting concrete)."""
-    from qlora_kit.config import validate
+    from qlora_kit.core.config import validate
 
     return validate({
         "model": {"name_or_path": str(model_dir), "compute_dtype": case.compute_dtype},
@@ -148,8 +150,9 @@ def packed_row(case: Case, seed: int) -> dict[str, Any]:
 def measure(case: Case, model_dir: Path, device_type: str = "cpu") -> dict[str, Any]:
     """Run one warm-up step, then profile one training step; return the measured windows (bytes)."""
     from qlora_kit.ops.precision import resolve_precision
-    from qlora_kit import distributed
-    from qlora_kit.train import build_model, build_optimizer, train_step
+    from qlora_kit.train import distributed
+    from qlora_kit.train.builders import build_model, build_optimizer
+    from qlora_kit.train.loop import train_step
 
     cfg = case_config(case, model_dir)
     device = torch.device(device_type)
@@ -258,7 +261,7 @@ class Timeline:
 def windows(tl: Timeline, baseline: int, case: Case) -> dict[str, Any]:
     """The measured quantities the planner is compared with (bytes)."""
     per_layer = [tl.at(f"layer{i}_forward_end") - tl.at(f"layer{i}_forward") for i in range(case.layers)]
-    layout = plan.checkpointed_layers(case.layers, case.every_n)
+    layout = checkpointing.checkpointed_layers(case.layers, case.every_n)
     checkpointed = [per_layer[i] for i in range(case.layers) if i in layout]
     kept_whole = [per_layer[i] for i in range(case.layers) if i not in layout]
     return {
@@ -279,15 +282,15 @@ def windows(tl: Timeline, baseline: int, case: Case) -> dict[str, Any]:
 def predict(case: Case, model_dir: Path, device_type: str = "cpu") -> dict[str, Any]:
     """The planner's numbers for the same windows (bytes), from the config and shape alone."""
     cfg = case_config(case, model_dir)
-    shape = plan.load_shape_file(model_dir / "config.json")
-    est = plan.estimate(cfg, shape, device=device_type, labelled_tokens=case.labelled)
-    tech = plan.techniques(cfg, shape, device_type)
+    shape = plan_shape.load_shape_file(model_dir / "config.json")
+    est = estimate.estimate(cfg, shape, device=device_type, labelled_tokens=case.labelled)
+    tech = techniques.techniques(cfg, shape, device_type)
     n, s, h = case.tokens, tech.s, shape.hidden_size
-    numels = plan.adapter_tensors(shape, list(tech.targets), tech.r, tech.dora)
+    numels = terms.adapter_tensors(shape, list(tech.targets), tech.r, tech.dora)
     copies_per_layer = s * sum(numels) // shape.num_layers if tech.autocast else 0
     loss_phase, backward_phase = est.phases["loss"], est.phases["backward"]
     stage = {k: backward_phase.get(k, 0) for k in ("layer_recompute", "backward_working", "dequant_buffer")}
-    layer_full = sum(plan.layer_saved_bytes(shape, tech, 1, n)) if case.every_n > 1 else None
+    layer_full = sum(terms.layer_saved_bytes(shape, tech, 1, n)) if case.every_n > 1 else None
     static = sum(loss_phase[k] for k in ("nf4_weights", "weights_16bit", "lora_parameters", "lora_gradients",
                                          "optimizer_state"))
     return {
@@ -295,7 +298,7 @@ def predict(case: Case, model_dir: Path, device_type: str = "cpu") -> dict[str, 
         "checkpoint_per_layer": None if tech.offload else s * h * n + copies_per_layer,
         "non_checkpointed_layer": layer_full + copies_per_layer if layer_full is not None else None,
         # the backbone's output (s*H per token) already exists when the window starts
-        "loss": plan.fused_loss_bytes(shape, tech, 1, n, case.labelled) - s * h * n,
+        "loss": estimate.fused_loss_bytes(shape, tech, 1, n, case.labelled) - s * h * n,
         # the gradient arriving at the layer already exists when its backward starts
         "recomputed_layer": sum(stage.values()) - s * h * n,
         "static": static,
@@ -331,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from qlora_kit.manifest import device_info, package_versions
+    from qlora_kit.rundir.manifest import device_info, package_versions
 
     results = []
     with tempfile.TemporaryDirectory(prefix="qlora-memcheck-") as tmp:
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             print_case(result)
     report = {
         "benchmark": "memory_check",
-        "what": f"qlora_kit.plan.estimate(device='{args.device}') vs the {args.device.upper()} allocator's records of "
+        "what": f"qlora_kit.plan.estimate.estimate(device='{args.device}') vs the {args.device.upper()} allocator's records of "
                 "one real training step (torch profiler, profile_memory=True); bf16 autocast, fp32 adapters",
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device_info(torch.device(args.device)),

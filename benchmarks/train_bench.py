@@ -7,7 +7,7 @@ Three recipes train it on the same rows with the same LoRA settings (r, alpha, d
 targets), learning rate, micro-batch size and ``max_length``; everything else is each
 recipe's own default:
 
-* ``qlora-kit``: ``qlora_kit.train.run_training`` with its defaults (padding-free packing,
+* ``qlora-kit``: ``qlora_kit.train.recipe.run_training`` with its defaults (padding-free packing,
   fused loss on labelled positions, fp32 master adapters under bf16 autocast, ``auto``
   optimizer (fused fp32 AdamW when the plan has room, else 8-bit), checkpointing/offload/tiling resolved by the planner for ``--cap-gib``);
   ``qlora-kit-no-offload`` is the same with ``train.activation_offload=false``;
@@ -141,7 +141,7 @@ def shape_config(shape: str, tokenizer: Any) -> Any:
     """A transformers config of the requested shape, with the local tokenizer's special ids."""
     from transformers import AutoConfig
 
-    from qlora_kit.tiny import tiny_config
+    from qlora_kit.model.tiny import tiny_config
 
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
@@ -160,7 +160,7 @@ def build_model_dir(shape: str, out: Path, cuda: bool, seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.tiny import build_tokenizer
+    from qlora_kit.model.tiny import build_tokenizer
 
     if (out / ".complete").exists():
         return out
@@ -215,7 +215,7 @@ def write_random_weights(shapes: dict[str, tuple[int, ...]], out: Path, dtype: A
 
 def tokens_per_word(tokenizer: Any) -> float:
     """Average tokens per word of the synthetic vocabulary (to size rows in tokens)."""
-    from qlora_kit.tiny import _WORDS
+    from qlora_kit.model.tiny import _WORDS
 
     rng = random.Random(1)
     text = " ".join(rng.choices(_WORDS, k=2000))
@@ -232,7 +232,7 @@ def chat_lengths(n: int, max_len: int, seed: int = 0) -> list[int]:
 
 def write_chat_rows(path: Path, lengths: list[int], words_per_token: float, seed: int = 0) -> Path:
     """One ``messages`` row per length: a user turn (~30 %) and an assistant reply (~70 %)."""
-    from qlora_kit.tiny import _WORDS
+    from qlora_kit.model.tiny import _WORDS
 
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as fh:
@@ -247,7 +247,7 @@ def write_chat_rows(path: Path, lengths: list[int], words_per_token: float, seed
 
 def write_full_rows(path: Path, n_rows: int, seq_len: int, words_per_token: float = 1.5, seed: int = 0) -> Path:
     """Chat rows whose assistant turn is long enough to be truncated at ``seq_len`` tokens."""
-    from qlora_kit.tiny import _WORDS
+    from qlora_kit.model.tiny import _WORDS
 
     rng = random.Random(seed)
     words = max(64, int(seq_len * max(words_per_token, 1.0) * 1.2))
@@ -324,8 +324,9 @@ def resolve_for_cap(mapping: dict[str, Any], model_dir: str, cap_gib: float | No
     """
     if cap_gib is None:
         return mapping
-    from qlora_kit.config import validate
-    from qlora_kit.plan import load_shape_file, resolve_auto
+    from qlora_kit.core.config import validate
+    from qlora_kit.plan.fit import resolve_auto
+    from qlora_kit.plan.shape import load_shape_file
 
     resolved = resolve_auto(validate(mapping), load_shape_file(Path(model_dir) / "config.json"), int(cap_gib * GiB))
     keys = ("activation_offload", "checkpoint_every_n_layers", "tiled_mlp", "optimizer")
@@ -333,12 +334,12 @@ def resolve_for_cap(mapping: dict[str, Any], model_dir: str, cap_gib: float | No
 
 
 def run_qlora_kit(job: dict[str, Any]) -> dict[str, Any]:
-    """Train with ``qlora_kit.train.run_training``; step ends are taken when each step's metrics line is written."""
+    """Train with ``qlora_kit.train.recipe.run_training``; step ends are taken when each step's metrics line is written."""
     import yaml
 
-    from qlora_kit import data as qdata
-    from qlora_kit import metrics as qmetrics
-    from qlora_kit.train import run_training
+    from qlora_kit.rundir import metrics as qmetrics
+    from qlora_kit.train import loop as qloop
+    from qlora_kit.train.recipe import run_training
 
     work = Path(job["work"])
     tag = f"{job['recipe']}-{job['mix']}-{job['seq_len']}"
@@ -348,26 +349,26 @@ def run_qlora_kit(job: dict[str, Any]) -> dict[str, Any]:
     config_path.write_text(yaml.safe_dump(mapping, sort_keys=False))
     stats: list[dict[str, Any]] = []
     stamps: list[float] = []
-    collate, append = qdata.collate, qmetrics.MetricsLog.append
+    collate, append = qloop.collate, qmetrics.MetricsLog.append
 
     def timed_append(self: Any, record: dict[str, Any]) -> None:
         append(self, record)
         if "loss" in record:
             stamps.append(_synced_clock())
 
-    qdata.collate, qmetrics.MetricsLog.append = counting(collate, stats), timed_append
+    qloop.collate, qmetrics.MetricsLog.append = counting(collate, stats), timed_append
     start = time.perf_counter()
     try:
         run_training(config_path, [], resume=False, overwrite=True, skip_memory_check=True)
     finally:
-        qdata.collate, qmetrics.MetricsLog.append = collate, append
+        qloop.collate, qmetrics.MetricsLog.append = collate, append
     wall = time.perf_counter() - start
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     memory = json.loads((run_dir / "manifest.json").read_text()).get("memory", {})
     every = memory.get("checkpoint_every_n_layers", 1) if memory.get("gradient_checkpointing", True) else None
     fused = bool(memory.get("fused_loss", True))
     recipe = {
-        "what": "qlora_kit.train.run_training (qlora-kit defaults; auto settings resolved for the cap)",
+        "what": "qlora_kit.train.recipe.run_training (qlora-kit defaults; auto settings resolved for the cap)",
         "memory_settings": memory, "config_train": mapping["train"], "packing": memory.get("packing"),
         "loss_path": ("trl fused LM head via qlora_kit.ops.loss: " + ("labelled positions only (Triton)" if
                       fused_head_compacts() else "every position (no Triton here)")) if fused else "full logits",
@@ -615,7 +616,8 @@ def child_main(job_path: Path) -> int:
 
 def flop_model(model_dir: Path, r: int, targets: str) -> dict[str, int]:
     """Parameter counts the FLOP formulas use (from the model's config.json)."""
-    from qlora_kit.plan import adapter_tensors, linear_layers, load_shape_file, resolve_targets
+    from qlora_kit.plan.shape import linear_layers, load_shape_file, resolve_targets
+    from qlora_kit.plan.terms import adapter_tensors
 
     shape = load_shape_file(model_dir / "config.json")
     layers = linear_layers(shape)
@@ -657,7 +659,7 @@ def step_flops(stat: dict[str, Any], fm: dict[str, int], recipe: dict[str, Any])
     hardware = computed * (4 * L * layer + 6 * L * lora) + 6 * L * qd * attn_sq
     ckpt = recipe.get("checkpointed_layers")
     if ckpt:
-        from qlora_kit.plan import checkpointed_layers
+        from qlora_kit.ops.checkpointing import checkpointed_layers
 
         recomputed = len(checkpointed_layers(L, ckpt[1]))  # ceil(L / n), n possibly fractional
         hardware += recomputed * (computed * 2 * (layer + lora) + 2 * qd * attn_sq)
@@ -752,8 +754,9 @@ def planner_prediction(job: dict[str, Any], seq_len: int) -> dict[str, Any] | No
     """qlora-kit's planner for a qlora-kit job at ``seq_len`` (the settings it would resolve for the cap)."""
     if not job["recipe"].startswith("qlora-kit"):
         return None
-    from qlora_kit.config import validate
-    from qlora_kit.plan import estimate, load_shape_file
+    from qlora_kit.core.config import validate
+    from qlora_kit.plan.estimate import estimate
+    from qlora_kit.plan.shape import load_shape_file
 
     job = {**job, "seq_len": seq_len}
     mapping = resolve_for_cap(qlora_kit_config(job, Path(job["work"]) / "planned"), job["model_dir"],
@@ -769,8 +772,9 @@ def planner_longest(job: dict[str, Any], model_dir: Path, cap_gib: float | None)
     """The planner's longest max_length under the cap, with and without offload."""
     if cap_gib is None:
         return None
-    from qlora_kit.config import validate
-    from qlora_kit.plan import load_shape_file, max_length_that_fits
+    from qlora_kit.core.config import validate
+    from qlora_kit.plan.fit import max_length_that_fits
+    from qlora_kit.plan.shape import load_shape_file
 
     cfg = validate(qlora_kit_config({**job, "recipe": "qlora-kit"}, Path(job["work"]) / "planned"))
     shape, budget = load_shape_file(model_dir / "config.json"), int(cap_gib * GiB)
@@ -790,7 +794,7 @@ def environment() -> tuple[dict[str, Any], dict[str, Any]]:
     """(device, versions) for the results file."""
     import torch
 
-    from qlora_kit.manifest import package_versions
+    from qlora_kit.rundir.manifest import package_versions
 
     versions = package_versions()
     if torch.cuda.is_available():

@@ -1,10 +1,10 @@
 """LoRA variants benchmark: the same task and step count for each variant, measured.
 
 Trains one config once per variant, each in a fresh process, through the real recipe
-(``qlora_kit.train.run_training``: NF4 base, same data, order, steps, learning rate schedule),
+(``qlora_kit.train.recipe.run_training``: NF4 base, same data, order, steps, learning rate schedule),
 then reloads the run (NF4 + adapter, plus the residual base of base-changing inits) and scores
 greedy exact match on the run's held-out rows (``heldout.jsonl``: validation prompts and their
-reference answers).  Default task: the CPU demo (``qlora_kit.demo``: SmolLM2-135M-Instruct GGUF,
+reference answers).  Default task: the CPU demo (``qlora_kit.commands.demo``: SmolLM2-135M-Instruct GGUF,
 dates in words -> YYYY-MM-DD, 320 training rows, 40 held-out rows with unseen dates).
 
 Variants and the only settings they change (``--set`` overrides on top of the config):
@@ -70,7 +70,7 @@ def overrides_for(variant: str, config: Path, base: list[str]) -> list[str]:
     """The ``--set`` overrides of one variant on top of the shared ones."""
     extra = list(VARIANTS[variant])
     if variant == "vera":
-        from qlora_kit.config import load_config
+        from qlora_kit.core.config import load_config
 
         lr = load_config(config, base)[0].train.learning_rate
         extra.append(f"train.learning_rate={lr * 10:g}")
@@ -107,9 +107,9 @@ def run_worker(variant: str, config: Path, overrides: list[str], run_dir: Path, 
     """Train, measure and score one variant in this process; write its JSON to ``result``."""
     import torch
 
-    from qlora_kit.demo import exact_match
-    from qlora_kit.model import load_run_for_inference
-    from qlora_kit.train import run_training
+    from qlora_kit.commands.demo import exact_match
+    from qlora_kit.inference.load import load_run_for_inference
+    from qlora_kit.train.recipe import run_training
 
     started = time.perf_counter()
     run_training(config, overrides + [f"output_dir={json.dumps(str(run_dir))}"], overwrite=True,
@@ -151,7 +151,7 @@ def run_worker(variant: str, config: Path, overrides: list[str], run_dir: Path, 
 
 def export_and_verify(run_dir: Path) -> dict[str, Any]:
     """Export the run (fp16, dequantised merge) and return its verification summary."""
-    from qlora_kit.export import export_run
+    from qlora_kit.export.command import export_run
 
     target = run_dir.with_name(run_dir.name + "-export")
     code = export_run(run_dir, target, overwrite=True, show_progress=False)
@@ -169,9 +169,9 @@ def export_and_verify(run_dir: Path) -> dict[str, Any]:
 
 def demo_setup(workdir: Path, steps: int | None) -> tuple[Path, list[str]]:
     """The demo config and its overrides (data generated into ``workdir``; the GGUF converted once)."""
-    from qlora_kit.config import load_config
-    from qlora_kit.demo import demo_overrides, find_demo_config, make_demo_data
-    from qlora_kit.model import resolve_source
+    from qlora_kit.commands.demo import demo_overrides, find_demo_config, make_demo_data
+    from qlora_kit.core.config import load_config
+    from qlora_kit.model.sources import resolve_source
 
     train_path, heldout_path = make_demo_data(workdir / "data")
     overrides = [o for o in demo_overrides(train_path, heldout_path, workdir, steps)
@@ -185,8 +185,8 @@ def environment(note: str | None) -> dict[str, Any]:
     """Device, threads, load and versions."""
     import torch
 
-    from qlora_kit.manifest import device_info, package_versions
-    from qlora_kit.model import pick_device
+    from qlora_kit.model.base import pick_device
+    from qlora_kit.rundir.manifest import device_info, package_versions
 
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

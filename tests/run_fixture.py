@@ -2,7 +2,7 @@
 
 The base is a tiny random model loaded through ``model.load_quantized_base`` (NF4, CPU
 float32), adapters come from ``model.attach_lora`` and are then set to random non-zero
-values so that the adapter really changes the outputs.  Layout follows ``rundir.py`` and
+values so that the adapter really changes the outputs.  Layout follows ``qlora_kit/rundir/layout.py`` and
 the manifest schema in docs/CONTRACTS.md.
 """
 
@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from qlora_kit import rundir
-from qlora_kit.config import dump_config, validate
-from qlora_kit.model import attach_lora, load_quantized_base, load_tokenizer, quant_spec
-from qlora_kit.tiny import build_tiny_model
+from qlora_kit.core.config import dump_config, validate
+from qlora_kit.model.base import load_quantized_base, load_tokenizer, quant_spec
+from qlora_kit.model.lora import attach_lora
+from qlora_kit.model.tiny import build_tiny_model
+from qlora_kit.rundir import layout as rundir
 
 QUESTIONS = [
     "what is 2 + 3 ?", "say hello to the user", "write one sentence about water", "what is 7 + 1 ?",

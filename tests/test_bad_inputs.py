@@ -14,7 +14,7 @@ from conftest import arithmetic_rows, write_config, write_jsonl
 from typer.testing import CliRunner
 
 from qlora_kit.cli import app
-from qlora_kit.errors import EXIT_OOM, EXIT_USER_ERROR
+from qlora_kit.core.errors import EXIT_OOM, EXIT_USER_ERROR
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def _pickle_only_base(ws: Path, model: Path) -> list[str]:
 
 
 def _gemma2_with_sdpa(ws: Path, model: Path) -> list[str]:
-    from qlora_kit.tiny import build_tiny_model
+    from qlora_kit.model.tiny import build_tiny_model
 
     base = ws / "gemma2-base"
     if not base.exists():
@@ -109,8 +109,8 @@ def _finished_run(ws: Path) -> Path:
     """A finished run (built once), whose manifest records the adapter's sizes and sha256 like train does."""
     from run_fixture import make_run
 
-    from qlora_kit import rundir
-    from qlora_kit.checkpoint import file_hashes
+    from qlora_kit.rundir import layout as rundir
+    from qlora_kit.rundir.integrity import file_hashes
 
     root = ws / "finished"
     if not (root / "run").exists():
@@ -262,7 +262,7 @@ def test_bad_input_gives_one_clear_line(case: str, workspace: Path, tiny_llama: 
 
 
 def test_cuda_oom_names_the_knobs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import qlora_kit.train as qtrain
+    from qlora_kit.train import recipe as qtrain
 
     def boom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -279,7 +279,7 @@ def test_debug_shows_the_traceback(workspace: Path) -> None:
 
 
 def test_trust_remote_code_is_off_by_default(workspace: Path, tiny_llama: Path) -> None:
-    from qlora_kit.config import load_config
+    from qlora_kit.core.config import load_config
 
     cfg, _ = load_config(_config(workspace, tiny_llama, "trc"))
     assert cfg.model.trust_remote_code is False
@@ -288,8 +288,8 @@ def test_trust_remote_code_is_off_by_default(workspace: Path, tiny_llama: Path) 
 def test_oom_during_training_reports_the_plan(tmp_path: Path, tiny_llama: Path) -> None:
     from types import SimpleNamespace
 
-    from qlora_kit.config import load_config
-    from qlora_kit.train import _oom_error
+    from qlora_kit.core.config import load_config
+    from qlora_kit.train.recipe import _oom_error
 
     cfg, _ = load_config(_config(tmp_path, tiny_llama, "oom"))
     run = SimpleNamespace(cfg=cfg, step=6, device=torch.device("cpu"),

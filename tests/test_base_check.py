@@ -11,8 +11,8 @@ import torch
 import yaml
 from conftest import RESUME_TRAIN, assert_same_result, interrupted_copy, run_cli, snapshot, write_config
 
-from qlora_kit import basecheck
-from qlora_kit.errors import EXIT_USER_ERROR, ModelError
+from qlora_kit.core.errors import EXIT_USER_ERROR, ModelError
+from qlora_kit.model import fingerprint as basecheck
 
 LORA = {"dropout": 0.1}
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_kit.config import dump_config, load_config, parse_override, read_yaml, validate
-from qlora_kit.errors import ConfigError
+from qlora_kit.core.config import dump_config, load_config, parse_override, validate
+from qlora_kit.core.errors import ConfigError
+from qlora_kit.core.safe_yaml import read_yaml
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -192,8 +193,8 @@ def test_file_problems_name_the_file_and_suggest_the_section(tmp_path: Path) -> 
 ])
 def test_errors_about_a_value_say_where_it_was_set(tmp_path: Path, in_file: bool, override: str | None,
                                                     said: str) -> None:
-    from qlora_kit.config import attribute_origin
-    from qlora_kit.errors import DataError
+    from qlora_kit.core.config import attribute_origin
+    from qlora_kit.core.errors import DataError
 
     text = MINIMAL.replace("data: {path: data.jsonl}", "data: {path: data.jsonl, val_path: old.jsonl}")
     path = _write(tmp_path, text if in_file else MINIMAL)

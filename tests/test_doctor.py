@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
-from qlora_kit import doctor
-from qlora_kit.doctor import FAIL, OK, WARN
+
+from qlora_kit.commands import doctor
+from qlora_kit.commands.doctor import FAIL, OK, WARN
 
 GiB = 1024**3
 

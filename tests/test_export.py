@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_demo_gguf, run_cli
+from run_fixture import make_run
 from safetensors import safe_open
 
-from qlora_kit.errors import EXIT_VERIFY_FAILED, ModelError, OutputError
-from qlora_kit.export import REPORT, export_run, hf, merge, source
-from qlora_kit.rundir import read_run
-from run_fixture import make_run
-
-from conftest import require_demo_gguf, run_cli
+from qlora_kit.core import safetensors
+from qlora_kit.core.errors import EXIT_VERIFY_FAILED, ModelError, OutputError
+from qlora_kit.export import hf, merge, source
+from qlora_kit.export.card import REPORT
+from qlora_kit.export.command import export_run
+from qlora_kit.rundir.finished import read_run
 
 ENV_1_THREAD = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -57,8 +59,8 @@ def test_nf4_reproduction_is_bit_exact(arch: str, tiny_models) -> None:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
-    from qlora_kit.config import ModelConfig
-    from qlora_kit.model import load_quantized_base
+    from qlora_kit.core.config import ModelConfig
+    from qlora_kit.model.base import load_quantized_base
 
     base = tiny_models(arch)
     model = load_quantized_base(base, ModelConfig(name_or_path=str(base)), torch.float32, torch.device("cpu"))
@@ -109,7 +111,7 @@ def test_default_export_reproduces_trained_model(default_export: tuple[Path, int
 def test_run_written_by_the_trainer_exports_and_verifies(tiny_llama: Path, tmp_path: Path) -> None:
     from conftest import arithmetic_rows, write_config, write_jsonl
 
-    from qlora_kit.train import run_training
+    from qlora_kit.train.recipe import run_training
 
     data = write_jsonl(tmp_path / "data.jsonl", arithmetic_rows(48))
     config = write_config(tmp_path / "cfg.yaml", tiny_llama, data, tmp_path / "run", train={"max_steps": 4})
@@ -144,7 +146,7 @@ def test_export_is_a_complete_model_directory(default_export: tuple[Path, int], 
 def test_chat_template_and_eos_survive_the_round_trip(default_export: tuple[Path, int], llama_run: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_kit.generate import encode_chat
+    from qlora_kit.inference.chat import encode_chat
 
     out, _ = default_export
     trained_tok = AutoTokenizer.from_pretrained(llama_run / "tokenizer")
@@ -184,8 +186,8 @@ def test_eos_union_when_tokenizer_eos_differs_from_end_of_turn(tmp_path: Path) -
 def test_original_merge_base_differs_by_what_the_report_says(llama_run: Path, default_export, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_kit.model import load_run_for_inference
     from qlora_kit.export.verify import load_prompts
+    from qlora_kit.inference.load import load_run_for_inference
 
     out = tmp_path / "original"
     assert export_run(llama_run, out, merge_base="original", show_progress=False) == 0
@@ -282,7 +284,7 @@ def test_unmergeable_adapter_options_are_refused(llama_run: Path, tmp_path: Path
 def test_pickle_only_source_is_refused(tmp_path: Path) -> None:
     (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
     with pytest.raises(ModelError, match="pickle"):
-        source.source_files(tmp_path)
+        safetensors.source_files(tmp_path)
 
 
 # --------------------------------------------------------------------------- verification catches bad merges
@@ -386,7 +388,7 @@ def test_streaming_memory_and_sharded_output(tmp_path: Path) -> None:
     run = make_run(tmp_path / "big", "llama", model_overrides=shape, max_shard_size="16MB", n_heldout=3,
                    lora={"target_modules": "all-linear"})
     info = read_run(run)
-    source_shards = source.source_files(info.source_dir)
+    source_shards = safetensors.source_files(info.source_dir)
     assert len(source_shards) > 3
     largest_source = max(p.stat().st_size for p in source_shards)
     source_total = sum(p.stat().st_size for p in source_shards)
@@ -418,7 +420,7 @@ def test_cli_export_and_refusal(llama_run: Path, tmp_path: Path) -> None:
 
 
 def test_float16_overflow_is_refused_with_a_hint() -> None:
-    src = source.SourceTensor("model.embed_tokens.weight", Path("unused"), torch.float32, [2, 2])
+    src = safetensors.SourceTensor("model.embed_tokens.weight", Path("unused"), torch.float32, [2, 2])
     job = merge.Job(src, torch.float16, quantised=False, adapter=None, keep_fp32=False)
     ctx = merge.MergeContext("dequantized", {}, torch.float32, torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(ModelError, match="non-finite") as err:
@@ -432,7 +434,7 @@ def test_float16_overflow_is_refused_with_a_hint() -> None:
 @pytest.mark.slow
 def test_smollm2_export_reproduces_trained_model(tmp_path: Path) -> None:
     """Real weights, 30 layers, tied embeddings, ChatML template: the default fp16 export verifies."""
-    from qlora_kit.model import convert_gguf
+    from qlora_kit.model.sources import convert_gguf
 
     base = convert_gguf(require_demo_gguf())
     run = make_run(tmp_path / "smol", base=base, lora={"target_modules": "all-linear"}, n_heldout=8)
@@ -452,8 +454,8 @@ def test_cuda_reproduction_matches_the_cuda_loader(tiny_models) -> None:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
-    from qlora_kit.config import ModelConfig
-    from qlora_kit.model import load_quantized_base
+    from qlora_kit.core.config import ModelConfig
+    from qlora_kit.model.base import load_quantized_base
 
     base = tiny_models("llama")
     cuda = torch.device("cuda", 0)
@@ -505,6 +507,6 @@ def test_benchmark_runs_at_ci_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     ("/root/.cache/huggingface/hub/models--Qwen--Qwen2.5-7B-Instruct/snapshots/abc123", "Qwen/Qwen2.5-7B-Instruct"),
 ])
 def test_model_card_base_is_a_hub_id_or_a_name_never_a_path(name: str, expected: str) -> None:
-    from qlora_kit.model import base_model_id
+    from qlora_kit.model.sources import base_model_id
 
     assert base_model_id(name) == expected

@@ -13,16 +13,17 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
+from run_fixture import make_run
 from safetensors import safe_open
 
-from qlora_kit.errors import ModelError, QloraKitError
-from qlora_kit.export import REPORT, export_run, gguf_file, llamacpp, merge
+from qlora_kit.core.errors import ModelError, QloraKitError
+from qlora_kit.export import gguf_file, llamacpp, merge
+from qlora_kit.export.card import REPORT
+from qlora_kit.export.command import export_run
 from qlora_kit.export.gguf_vocab import PRE_TOKENIZERS, pre_tokenizer_name, read_gguf_vocab
 from qlora_kit.export.verify_gguf import load_gguf_with_transformers
-from qlora_kit.rundir import read_run
-from run_fixture import make_run
-
-from conftest import run_cli
+from qlora_kit.rundir.finished import read_run
 
 ARCHS = ["llama", "qwen2", "mistral"]
 ENV_1_THREAD = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -136,7 +137,7 @@ def test_tokenizer_round_trip(arch: str, runs, tmp_path: Path) -> None:
     """Vocabulary, merges, special ids, template and pre-tokenizer read back as the run's tokenizer has them."""
     from transformers import AutoTokenizer
 
-    from qlora_kit.generate import render_chat
+    from qlora_kit.inference.chat import render_chat
 
     run = runs(arch)
     _, path = _export_gguf(run, tmp_path / "g", "f16")

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from qlora_kit.export import REPORT, export_run, gguf_file
+from conftest import require_demo_gguf
 from run_fixture import make_run
 
-from conftest import require_demo_gguf
+from qlora_kit.export import gguf_file
+from qlora_kit.export.card import REPORT
+from qlora_kit.export.command import export_run
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (extra [llamacpp]) is not installed")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -67,9 +68,10 @@ def test_smollm2_trained_exported_to_f16_and_q8_0_answers_like_the_hf_export(tmp
     """The real model: train briefly on the demo task, export HF + GGUF, compare llama.cpp's answers with HF's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_kit import demo
-    from qlora_kit.generate import encode_chat, eos_token_ids, generate_tokens, strip_stop
-    from qlora_kit.train import run_training
+    from qlora_kit.commands import demo
+    from qlora_kit.inference.chat import encode_chat, eos_token_ids, strip_stop
+    from qlora_kit.inference.generation import generate_tokens
+    from qlora_kit.train.recipe import run_training
 
     require_demo_gguf()
     torch.set_num_threads(2)

@@ -6,13 +6,13 @@ These checks read files only; they never compare with what the package index ser
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from qlora_kit import demo
+from qlora_kit.model import sources as demo
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import gotemplate
 import pytest
 
-import gotemplate
 from qlora_kit.export.modelfile import chat_format, write_modelfile
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (adapter_grads, arithmetic_rows, assert_grads_close, make_qlora_model, write_config,
-                      write_jsonl)
+from conftest import adapter_grads, arithmetic_rows, assert_grads_close, make_qlora_model, write_config, write_jsonl
 
-from qlora_kit import data as D
+from qlora_kit.data import batching, build
 from qlora_kit.ops.loss import causal_lm_loss, count_targets
 from qlora_kit.ops.packing import use_packed_attention
 
@@ -19,7 +18,7 @@ def samples_by_arch(tiny_models, tmp_path_factory):
     """Assistant-only labelled samples of a few lengths, per architecture's tokenizer."""
     from transformers import AutoTokenizer
 
-    from qlora_kit.config import DataConfig
+    from qlora_kit.core.config import DataConfig
 
     rows = arithmetic_rows(4) + [{"messages": [
         {"role": "system", "content": "answer in words"},
@@ -31,7 +30,7 @@ def samples_by_arch(tiny_models, tmp_path_factory):
     def get(arch: str):
         if arch not in cache:
             tok = AutoTokenizer.from_pretrained(tiny_models(arch))
-            cache[arch] = D.build_data(DataConfig(path=str(path), val_fraction=0.0), tok, 64, 0).train
+            cache[arch] = build.build_data(DataConfig(path=str(path), val_fraction=0.0), tok, 64, 0).train
         return cache[arch]
 
     return get
@@ -56,7 +55,7 @@ def test_fused_loss_equals_full_logits(tiny_models, samples_by_arch, one_thread,
     assert any(-100 in s["labels"][1:] for s in samples), "assistant-only labels expected (prompt tokens masked)"
     # two micro-batches of one optimizer step: the loss is normalised over both
     plans = [[[4], [0], [2]], [[1, 3]]] if layout == "padded" else [[[4, 0], [2]], [[1, 3]]]
-    batches = [D.collate(samples, rows, pad_id=0, max_length=64, packing=layout == "packed") for rows in plans]
+    batches = [batching.collate(samples, rows, pad_id=0, max_length=64, packing=layout == "packed") for rows in plans]
     if layout == "padded":
         assert (batches[0]["attention_mask"] == 0).any(), "the padded layout must contain padding"
     want_loss, want = _loss_and_grads(tiny_models(arch), False, batches)
@@ -132,12 +131,13 @@ def test_check_catches_a_logit_transform_the_fused_path_does_not_know(tiny_llama
 
 
 def test_training_falls_back_to_full_logits_when_the_check_fails(tmp_path, tiny_llama, monkeypatch, caplog) -> None:
-    from qlora_kit.config import load_config
-    from qlora_kit.ops import loss as loss_module
-    from qlora_kit.outdir import Start
-    from qlora_kit.train import begin, dump_config, setup
+    from qlora_kit.core.config import dump_config, load_config
+    from qlora_kit.rundir.target import Start
+    from qlora_kit.train import setup as setup_module
+    from qlora_kit.train.outputs import begin
+    from qlora_kit.train.setup import setup
 
-    monkeypatch.setattr(loss_module, "check_fused_loss", lambda model, batch: False)
+    monkeypatch.setattr(setup_module, "check_fused_loss", lambda model, batch: False)
     data = write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(20))
     cfg, sources = load_config(write_config(tmp_path / "c.yaml", tiny_llama, data, tmp_path / "out"))
     start = Start(tmp_path / "out", "fresh")
@@ -154,7 +154,7 @@ def test_check_on_a_packed_batch_uses_whole_samples(tiny_llama, one_thread) -> N
     g = torch.Generator().manual_seed(1)
     samples = [{"input_ids": (ids := torch.randint(6, 400, (n,), generator=g).tolist()), "labels": [-100] + ids[1:]}
                for n in (200, 100, 50)]
-    batch = D.collate(samples, [[0, 1, 2]], pad_id=0, max_length=512, packing=True)
+    batch = batching.collate(samples, [[0, 1, 2]], pad_id=0, max_length=512, packing=True)
     short = _packed_prefix(batch, CHECK_TOKENS)
     assert short["packed_seq_lens"] == (200,) and short["input_ids"].shape == (1, 200)
     model = make_qlora_model(tiny_llama, fused_loss=True)

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import adapter_grads, arithmetic_rows, assert_grads_close, gpu, make_qlora_model, write_config, write_jsonl
+from conftest import (
+    adapter_grads,
+    arithmetic_rows,
+    assert_grads_close,
+    gpu,
+    make_qlora_model,
+    write_config,
+    write_jsonl,
+)
 
 from qlora_kit.ops.offload import ActivationOffload, enable_offload, offloading_checkpoint
 
@@ -48,9 +56,8 @@ def test_fractional_every_n_checkpoints_the_planned_layers_with_the_same_gradien
                                                                                   one_thread) -> None:
     """n = 4/3 on 4 layers: layers 0, 2 and 3 are checkpointed (what the planner counts), 1 keeps its
     activations; losses and adapter gradients equal those without checkpointing, offloaded or not."""
-    from qlora_kit.model import set_checkpointed_layers
-    from qlora_kit.plan import checkpointed_layers, every_n_for
-    from qlora_kit.tiny import build_tiny_model
+    from qlora_kit.model.tiny import build_tiny_model
+    from qlora_kit.ops.checkpointing import checkpointed_layers, every_n_for, set_checkpointed_layers
 
     source = build_tiny_model(tmp_path / "four", "llama", num_hidden_layers=4)
     n = every_n_for(4, 3)
@@ -97,10 +104,12 @@ def test_checkpoint_function_offloads_only_the_layer_input(one_thread) -> None:
 
 
 def test_offload_true_on_cpu_is_a_logged_no_op(tmp_path: Path, tiny_llama: Path, caplog) -> None:
-    from qlora_kit.config import load_config
-    from qlora_kit.signals import StopRequest
-    from qlora_kit.outdir import Start
-    from qlora_kit.train import begin, dump_config, setup, train
+    from qlora_kit.core.config import dump_config, load_config
+    from qlora_kit.core.signals import StopRequest
+    from qlora_kit.rundir.target import Start
+    from qlora_kit.train.loop import train
+    from qlora_kit.train.outputs import begin
+    from qlora_kit.train.setup import setup
 
     data = write_jsonl(tmp_path / "data.jsonl", arithmetic_rows(24))
     cfg_path = write_config(tmp_path / "cfg.yaml", tiny_llama, data, tmp_path / "out",
@@ -119,9 +128,10 @@ def test_offload_true_on_cpu_is_a_logged_no_op(tmp_path: Path, tiny_llama: Path,
 @gpu
 def test_cuda_offload_matches_and_frees_device_memory(tiny_models) -> None:
     """On CUDA: same gradients, and the checkpointed inputs leave the device (side-stream copies)."""
-    from qlora_kit.config import LoraConfig, ModelConfig
-    from qlora_kit.model import attach_lora, load_quantized_base
-    from qlora_kit.tiny import build_tiny_model
+    from qlora_kit.core.config import LoraConfig, ModelConfig
+    from qlora_kit.model.base import load_quantized_base
+    from qlora_kit.model.lora import attach_lora
+    from qlora_kit.model.tiny import build_tiny_model
 
     source = build_tiny_model(Path(tiny_models("llama")).parent / "llama-deep", "llama", num_hidden_layers=8,
                               hidden_size=256, intermediate_size=512)
@@ -157,7 +167,7 @@ def test_cuda_offload_matches_and_frees_device_memory(tiny_models) -> None:
 
 def test_all_techniques_together_equal_the_plain_path(tiny_llama, one_thread) -> None:
     """Packed row + fused loss + tiled MLP + offloaded checkpoints: the plain path's loss and gradients."""
-    from qlora_kit import data as D
+    from qlora_kit.data import batching as D
     from qlora_kit.ops.loss import causal_lm_loss, count_targets
     from qlora_kit.ops.packing import use_packed_attention
     from qlora_kit.ops.tiled_mlp import tile_mlps

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import adapter_grads, assert_grads_close, gpu, make_qlora_model
 
-from qlora_kit import data as D
+from qlora_kit.data import batching as D
 from qlora_kit.ops import packing as P
 from qlora_kit.ops.loss import causal_lm_loss, count_targets
 
@@ -60,7 +60,7 @@ SLIDING = {  # window 6 < the 9-, 12- and 17-token samples: the window changes t
                                         ("gemma2", "eager"), ("mistral", "eager")])
 def test_sliding_window_models_pack_like_unpacked_samples(tmp_path, one_thread, arch: str, attn: str) -> None:
     """Local-attention layers keep their window inside packed rows (packed attention or transformers' eager mask)."""
-    from qlora_kit.tiny import build_tiny_model
+    from qlora_kit.model.tiny import build_tiny_model
 
     source = build_tiny_model(tmp_path / arch, arch, **SLIDING[arch])
     samples = _samples([9, 17, 5, 12])
@@ -140,7 +140,7 @@ def test_unpacked_rows_run_plain_causal_attention() -> None:
 
 
 def test_inference_mode_restores_stock_attention(tiny_llama, one_thread) -> None:
-    from qlora_kit.model import set_inference_mode
+    from qlora_kit.inference.load import set_inference_mode
 
     model = make_qlora_model(tiny_llama)
     P.use_packed_attention(model)

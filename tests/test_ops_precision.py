@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import arithmetic_rows, make_qlora_model, write_config, write_jsonl
 
-from qlora_kit.model import resolve_compute_dtype
+from qlora_kit.model.base import resolve_compute_dtype
 from qlora_kit.ops import allocator
 from qlora_kit.ops import precision as P
+from qlora_kit.train import setup as train_setup
 
 
 @pytest.mark.parametrize(("capability", "expected"), [((7, 0), torch.float16), ((7, 5), torch.float16),
@@ -91,7 +92,7 @@ def _force_loss_scaling(monkeypatch, init_scale: float) -> None:
     def resolve(compute_dtype, adapter_dtype, device):
         return P.Precision(device, torch.float32, torch.float32, loss_scaling=True)
 
-    monkeypatch.setattr(P, "resolve_precision", resolve)
+    monkeypatch.setattr(train_setup, "resolve_precision", resolve)
     original = torch.amp.GradScaler.__init__
     monkeypatch.setattr(torch.amp.GradScaler, "__init__",
                         lambda self, device="cuda", **kw: original(self, device, init_scale=init_scale))
@@ -109,11 +110,12 @@ def _overflow_first_backward(run) -> None:
 
 
 def _run(tmp_path: Path, model: Path, out: str, resume_from: Path | None = None, before_train=None, **train):
-    from qlora_kit.config import load_config
-    from qlora_kit.signals import StopRequest
-    from qlora_kit.outdir import Start
-    from qlora_kit.train import begin, dump_config, setup
-    from qlora_kit.train import train as train_loop
+    from qlora_kit.core.config import dump_config, load_config
+    from qlora_kit.core.signals import StopRequest
+    from qlora_kit.rundir.target import Start
+    from qlora_kit.train.loop import train as train_loop
+    from qlora_kit.train.outputs import begin
+    from qlora_kit.train.setup import setup
 
     data = write_jsonl(tmp_path / "data.jsonl", arithmetic_rows(40))
     cfg_path = write_config(tmp_path / f"{out}.yaml", model, data, tmp_path / out,
@@ -143,7 +145,7 @@ def test_loss_scaling_is_exact_when_nothing_overflows(tmp_path, tiny_llama, monk
 
 
 def test_overflow_is_skipped_by_the_scaler_not_the_nan_guard(tmp_path, tiny_llama, monkeypatch) -> None:
-    from qlora_kit.errors import NonFiniteLossError
+    from qlora_kit.core.errors import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError):  # without loss scaling an inf gradient stops the run
         _run(tmp_path, tiny_llama, "unscaled", before_train=_overflow_first_backward, on_nonfinite="stop")
@@ -156,7 +158,7 @@ def test_overflow_is_skipped_by_the_scaler_not_the_nan_guard(tmp_path, tiny_llam
 
 
 def test_loss_scale_is_checkpointed_for_exact_resume(tmp_path, tiny_llama, monkeypatch) -> None:
-    from qlora_kit.checkpoint import read_checkpoint_state
+    from qlora_kit.rundir.checkpoint import read_checkpoint_state
 
     _force_loss_scaling(monkeypatch, init_scale=2.0 ** 16)
     full = _run(tmp_path, tiny_llama, "full", before_train=_overflow_first_backward)

@@ -114,8 +114,9 @@ def test_mixture_of_experts_blocks_stay_untiled(caplog) -> None:
 @gpu
 def test_cuda_tiled_mlp_matches_under_autocast(tiny_models) -> None:
     """NF4 on CUDA, bf16 autocast, fp32 adapters on gate/up/down: tiled equals untiled to bf16 precision."""
-    from qlora_kit.config import LoraConfig, ModelConfig
-    from qlora_kit.model import attach_lora, load_quantized_base
+    from qlora_kit.core.config import LoraConfig, ModelConfig
+    from qlora_kit.model.base import load_quantized_base
+    from qlora_kit.model.lora import attach_lora
 
     source = tiny_models("llama")
     ids = torch.randint(6, 400, (1, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(0))

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import gpu
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_check.py"

@@ -31,7 +31,7 @@ def test_readme_names_existing_configs() -> None:
 def test_readme_has_a_parsing_example_row_for_every_format() -> None:
     import json
 
-    from qlora_kit.data import FORMAT_FIELDS, detect_format, parse_row
+    from qlora_kit.data.formats import FORMAT_FIELDS, detect_format, parse_row
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Train on your own data", 1)[1].split("\n## ", 1)[0]

@@ -27,10 +27,10 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from qlora_kit import train as qtrain
-from qlora_kit.checkpoint import list_checkpoints
-from qlora_kit.errors import EXIT_PREEMPTED, NonFiniteLossError, Preempted
-from qlora_kit.signals import StopRequest
+from qlora_kit.core.errors import EXIT_PREEMPTED, NonFiniteLossError, Preempted
+from qlora_kit.core.signals import StopRequest
+from qlora_kit.rundir.checkpoint import list_checkpoints
+from qlora_kit.train import loop, recipe
 
 
 def test_sigterm_then_resume_is_exact(tmp_path: Path, tiny_llama: Path, data_file: Path, reference_run: Path) -> None:
@@ -60,11 +60,13 @@ def test_sigterm_then_resume_is_exact(tmp_path: Path, tiny_llama: Path, data_fil
 
 KILL_DURING_WRITE = """
 import os, signal, sys
-from qlora_kit import checkpoint, cli
+from qlora_kit import cli
+from qlora_kit.core import files as atomic
+from qlora_kit.rundir import checkpoint
 real = checkpoint.publish_dir
 def publish(tmp, final):
     if final.name == "checkpoint-8":
-        checkpoint.fsync_tree(tmp)
+        atomic.fsync_tree(tmp)
         os.kill(os.getpid(), signal.SIGKILL)  # dies with the checkpoint half-published
     real(tmp, final)
 checkpoint.publish_dir = publish
@@ -135,7 +137,7 @@ def test_resume_follows_moved_data(tmp_path: Path, tiny_llama: Path, reference_r
 
 
 def _poison(monkeypatch: pytest.MonkeyPatch, at_step: int, corrupt_weights: bool) -> None:
-    real = qtrain.train_step
+    real = loop.train_step
 
     def step(run, *args):
         loss, norm = real(run, *args)
@@ -146,7 +148,7 @@ def _poison(monkeypatch: pytest.MonkeyPatch, at_step: int, corrupt_weights: bool
             return loss * float("nan"), norm
         return loss, norm
 
-    monkeypatch.setattr(qtrain, "train_step", step)
+    monkeypatch.setattr(loop, "train_step", step)
 
 
 @pytest.mark.parametrize("logging_steps", [1, 10])
@@ -156,7 +158,7 @@ def test_nonfinite_stops_without_saving_nan(tmp_path: Path, tiny_llama: Path, da
     cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, tmp_path / "run",
                        train={**TRAIN, "save_steps": 2, "logging_steps": logging_steps})
     with pytest.raises(NonFiniteLossError, match="non-finite loss or gradient at step 3") as err:
-        qtrain.run_training(cfg, [])
+        recipe.run_training(cfg, [])
     assert "checkpoint-2" in str(err.value)
     run = tmp_path / "run"
     assert [s for s, _ in list_checkpoints(run)] == [2]
@@ -171,7 +173,7 @@ def test_nonfinite_skip_mode(tmp_path: Path, tiny_llama: Path, data_file: Path,
     _poison(monkeypatch, at_step=3, corrupt_weights=False)
     cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, tmp_path / "run",
                        train={**TRAIN, "max_steps": 5, "on_nonfinite": "skip"})
-    assert qtrain.run_training(cfg, []) == 0
+    assert recipe.run_training(cfg, []) == 0
     records = metrics_of(tmp_path / "run")
     assert records[-1].get("skipped_steps") == 1 or any(r.get("skipped_steps") == 1 for r in records)
     adapter = load_file(tmp_path / "run/adapter/adapter_model.safetensors")
@@ -183,7 +185,7 @@ def test_stop_signal_during_evaluation(tmp_path: Path, tiny_llama: Path, data_fi
     cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, tmp_path / "run",
                        train={**TRAIN, "micro_batch_size": 2, "eval_steps": 2},
                        data={"val_fraction": 0.2})
-    real_evaluate = qtrain.evaluate
+    real_evaluate = loop.evaluate
 
     def evaluate(run, stop):
         def hook(module, args, kwargs):
@@ -194,9 +196,9 @@ def test_stop_signal_during_evaluation(tmp_path: Path, tiny_llama: Path, data_fi
         finally:
             handle.remove()
 
-    monkeypatch.setattr(qtrain, "evaluate", evaluate)
+    monkeypatch.setattr(loop, "evaluate", evaluate)
     with pytest.raises(Preempted, match="stopped by SIGTERM at step 2"):
-        qtrain.run_training(cfg, [])
+        recipe.run_training(cfg, [])
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
     assert not any("eval_loss" in r for r in metrics_of(tmp_path / "run"))
 
@@ -247,6 +249,6 @@ def test_resume_of_a_completed_run_changes_nothing(tmp_path: Path, tiny_llama: P
     manifest = (run / "manifest.json").read_text()
     adapter = (run / "adapter/adapter_model.safetensors").read_bytes()
     cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, run, train=TRAIN, lora={"dropout": 0.1})
-    assert qtrain.run_training(cfg, [], resume=True) == 0
+    assert recipe.run_training(cfg, [], resume=True) == 0
     assert (run / "manifest.json").read_text() == manifest
     assert (run / "adapter/adapter_model.safetensors").read_bytes() == adapter

@@ -20,11 +20,13 @@ from conftest import arithmetic_rows, metrics_of, run_cli, write_config, write_j
 from rich.console import Console
 from safetensors.torch import load_file
 
-from qlora_kit import logs
-from qlora_kit import train as qtrain
-from qlora_kit.checkpoint import list_checkpoints
-from qlora_kit.errors import EXIT_PREEMPTED, OutputError, Preempted
-from qlora_kit.signals import StopRequest
+from qlora_kit.core import logs
+from qlora_kit.core.errors import EXIT_PREEMPTED, OutputError, Preempted
+from qlora_kit.core.signals import StopRequest
+from qlora_kit.rundir.checkpoint import list_checkpoints
+from qlora_kit.train import loop, recipe
+from qlora_kit.train import progress as qtrain_progress
+from qlora_kit.train import state as qtrain_state
 
 TRAIN = {"max_steps": 400, "save_steps": 100, "logging_steps": 1, "learning_rate": 5e-3, "optimizer": "adamw_torch"}
 
@@ -93,7 +95,7 @@ def test_metrics_after_a_resume_inside_a_logging_window_equal_the_uninterrupted_
              "optimizer": "adamw_torch", "gradient_accumulation_steps": 2}
     reference = tmp_path / "reference"
     cfg = write_config(tmp_path / "ref.yaml", tiny_llama, data_file, reference, train=train)
-    assert qtrain.run_training(cfg, []) == 0
+    assert recipe.run_training(cfg, []) == 0
     state = json.loads((reference / "checkpoint-6" / "state.json").read_text())
     assert state["log_window"]["steps"] == 2 and state["log_window"]["loss_sum"] > 0
 
@@ -102,7 +104,7 @@ def test_metrics_after_a_resume_inside_a_logging_window_equal_the_uninterrupted_
     for name in ("checkpoint-12", "adapter"):
         subprocess.run(["rm", "-r", str(resumed / name)], check=True)
     cfg = write_config(tmp_path / "resumed.yaml", tiny_llama, data_file, resumed, train=train)
-    assert qtrain.run_training(cfg, [], resume=True) == 0
+    assert recipe.run_training(cfg, [], resume=True) == 0
     assert [r["step"] for r in metrics_of(resumed) if "loss" in r] == [4, 8, 12]
     assert metrics_of(resumed) == metrics_of(reference)
     a = load_file(reference / "adapter/adapter_model.safetensors")
@@ -121,7 +123,7 @@ def eval_reference(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, d
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert qtrain.run_training(write_config(root / "cfg.yaml", tiny_llama, data_file, root / "run",
+        assert recipe.run_training(write_config(root / "cfg.yaml", tiny_llama, data_file, root / "run",
                                                 train=EVAL_TRAIN), []) == 0
     finally:
         torch.set_num_threads(threads)
@@ -134,35 +136,35 @@ def test_a_signal_during_evaluation_is_resumed_with_that_evaluation(
         tmp_path: Path, tiny_llama: Path, data_file: Path, eval_reference: Path, monkeypatch: pytest.MonkeyPatch,
         cut_at: int) -> None:
     """SIGTERM while step N is being evaluated: checkpoint N, exit 75; --resume evaluates step N first."""
-    real_evaluate = qtrain.evaluate
+    real_evaluate = loop.evaluate
 
-    def signal_during(run: qtrain.Run, stop: StopRequest) -> float | None:
+    def signal_during(run: qtrain_state.Run, stop: StopRequest) -> float | None:
         if run.step == cut_at:
             stop.signal_name = "SIGTERM"  # what StopRequest's handler does when the signal arrives
         return real_evaluate(run, stop)
 
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, run, train=EVAL_TRAIN)
-    monkeypatch.setattr(qtrain, "evaluate", signal_during)
+    monkeypatch.setattr(loop, "evaluate", signal_during)
     with pytest.raises(Preempted):
-        qtrain.run_training(cfg, [])
-    monkeypatch.setattr(qtrain, "evaluate", real_evaluate)
+        recipe.run_training(cfg, [])
+    monkeypatch.setattr(loop, "evaluate", real_evaluate)
     assert list_checkpoints(run)[-1][0] == cut_at and not (run / "adapter").exists()
     assert not any("eval_loss" in r for r in metrics_of(run) if r["step"] == cut_at)
 
-    assert qtrain.run_training(cfg, [], resume=True) == 0
+    assert recipe.run_training(cfg, [], resume=True) == 0
     assert metrics_of(run) == metrics_of(eval_reference)
     assert json.loads((run / "manifest.json").read_text())["final_metrics"]["eval_loss"] == \
         json.loads((eval_reference / "manifest.json").read_text())["final_metrics"]["eval_loss"]
 
 
 def test_window_state_round_trips_exactly() -> None:
-    window = qtrain._Window()
+    window = qtrain_state._Window()
     for value in (0.1, 0.2, 0.30000001):
         window.add(torch.tensor(value, dtype=torch.float32), 7)
-    again = qtrain._Window.from_state(json.loads(json.dumps(window.to_state())), torch.device("cpu"))
+    again = qtrain_state._Window.from_state(json.loads(json.dumps(window.to_state())), torch.device("cpu"))
     assert torch.equal(again.loss, window.loss) and (again.steps, again.tokens) == (3, 21)
-    assert qtrain._Window.from_state(None, torch.device("cpu")).steps == 0  # checkpoints written before
+    assert qtrain_state._Window.from_state(None, torch.device("cpu")).steps == 0  # checkpoints written before
 
 
 def _shown_lines(raw: str) -> list[str]:
@@ -181,7 +183,7 @@ def test_log_lines_never_run_into_the_progress_bar(monkeypatch: pytest.MonkeyPat
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     try:
-        progress = qtrain._Progress(total=4, done=0)
+        progress = qtrain_progress._Progress(total=4, done=0)
         assert progress.bar is not None and progress.bar.console is terminal
         for step in range(1, 5):
             progress.advance(step)
@@ -201,7 +203,7 @@ def test_log_lines_never_run_into_the_progress_bar(monkeypatch: pytest.MonkeyPat
 def test_dead_stderr_is_silenced_not_raised(tmp_path: Path) -> None:
     """rich's default on a broken pipe is SystemExit(1); ours drops the output and goes on."""
     code = ("import logging, os, sys\n"
-            "from qlora_kit import logs\n"
+            "from qlora_kit.core import logs\n"
             "logs.setup_logging(False)\n"
             "r, w = os.pipe(); os.dup2(w, 2); os.close(r)\n"
             "for i in range(3): logging.getLogger('qlora_kit').info('line %d', i)\n"
@@ -212,24 +214,24 @@ def test_dead_stderr_is_silenced_not_raised(tmp_path: Path) -> None:
 
 def test_unwritable_output_dir_is_one_line_naming_docker_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                                ) -> None:
-    monkeypatch.setattr(qtrain.os, "access", lambda path, mode: False)  # root may write anywhere: pretend
+    monkeypatch.setattr(recipe.os, "access", lambda path, mode: False)  # root may write anywhere: pretend
     with pytest.raises(OutputError) as err:
-        qtrain.check_writable(tmp_path / "out" / "run")
+        recipe.check_writable(tmp_path / "out" / "run")
     assert "not writable" in err.value.message and "\n" not in err.value.message
     assert "--user $(id -u):$(id -g)" in (err.value.hint or "")
 
 
 def test_validation_rows_from_another_file_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture
                                                             ) -> None:
-    from qlora_kit.config import load_config
+    from qlora_kit.core.config import load_config
 
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text("model: {name_or_path: m}\ndata: {path: mine.jsonl, val_path: demo/heldout.jsonl}\n"
                         "output_dir: out\n")
     with caplog.at_level(logging.WARNING, logger="qlora_kit"):
-        qtrain.warn_if_validation_elsewhere(*load_config(cfg_path))
-        qtrain.warn_if_validation_elsewhere(*load_config(cfg_path, ["data.val_path=mine.jsonl"]))
-        qtrain.warn_if_validation_elsewhere(*load_config(cfg_path, ["data.val_path=null"]))
+        recipe.warn_if_validation_elsewhere(*load_config(cfg_path))
+        recipe.warn_if_validation_elsewhere(*load_config(cfg_path, ["data.val_path=mine.jsonl"]))
+        recipe.warn_if_validation_elsewhere(*load_config(cfg_path, ["data.val_path=null"]))
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1
     assert "demo/heldout.jsonl" in warnings[0] and f"file {cfg_path}" in warnings[0] and "mine.jsonl" in warnings[0]
@@ -239,9 +241,9 @@ def test_format_and_cpu_lines_are_logged_once(tiny_llama: Path, tmp_path: Path,
                                               caplog: pytest.LogCaptureFixture) -> None:
     from transformers import AutoTokenizer
 
-    from qlora_kit.config import DataConfig
-    from qlora_kit.data import build_data
-    from qlora_kit.model import resolve_compute_dtype
+    from qlora_kit.core.config import DataConfig
+    from qlora_kit.data.build import build_data
+    from qlora_kit.model.base import resolve_compute_dtype
 
     train = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(20))
     val = write_jsonl(tmp_path / "val.jsonl", arithmetic_rows(5, seed=1))

@@ -29,10 +29,8 @@ from conftest import (
     write_jsonl,
 )
 
-from qlora_kit import checkpoint as ckpt
-from qlora_kit import diskspace, runlock
-from qlora_kit import train as qtrain
-from qlora_kit.errors import (
+from qlora_kit.core import diskspace
+from qlora_kit.core.errors import (
     EXIT_NO_SPACE,
     EXIT_PREEMPTED,
     EXIT_USER_ERROR,
@@ -41,7 +39,10 @@ from qlora_kit.errors import (
     Preempted,
     RunInUseError,
 )
-from qlora_kit.signals import StopRequest
+from qlora_kit.core.signals import StopRequest
+from qlora_kit.rundir import checkpoint as ckpt
+from qlora_kit.rundir import lock as runlock
+from qlora_kit.train import loop, order, recipe, setup
 
 LORA = {"dropout": 0.1}
 
@@ -71,7 +72,7 @@ def test_lock_is_released_by_kill9(tmp_path: Path) -> None:
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from qlora_kit import runlock
+        from qlora_kit.rundir import lock as runlock
         runlock.exclusive(__import__("pathlib").Path({str(run)!r}), "train").acquire()
         print("locked", flush=True)
         time.sleep(600)
@@ -87,7 +88,8 @@ def test_lock_is_released_by_kill9(tmp_path: Path) -> None:
 
 _AT_THE_BARRIER = """
 import os, sys, time
-from qlora_kit import cli, train  # imports first, so that both processes reach the lock together
+from qlora_kit import cli
+from qlora_kit.train import recipe  # imports first, so that both processes reach the lock together
 barrier = sys.argv[1]
 open(f"{barrier}.ready-{os.getpid()}", "w").close()
 while not os.path.exists(barrier):
@@ -197,7 +199,7 @@ def test_resume_skips_a_corrupt_checkpoint(case: str, tmp_path: Path, tiny_llama
     run = interrupted_copy(reference_run, tmp_path / "run", last_step=12)
     CORRUPTIONS[case](run / "checkpoint-12")
     with caplog.at_level(logging.INFO, logger="qlora_kit"):
-        assert qtrain.run_training(_config(tmp_path, tiny_llama, data_file, run), [], resume=True) == 0
+        assert recipe.run_training(_config(tmp_path, tiny_llama, data_file, run), [], resume=True) == 0
     assert "checkpoint-12" in caplog.text and "resumed from checkpoint-8" in caplog.text, caplog.text[-2000:]
     assert (run / "checkpoint-12.corrupt").is_dir(), "the corrupt checkpoint is kept aside for inspection"
     assert_same_result(run, reference_run)
@@ -230,7 +232,7 @@ def test_final_metrics_are_complete_after_a_kill_at_the_end(tmp_path: Path, tiny
             (run / "checkpoint-16/state.json").write_text(json.dumps(state))
             reseal_checkpoint(run / "checkpoint-16")
         cfg = write_config(tmp_path / f"cfg-{legacy}.yaml", tiny_llama, data_file, run, train=TRAIN, lora=LORA)
-        assert qtrain.run_training(cfg, [], resume=True) == 0
+        assert recipe.run_training(cfg, [], resume=True) == 0
         manifest = json.loads((run / "manifest.json").read_text())
         assert manifest["status"] == "completed"
         # from the checkpoint: exact; from metrics.jsonl (legacy): as logged, rounded to 6 decimals
@@ -263,7 +265,7 @@ def test_kill9_while_pruning_leaves_no_half_checkpoint(tmp_path: Path, tiny_llam
     names = sorted(p.name for p in run.iterdir() if "checkpoint" in p.name)
     assert names[0].startswith(".old-checkpoint-4") and names[1:] == ["checkpoint-8"], names
     (run / "checkpoint-3").mkdir()  # an unfinished checkpoint as older versions could leave it
-    assert qtrain.run_training(cfg, [], resume=True) == 0
+    assert recipe.run_training(cfg, [], resume=True) == 0
     assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-16"]
     assert_same_result(run, reference_run)
 
@@ -284,14 +286,14 @@ def test_full_disk_at_a_checkpoint_then_resume(tmp_path: Path, tiny_llama: Path,
     monkeypatch.setattr(ckpt, "save_file", lambda tensors, path: _raise_enospc() if "checkpoint-8" in path
                         else real_save_file(tensors, path))
     with pytest.raises(DiskFullError, match="filled up while writing checkpoint-8") as err:
-        qtrain.run_training(cfg, [])
+        recipe.run_training(cfg, [])
     assert err.value.exit_code == EXIT_NO_SPACE and "--resume (it continues from checkpoint-4)" in err.value.hint
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")], "no temporary files or directories"
     assert [s for s, _ in ckpt.list_checkpoints(run)] == [4]
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "DiskFullError" in manifest["error"]
     monkeypatch.setattr(ckpt, "save_file", real_save_file)
-    assert qtrain.run_training(cfg, [], resume=True) == 0
+    assert recipe.run_training(cfg, [], resume=True) == 0
     assert_same_result(run, reference_run)
 
 
@@ -303,11 +305,11 @@ def test_full_disk_at_the_final_adapter_then_resume(tmp_path: Path, tiny_llama: 
     monkeypatch.setattr(ckpt, "save_adapter", lambda model, d, state=None: _raise_enospc() if d.name == ".tmp-adapter"
                         else real_save_adapter(model, d, state))
     with pytest.raises(DiskFullError, match="filled up while writing the final adapter"):
-        qtrain.run_training(cfg, [])
+        recipe.run_training(cfg, [])
     assert not (run / ".tmp-adapter").exists() and not (run / "adapter").exists()
     assert json.loads((run / "manifest.json").read_text())["status"] == "failed"
     monkeypatch.setattr(ckpt, "save_adapter", real_save_adapter)
-    assert qtrain.run_training(cfg, [], resume=True) == 0
+    assert recipe.run_training(cfg, [], resume=True) == 0
     expected = json.loads((reference_run / "manifest.json").read_text())["final_metrics"]
     assert json.loads((run / "manifest.json").read_text())["final_metrics"] == expected
     assert_same_result(run, reference_run)
@@ -320,7 +322,7 @@ def test_free_space_is_checked_before_writing(tmp_path: Path, tiny_llama: Path, 
     monkeypatch.setattr(diskspace, "free_bytes", lambda path: 10_000_000)
     with pytest.raises(DiskFullError, match=r"not enough disk space for the run's files, a checkpoint and the "
                                             r"adapter in .*: needs about \d+\.\d\d MB, 10\.00 MB free"):
-        qtrain.run_training(cfg, [])
+        recipe.run_training(cfg, [])
     assert not run.exists(), "a run refused for space creates nothing"
     calls = {"n": 0}
 
@@ -330,17 +332,19 @@ def test_free_space_is_checked_before_writing(tmp_path: Path, tiny_llama: Path, 
 
     monkeypatch.setattr(diskspace, "free_bytes", shrinking)
     with pytest.raises(DiskFullError, match=r"for checkpoint-4 in .*: needs about .* MB, 999 B free"):
-        qtrain.run_training(cfg, [])
+        recipe.run_training(cfg, [])
     assert not run.exists(), "a fresh run that fails before its first checkpoint leaves nothing"
 
 
 _FILL_DISK_AT = """
 import json, os, sys
 from pathlib import Path
-from qlora_kit import cli, diskspace, train
+from qlora_kit import cli
+from qlora_kit.core import diskspace
+from qlora_kit.train import loop
 diskspace.require_free = lambda *args, **kwargs: None  # let the write itself hit the full disk
 mount, step = Path(sys.argv[1]), int(sys.argv[2])
-real_save = train.save
+real_save = loop.save
 def save(run):
     if run.step == step:
         with open(mount / "filler", "wb") as fh:
@@ -351,7 +355,7 @@ def save(run):
             except OSError:
                 pass
     return real_save(run)
-train.save = save
+loop.save = save
 sys.argv = ["qlora-kit", "train", *sys.argv[3:]]
 cli.main()
 """
@@ -410,8 +414,8 @@ def test_real_full_disk_on_a_tmpfs(tmp_path: Path, tiny_llama: Path, data_file: 
 def test_full_disk_during_export(reference_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    import qlora_kit.export.hf as ex
     from qlora_kit.cli import app
+    from qlora_kit.export import hf as ex
 
     monkeypatch.setattr(diskspace, "free_bytes", lambda path: 5000)
     result = CliRunner().invoke(app, ["export", str(reference_run), "--out", str(tmp_path / "exp"), "--no-verify"])
@@ -443,8 +447,8 @@ cli.main()
 """
 
 
-@pytest.mark.parametrize("module, function, resume", [("data", "read_jsonl", False),
-                                                      ("model", "load_quantized_base", True)])
+@pytest.mark.parametrize("module, function, resume", [("data.read", "read_jsonl", False),
+                                                      ("model.base", "load_quantized_base", True)])
 def test_sigterm_during_setup_changes_nothing(module: str, function: str, resume: bool, tmp_path: Path,
                                               tiny_llama: Path, data_file: Path, reference_run: Path) -> None:
     run = interrupted_copy(reference_run, tmp_path / "run", last_step=8) if resume else tmp_path / "run"
@@ -469,7 +473,7 @@ def test_sigterm_between_micro_batches_resumes_exactly(tmp_path: Path, tiny_llam
     """The signal arrives after the first of two micro-batches of step 6: step 5 is saved, the resume is exact."""
     run = tmp_path / "run"
     cfg = _config(tmp_path, tiny_llama, data_file, run)
-    real_step = qtrain.train_step
+    real_step = loop.train_step
 
     def signal_after_first(batches):
         yield next(batches)
@@ -481,12 +485,12 @@ def test_sigterm_between_micro_batches_resumes_exactly(tmp_path: Path, tiny_llam
             batches = signal_after_first(batches)
         return real_step(run_, batches, n_items)
 
-    monkeypatch.setattr(qtrain, "train_step", step)
+    monkeypatch.setattr(loop, "train_step", step)
     with pytest.raises(Preempted, match="stopped by SIGTERM at step 5 of 16"):
-        qtrain.run_training(cfg, [])
+        recipe.run_training(cfg, [])
     assert [s for s, _ in ckpt.list_checkpoints(run)] == [4, 5]
-    monkeypatch.setattr(qtrain, "train_step", real_step)
-    assert qtrain.run_training(cfg, [], resume=True) == 0
+    monkeypatch.setattr(loop, "train_step", real_step)
+    assert recipe.run_training(cfg, [], resume=True) == 0
     assert_same_result(run, reference_run)
 
 
@@ -520,13 +524,11 @@ def test_huge_gradient_accumulation_is_lazy_and_stops_promptly(tmp_path: Path, t
 def test_only_one_micro_batch_is_collated_before_the_first_forward(tmp_path: Path, tiny_llama: Path,
                                                                    data_file: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import qlora_kit.data as D
-
     cfg = _config(tmp_path, tiny_llama, data_file, tmp_path / "run", max_steps=1, gradient_accumulation_steps=20)
     collated, at_first_forward = [], []
-    real_collate = D.collate
-    monkeypatch.setattr(D, "collate", lambda *a, **k: collated.append(1) or real_collate(*a, **k))
-    real_step = qtrain.train_step
+    real_collate = loop.collate
+    monkeypatch.setattr(loop, "collate", lambda *a, **k: collated.append(1) or real_collate(*a, **k))
+    real_step = loop.train_step
 
     def step(run, batches, n_items=None):
         before = len(collated)  # setup's fused-loss check collates one batch of its own
@@ -536,28 +538,29 @@ def test_only_one_micro_batch_is_collated_before_the_first_forward(tmp_path: Pat
         finally:
             hook.remove()
 
-    monkeypatch.setattr(qtrain, "train_step", step)
-    assert qtrain.run_training(cfg, []) == 0
+    monkeypatch.setattr(loop, "train_step", step)
+    assert recipe.run_training(cfg, []) == 0
     assert at_first_forward[0] == 1 and len(collated) >= 20
 
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_targets_counted_up_front_match_the_collated_batches(packing: bool, tmp_path: Path, tiny_llama: Path,
                                                              data_file: Path) -> None:
-    from qlora_kit.config import load_config
-    from qlora_kit.data import collate
-    from qlora_kit.model import load_tokenizer, resolve_source
+    from qlora_kit.core.config import load_config
+    from qlora_kit.data.batching import collate
+    from qlora_kit.model.base import load_tokenizer
+    from qlora_kit.model.sources import resolve_source
 
     cfg_path = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, tmp_path / "run",
                             data={"packing": packing}, train={"micro_batch_size": 3, "gradient_accumulation_steps": 5})
     cfg, _ = load_config(cfg_path)
     tokenizer = load_tokenizer(resolve_source(cfg.model), cfg.model)
-    data = qtrain._setup_data(cfg, tokenizer)
-    plans = qtrain.EpochPlans(cfg, data)
+    data = setup._setup_data(cfg, tokenizer)
+    plans = order.EpochPlans(cfg, data)
     for index in range(0, 60, 5):
         run = type("R", (), {"cfg": cfg, "data": data, "micro_index": index})()
-        targets, _tokens = qtrain._count_step(run, plans, StopRequest())
-        micro = [rows for _, (_, rows) in zip(range(5), qtrain.micro_batches_from(cfg, data, index))]
+        targets, _tokens = loop._count_step(run, plans, StopRequest())
+        micro = [rows for _, (_, rows) in zip(range(5), order.micro_batches_from(cfg, data, index))]
         batches = [collate(data.train, rows, tokenizer.pad_token_id, cfg.train.max_length) for rows in micro]
         assert targets == sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
@@ -606,9 +609,9 @@ def test_failed_overwrite_restores_the_old_run(tmp_path: Path, tiny_llama: Path,
     def crash(*args, **kwargs):
         raise RuntimeError("boom at step 1")
 
-    monkeypatch.setattr(qtrain, "train_step", crash)
+    monkeypatch.setattr(loop, "train_step", crash)
     with pytest.raises(RuntimeError, match="boom"):
-        qtrain.run_training(_config(tmp_path, tiny_llama, data_file, run), [], overwrite=True)
+        recipe.run_training(_config(tmp_path, tiny_llama, data_file, run), [], overwrite=True)
     assert snapshot(run) == before and not list(tmp_path.glob("run.old-*")), "the old run is back in place"
 
 
@@ -617,7 +620,7 @@ def test_resume_before_the_first_checkpoint_starts_again(tmp_path: Path, tiny_ll
     """A run killed before its first checkpoint: --resume accepts it and trains from step 0."""
     run = interrupted_copy(reference_run, tmp_path / "run", last_step=0, status="running")
     (run / ".tmp-checkpoint-4-999").mkdir()
-    assert qtrain.run_training(_config(tmp_path, tiny_llama, data_file, run), [], resume=True) == 0
+    assert recipe.run_training(_config(tmp_path, tiny_llama, data_file, run), [], resume=True) == 0
     assert_same_result(run, reference_run)
     assert not (run / ".tmp-checkpoint-4-999").exists()
 
@@ -627,7 +630,7 @@ def test_resume_when_nothing_to_resume(tmp_path: Path, tiny_llama: Path, data_fi
     (tmp_path / "notes/mine.txt").write_text("keep")
     cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, tmp_path / "notes")
     with pytest.raises(OutputError, match="holds files that are not from qlora-kit"):
-        qtrain.run_training(cfg, [], resume=True)
+        recipe.run_training(cfg, [], resume=True)
     assert (tmp_path / "notes/mine.txt").read_text() == "keep"
 
 
@@ -639,6 +642,6 @@ def test_resume_republishes_a_damaged_adapter_of_a_finished_run(tmp_path: Path, 
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0xFF  # the header still parses: only the recorded sha256 tells
     weights.write_bytes(bytes(data))
-    assert qtrain.run_training(_config(tmp_path, tiny_llama, data_file, run), [], resume=True) == 0
+    assert recipe.run_training(_config(tmp_path, tiny_llama, data_file, run), [], resume=True) == 0
     assert_same_result(run, reference_run)
     assert json.loads((run / "manifest.json").read_text())["status"] == "completed"

@@ -11,10 +11,12 @@ import torch
 from conftest import arithmetic_rows, gpu, run_cli, write_config, write_jsonl
 from safetensors.torch import load_file
 
-from qlora_kit.config import load_config
-from qlora_kit.outdir import Start
-from qlora_kit.signals import StopRequest
-from qlora_kit.train import begin, dump_config, setup, train
+from qlora_kit.core.config import dump_config, load_config
+from qlora_kit.core.signals import StopRequest
+from qlora_kit.rundir.target import Start
+from qlora_kit.train.loop import train
+from qlora_kit.train.outputs import begin
+from qlora_kit.train.setup import setup
 
 
 def _setup_run(tmp_path: Path, model: Path, **sections):
@@ -104,7 +106,7 @@ def test_cli_train_end_to_end(tmp_path: Path, tiny_llama: Path) -> None:
     # The adapter loads with plain peft onto the NF4 base and changes the outputs.
     from peft import PeftModel
 
-    from qlora_kit import model as qmodel
+    from qlora_kit.model import base as qmodel
 
     model_cfg = load_config(run / "config.yaml")[0].model
     base = qmodel.load_quantized_base(tiny_llama, model_cfg, torch.float32, torch.device("cpu"))
@@ -198,7 +200,7 @@ def test_auto_optimizer_steps_without_a_host_sync_on_cuda(tmp_path: Path, tiny_l
 
 
 def test_epochs_decide_the_step_count_when_max_steps_is_unset(tmp_path: Path, tiny_llama: Path) -> None:
-    from qlora_kit.train import compute_total_steps, warmup_steps
+    from qlora_kit.train.builders import compute_total_steps, warmup_steps
 
     cfg, _ = load_config(write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "d.jsonl", tmp_path / "o"),
                          ["train.max_steps=null", "train.num_epochs=2.5", "train.gradient_accumulation_steps=4",
@@ -212,8 +214,8 @@ def test_epochs_decide_the_step_count_when_max_steps_is_unset(tmp_path: Path, ti
 
 def test_resume_keeps_the_memory_settings_the_run_started_with(tiny_llama: Path) -> None:
     """"auto" settings are re-decided only for new runs: a resumed run keeps its optimizer class etc."""
-    from qlora_kit.config import validate
-    from qlora_kit.train import resolve_memory_settings
+    from qlora_kit.core.config import validate
+    from qlora_kit.train.setup import resolve_memory_settings
 
     cfg = validate({"model": {"name_or_path": str(tiny_llama)}, "data": {"path": "x"}, "output_dir": "x",
                     "train": {"tiled_mlp": False}})
@@ -227,7 +229,7 @@ def test_resume_keeps_the_memory_settings_the_run_started_with(tiny_llama: Path)
 
 
 def test_samples_longer_than_the_model_context_are_warned_about(tiny_llama: Path, caplog) -> None:
-    from qlora_kit.train import _warn_beyond_context
+    from qlora_kit.train.setup import _warn_beyond_context
 
     context = json.loads((tiny_llama / "config.json").read_text())["max_position_embeddings"]
     with caplog.at_level("WARNING", logger="qlora_kit"):

@@ -164,7 +164,7 @@ def test_chat_lengths_are_log_normal_around_400_tokens():
 
 
 def test_chat_rows_have_about_the_requested_token_counts(tmp_path: Path):
-    from qlora_kit.tiny import build_tokenizer
+    from qlora_kit.model.tiny import build_tokenizer
 
     tok = build_tokenizer(tmp_path / "tok")
     wpt = 1 / bench.tokens_per_word(tok)
@@ -188,7 +188,7 @@ def test_real_shape_config_and_sharded_random_weights(tmp_path: Path):
     import torch
     from safetensors.torch import load_file
 
-    from qlora_kit.tiny import build_tokenizer
+    from qlora_kit.model.tiny import build_tokenizer
 
     tok = build_tokenizer(tmp_path / "tok")
     config = bench.shape_config("llama-3.1-8b", tok)
@@ -208,7 +208,7 @@ def test_real_shape_config_and_sharded_random_weights(tmp_path: Path):
 
 
 def test_synthetic_rows_fill_the_sequence(tmp_path: Path):
-    from qlora_kit.tiny import build_tokenizer
+    from qlora_kit.model.tiny import build_tokenizer
 
     tok = build_tokenizer(tmp_path / "tok")
     path = bench.write_full_rows(tmp_path / "rows.jsonl", 3, 512)

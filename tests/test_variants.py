@@ -18,13 +18,20 @@ import torch
 from conftest import arithmetic_rows, gpu, metrics_of, write_config, write_jsonl
 from safetensors.torch import load_file
 
-from qlora_kit import export as ex
-from qlora_kit import model as qmodel
-from qlora_kit.config import load_config, validate
-from qlora_kit.errors import ConfigError, ModelError, Preempted
+from qlora_kit.core.config import dump_config, load_config, validate
+from qlora_kit.core.errors import ConfigError, ModelError, Preempted
 from qlora_kit.export import command
-from qlora_kit.outdir import Start
-from qlora_kit.train import begin, dump_config, run_training, setup, train
+from qlora_kit.export import command as ex
+from qlora_kit.inference import load
+from qlora_kit.model import base as qmodel_base
+from qlora_kit.model import lora as qmodel_lora
+from qlora_kit.ops import checkpointing
+from qlora_kit.rundir import residual
+from qlora_kit.rundir.target import Start
+from qlora_kit.train.loop import train
+from qlora_kit.train.outputs import begin
+from qlora_kit.train.recipe import run_training
+from qlora_kit.train.setup import setup
 
 STEPS, STOP_AT = 6, 4  # checkpoints every 3 steps; the stop comes after step 4 (between saves)
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -136,8 +143,8 @@ def test_variant_trains_resumes_exports_and_loads_with_peft(name: str, trained, 
     from transformers import AutoModelForCausalLM
 
     cfg = load_config(reference / "config.yaml")[0]
-    base = qmodel.load_quantized_base(tiny_llama, cfg.model, torch.float32, torch.device("cpu"))
-    qmodel.load_residual_base(base, reference, manifest)
+    base = qmodel_base.load_quantized_base(tiny_llama, cfg.model, torch.float32, torch.device("cpu"))
+    residual.load_residual_base(base, reference, manifest)
     tuned = PeftModel.from_pretrained(base, reference / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.tensor([[4, 10, 20, 30, 5, 60, 7]])
@@ -179,7 +186,7 @@ def test_residual_base_is_what_the_merge_needs(trained, tmp_path: Path, monkeypa
     shutil.copytree(run, copy)
     (copy / "base_residual.safetensors").write_bytes(b"x" + (copy / "base_residual.safetensors").read_bytes()[1:])
     with pytest.raises(ModelError, match="sha256"):
-        qmodel.load_run_for_inference(copy, device=torch.device("cpu"))
+        load.load_run_for_inference(copy, device=torch.device("cpu"))
     (copy / "base_residual.safetensors").unlink()
     with pytest.raises(ModelError, match="missing"):
         ex.export_run(copy, tmp_path / "gone", show_progress=False)
@@ -199,8 +206,8 @@ def test_loraga_gradient_estimate_equals_autograd_on_the_dequantised_weights(tin
     from qlora_kit.variants.init import dequantised, estimate_gradients
 
     cfg = validate({"model": {"name_or_path": str(tiny_llama)}, "data": {"path": "x"}, "output_dir": "o"})
-    base = qmodel.load_quantized_base(tiny_llama, cfg.model, torch.float32, torch.device("cpu"))
-    qmodel.enable_gradient_checkpointing(base)  # the hooks must see each layer once despite recomputation
+    base = qmodel_base.load_quantized_base(tiny_llama, cfg.model, torch.float32, torch.device("cpu"))
+    checkpointing.enable_gradient_checkpointing(base)  # the hooks must see each layer once despite recomputation
     ids = torch.randint(6, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     batches = [{"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}] * 2
     n_items = 2 * 2 * 11
@@ -230,10 +237,10 @@ def _loraga_model(tiny_llama: Path, lora: dict[str, Any], tiled: bool = False, f
 
     cfg = validate({"model": {"name_or_path": str(tiny_llama)}, "lora": {"init": "lora_ga", "r": 4, **lora},
                     "data": {"path": "x"}, "output_dir": "o"})
-    base = qmodel.load_quantized_base(tiny_llama, cfg.model, torch.float32, torch.device("cpu"))
+    base = qmodel_base.load_quantized_base(tiny_llama, cfg.model, torch.float32, torch.device("cpu"))
     if fused:
         loss.add_fused_loss(base)
-    model = qmodel.attach_lora(base, cfg.lora, torch.float32, True)
+    model = qmodel_lora.attach_lora(base, cfg.lora, torch.float32, True)
     packing.use_packed_attention(model)
     if tiled:
         tiled_mlp.tile_mlps(model, tile_tokens=5)
@@ -326,21 +333,23 @@ def test_variant_settings_validate() -> None:
     {"type": "lora", "use_dora": True}, {"type": "adalora", "r": 8, "adalora_target_r": 4},
     {"type": "vera", "r": 32}])
 def test_planner_counts_each_variants_trainable_parameters(tiny_llama: Path, lora: dict) -> None:
-    from qlora_kit.plan import estimate, load_shape_file
+    from qlora_kit.plan.estimate import estimate
+    from qlora_kit.plan.shape import load_shape_file
 
     cfg = validate({"model": {"name_or_path": str(tiny_llama)}, "lora": {**lora, "target_modules": "all-linear"},
                     "data": {"path": "d"}, "train": {"max_steps": 10}, "output_dir": "o"})
     plan = estimate(cfg, load_shape_file(tiny_llama / "config.json"))
-    base = qmodel.load_quantized_base(tiny_llama, cfg.model, torch.float32, torch.device("cpu"))
-    model = qmodel.attach_lora(base, cfg.lora, torch.float32, False, total_steps=10)
-    assert plan.trainable_parameters == qmodel.count_parameters(model)[0]
+    base = qmodel_base.load_quantized_base(tiny_llama, cfg.model, torch.float32, torch.device("cpu"))
+    model = qmodel_lora.attach_lora(base, cfg.lora, torch.float32, False, total_steps=10)
+    assert plan.trainable_parameters == qmodel_lora.count_parameters(model)[0]
     parts = plan.phases["loss"]
     assert ("vera_projections" in parts) == (lora["type"] == "vera")
     assert ("adalora_importance" in parts) == (lora["type"] == "adalora")
 
 
 def test_planner_accounts_for_the_init(tiny_llama: Path) -> None:
-    from qlora_kit.plan import estimate, linear_layers, load_shape_file
+    from qlora_kit.plan.estimate import estimate
+    from qlora_kit.plan.shape import linear_layers, load_shape_file
 
     shape = load_shape_file(tiny_llama / "config.json")
     raw = {"model": {"name_or_path": str(tiny_llama)}, "data": {"path": "d"}, "output_dir": "o"}
@@ -386,7 +395,7 @@ def test_peft_inits_on_a_4bit_base_behave_as_documented(tiny_llama: Path) -> Non
     cfg = validate({"model": {"name_or_path": str(tiny_llama)}, "data": {"path": "d"}, "output_dir": "o"})
 
     def base() -> Any:
-        return qmodel.load_quantized_base(tiny_llama, cfg.model, torch.float32, torch.device("cpu"))
+        return qmodel_base.load_quantized_base(tiny_llama, cfg.model, torch.float32, torch.device("cpu"))
 
     with pytest.raises(TypeError, match="PiSSA"):
         get_peft_model(base(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))

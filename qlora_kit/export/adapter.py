@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlora_kit.errors import ModelError
+from qlora_kit.core.errors import ModelError
+from qlora_kit.variants import merge
 
 # adapter_config.json options that change the math in ways this exporter does not merge.
 _UNSUPPORTED_ADAPTER_OPTIONS = ("lora_bias", "modules_to_save", "trainable_token_indices", "target_parameters",
@@ -51,8 +52,6 @@ def read_adapter(adapter_dir: Path) -> Adapter:
             exporter cannot merge, or a tensor it does not understand.
     """
     from safetensors import safe_open
-
-    from qlora_kit.variants import merge
 
     try:
         config = json.loads((adapter_dir / "adapter_config.json").read_text())

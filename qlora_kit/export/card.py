@@ -7,13 +7,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qlora_kit import rundir
+from qlora_kit.core.logs import console
 from qlora_kit.export.merge import MergeContext, Plan, WeightStats
+from qlora_kit.model.sources import base_model_id
+from qlora_kit.rundir import finished
+from qlora_kit.rundir import layout as rundir
+from qlora_kit.variants import summary_line
 
 REPORT = "export_report.json"
 
 
-def base_report(run: rundir.RunInfo, target: Path, fmt: str, ctx: MergeContext, plan: Plan, stats: WeightStats,
+def base_report(run: finished.RunInfo, target: Path, fmt: str, ctx: MergeContext, plan: Plan, stats: WeightStats,
                 eos: list[int]) -> dict[str, Any]:
     """The facts every export records (the writer adds its own section, verification its result)."""
     cfg = plan.adapter.config
@@ -58,14 +62,10 @@ def write_report(staging: Path, report: dict[str, Any]) -> None:
     (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
 
 
-# --------------------------------------------------------------------------- model card
-
-
-def write_readme(run: rundir.RunInfo, staging: Path, report: dict[str, Any]) -> None:
+def write_readme(run: finished.RunInfo, staging: Path, report: dict[str, Any]) -> None:
     """A model card: base, data, hyperparameters, final metrics, export and verification, how to load."""
     cfg = run.config
     man = run.manifest
-    from qlora_kit.model import base_model_id
 
     base_name = man.get("base", {}).get("name_or_path", cfg.model.name_or_path)
     base = base_model_id(base_name)
@@ -108,7 +108,6 @@ def write_readme(run: rundir.RunInfo, staging: Path, report: dict[str, Any]) -> 
 
 def variant_line(lora: dict[str, Any], residual_modules: int) -> str:
     """The model card's line on the LoRA variant and, for base-changing inits, which base was merged."""
-    from qlora_kit.variants import summary_line
 
     line = summary_line(lora.get("variant") or {"type": "lora", "init": "default"})
     if residual_modules:
@@ -131,7 +130,7 @@ def _gguf_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _data_lines(run: rundir.RunInfo) -> list[str]:
+def _data_lines(run: finished.RunInfo) -> list[str]:
     data = run.manifest.get("data", {})
     lines = ["## Data", "", f"- file: `{data.get('path', run.config.data.path)}` (sha256 `{data.get('sha256')}`), "
                            f"format {data.get('format')}"]
@@ -198,14 +197,9 @@ def _gguf_loading(report: dict[str, Any]) -> list[str]:
             "```", "", "LM Studio: import the `.gguf` file; it reads the chat template stored in it."]
 
 
-# --------------------------------------------------------------------------- terminal
-
-
 def print_summary(report: dict[str, Any]) -> None:
     """Terminal summary of an export (rich table), on the shared stderr console."""
     from rich.table import Table
-
-    from qlora_kit.logs import console
 
     table = Table(title=f"export → {report['export_dir']}", show_header=False)
     stored = report["gguf"]["quant"] if report.get("gguf") else report.get("dtype")

@@ -13,11 +13,22 @@ from typing import Any
 
 import torch
 
-from qlora_kit import diskspace, rundir, runlock
-from qlora_kit.errors import EXIT_VERIFY_FAILED, ModelError, Preempted, QloraKitError
+from qlora_kit.core import diskspace
+from qlora_kit.core.errors import EXIT_VERIFY_FAILED, ModelError, Preempted, QloraKitError
+from qlora_kit.core.files import publish_dir
 from qlora_kit.export import card, gguf_file, hf, llamacpp
+from qlora_kit.export.gguf_vocab import read_vocab
 from qlora_kit.export.merge import MERGE_BASES, MergeContext, Plan, plan_export
-from qlora_kit.export.publish import _Terminated, check_target, commit, sigterm_unwinds, staging_dir
+from qlora_kit.export.modelfile import chat_format, write_modelfile
+from qlora_kit.export.publish import _Terminated, check_target, sigterm_unwinds, staging_dir
+from qlora_kit.export.verify import verify_export
+from qlora_kit.export.verify_gguf import verify_gguf
+from qlora_kit.model.base import DTYPES
+from qlora_kit.rundir import finished
+from qlora_kit.rundir import layout as rundir
+from qlora_kit.rundir import lock as runlock
+from qlora_kit.variants.merge import check_merge_base
+from qlora_kit.variants.residual import check_residual, residual_modules
 
 log = logging.getLogger("qlora_kit")
 
@@ -26,7 +37,7 @@ EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_GGUF_QUANT = "q8_0"
 
 
-def resolve_devices(device: str | None, run: rundir.RunInfo) -> tuple[torch.device, torch.device]:
+def resolve_devices(device: str | None, run: finished.RunInfo) -> tuple[torch.device, torch.device]:
     """(compute device, quantisation device); quantise on the training device type when possible.
 
     Raises:
@@ -92,7 +103,7 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str | None = None, m
     options = {"verify": verify, "prompts": verify_prompts, "progress": show_progress}
     try:
         with sigterm_unwinds(), runlock.shared(Path(run_dir), "export"):  # nobody writes the run meanwhile
-            run = rundir.read_run(run_dir)
+            run = finished.read_run(run_dir)
             target = check_target(Path(out), run, overwrite)
             with runlock.exclusive(target, "export"):
                 compute, quant_device = resolve_devices(device, run)
@@ -113,7 +124,7 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str | None = None, m
     return 0
 
 
-def merge_context(run: rundir.RunInfo, merge_base: str, compute: torch.device, quant_device: torch.device
+def merge_context(run: finished.RunInfo, merge_base: str, compute: torch.device, quant_device: torch.device
                   ) -> MergeContext:
     """How every tensor is made: merge base, quantisation spec, devices, and a base-changing init's residual base.
 
@@ -121,9 +132,6 @@ def merge_context(run: rundir.RunInfo, merge_base: str, compute: torch.device, q
         ModelError: ``--merge-base original`` for an init fitted to the NF4 weights, or a missing/changed
             residual base file.
     """
-    from qlora_kit.model import DTYPES
-    from qlora_kit.variants.merge import check_merge_base
-    from qlora_kit.variants.residual import check_residual, residual_modules
 
     lora = run.manifest.get("lora") or {}
     check_merge_base(lora, merge_base)
@@ -134,12 +142,14 @@ def merge_context(run: rundir.RunInfo, merge_base: str, compute: torch.device, q
 
 
 _NO_SPACE_FIX = "free space on that disk, or choose --out on another one"
+
+
 # bytes per parameter of a GGUF file, by --quant
 _GGUF_BYTES_PER_PARAM = {"f16": 2.0, "bf16": 2.0, "q8_0": 1.07, "q4_0": 0.57}
 _K_QUANT_BYTES_PER_PARAM = 6.6 / 8 + 2.0  # at most q6_k's 6.6 bits, plus the f16 file llama.cpp quantises from
 
 
-def _require_space(run: rundir.RunInfo, target: Path, weight_bytes: int) -> None:
+def _require_space(run: finished.RunInfo, target: Path, weight_bytes: int) -> None:
     """Fail before writing when ``target``'s disk lacks room for the weights and the tokenizer.
 
     Raises:
@@ -155,7 +165,7 @@ def _gguf_bytes(plan: Plan, quant: str) -> int:
     return int(params * per_param)
 
 
-def _export_hf(run: rundir.RunInfo, target: Path, ctx: MergeContext, dtype: str, max_shard_bytes: int,
+def _export_hf(run: finished.RunInfo, target: Path, ctx: MergeContext, dtype: str, max_shard_bytes: int,
                options: dict[str, Any]) -> dict[str, Any]:
     plan = plan_export(run, EXPORT_DTYPES[dtype])
     _require_space(run, target, plan.total_bytes)
@@ -167,26 +177,22 @@ def _export_hf(run: rundir.RunInfo, target: Path, ctx: MergeContext, dtype: str,
         report["verification"] = _verify_hf(run, staging, report, ctx.compute_device, options)
         card.write_readme(run, staging, report)
         card.write_report(staging, report)
-        commit(staging, target)
+        publish_dir(staging, target)
     return report
 
 
-def _verify_hf(run: rundir.RunInfo, staging: Path, report: dict[str, Any], device: torch.device,
+def _verify_hf(run: finished.RunInfo, staging: Path, report: dict[str, Any], device: torch.device,
                options: dict[str, Any]) -> dict[str, Any]:
     if not options["verify"]:
         return {"status": "skipped"}
-    from qlora_kit.export.verify import verify_export
 
     return verify_export(run.run_dir, staging, merge_base=report["merge_base"], dtype=report["dtype"],
                          device=device, max_prompts=options["prompts"])
 
 
-def _export_gguf(run: rundir.RunInfo, target: Path, ctx: MergeContext, quant: str,
+def _export_gguf(run: finished.RunInfo, target: Path, ctx: MergeContext, quant: str,
                  options: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoConfig, AutoTokenizer
-
-    from qlora_kit.export.gguf_vocab import read_vocab
-    from qlora_kit.export.modelfile import chat_format, write_modelfile
 
     trust = run.config.model.trust_remote_code
     model = gguf_file.describe_model(AutoConfig.from_pretrained(run.source_dir, trust_remote_code=trust))
@@ -224,15 +230,14 @@ def _export_gguf(run: rundir.RunInfo, target: Path, ctx: MergeContext, quant: st
         report["verification"] = _verify_gguf(run, path, quant, vocab, eos, ctx, options)
         card.write_readme(run, staging, report)
         card.write_report(staging, report)
-        commit(staging, target)
+        publish_dir(staging, target)
     return report
 
 
-def _verify_gguf(run: rundir.RunInfo, path: Path, quant: str, vocab: Any, eos: list[int], ctx: MergeContext,
+def _verify_gguf(run: finished.RunInfo, path: Path, quant: str, vocab: Any, eos: list[int], ctx: MergeContext,
                  options: dict[str, Any]) -> dict[str, Any]:
     if not options["verify"]:
         return {"status": "skipped"}
-    from qlora_kit.export.verify_gguf import verify_gguf
 
     return verify_gguf(run.run_dir, path, quant, vocab, eos, merge_base=ctx.merge_base, device=ctx.compute_device,
                        max_prompts=options["prompts"])

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qlora_kit.errors import ModelError, QloraKitError
+from qlora_kit.core.errors import ModelError, QloraKitError
 from qlora_kit.export.gguf_vocab import GgufVocab, write_vocab
 from qlora_kit.export.merge import Job, MergeContext, Plan, WeightStats, check_finite, stream_weights
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlora_kit.errors import ModelError
+from qlora_kit.core.errors import ModelError
 
 # The "original regex from tokenizer.json" of the pre-tokenizers llama.cpp implements (llama-vocab.cpp).
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"

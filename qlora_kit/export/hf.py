@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 
-from qlora_kit import rundir
+from qlora_kit.core.safetensors import safetensors_dtype
 from qlora_kit.export.merge import Job, MergeContext, Plan, WeightStats, stream_weights
-from qlora_kit.export.source import safetensors_dtype
+from qlora_kit.inference.chat import eos_token_ids
+from qlora_kit.rundir import finished
+from qlora_kit.rundir import layout as rundir
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -137,7 +139,7 @@ def write_weights(plan: Plan, staging: Path, ctx: MergeContext, show_progress: b
     return stats, names
 
 
-def write_model_files(run: rundir.RunInfo, staging: Path, dtype_name: str) -> list[int]:
+def write_model_files(run: finished.RunInfo, staging: Path, dtype_name: str) -> list[int]:
     """config.json (no quantisation, export dtype), generation_config.json, tokenizer; return the EOS ids."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -159,11 +161,9 @@ def write_model_files(run: rundir.RunInfo, staging: Path, dtype_name: str) -> li
     return eos
 
 
-def export_generation_config(run: rundir.RunInfo, tokenizer: Any) -> tuple[Any, list[int]]:
+def export_generation_config(run: finished.RunInfo, tokenizer: Any) -> tuple[Any, list[int]]:
     """The base's generation config with EOS = tokenizer EOS ∪ template end-of-turn ∪ base EOS (and pad/bos)."""
     from transformers import AutoConfig, GenerationConfig
-
-    from qlora_kit.generate import eos_token_ids
 
     try:
         gen = GenerationConfig.from_pretrained(run.source_dir)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from qlora_kit.errors import ModelError, QloraKitError
+from qlora_kit.core.errors import ModelError, QloraKitError
 
 EXTRA = "llamacpp"
 INSTALL_HINT = (f'pip install -c constraints.txt "qlora-kit[{EXTRA}]"  (compiles llama.cpp: about 17 minutes on '

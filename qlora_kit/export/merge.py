@@ -28,17 +28,17 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from qlora_kit import rundir
-from qlora_kit.errors import ModelError
+from qlora_kit.core.errors import ModelError
+from qlora_kit.core.safetensors import SourceTensor, read_source_index, read_tensor, source_files
 from qlora_kit.export.adapter import Adapter, ModuleAdapter, read_adapter
-from qlora_kit.export.monitor import trim_heap
-from qlora_kit.export.source import (Layout, SourceTensor, model_layout, read_source_index, read_tensor,
-                                     refuse_prequantised, source_files)
+from qlora_kit.export.monitor import RssSampler, current_rss, progress, trim_heap
+from qlora_kit.export.source import Layout, model_layout, refuse_prequantised
+from qlora_kit.rundir import finished
+from qlora_kit.rundir import layout as rundir
+from qlora_kit.variants.merge import low_rank_pair
+from qlora_kit.variants.residual import residual_weight
 
 MERGE_BASES = ("dequantized", "original")
-
-
-# --------------------------------------------------------------------------- plan
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Plan:
         return sum(j.src_bytes for j in self.jobs)
 
 
-def plan_export(run: rundir.RunInfo, dtype: torch.dtype) -> Plan:
+def plan_export(run: finished.RunInfo, dtype: torch.dtype) -> Plan:
     """Decide, for every source tensor, whether it is dequantised, merged or copied, in ``dtype``.
 
     Raises:
@@ -119,9 +119,6 @@ def _make_job(t: SourceTensor, dtype: torch.dtype, layout: Layout, adapter: Adap
     return Job(t, out_dtype, quantised, mod_adapter, keep)
 
 
-# --------------------------------------------------------------------------- merging
-
-
 @dataclass
 class MergeContext:
     """Devices and quantisation spec used for every tensor."""
@@ -153,7 +150,6 @@ def base_weight(job: Job, weight: torch.Tensor, ctx: MergeContext) -> torch.Tens
         return weight.to(ctx.compute_device, torch.float32)
     module = job.src.name.removesuffix(".weight")
     if job.quantised and module in ctx.residual_modules:
-        from qlora_kit.variants.residual import residual_weight
 
         return residual_weight(ctx.residual, module, ctx.quant_device).to(ctx.compute_device)
     if job.quantised:
@@ -171,7 +167,6 @@ def adapter_delta(mod: ModuleAdapter, factors: dict[str, torch.Tensor], shape: t
     Raises:
         ModelError: the factors do not fit the base weight's shape.
     """
-    from qlora_kit.variants.merge import low_rank_pair
 
     try:
         left, right = low_rank_pair(mod.kind, factors, shape, device)
@@ -269,9 +264,6 @@ def check_consumed(adapter: Adapter, consumed: set[str]) -> None:
                          "the adapter does not match the base checkpoint")
 
 
-# --------------------------------------------------------------------------- streaming into a writer
-
-
 @dataclass
 class WeightStats:
     """What streaming the weights did, for the report."""
@@ -306,8 +298,6 @@ def stream_weights(plan: Plan, ctx: MergeContext, write: Callable[[Job, torch.Te
         ModelError: from the merge (non-finite tensor, unused adapter tensor).
     """
     import time
-
-    from qlora_kit.export.monitor import RssSampler, current_rss, progress
 
     stats = WeightStats(rss_before_bytes=current_rss())
     started = time.perf_counter()

@@ -6,6 +6,8 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from qlora_kit.core.logs import console as shared_console
+
 _MALLOC_TRIM: Any = None
 
 
@@ -57,8 +59,6 @@ class RssSampler:
 def progress(total: int, enabled: bool, label: str = "merging") -> Iterator[Callable[[int], None]]:
     """A byte-count progress bar on stderr (only on a terminal); yields ``advance(n)``."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from qlora_kit.logs import console as shared_console
 
     console = shared_console()  # the log handler's: log lines are printed above the bar, not through it
     if not enabled or not console.is_terminal:

@@ -17,13 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from qlora_kit import rundir
-from qlora_kit.errors import OutputError
+from qlora_kit.core.errors import OutputError
+from qlora_kit.rundir import finished, layout
 
 log = logging.getLogger("qlora_kit")
 
 
-def check_target(out: Path, run: rundir.RunInfo, overwrite: bool) -> Path:
+def check_target(out: Path, run: finished.RunInfo, overwrite: bool) -> Path:
     """Resolve ``--out`` and refuse targets that would clobber the run, the base or a non-empty directory.
 
     Raises:
@@ -38,9 +38,9 @@ def check_target(out: Path, run: rundir.RunInfo, overwrite: bool) -> Path:
             raise OutputError(f"--out {out} would replace {p}", "choose a new directory for the export")
     if target.is_relative_to(run_dir) and target != run_dir:
         first = target.relative_to(run_dir).parts[0]
-        own = {rundir.CONFIG, rundir.MANIFEST, rundir.DATA_SUMMARY, rundir.HELDOUT, rundir.TOKENIZER,
-               rundir.ADAPTER, rundir.METRICS, rundir.LOSS_PLOT}
-        if first in own or first.startswith(rundir.CHECKPOINT_PREFIX):
+        own = {layout.CONFIG, layout.MANIFEST, layout.DATA_SUMMARY, layout.HELDOUT, layout.TOKENIZER,
+               layout.ADAPTER, layout.METRICS, layout.LOSS_PLOT}
+        if first in own or first.startswith(layout.CHECKPOINT_PREFIX):
             raise OutputError(f"--out {out} is inside the run's own {first}", "choose a new directory for the export")
     if target.exists() and not target.is_dir():
         if not overwrite:
@@ -103,16 +103,3 @@ def staging_dir(target: Path) -> Iterator[Path]:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
-
-
-def commit(staging: Path, target: Path) -> None:
-    """Move the finished staging directory to ``target`` (replacing an old one only after it is complete)."""
-    old = None
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    elif target.exists():
-        target.rmdir()
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()

@@ -1,7 +1,8 @@
-"""The base checkpoint as the exporter sees it: safetensors headers, and which modules training quantised.
+"""Which modules of the base training quantised, replayed on a weightless (meta) model.
 
-Nothing here reads tensor data: the file headers give every tensor's name, dtype and shape,
-and a weightless (meta) model replays transformers' bitsandbytes module selection.
+Nothing here reads tensor data: the safetensors headers (``core.safetensors``) give every
+tensor's name, dtype and shape, and a meta model replays transformers' bitsandbytes module
+selection.
 """
 
 from __future__ import annotations
@@ -13,90 +14,7 @@ from typing import Any
 
 import torch
 
-from qlora_kit.errors import ModelError
-
-_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-_FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def safetensors_dtype(dtype: torch.dtype) -> str:
-    """The safetensors header name of a torch dtype (``F16``, ``BF16``, ...)."""
-    return _ST_DTYPES[dtype]
-
-
-def source_files(source: Path) -> list[Path]:
-    """Safetensors files of the base checkpoint, in index order.
-
-    Raises:
-        ModelError: no safetensors weights (pickle ``.bin`` checkpoints are refused).
-    """
-    index = source / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [source / name for name in dict.fromkeys(weight_map.values())]
-    if (source / "model.safetensors").is_file():
-        return [source / "model.safetensors"]
-    found = sorted(source.glob("*.safetensors"))
-    if found:
-        return found
-    if list(source.glob("*.bin")):
-        raise ModelError(f"{source} holds only pickle .bin weights, which the streaming exporter does not unpickle",
-                         "convert the base to safetensors once (load it and save_pretrained(safe_serialization=True))")
-    raise ModelError(f"no safetensors weights found in {source}")
-
-
-@dataclass
-class SourceTensor:
-    """One tensor of the base checkpoint, known from its file header only."""
-
-    name: str
-    file: Path
-    dtype: torch.dtype
-    shape: list[int]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-def read_source_index(files: list[Path]) -> list[SourceTensor]:
-    """Names, dtypes and shapes of every source tensor, from the safetensors headers (no data read).
-
-    Raises:
-        ModelError: an unreadable header or an unsupported dtype.
-    """
-    tensors = []
-    for path in files:
-        header = _read_header(path)
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            if entry["dtype"] not in _FROM_ST:
-                raise ModelError(f"{path.name}: tensor {name} has unsupported dtype {entry['dtype']}")
-            tensors.append(SourceTensor(name, path, _FROM_ST[entry["dtype"]], list(entry["shape"])))
-    return tensors
-
-
-def _read_header(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            return json.loads(fh.read(size))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read the safetensors header of {path}: {exc}") from exc
-
-
-def read_tensor(src: SourceTensor) -> torch.Tensor:
-    """One tensor from its file, mapped only while the tensor lives, so other tensors' pages never pile up in RSS."""
-    from safetensors import safe_open
-
-    with safe_open(str(src.file), framework="pt") as fh:
-        return fh.get_tensor(src.name)
+from qlora_kit.core.errors import ModelError
 
 
 def refuse_prequantised(source: Path) -> None:
@@ -128,11 +46,10 @@ def model_layout(source: Path, quant: dict[str, Any], trust_remote_code: bool = 
     Raises:
         ModelError: the config cannot be read or the architecture cannot be built.
     """
+    import bitsandbytes as bnb
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
     from transformers.integrations import replace_with_bnb_linear
     from transformers.quantizers.base import HfQuantizer
-
-    import bitsandbytes as bnb
 
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)

@@ -62,8 +62,13 @@ from typing import Any
 
 import torch
 
-from qlora_kit import rundir
-from qlora_kit.errors import ModelError
+from qlora_kit.core.errors import ModelError
+from qlora_kit.inference.chat import encode_chat, render_chat
+from qlora_kit.inference.generation import generate_tokens
+from qlora_kit.inference.load import load_run_for_inference, set_inference_mode
+from qlora_kit.model.base import pick_device
+from qlora_kit.rundir import finished
+from qlora_kit.rundir import layout as rundir
 
 log = logging.getLogger("qlora_kit")
 
@@ -114,12 +119,8 @@ def tolerance(dtype: str, compute_dtype: str = "float32", trained_dtype: str = "
     return {"rel_max": MAX_FACTOR * u, "rel_mean": MEAN_FACTOR * u}
 
 
-# --------------------------------------------------------------------------- prompts
-
-
 def load_prompts(run_dir: Path, tokenizer: Any, max_prompts: int) -> tuple[list[Prompt], str]:
     """Held-out prompts of the run (or fixed fallbacks), encoded; returns (prompts, where they came from)."""
-    from qlora_kit.generate import encode_chat, render_chat
 
     rows = _heldout_rows(run_dir / rundir.HELDOUT, max_prompts)
     origin = rundir.HELDOUT
@@ -157,13 +158,9 @@ def _heldout_rows(path: Path, limit: int) -> list[dict[str, Any]]:
     return rows
 
 
-# --------------------------------------------------------------------------- running models
-
-
 def collect(model: Any, prompts: list[Prompt], eos_ids: list[int], pad_id: int | None,
             max_new_tokens: int) -> Outputs:
     """Teacher-forced logits and greedy continuations of ``model`` for every prompt."""
-    from qlora_kit.generate import generate_tokens
 
     device = next(model.parameters()).device
     greedy = generate_tokens(model, [p.prompt_ids for p in prompts], eos_ids, pad_id, max_new_tokens)
@@ -214,7 +211,6 @@ def run_reference(run_dir: Path, prompts: list[Prompt], eos_ids: list[int], pad_
 
     ``untuned=True`` also measures how far the base alone (adapter switched off) is from it.
     """
-    from qlora_kit.model import load_run_for_inference
 
     # load_quantized_base already keeps bitsandbytes from repacking the 4-bit weights on CPU.
     model, _, _ = load_run_for_inference(run_dir, device=device, compute_dtype=torch.float32)
@@ -244,9 +240,7 @@ def run_original_adapter(run_dir: Path, prompts: list[Prompt], eos_ids: list[int
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.model import set_inference_mode
-
-    run = rundir.read_run(run_dir)
+    run = finished.read_run(run_dir)
     dtype = torch.float32 if fits_in_float32(run.source_dir, device) else "auto"
     base = AutoModelForCausalLM.from_pretrained(run.source_dir, dtype=dtype, device_map={"": device},
                                                 trust_remote_code=run.config.model.trust_remote_code)
@@ -278,8 +272,6 @@ def run_export(export_dir: Path, prompts: list[Prompt], eos_ids: list[int], pad_
     """Outputs of the exported checkpoint loaded with plain transformers; returns (outputs, compute dtype)."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.model import set_inference_mode
-
     compute = "float32" if fits_in_float32(export_dir, device) else dtype
     model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=getattr(torch, compute), device_map={"": device})
     set_inference_mode(model)
@@ -293,9 +285,6 @@ def _free(model: Any) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-# --------------------------------------------------------------------------- comparing
 
 
 def compare(ref: Outputs, other: Outputs, tol: dict[str, float]) -> dict[str, Any]:
@@ -391,9 +380,6 @@ def judge(m: dict[str, Any], min_greedy_exact: float = MIN_GREEDY_EXACT) -> list
     return failures
 
 
-# --------------------------------------------------------------------------- entry point
-
-
 def verify_export(run_dir: str | Path, export_dir: str | Path, merge_base: str = "dequantized",
                   dtype: str = "float16", device: torch.device | None = None, max_prompts: int = 8,
                   max_new_tokens: int = 24) -> dict[str, Any]:
@@ -403,8 +389,6 @@ def verify_export(run_dir: str | Path, export_dir: str | Path, merge_base: str =
     the pass/fail check is against original base + adapter, and ``vs_trained`` is the cost.
     """
     from transformers import AutoTokenizer, GenerationConfig
-
-    from qlora_kit.model import pick_device
 
     run, export = Path(run_dir), Path(export_dir)
     device = device or pick_device()

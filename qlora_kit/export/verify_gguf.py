@@ -66,14 +66,31 @@ from typing import Any
 
 import torch
 
-from qlora_kit import rundir
 from qlora_kit.export import llamacpp
 from qlora_kit.export.gguf_vocab import GgufVocab, vocab_round_trip
-from qlora_kit.export.verify import (MAX_FACTOR, MEAN_FACTOR, UNIT_ROUNDOFF, Outputs, Prompt, collect, compare_logits,
-                                     drift_failures, greedy_agreement, load_prompts, run_original_adapter,
-                                     run_reference)
+from qlora_kit.export.verify import (
+    MAX_FACTOR,
+    MEAN_FACTOR,
+    UNIT_ROUNDOFF,
+    Outputs,
+    Prompt,
+    _free,
+    collect,
+    compare_logits,
+    drift_failures,
+    greedy_agreement,
+    load_prompts,
+    run_original_adapter,
+    run_reference,
+)
+from qlora_kit.inference.chat import strip_stop
+from qlora_kit.inference.load import set_inference_mode
+from qlora_kit.model.base import pick_device
+from qlora_kit.rundir import finished
+from qlora_kit.rundir import layout as rundir
 
 log = logging.getLogger("qlora_kit")
+
 
 # Limits of the block formats: rel_max, rel_mean (of the logit std) and mean KL (nats), see above.
 BLOCK_LIMITS = {"q8_0": (1.0, 0.12, 0.03), "q6_k": (2.5, 0.2, 0.06), "q5_k_m": (4.0, 0.35, 0.15),
@@ -125,9 +142,6 @@ class LlamaCppOutputs:
     chat_format: str
 
 
-# --------------------------------------------------------------------------- entry point
-
-
 def verify_gguf(run_dir: Path, gguf_path: Path, quant: str, vocab: GgufVocab, eos_ids: list[int],
                 merge_base: str = "dequantized", device: torch.device | None = None, max_prompts: int = 8,
                 max_new_tokens: int = 24) -> dict[str, Any]:
@@ -138,10 +152,8 @@ def verify_gguf(run_dir: Path, gguf_path: Path, quant: str, vocab: GgufVocab, eo
     """
     from transformers import AutoTokenizer
 
-    from qlora_kit.model import pick_device
-
     device = device or pick_device()
-    run = rundir.read_run(run_dir)
+    run = finished.read_run(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(run.run_dir / rundir.TOKENIZER)
     pad = tokenizer.pad_token_id
     prompts, origin = load_prompts(run.run_dir, tokenizer, max_prompts)
@@ -198,13 +210,8 @@ def _failures(result: dict[str, Any]) -> list[str]:
     return failures
 
 
-# --------------------------------------------------------------------------- llama.cpp
-
-
 def _check_with_llamacpp(path: Path, prompts: list[Prompt], ref: Outputs, tokenizer: Any, eos_ids: list[int],
                          tol: dict[str, float], max_new_tokens: int) -> dict[str, Any]:
-    from qlora_kit.generate import strip_stop
-
     answers = [strip_stop(ids, eos_ids) for ids in ref.greedy]
     out = run_llamacpp(path, prompts, max_new_tokens, answers)
     next_token = compare_logits(ref.logits, out.logits, tol)
@@ -279,14 +286,9 @@ def _chat(llm: Any, prompt: Prompt, max_new_tokens: int, chosen: list[int]) -> d
     return llm.create_completion(prompt=prompt.text, **greedy)
 
 
-# --------------------------------------------------------------------------- without llama.cpp
-
-
-def _check_with_transformers(path: Path, run: rundir.RunInfo, prompts: list[Prompt], ref: Outputs,
+def _check_with_transformers(path: Path, run: finished.RunInfo, prompts: list[Prompt], ref: Outputs,
                              eos_ids: list[int], pad: int | None, device: torch.device, tol: dict[str, float],
                              max_new_tokens: int) -> dict[str, Any]:
-    from qlora_kit.export.verify import _free
-
     model = load_gguf_with_transformers(path, run.source_dir, device)
     other = collect(model, prompts, eos_ids, pad, max_new_tokens)
     _free(model)
@@ -309,8 +311,6 @@ def load_gguf_with_transformers(path: Path, source_dir: Path, device: torch.devi
     q/k layout come from the GGUF alone.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qlora_kit.model import set_inference_mode
 
     config = AutoConfig.from_pretrained(source_dir)
     if config.model_type == "mistral":  # written as llama.cpp's "llama" architecture, read back the same way

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlora_kit.ops.packing import varlen_kwargs
+
 CHECK_TOKENS = 256  # tokens of the first batch used by check_fused_loss
 CHECK_TOLERANCE = 1e-3  # relative
 
@@ -81,8 +83,6 @@ def check_fused_loss(model: nn.Module, batch: dict[str, Any]) -> bool:
 
 
 def _packed_prefix(batch: dict[str, Any], tokens: int) -> dict[str, Any]:
-    from qlora_kit.ops.packing import varlen_kwargs
-
     lengths = list(batch["packed_seq_lens"])
     keep, total = [], 0
     for n in lengths:

@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from qlora_kit.ops.checkpointing import set_checkpointed_layers
+
 log = logging.getLogger("qlora_kit")
 
 MIN_OFFLOAD_BYTES = 1 << 20  # smaller saved tensors stay where they are (copy overhead > gain)
@@ -168,7 +170,6 @@ def enable_offload(model: nn.Module, offload: ActivationOffload, every_n_layers:
     ``activation_checkpointing_enable`` calls); checkpointing must already be enabled. The same
     layers stay checkpointed (``model.set_checkpointed_layers``, also for a fractional n).
     """
-    from qlora_kit.model import set_checkpointed_layers
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloading_checkpoint(offload))

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from qlora_kit.config import Config, LoraConfig
-from qlora_kit.errors import ConfigError
+from qlora_kit.core.config import Config, LoraConfig
+from qlora_kit.core.errors import ConfigError
 
 BASE_CHANGING_INITS = ("pissa", "olora", "lora_ga")
 

@@ -32,8 +32,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from qlora_kit.config import LoraConfig
-from qlora_kit.errors import ModelError
+from qlora_kit.core.config import LoraConfig
+from qlora_kit.core.errors import ModelError
+from qlora_kit.core.safetensors import read_source_index, source_files
 from qlora_kit.variants import changes_base
 
 log = logging.getLogger("qlora_kit")
@@ -56,15 +57,10 @@ class InitReport:
                 "seconds": round(self.seconds, 2), "weights": self.source}
 
 
-# --------------------------------------------------------------------------- the 16-bit weights
-
-
 class SourceWeights:
     """Tensors of the base checkpoint, read one at a time (safetensors, no pickle)."""
 
     def __init__(self, source_dir: Path):
-        from qlora_kit.export.source import read_source_index, source_files
-
         self.index = {t.name: t.file for t in read_source_index(source_files(source_dir))}
 
     def get(self, module: nn.Module, name: str, device: torch.device) -> torch.Tensor | None:
@@ -80,9 +76,6 @@ class SourceWeights:
         if not tensor.is_floating_point() or tuple(tensor.shape) != (module.out_features, module.in_features):
             return None
         return tensor.to(device=device, dtype=torch.float32)
-
-
-# --------------------------------------------------------------------------- LoRA-GA gradients
 
 
 def estimate_gradients(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable[dict[str, Any]],
@@ -170,9 +163,6 @@ def _capture(acc: torch.Tensor):
     return hook
 
 
-# --------------------------------------------------------------------------- per-module factors
-
-
 def peft_factors(weight: torch.Tensor, lora: LoraConfig, grad: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) from peft's per-layer init (pissa / olora / lora_ga) on a float32 copy of ``weight``."""
@@ -214,9 +204,6 @@ def requantise(layer: nn.Module, weight: torch.Tensor, load_dtype: torch.dtype) 
                             blocksize=old.blocksize, compress_statistics=old.compress_statistics,
                             quant_storage=old.quant_storage, module=layer)
     layer.weight = new.to(old.device)
-
-
-# --------------------------------------------------------------------------- the init
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:

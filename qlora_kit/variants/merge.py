@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from qlora_kit.errors import ModelError
+from qlora_kit.core.errors import ModelError
 
 PREFIX = "base_model.model."
 _PARTS = {

@@ -15,16 +15,15 @@ loader makes from the source checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from qlora_kit.errors import ModelError
+from qlora_kit.core.errors import ModelError
+from qlora_kit.core.files import atomic_file, file_sha256
 
 RESIDUAL_FILE = "base_residual.safetensors"
 _FORMAT = "qlora-kit residual nf4 base v1"
@@ -43,21 +42,9 @@ def save_residual(layers: dict[str, nn.Module], modules: list[str], path: Path) 
         tensors[f"{name}.weight"] = weight.data.detach().cpu().contiguous()
         for key, value in weight.quant_state.as_dict(packed=True).items():
             tensors[f"{name}.weight.{key}"] = value.detach().cpu().contiguous()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": _FORMAT, "modules": json.dumps(modules)})
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": _FORMAT, "modules": json.dumps(modules)})
     return {"file": path.name, "sha256": file_sha256(path), "modules": len(modules), "bytes": path.stat().st_size}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 16 MiB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_residual(run_dir: Path, entry: dict[str, Any] | None) -> Path | None:

@@ -1,0 +1,208 @@
+"""Where output goes: one stderr console for log lines, progress bars and tables, and the run's log file.
+
+- One rich ``Console`` is shared by the log handler and every progress bar, so a live bar is
+  redrawn below log lines instead of being written through by them.
+- Writing is best effort.  When stderr/stdout is a closed pipe (``qlora-kit train ... | tee log``
+  after ``tee`` died, Ctrl-C on the whole pipeline) or a vanished terminal, the failed stream is
+  pointed at /dev/null and the run goes on: a training run must still checkpoint on SIGINT/SIGTERM
+  and exit with its own status.  (rich's default on a broken pipe is ``SystemExit(1)``.)
+- ``run_log`` appends every log line of a training run, with times, to ``OUTPUT_DIR/train.log``
+  (across resumes), so nothing depends on the terminal staying alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from qlora_kit.core.errors import QloraKitError
+
+log = logging.getLogger("qlora_kit")
+
+NOISY_LOGGERS = ("transformers", "bitsandbytes", "peft", "accelerate", "datasets", "httpx", "huggingface_hub")
+FILE_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
+
+
+def silence(stream: IO[Any] | None) -> None:
+    """Point ``stream``'s file descriptor at /dev/null (after a write to it failed); never raises."""
+    try:
+        fd = stream.fileno()  # type: ignore[union-attr]
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except (AttributeError, OSError, ValueError):
+        return
+    try:
+        os.dup2(devnull, fd)
+    except OSError:
+        pass
+    finally:
+        os.close(devnull)
+
+
+class _Console(Console):
+    """A rich Console that drops its output, instead of exiting, when its stream is a dead pipe."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        silence(self.file)
+
+
+_STDERR: dict[str, Console] = {}
+
+
+def console() -> Console:
+    """The process's stderr console (log lines, progress bars, the data summary)."""
+    if "console" not in _STDERR:
+        _STDERR["console"] = _Console(stderr=True)
+    return _STDERR["console"]
+
+
+def stdout_console() -> Console:
+    """A console for a command's results on stdout (no highlighting), as robust as ``console()``."""
+    return _Console(highlight=False)
+
+
+class ConsoleHandler(RichHandler):
+    """RichHandler on the shared console; a line that cannot be written is dropped silently."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        silence(self.console.file)
+
+
+def setup_logging(debug: bool) -> None:
+    """qlora-kit's INFO lines (DEBUG with ``--debug``) on the shared console; libraries quiet unless debugging."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handler = ConsoleHandler(console=console(), show_path=False, show_time=False, markup=False,
+                             rich_tracebacks=False)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    if debug:
+        return
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+_SAID: set[str] = set()
+
+
+def info_once(message: str) -> None:
+    """Log ``message`` at INFO the first time only (facts that do not change within a process)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        log.info(message)
+
+
+def echo(text: str, err: bool = True) -> None:
+    """Print one line to stderr (or stdout); a dead stream is silenced, not raised."""
+    stream = sys.stderr if err else sys.stdout
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        silence(stream)
+
+
+def flush_streams() -> None:
+    """Flush stdout and stderr at exit; silence the ones that fail so the interpreter's own flush cannot."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            silence(stream)
+
+
+class RunLog(logging.Handler):
+    """Appends log records to a run's log file; records before :meth:`open` are held in memory.
+
+    A run writes nothing before every check passed (see rundir/target.py), so the lines of its setup
+    are kept until the run's directory exists, then written first.  Never opened (a refused or
+    stopped start), the held lines are dropped with the handler.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(logging.DEBUG)
+        self.path = path
+        self.setFormatter(logging.Formatter(FILE_FORMAT))
+        self._held: list[logging.LogRecord] = []
+        self._file: logging.FileHandler | None = None
+
+    def open(self) -> None:
+        """Start writing to the file (appending: a resumed run's lines follow the earlier ones)."""
+        if self._file is not None:
+            return
+        self._file = logging.FileHandler(self.path, mode="a", encoding="utf-8")
+        self._file.setFormatter(self.formatter)
+        for record in self._held:
+            self._file.handle(record)
+        self._held.clear()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._file is None:
+            self._held.append(record)
+        else:
+            self._file.handle(record)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._held.clear()
+        super().close()
+
+
+@contextmanager
+def run_log(path: Path, header: str) -> Iterator[RunLog]:
+    """Record qlora-kit's log lines for ``path`` while the block runs; the error ending it is recorded too.
+
+    The file is written from :meth:`RunLog.open` on (the caller opens it once the run's
+    directory is written).  The logger is raised to INFO for the block if it is quieter, so the
+    file always has the run's progress.  The error that ends the block is written as the CLI
+    prints it.
+    """
+    handler = RunLog(path)
+    level = log.level
+    if not log.isEnabledFor(logging.INFO):
+        log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    _to_file(handler, logging.INFO, header)
+    try:
+        yield handler
+    except BaseException as exc:
+
+        known = isinstance(exc, (QloraKitError, KeyboardInterrupt))
+        _to_file(handler, logging.ERROR, describe_exit(exc), None if known else (type(exc), exc, exc.__traceback__))
+        raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        log.setLevel(level)
+
+
+def _to_file(handler: logging.Handler, level: int, message: str, exc_info: Any = None) -> None:
+    handler.handle(log.makeRecord(log.name, level, __file__, 0, message, None, exc_info))
+
+
+def describe_exit(exc: BaseException) -> str:
+    """The line a log file gets for the exception that ended a run."""
+
+    if isinstance(exc, QloraKitError):
+        return f"error: {exc.message}" + (f" | fix: {exc.hint}" if exc.hint else "")
+    if isinstance(exc, KeyboardInterrupt):
+        return "aborted (Ctrl-C)"
+    return f"failed: {type(exc).__name__}: {exc}"

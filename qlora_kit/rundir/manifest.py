@@ -1,0 +1,54 @@
+"""Run manifest: package versions, device, base source, quantisation, data hashes, times.
+
+Written at the start of a run (status ``running``) and updated at the end
+(``completed``/``preempted``/``failed``), so every run directory says what produced it.
+"""
+
+from __future__ import annotations
+
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_kit.core.files import write_json_atomic
+
+PACKAGES = ("qlora-kit", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl",
+            "safetensors", "tokenizers", "gguf")
+
+
+def now_iso() -> str:
+    """UTC time, ISO-8601, second precision."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the stack (None where a package is absent)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["cuda"] = torch.version.cuda
+    return versions
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    """What the run ran on."""
+    info: dict[str, Any] = {"type": device.type, "platform": platform.platform(), "cpu_count": torch.get_num_threads()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, total_memory_bytes=props.total_memory,
+                    capability=f"{props.major}.{props.minor}", bf16=torch.cuda.is_bf16_supported())
+    else:
+        info["name"] = platform.processor() or platform.machine()
+    return info
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Atomically (re)write manifest.json."""
+    write_json_atomic(path, manifest)

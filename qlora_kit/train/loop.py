@@ -1,0 +1,283 @@
+"""The training loop: micro-batches, forward and loss, backward, optimizer step, logging, evaluation, checkpoints.
+
+The data order is a pure function of seed and epoch (``train.order``) and the loss is
+normalised over every trainable token of the accumulated batch; a stop signal is honoured
+between micro-batches by dropping the unfinished step and checkpointing the last one.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from itertools import islice
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from qlora_kit.core.errors import Preempted
+from qlora_kit.core.signals import StopRequest
+from qlora_kit.data.batching import collate, plan_batches
+from qlora_kit.data.encode import IGNORE_INDEX
+from qlora_kit.ops.loss import causal_lm_loss, count_targets
+from qlora_kit.rundir import checkpoint as ckpt
+from qlora_kit.train.guards import _guard_nonfinite
+from qlora_kit.train.order import EpochPlans, micro_batches_from
+from qlora_kit.train.outputs import save
+from qlora_kit.train.progress import _log_step, _Progress
+from qlora_kit.train.state import Run
+from qlora_kit.variants import adalora
+from qlora_kit.variants.adalora import orthogonality_penalty
+
+log = logging.getLogger("qlora_kit")
+
+
+def train(run: Run, stop: StopRequest) -> None:
+    """Optimizer steps until ``total_steps``, logging, evaluating and checkpointing on schedule.
+
+    Micro-batches are collated one at a time as the step consumes them; a stop signal is
+    honoured between micro-batches: the unfinished step is dropped (gradients cleared, RNG
+    states put back) and the last finished step is checkpointed, so the resume stays exact.
+    """
+    cfg = run.cfg.train
+    eval_every = cfg.eval_steps or cfg.save_steps
+    plans = EpochPlans(run.cfg, run.data)
+    stream = micro_batches_from(run.cfg, run.data, run.micro_index, plans)
+    window = run.window
+    progress = _Progress(run.total_steps, run.step, enabled=run.dist.is_main)
+    log.info("training: %d optimizer steps x %d micro-batches of %d (max_length %d) on %s%s",
+             run.total_steps - run.step, cfg.gradient_accumulation_steps, cfg.micro_batch_size, cfg.max_length,
+             run.device, f" x {run.dist.world_size} processes" if run.dist.active else "")
+    try:
+        if _eval_pending(run, eval_every):  # resumed from a checkpoint whose evaluation a signal cut short
+            _evaluate_and_log(run, stop)
+        while run.step < run.total_steps:
+            if run.dist.any(stop.requested):  # every rank stops after the same step
+                _preempt(run, stop)
+            lr = run.optimizer.param_groups[0]["lr"]
+            rng = ckpt.rng_state()
+            try:
+                n_items, n_tokens = _count_step(run, plans, stop)
+                loss, grad_norm = train_step(run, _collate_step(run, stream, stop), n_items)
+            except _StepInterrupted:
+                run.optimizer.zero_grad(set_to_none=True)
+                ckpt.set_rng_state(rng)
+                _preempt(run, stop)
+            run.micro_index += cfg.gradient_accumulation_steps
+            skipped = _guard_nonfinite(run, loss, grad_norm)
+            optimizer_step(run, skipped)
+            run.optimizer.zero_grad(set_to_none=True)
+            scheduler_step(run)
+            run.step += 1
+            progress.advance(run.step)
+            if not skipped:
+                window.add(loss, n_tokens)
+            if run.step % cfg.logging_steps == 0 or run.step == run.total_steps:
+                _log_step(run, window, lr, grad_norm, progress)
+            if run.data.val and (run.step % eval_every == 0 or run.step == run.total_steps):
+                _evaluate_and_log(run, stop)
+            if run.step % cfg.save_steps == 0 or run.step == run.total_steps:
+                save(run)
+        if stop.requested and _eval_pending(run, eval_every):  # the last evaluation was cut short
+            _preempt(run, stop)
+    finally:
+        progress.close()
+
+
+class _StepInterrupted(Exception):
+    """A stop signal arrived between the micro-batches of an optimizer step."""
+
+
+def _count_step(run: Run, plans: EpochPlans, stop: StopRequest) -> tuple[int, int]:
+    """(trainable targets, tokens) of the next optimizer step, counted from the samples (nothing collated).
+
+    Counted over the global micro-batches: every rank of a multi-process run gets the same number.
+
+    Equals the collated labels' ``[:, 1:] != -100`` count: a sample's first label is always -100
+    and samples/packed rows never exceed max_length.  Raises _StepInterrupted on a stop request.
+    """
+
+    targets = tokens = 0
+    micro = micro_batches_from(run.cfg, run.data, run.micro_index, plans)
+    for k, (_epoch, rows) in enumerate(islice(micro, run.cfg.train.gradient_accumulation_steps)):
+        if k % 4096 == 4095 and stop.requested:
+            raise _StepInterrupted
+        for row in rows:
+            for i in row:
+                labels = run.data.train[i]["labels"]
+                targets += len(labels) - labels.count(IGNORE_INDEX)
+                tokens += len(labels)
+    return max(1, targets), tokens
+
+
+def _collate_step(run: Run, stream: Iterator[tuple[int, list[list[int]]]], stop: StopRequest
+                  ) -> Iterator[dict[str, torch.Tensor]]:
+    """The step's micro-batches (this rank's rows of each), collated lazily.
+
+    Raises _StepInterrupted once a stop is requested, in a single process only: ranks of a
+    multi-process run must run the same collectives, so they stop together at a step boundary.
+    """
+    for _ in range(run.cfg.train.gradient_accumulation_steps):
+        if stop.requested and not run.dist.active:
+            raise _StepInterrupted
+        _epoch, rows = next(stream)
+        yield _collate_local(run, rows)
+
+
+def _collate_local(run: Run, rows: list[list[int]]) -> dict[str, Any]:
+    """This rank's rows of a global micro-batch, collated (all of them in a single process).
+
+    A rank left without rows (short final micro-batch) runs the first row with every label
+    ignored: it contributes nothing, but its forward/backward keeps the collectives matched.
+    """
+
+    mine, masked = run.dist.local_rows(rows)
+    batch = collate(run.data.train, mine, run.tokenizer.pad_token_id, run.cfg.train.max_length,
+                    run.cfg.data.packing)
+    if masked:
+        batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    return batch
+
+
+def _eval_pending(run: Run, eval_every: int) -> bool:
+    """True when this step is an evaluation step whose evaluation has not completed.
+
+    A signal during an evaluation stops it; the checkpoint of that step records the last
+    completed one (``last_eval_step``), so ``--resume`` runs it before training on and the
+    metrics equal the uninterrupted run's.
+    """
+    due = run.step % eval_every == 0 or run.step == run.total_steps
+    return bool(run.data.val) and run.step > 0 and due and run.last_eval_step < run.step
+
+
+def train_step(run: Run, batches: Iterable[dict[str, torch.Tensor]], n_items: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward over the accumulated micro-batches; returns (loss, grad norm) on device.
+
+    The loss is the sum over *all* trainable tokens of the step divided by their number
+    (``num_items_in_batch``, counted up front by the caller or here; in a multi-process run the
+    global number, given by the caller), so micro-batches with few trainable tokens are not
+    over-weighted.  ``batches`` may be lazy: only one micro-batch is alive at a time.  Each
+    forward runs in the run's precision context (autocast with fp32 adapters); with fp16
+    compute the loss is scaled before the backward and the gradients unscaled before
+    clipping.  Several processes: gradients are synchronised on the last micro-batch only,
+    and the loss is multiplied by the number of processes because DDP/FSDP average the
+    gradients (the returned loss is this rank's share of the step's loss).
+    """
+
+    if n_items is None:
+        batches = list(batches)
+        n_items = max(1, sum(count_targets(b["labels"]) for b in batches))
+    count = len(batches) if isinstance(batches, list) else run.cfg.train.gradient_accumulation_steps
+    model = run.wrapped if run.wrapped is not None else run.model
+    factor = run.dist.loss_factor()
+    loss_sum = torch.zeros((), device=run.device)
+    for k, batch in enumerate(batches):
+        batch = to_device(batch, run.device)
+        with run.dist.accumulating(model, last=k == count - 1):
+            with run.precision.forward_context():
+                loss = causal_lm_loss(model, batch, n_items, run.cfg.train.fused_loss)
+            scaled = loss * factor if factor != 1.0 else loss
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        loss_sum += loss.detach().float()
+    penalty = orthogonality_penalty(run.model, run.cfg.lora.adalora_orth_reg_weight)
+    if penalty is not None:  # AdaLoRA, once per optimizer step (not part of the logged loss)
+        (run.scaler.scale(penalty) if run.scaler is not None else penalty).backward()
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    max_norm = run.cfg.train.max_grad_norm or float("inf")
+    grad_norm = run.dist.clip_grad_norm(model, run.params, max_norm)
+    return loss_sum, grad_norm.detach().float()
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors of a collated batch on ``device`` (host values such as ``max_length_q`` stay)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def optimizer_step(run: Run, skipped: bool) -> None:
+    """Apply the step (the loss scaler skips it by itself when the scaled gradients overflowed).
+
+    AdaLoRA's budget step follows every step that was applied, before the gradients are
+    zeroed (it scores the triplets by |p * grad|); a step the scaler skipped has non-finite
+    gradients that would poison its importance averages.
+    """
+
+    if run.scaler is None:
+        if not skipped:
+            run.optimizer.step()
+            adalora.after_optimizer_step(run.model, run.step)
+        return
+    if skipped:
+        run.scaler.update()
+        return
+    scale = run.scaler.get_scale() if adalora.tuner(run.model) is not None else None  # a host sync: AdaLoRA only
+    run.scaler.step(run.optimizer)  # one host sync: the scaler reads its overflow flag
+    run.scaler.update()
+    if scale is not None and run.scaler.get_scale() >= scale:  # the scale only drops when the step was skipped
+        adalora.after_optimizer_step(run.model, run.step)
+
+
+def scheduler_step(run: Run) -> None:
+    """Advance the LR schedule (a pure function of the step, skipped steps included)."""
+    with warnings.catch_warnings():  # torch warns when the loss scaler skipped the very first optimizer step
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        run.scheduler.step()
+
+
+def evaluate(run: Run, stop: StopRequest) -> float | None:
+    """Token-weighted mean loss on the validation rows; None when interrupted by a stop signal.
+
+    Batched like training (same packing, same fused loss, same precision context), in
+    eval mode and without gradients.  Several processes split each (global) batch like
+    training and add up their sums; they stop together.
+    """
+
+    cfg = run.cfg
+    lengths = [len(s["input_ids"]) for s in run.data.val]
+    plan = plan_batches(lengths, cfg.train.micro_batch_size * run.dist.world_size, cfg.train.max_length,
+                        cfg.data.packing, cfg.train.seed, 0, False)
+    model = run.wrapped if run.wrapped is not None else run.model
+    total = torch.zeros((), device=run.device)
+    count = 0
+    model.eval()
+    try:
+        with torch.no_grad():
+            for rows in plan:
+                if run.dist.any(stop.requested):
+                    return None
+                mine, masked = run.dist.local_rows(rows)
+                batch = collate(run.data.val, mine, run.tokenizer.pad_token_id, cfg.train.max_length,
+                                cfg.data.packing)
+                if masked:
+                    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+                n = count_targets(batch["labels"])
+                with run.precision.forward_context():
+                    loss = causal_lm_loss(model, to_device(batch, run.device), max(n, 1), cfg.train.fused_loss)
+                total += loss.float() * n
+                count += n
+    finally:
+        model.train()
+    if run.dist.active:  # every rank's sums
+        total, count = run.dist.sum(torch.stack([total.double(), total.new_tensor(count, dtype=torch.float64)]))
+    return float(total / max(count, 1))
+
+
+def _evaluate_and_log(run: Run, stop: StopRequest) -> None:
+    eval_loss = evaluate(run, stop)
+    if eval_loss is None:
+        return  # interrupted: the caller checkpoints at this step boundary
+    run.last_eval_loss, run.last_eval_step = eval_loss, run.step
+    run.metrics.append({"step": run.step, "eval_loss": round(eval_loss, 6)})
+    log.info("step %d: eval loss %.4f", run.step, eval_loss)
+
+
+def _preempt(run: Run, stop: StopRequest) -> None:
+    if run.step == 0 and run.fresh:  # nothing learned yet: the fresh start is undone, no checkpoint needed
+        raise Preempted(f"stopped by {stop.signal_name} before the first step finished; nothing was kept",
+                        "run the same command again")
+    path = save(run)
+    by = stop.signal_name or "a stop signal to another process of this run"
+    raise Preempted(
+        f"stopped by {by} at step {run.step} of {run.total_steps}; checkpoint saved in {path}",
+        "continue with the same command plus --resume",
+    )
