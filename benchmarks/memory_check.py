@@ -2,7 +2,7 @@
 
 Builds a model with a **real vocabulary** (128,256, Llama-3's; one case uses a small one) and a
 small hidden size,
-runs qlora-kit's own training step (``train.build_model`` → ``train.train_step``: NF4 base,
+runs qlora-kit's own training step (``train.builders.build_model`` → the loop's ``forward_loss``/``backward``/``clip_gradients``: NF4 base,
 fp32 LoRA adapters under bf16 autocast, fused loss, padding-free packing, checkpointing,
 tiled MLP when asked) on one packed row of long samples, and records every allocation of
 the step with torch's profiler (``profile_memory=True``: the CPU allocator's own records,
@@ -149,10 +149,16 @@ def packed_row(case: Case, seed: int) -> dict[str, Any]:
 
 def measure(case: Case, model_dir: Path, device_type: str = "cpu") -> dict[str, Any]:
     """Run one warm-up step, then profile one training step; return the measured windows (bytes)."""
+    from qlora_kit.ops.loss import count_targets
     from qlora_kit.ops.precision import resolve_precision
     from qlora_kit.train import distributed
     from qlora_kit.train.builders import build_model, build_optimizer
-    from qlora_kit.train.loop import train_step
+    from qlora_kit.train.loop import backward, clip_gradients, forward_loss
+
+    def train_step(run: Any, batch: dict[str, Any]) -> None:
+        """The training loop's step on one micro-batch: forward and loss, backward, clipping."""
+        backward(run, forward_loss(run, run.model, batch, max(1, count_targets(batch["labels"]))))
+        clip_gradients(run, run.model)
 
     cfg = case_config(case, model_dir)
     device = torch.device(device_type)
@@ -163,7 +169,7 @@ def measure(case: Case, model_dir: Path, device_type: str = "cpu") -> dict[str, 
     optimizer = build_optimizer(cfg, params, device)
     run = SimpleNamespace(device=device, precision=precision, model=model, cfg=cfg, scaler=None,
                           optimizer=optimizer, params=params, wrapped=None, dist=distributed.SINGLE)
-    train_step(run, [packed_row(case, 0)])  # warm-up: gradients and optimizer state exist afterwards,
+    train_step(run, packed_row(case, 0))  # warm-up: gradients and optimizer state exist afterwards,
     optimizer.step()  # as in every later micro-batch of a run (gradient accumulation keeps them)
     optimizer.zero_grad(set_to_none=False)
     batch = packed_row(case, 1)
@@ -175,7 +181,7 @@ def measure(case: Case, model_dir: Path, device_type: str = "cpu") -> dict[str, 
         torch.cuda.synchronize()
     profiler = torch.profiler.profile(activities=activities, profile_memory=True)
     with profiler:
-        train_step(run, [batch])
+        train_step(run, batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
     timeline = Timeline.from_profiler(profiler, device.type)

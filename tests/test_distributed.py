@@ -271,12 +271,12 @@ FAIL_ON_RANK_1 = """
 import sys, torch
 from qlora_kit import cli
 from qlora_kit.train import loop
-real = loop.train_step
-def step(run, batches, n_items=None):
+real = loop.forward_loss
+def forward(run, *args):
     if run.dist.rank == 1 and run.step == 5:  # as if GPU 1 ran out of memory (after checkpoint-4)
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    return real(run, batches, n_items)
-loop.train_step = step
+    return real(run, *args)
+loop.forward_loss = forward
 sys.argv = ["qlora-kit", *sys.argv[1:]]
 cli.main()
 """

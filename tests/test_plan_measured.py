@@ -1,6 +1,6 @@
 """The planner against the CPU allocator's records of qlora-kit's real training step.
 
-``benchmarks/memory_check.py`` runs ``train.train_step`` (NF4 base, fp32 adapters under bf16
+``benchmarks/memory_check.py`` runs the training loop's step (``train.loop``) (NF4 base, fp32 adapters under bf16
 autocast, fused loss, packing, checkpointing) on a model with Llama-3's real 128,256-token
 vocabulary and a small hidden size, under torch's profiler, and compares each component
 the planner models with the measured memory of its window: the checkpoint a layer leaves

@@ -137,18 +137,22 @@ def test_resume_follows_moved_data(tmp_path: Path, tiny_llama: Path, reference_r
 
 
 def _poison(monkeypatch: pytest.MonkeyPatch, at_step: int, corrupt_weights: bool) -> None:
-    real = loop.train_step
+    """Step ``at_step`` reports a NaN loss (its gradients stay finite) and, optionally, leaves NaN weights."""
+    real_forward, real_clip = loop.forward_loss, loop.clip_gradients
 
-    def step(run, *args):
-        loss, norm = real(run, *args)
-        if run.step + 1 == at_step:
-            if corrupt_weights:
-                with torch.no_grad():
-                    run.params[0].fill_(float("nan"))
-            return loss * float("nan"), norm
-        return loss, norm
+    def forward(run, *args):
+        loss = real_forward(run, *args)
+        return loss + float("nan") if run.step + 1 == at_step else loss  # NaN value, unchanged gradient
 
-    monkeypatch.setattr(loop, "train_step", step)
+    def clip(run, model):
+        norm = real_clip(run, model)
+        if corrupt_weights and run.step + 1 == at_step:
+            with torch.no_grad():
+                run.params[0].fill_(float("nan"))
+        return norm
+
+    monkeypatch.setattr(loop, "forward_loss", forward)
+    monkeypatch.setattr(loop, "clip_gradients", clip)
 
 
 @pytest.mark.parametrize("logging_steps", [1, 10])

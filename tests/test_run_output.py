@@ -159,12 +159,12 @@ def test_a_signal_during_evaluation_is_resumed_with_that_evaluation(
 
 
 def test_window_state_round_trips_exactly() -> None:
-    window = qtrain_state._Window()
+    window = qtrain_state.LogWindow()
     for value in (0.1, 0.2, 0.30000001):
         window.add(torch.tensor(value, dtype=torch.float32), 7)
-    again = qtrain_state._Window.from_state(json.loads(json.dumps(window.to_state())), torch.device("cpu"))
+    again = qtrain_state.LogWindow.from_state(json.loads(json.dumps(window.to_state())), torch.device("cpu"))
     assert torch.equal(again.loss, window.loss) and (again.steps, again.tokens) == (3, 21)
-    assert qtrain_state._Window.from_state(None, torch.device("cpu")).steps == 0  # checkpoints written before
+    assert qtrain_state.LogWindow.from_state(None, torch.device("cpu")).steps == 0  # checkpoints written before
 
 
 def _shown_lines(raw: str) -> list[str]:
@@ -183,7 +183,7 @@ def test_log_lines_never_run_into_the_progress_bar(monkeypatch: pytest.MonkeyPat
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     try:
-        progress = qtrain_progress._Progress(total=4, done=0)
+        progress = qtrain_progress.Progress(total=4, done=0)
         assert progress.bar is not None and progress.bar.console is terminal
         for step in range(1, 5):
             progress.advance(step)

@@ -473,23 +473,20 @@ def test_sigterm_between_micro_batches_resumes_exactly(tmp_path: Path, tiny_llam
     """The signal arrives after the first of two micro-batches of step 6: step 5 is saved, the resume is exact."""
     run = tmp_path / "run"
     cfg = _config(tmp_path, tiny_llama, data_file, run)
-    real_step = loop.train_step
+    real_batches = loop._step_batches
 
-    def signal_after_first(batches):
-        yield next(batches)
-        os.kill(os.getpid(), signal.SIGTERM)
+    def signal_after_first(run_, stream, stop):
+        batches = real_batches(run_, stream, stop)
+        if run_.step == 5:
+            yield next(batches)
+            os.kill(os.getpid(), signal.SIGTERM)
         yield from batches
 
-    def step(run_, batches, n_items=None):
-        if run_.step == 5:
-            batches = signal_after_first(batches)
-        return real_step(run_, batches, n_items)
-
-    monkeypatch.setattr(loop, "train_step", step)
+    monkeypatch.setattr(loop, "_step_batches", signal_after_first)
     with pytest.raises(Preempted, match="stopped by SIGTERM at step 5 of 16"):
         recipe.run_training(cfg, [])
     assert [s for s, _ in ckpt.list_checkpoints(run)] == [4, 5]
-    monkeypatch.setattr(loop, "train_step", real_step)
+    monkeypatch.setattr(loop, "_step_batches", real_batches)
     assert recipe.run_training(cfg, [], resume=True) == 0
     assert_same_result(run, reference_run)
 
@@ -528,17 +525,14 @@ def test_only_one_micro_batch_is_collated_before_the_first_forward(tmp_path: Pat
     collated, at_first_forward = [], []
     real_collate = loop.collate
     monkeypatch.setattr(loop, "collate", lambda *a, **k: collated.append(1) or real_collate(*a, **k))
-    real_step = loop.train_step
+    real_count = loop._count_step
 
-    def step(run, batches, n_items=None):
+    def count(run, plans, stop):  # called at the start of each step, before its first micro-batch is collated
         before = len(collated)  # setup's fused-loss check collates one batch of its own
-        hook = run.model.register_forward_pre_hook(lambda *a: at_first_forward.append(len(collated) - before) or None)
-        try:
-            return real_step(run, batches, n_items)
-        finally:
-            hook.remove()
+        run.model.register_forward_pre_hook(lambda *a: at_first_forward.append(len(collated) - before) or None)
+        return real_count(run, plans, stop)
 
-    monkeypatch.setattr(loop, "train_step", step)
+    monkeypatch.setattr(loop, "_count_step", count)
     assert recipe.run_training(cfg, []) == 0
     assert at_first_forward[0] == 1 and len(collated) >= 20
 
@@ -609,7 +603,7 @@ def test_failed_overwrite_restores_the_old_run(tmp_path: Path, tiny_llama: Path,
     def crash(*args, **kwargs):
         raise RuntimeError("boom at step 1")
 
-    monkeypatch.setattr(loop, "train_step", crash)
+    monkeypatch.setattr(loop, "forward_loss", crash)
     with pytest.raises(RuntimeError, match="boom"):
         recipe.run_training(_config(tmp_path, tiny_llama, data_file, run), [], overwrite=True)
     assert snapshot(run) == before and not list(tmp_path.glob("run.old-*")), "the old run is back in place"

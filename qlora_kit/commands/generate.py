@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from qlora_kit.inference.chat import encode_chat, strip_stop
-from qlora_kit.inference.generation import _streamer, generate_ids
+from qlora_kit.inference.generation import generate_ids, streamer
 from qlora_kit.inference.load import load_for_generation
 
 log = logging.getLogger("qlora_kit")
@@ -26,7 +26,7 @@ def generate_once(path: str | Path, prompt: str, system: str | None = None, max_
     loaded = load_for_generation(path, device)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     ids = generate_ids(loaded, encode_chat(loaded.tokenizer, messages), max_new_tokens, temperature,
-                       streamer=_streamer(loaded.tokenizer))
+                       streamer=streamer(loaded.tokenizer))
     sys.stdout.flush()
     if ids and ids[-1] not in loaded.eos_ids and len(ids) >= max_new_tokens:
         log.info("stopped at --max-new-tokens=%d before an end-of-turn token", max_new_tokens)
@@ -60,7 +60,7 @@ def chat_loop(path: str | Path, system: str | None = None, max_new_tokens: int =
         history.append({"role": "user", "content": line})
         print("assistant> ", end="", flush=True)
         ids = generate_ids(loaded, encode_chat(loaded.tokenizer, history), max_new_tokens, temperature,
-                           streamer=_streamer(loaded.tokenizer))
+                           streamer=streamer(loaded.tokenizer))
         reply = loaded.tokenizer.decode(strip_stop(ids, loaded.eos_ids), skip_special_tokens=True)
         history.append({"role": "assistant", "content": reply.strip()})
 

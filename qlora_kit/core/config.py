@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qlora_kit.core.errors import ConfigError, QloraKitError, short_repr, shorten
-from qlora_kit.core.safe_yaml import MAX_CONFIG_BYTES, _parse_yaml, read_yaml
+from qlora_kit.core.safe_yaml import MAX_CONFIG_BYTES, parse_yaml, read_yaml
 
 DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
 AdapterType = Literal["lora", "adalora", "vera"]
@@ -258,7 +258,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {shown} has an empty key", "e.g. --set train.max_steps=100")
     if len(item) > MAX_CONFIG_BYTES:
         raise ConfigError(f"--set {shown} is longer than {MAX_CONFIG_BYTES // 1024} KiB", "put the value in the file")
-    parsed = _parse_yaml(value, f"--set {short_repr(key, 60)}", "quote the value or fix its YAML") \
+    parsed = parse_yaml(value, f"--set {short_repr(key, 60)}", "quote the value or fix its YAML") \
         if value.strip() else ""
     return keys, parsed
 

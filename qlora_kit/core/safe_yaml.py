@@ -115,7 +115,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 text ({exc.reason})"
         raise ConfigError(f"cannot read config {p}: {reason}", "check the file's permissions and encoding") from exc
-    raw = _parse_yaml(text, str(p), "fix the YAML at that line")
+    raw = parse_yaml(text, str(p), "fix the YAML at that line")
     if raw is None:
         raise ConfigError(f"config file {p} is empty", "start from one of the files in configs/")
     if not isinstance(raw, dict):
@@ -124,7 +124,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def _parse_yaml(text: str, where: str, fix: str) -> Any:
+def parse_yaml(text: str, where: str, fix: str) -> Any:
     """Bounded YAML parsing with every failure as one ConfigError line naming ``where``.
 
     Raises:

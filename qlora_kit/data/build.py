@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 from qlora_kit.core.config import DataConfig
 from qlora_kit.core.errors import DataError
 from qlora_kit.data.encode import Encoded, Sample, encode_rows
-from qlora_kit.data.formats import CHAT_FORMATS, Row, _Parsed, parse_rows, resolve_format
+from qlora_kit.data.formats import CHAT_FORMATS, Parsed, Row, parse_rows, resolve_format
 from qlora_kit.data.labels import fold_system_rows, make_chat_spans, template_takes_system
 from qlora_kit.data.read import read_source
 from qlora_kit.data.summary import DataSummary, log_summary_line, summarize
@@ -68,8 +68,8 @@ def build_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: 
 def encode_splits(
     train_rows: list[Row],
     val_rows: list[Row],
-    train_part: _Parsed,
-    val_part: _Parsed | None,
+    train_part: Parsed,
+    val_part: Parsed | None,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     cfg: DataConfig,
@@ -95,7 +95,7 @@ def encode_splits(
     return train_enc, val_enc
 
 
-def load_and_parse(path: str, cfg: DataConfig, has_template: bool, key: str = "data.path") -> _Parsed:
+def load_and_parse(path: str, cfg: DataConfig, has_template: bool, key: str = "data.path") -> Parsed:
     """Read one data source (named by config ``key``), resolve its format, parse its rows and report bad ones.
 
     Raises:
@@ -111,12 +111,12 @@ def load_and_parse(path: str, cfg: DataConfig, has_template: bool, key: str = "d
     if fmt in ("alpaca", "prompt_completion") and not has_template:
         log.warning("tokenizer has no chat template: %s rows are trained as plain prompt + completion text", fmt)
     rows, bad = parse_rows(source, fmt, has_template)
-    parsed = _Parsed(rows, bad, len(source.records), source, fmt, detected)
+    parsed = Parsed(rows, bad, len(source.records), source, fmt, detected)
     check_bad_fraction(parsed, cfg.max_bad_fraction)
     return parsed
 
 
-def check_bad_fraction(parsed: _Parsed, max_bad_fraction: float) -> None:
+def check_bad_fraction(parsed: Parsed, max_bad_fraction: float) -> None:
     """Abort when more than ``max_bad_fraction`` of the rows (or all of them) are bad.
 
     Raises:
@@ -137,7 +137,7 @@ def check_bad_fraction(parsed: _Parsed, max_bad_fraction: float) -> None:
         )
 
 
-def log_bad_rows(parsed: _Parsed) -> None:
+def log_bad_rows(parsed: Parsed) -> None:
     """Warn about skipped rows with their (1-based) row or line numbers."""
     if not parsed.bad:
         return
@@ -149,7 +149,7 @@ def log_bad_rows(parsed: _Parsed) -> None:
     )
 
 
-def _first_bad(parsed: _Parsed, n: int = 3) -> str:
+def _first_bad(parsed: Parsed, n: int = 3) -> str:
     return "; ".join(f"{parsed.source.unit} {num}: {why}" for num, why in parsed.bad[:n])
 
 
@@ -218,7 +218,7 @@ def make_heldout(row: Row) -> dict[str, Any]:
     return {"prompt": text[:cut], "reference": text[cut:]}
 
 
-def make_fingerprint(train: _Parsed, val: _Parsed | None) -> dict[str, Any]:
+def make_fingerprint(train: Parsed, val: Parsed | None) -> dict[str, Any]:
     """Identity of the data for the run manifest: paths, sha256s and format."""
     return {
         "path": train.source.label,

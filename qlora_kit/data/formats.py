@@ -51,7 +51,7 @@ class Row:
 
 
 @dataclass
-class _Parsed:
+class Parsed:
     rows: list[Row]
     bad: list[tuple[int, str]]
     total: int

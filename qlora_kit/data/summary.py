@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 from qlora_kit.core import logs
 from qlora_kit.data.encode import IGNORE_INDEX, Encoded, Sample
-from qlora_kit.data.formats import _Parsed
+from qlora_kit.data.formats import Parsed
 
 log = logging.getLogger("qlora_kit")
 
@@ -63,8 +63,8 @@ class DataSummary:
 
 
 def summarize(
-    train_part: _Parsed,
-    val_part: _Parsed | None,
+    train_part: Parsed,
+    val_part: Parsed | None,
     train_enc: list[Encoded],
     val_enc: list[Encoded],
     tokenizer: PreTrainedTokenizerBase,

@@ -20,7 +20,7 @@ from qlora_kit.export import card, gguf_file, hf, llamacpp
 from qlora_kit.export.gguf_vocab import read_vocab
 from qlora_kit.export.merge import MERGE_BASES, MergeContext, Plan, plan_export
 from qlora_kit.export.modelfile import chat_format, write_modelfile
-from qlora_kit.export.publish import _Terminated, check_target, sigterm_unwinds, staging_dir
+from qlora_kit.export.publish import Terminated, check_target, sigterm_unwinds, staging_dir
 from qlora_kit.export.verify import verify_export
 from qlora_kit.export.verify_gguf import verify_gguf
 from qlora_kit.model.base import DTYPES
@@ -112,7 +112,7 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str | None = None, m
                     report = _export_hf(run, target, ctx, dtype, max_shard_bytes, options)
                 else:
                     report = _export_gguf(run, target, ctx, quant, options)
-    except _Terminated:
+    except Terminated:
         raise Preempted(f"export stopped by SIGTERM; nothing was written to {out}",
                         "run the same export command again") from None
     card.print_summary(report)

@@ -65,17 +65,17 @@ def remove_stale_partials(target: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-class _Terminated(KeyboardInterrupt):
+class Terminated(KeyboardInterrupt):
     """SIGTERM during an export: unwinds like Ctrl-C so the staging directory is removed."""
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated()
+    raise Terminated()
 
 
 @contextmanager
 def sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM raises ``_Terminated`` (like Ctrl-C) for the whole export, so every phase stops within seconds."""
+    """SIGTERM raises ``Terminated`` (like Ctrl-C) for the whole export, so every phase stops within seconds."""
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:

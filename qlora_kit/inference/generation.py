@@ -60,7 +60,7 @@ def generate_ids(loaded: Loaded, prompt_ids: list[int], max_new_tokens: int, tem
                            streamer=streamer)[0]
 
 
-def _streamer(tokenizer: Any):
+def streamer(tokenizer: Any):
     from transformers import TextStreamer
 
     return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

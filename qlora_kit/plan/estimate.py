@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from qlora_kit.core.config import Config
 from qlora_kit.ops.checkpointing import checkpointed_layers
-from qlora_kit.plan.parallel import _PARALLEL, Parallel, parallel_components
+from qlora_kit.plan.parallel import PARALLEL, Parallel, parallel_components
 from qlora_kit.plan.shape import ModelShape, linear_layers
 from qlora_kit.plan.techniques import Techniques, techniques
 from qlora_kit.plan.terms import (
@@ -113,7 +113,7 @@ def estimate(cfg: Config, shape: ModelShape, micro_batch_size: int | None = None
     numels, frozen = variant_tensors(shape, list(tech.targets), cfg.lora)
     static = {**weights, **adapter_components(numels, tech, frozen)}
     loss_phase, backward_phase, stage, host = activation_phases(shape, tech, batch, length, labelled, numels)
-    parallel = parallel or _PARALLEL.get()
+    parallel = parallel or PARALLEL.get()
     max_linear = max(lin.numel for lin in linear_layers(shape).values())
     load = {**weights, "quantisation_buffer": max_linear * tech.s + 4 * math.ceil(max_linear / NF4_BLOCK)}
     if not parallel.single:

@@ -12,7 +12,7 @@ from qlora_kit.core.errors import OutOfMemoryError
 from qlora_kit.ops.checkpointing import every_n_for
 from qlora_kit.plan.estimate import estimate
 from qlora_kit.plan.shape import ModelShape, load_shape_file
-from qlora_kit.plan.techniques import _fill_auto
+from qlora_kit.plan.techniques import fill_auto
 from qlora_kit.plan.terms import GiB, optimizer_bytes, variant_tensors
 
 log = logging.getLogger("qlora_kit")
@@ -33,7 +33,7 @@ def memory_minimal(cfg: Config, offload: bool | None = None) -> Config:
     given) sets activation offload whatever the config says (off without checkpointing).
     Values the user set are kept.
     """
-    copy = _fill_auto(cfg, tiled_mlp=True, checkpoint_every_n_layers=1, optimizer="adamw_8bit",
+    copy = fill_auto(cfg, tiled_mlp=True, checkpoint_every_n_layers=1, optimizer="adamw_8bit",
                       activation_offload=cfg.train.gradient_checkpointing)
     if offload is not None:
         copy.train.activation_offload = offload and copy.train.gradient_checkpointing

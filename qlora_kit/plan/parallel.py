@@ -36,17 +36,17 @@ class Parallel:
         return "1 GPU" if self.single else f"{self.gpus} GPUs, {names[self.strategy]}, per GPU"
 
 
-_PARALLEL: contextvars.ContextVar[Parallel] = contextvars.ContextVar("qlora_kit_parallel", default=Parallel())
+PARALLEL: contextvars.ContextVar[Parallel] = contextvars.ContextVar("qlora_kit_parallel", default=Parallel())
 
 
 @contextlib.contextmanager
 def planning_for(parallel: Parallel) -> Any:
     """Plan every estimate inside the block per GPU of ``parallel`` (resolve_auto, fits, suggest included)."""
-    token = _PARALLEL.set(parallel)
+    token = PARALLEL.set(parallel)
     try:
         yield parallel
     finally:
-        _PARALLEL.reset(token)
+        PARALLEL.reset(token)
 
 
 def parallel_components(shape: ModelShape, tech: "Techniques", numels: list[int], parallel: Parallel

@@ -72,7 +72,7 @@ def techniques(cfg: Config, shape: ModelShape, device: str = "cuda") -> Techniqu
     )
 
 
-def _fill_auto(cfg: Config, **choices: Any) -> Config:
+def fill_auto(cfg: Config, **choices: Any) -> Config:
     """A copy of ``cfg`` whose ``train`` settings still at ``"auto"`` take the given values."""
     copy = cfg.model_copy(deep=True)
     for key, value in choices.items():
@@ -84,5 +84,5 @@ def _fill_auto(cfg: Config, **choices: Any) -> Config:
 def conservative_settings(cfg: Config) -> Config:
     """``"auto"`` made concrete without a plan: offload off, every layer checkpointed, MLP untiled,
     non-paged 8-bit AdamW (used when the model's shape cannot be planned)."""
-    return _fill_auto(cfg, activation_offload=False, checkpoint_every_n_layers=1, tiled_mlp=False,
+    return fill_auto(cfg, activation_offload=False, checkpoint_every_n_layers=1, tiled_mlp=False,
                       optimizer="adamw_8bit")

@@ -17,7 +17,7 @@ MAX_CONSECUTIVE_SKIPS = 10
 MIN_LOSS_SCALE = 1.0  # fp16 loss scaling: below this the run is not recovering
 
 
-def _guard_nonfinite(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+def guard_nonfinite(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
     """Record a non-finite step; return True when the optimizer step must be skipped.
 
     ``stop`` mode only updates device flags (no host sync); they are read with the logged
@@ -46,7 +46,7 @@ def _guard_nonfinite(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> b
     return True
 
 
-def _raise_if_nonfinite(run: Run, bad: bool) -> None:
+def raise_if_nonfinite(run: Run, bad: bool) -> None:
     if not bad:
         return
     first = int(run.first_bad_step)
@@ -60,7 +60,7 @@ def _raise_if_nonfinite(run: Run, bad: bool) -> None:
     )
 
 
-def _raise_if_scale_collapsed(run: Run, scale: float | None) -> None:
+def raise_if_scale_collapsed(run: Run, scale: float | None) -> None:
     """fp16: a loss scale below 1 means the gradients kept overflowing (or are NaN) step after step."""
     if scale is not None and scale < MIN_LOSS_SCALE:
         raise NonFiniteLossError(

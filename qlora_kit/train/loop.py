@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 from itertools import islice
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -20,10 +20,10 @@ from qlora_kit.data.batching import collate, plan_batches
 from qlora_kit.data.encode import IGNORE_INDEX
 from qlora_kit.ops.loss import causal_lm_loss, count_targets
 from qlora_kit.rundir import checkpoint as ckpt
-from qlora_kit.train.guards import _guard_nonfinite
+from qlora_kit.train.guards import guard_nonfinite
 from qlora_kit.train.order import EpochPlans, micro_batches_from
 from qlora_kit.train.outputs import save
-from qlora_kit.train.progress import _log_step, _Progress
+from qlora_kit.train.progress import Progress, log_step
 from qlora_kit.train.state import Run
 from qlora_kit.variants import adalora
 from qlora_kit.variants.adalora import orthogonality_penalty
@@ -34,16 +34,18 @@ log = logging.getLogger("qlora_kit")
 def train(run: Run, stop: StopRequest) -> None:
     """Optimizer steps until ``total_steps``, logging, evaluating and checkpointing on schedule.
 
-    Micro-batches are collated one at a time as the step consumes them; a stop signal is
-    honoured between micro-batches: the unfinished step is dropped (gradients cleared, RNG
-    states put back) and the last finished step is checkpointed, so the resume stays exact.
+    Each step reads, in order: its micro-batches (collated one at a time as they are consumed),
+    forward and loss, backward, gradient clipping, the optimizer step, logging, evaluation and
+    checkpointing.  A stop signal is honoured between micro-batches: the unfinished step is
+    dropped (gradients cleared, RNG states put back) and the last finished step is
+    checkpointed, so the resume stays exact.
     """
     cfg = run.cfg.train
     eval_every = cfg.eval_steps or cfg.save_steps
     plans = EpochPlans(run.cfg, run.data)
     stream = micro_batches_from(run.cfg, run.data, run.micro_index, plans)
-    window = run.window
-    progress = _Progress(run.total_steps, run.step, enabled=run.dist.is_main)
+    model = run.wrapped if run.wrapped is not None else run.model  # DDP/FSDP around the model when several train
+    progress = Progress(run.total_steps, run.step, enabled=run.dist.is_main)
     log.info("training: %d optimizer steps x %d micro-batches of %d (max_length %d) on %s%s",
              run.total_steps - run.step, cfg.gradient_accumulation_steps, cfg.micro_batch_size, cfg.max_length,
              run.device, f" x {run.dist.world_size} processes" if run.dist.active else "")
@@ -53,26 +55,31 @@ def train(run: Run, stop: StopRequest) -> None:
         while run.step < run.total_steps:
             if run.dist.any(stop.requested):  # every rank stops after the same step
                 _preempt(run, stop)
-            lr = run.optimizer.param_groups[0]["lr"]
-            rng = ckpt.rng_state()
+            lr, rng = run.optimizer.param_groups[0]["lr"], ckpt.rng_state()
+            loss = torch.zeros((), device=run.device)  # this rank's share of the step's loss
             try:
-                n_items, n_tokens = _count_step(run, plans, stop)
-                loss, grad_norm = train_step(run, _collate_step(run, stream, stop), n_items)
+                n_items, n_tokens = _count_step(run, plans, stop)  # the step's trainable tokens, before any forward
+                for last, batch in _step_batches(run, stream, stop):
+                    with run.dist.accumulating(model, last=last):  # gradients synchronised on the last one only
+                        micro_loss = forward_loss(run, model, batch, n_items)
+                        backward(run, micro_loss)
+                    loss += micro_loss.detach().float()
             except _StepInterrupted:
                 run.optimizer.zero_grad(set_to_none=True)
                 ckpt.set_rng_state(rng)
                 _preempt(run, stop)
+            grad_norm = clip_gradients(run, model)
             run.micro_index += cfg.gradient_accumulation_steps
-            skipped = _guard_nonfinite(run, loss, grad_norm)
+            skipped = guard_nonfinite(run, loss, grad_norm)
             optimizer_step(run, skipped)
             run.optimizer.zero_grad(set_to_none=True)
             scheduler_step(run)
             run.step += 1
             progress.advance(run.step)
             if not skipped:
-                window.add(loss, n_tokens)
+                run.window.add(loss, n_tokens)
             if run.step % cfg.logging_steps == 0 or run.step == run.total_steps:
-                _log_step(run, window, lr, grad_norm, progress)
+                log_step(run, run.window, lr, grad_norm, progress)
             if run.data.val and (run.step % eval_every == 0 or run.step == run.total_steps):
                 _evaluate_and_log(run, stop)
             if run.step % cfg.save_steps == 0 or run.step == run.total_steps:
@@ -109,18 +116,19 @@ def _count_step(run: Run, plans: EpochPlans, stop: StopRequest) -> tuple[int, in
     return max(1, targets), tokens
 
 
-def _collate_step(run: Run, stream: Iterator[tuple[int, list[list[int]]]], stop: StopRequest
-                  ) -> Iterator[dict[str, torch.Tensor]]:
-    """The step's micro-batches (this rank's rows of each), collated lazily.
+def _step_batches(run: Run, stream: Iterator[tuple[int, list[list[int]]]], stop: StopRequest
+                  ) -> Iterator[tuple[bool, dict[str, Any]]]:
+    """(is the last one, batch) for the step's micro-batches (this rank's rows of each), collated lazily.
 
     Raises _StepInterrupted once a stop is requested, in a single process only: ranks of a
     multi-process run must run the same collectives, so they stop together at a step boundary.
     """
-    for _ in range(run.cfg.train.gradient_accumulation_steps):
+    count = run.cfg.train.gradient_accumulation_steps
+    for k in range(count):
         if stop.requested and not run.dist.active:
             raise _StepInterrupted
         _epoch, rows = next(stream)
-        yield _collate_local(run, rows)
+        yield k == count - 1, _collate_local(run, rows)
 
 
 def _collate_local(run: Run, rows: list[list[int]]) -> dict[str, Any]:
@@ -149,44 +157,38 @@ def _eval_pending(run: Run, eval_every: int) -> bool:
     return bool(run.data.val) and run.step > 0 and due and run.last_eval_step < run.step
 
 
-def train_step(run: Run, batches: Iterable[dict[str, torch.Tensor]], n_items: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward/backward over the accumulated micro-batches; returns (loss, grad norm) on device.
+def forward_loss(run: Run, model: Any, batch: dict[str, Any], n_items: int) -> torch.Tensor:
+    """Forward one micro-batch in the run's precision context; its summed token losses / ``n_items``.
 
-    The loss is the sum over *all* trainable tokens of the step divided by their number
-    (``num_items_in_batch``, counted up front by the caller or here; in a multi-process run the
-    global number, given by the caller), so micro-batches with few trainable tokens are not
-    over-weighted.  ``batches`` may be lazy: only one micro-batch is alive at a time.  Each
-    forward runs in the run's precision context (autocast with fp32 adapters); with fp16
-    compute the loss is scaled before the backward and the gradients unscaled before
-    clipping.  Several processes: gradients are synchronised on the last micro-batch only,
-    and the loss is multiplied by the number of processes because DDP/FSDP average the
-    gradients (the returned loss is this rank's share of the step's loss).
+    ``n_items`` counts the trainable tokens of the whole step (of every rank in a multi-process
+    run), so micro-batches with few trainable tokens are not over-weighted and the step's loss
+    is the mean over all of them.
     """
+    with run.precision.forward_context():  # autocast with fp32 adapter masters on CUDA
+        return causal_lm_loss(model, to_device(batch, run.device), n_items, run.cfg.train.fused_loss)
 
-    if n_items is None:
-        batches = list(batches)
-        n_items = max(1, sum(count_targets(b["labels"]) for b in batches))
-    count = len(batches) if isinstance(batches, list) else run.cfg.train.gradient_accumulation_steps
-    model = run.wrapped if run.wrapped is not None else run.model
+
+def backward(run: Run, loss: torch.Tensor) -> None:
+    """Backward of a micro-batch's loss: times the number of processes (DDP/FSDP average the
+    gradients), and scaled for fp16 compute (the gradients are unscaled before clipping)."""
     factor = run.dist.loss_factor()
-    loss_sum = torch.zeros((), device=run.device)
-    for k, batch in enumerate(batches):
-        batch = to_device(batch, run.device)
-        with run.dist.accumulating(model, last=k == count - 1):
-            with run.precision.forward_context():
-                loss = causal_lm_loss(model, batch, n_items, run.cfg.train.fused_loss)
-            scaled = loss * factor if factor != 1.0 else loss
-            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
-        loss_sum += loss.detach().float()
+    scaled = loss * factor if factor != 1.0 else loss
+    (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+
+
+def clip_gradients(run: Run, model: Any) -> torch.Tensor:
+    """Finish the step's gradients and clip them to ``max_grad_norm``; returns the norm (on device).
+
+    AdaLoRA's orthogonality penalty is added here, once per optimizer step (it is not part of the
+    logged loss); fp16 gradients are unscaled first.
+    """
     penalty = orthogonality_penalty(run.model, run.cfg.lora.adalora_orth_reg_weight)
-    if penalty is not None:  # AdaLoRA, once per optimizer step (not part of the logged loss)
+    if penalty is not None:
         (run.scaler.scale(penalty) if run.scaler is not None else penalty).backward()
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
     max_norm = run.cfg.train.max_grad_norm or float("inf")
-    grad_norm = run.dist.clip_grad_norm(model, run.params, max_norm)
-    return loss_sum, grad_norm.detach().float()
+    return run.dist.clip_grad_norm(model, run.params, max_norm).detach().float()
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

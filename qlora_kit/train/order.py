@@ -9,7 +9,7 @@ from qlora_kit.data.batching import plan_batches
 from qlora_kit.train import distributed
 
 
-def _epoch_plan(cfg: Config, data: Any, epoch: int) -> list[list[list[int]]]:
+def epoch_plan(cfg: Config, data: Any, epoch: int) -> list[list[list[int]]]:
     """The epoch's *global* micro-batches: ``micro_batch_size`` rows per process (distributed.local_rows)."""
 
     lengths = [len(s["input_ids"]) for s in data.train]
@@ -29,7 +29,7 @@ class EpochPlans:
         if epoch not in self.plans:
             if len(self.plans) >= 2:
                 del self.plans[min(self.plans)]
-            self.plans[epoch] = _epoch_plan(self.cfg, self.data, epoch)
+            self.plans[epoch] = epoch_plan(self.cfg, self.data, epoch)
             self.lengths[epoch] = len(self.plans[epoch])
         return self.plans[epoch]
 

@@ -17,7 +17,7 @@ from qlora_kit.rundir import integrity, target
 from qlora_kit.rundir import layout as rundir
 from qlora_kit.rundir.manifest import now_iso, write_manifest
 from qlora_kit.rundir.metrics import plot_loss
-from qlora_kit.train.guards import _raise_if_nonfinite, adapters_finite
+from qlora_kit.train.guards import adapters_finite, raise_if_nonfinite
 from qlora_kit.train.state import Run
 from qlora_kit.variants import adalora
 from qlora_kit.variants.residual import RESIDUAL_FILE
@@ -79,7 +79,7 @@ def save(run: Run) -> Path:
     name = f"{rundir.CHECKPOINT_PREFIX}{run.step}"
     if run.last_save_step == run.step:
         return run.out / name
-    _raise_if_nonfinite(run, run.dist.any(bool(run.nonfinite) or not adapters_finite(run)))
+    raise_if_nonfinite(run, run.dist.any(bool(run.nonfinite) or not adapters_finite(run)))
     state = {
         "micro_index": run.micro_index,
         "total_steps": run.total_steps,
@@ -141,7 +141,7 @@ def finish(run: Run) -> None:
         DiskFullError: not enough space for the adapter (no partial adapter is left).
     """
     if run.dist.any(not adapters_finite(run)):
-        _raise_if_nonfinite(run, True)
+        raise_if_nonfinite(run, True)
 
     ranks = adalora.ranks(run.model)
     if ranks is not None:
@@ -175,10 +175,10 @@ def _publish(run: Run, adapter: dict[str, torch.Tensor] | None) -> None:
     run.manifest["final_metrics"] = {"step": run.step, "train_loss": run.last_train_loss,
                                      "eval_loss": run.last_eval_loss, "skipped_steps": run.skipped_steps}
     with diskspace.no_space_as_error(run.out, rundir.MANIFEST, fix):
-        _set_status(run, "completed")
+        set_status(run, "completed")
 
 
-def _set_status(run: Run, status: str, error: str | None = None) -> None:
+def set_status(run: Run, status: str, error: str | None = None) -> None:
     if not run.dist.is_main:
         return
     run.manifest["status"] = status

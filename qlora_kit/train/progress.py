@@ -9,13 +9,13 @@ from typing import Any
 import torch
 
 from qlora_kit.core import logs
-from qlora_kit.train.guards import _raise_if_nonfinite, _raise_if_scale_collapsed
-from qlora_kit.train.state import Run, _Window
+from qlora_kit.train.guards import raise_if_nonfinite, raise_if_scale_collapsed
+from qlora_kit.train.state import LogWindow, Run
 
 log = logging.getLogger("qlora_kit")
 
 
-def _log_step(run: Run, window: _Window, lr: float, grad_norm: torch.Tensor, progress: "_Progress") -> None:
+def log_step(run: Run, window: LogWindow, lr: float, grad_norm: torch.Tensor, progress: "Progress") -> None:
     if window.loss is None:  # every step of the window was skipped (on_nonfinite=skip)
         window.reset()
         return
@@ -23,8 +23,8 @@ def _log_step(run: Run, window: _Window, lr: float, grad_norm: torch.Tensor, pro
     shared = run.dist.sum(torch.stack([window.loss / window.steps, run.nonfinite.float()]))  # every rank's share
     values = torch.stack([shared[0], grad_norm, shared[1]]).tolist()  # one sync
     loss, gnorm, bad = values
-    _raise_if_nonfinite(run, bad > 0)
-    _raise_if_scale_collapsed(run, scale)
+    raise_if_nonfinite(run, bad > 0)
+    raise_if_scale_collapsed(run, scale)
     elapsed = time.perf_counter() - window.start
     record: dict[str, Any] = {
         "step": run.step,
@@ -48,7 +48,7 @@ def _log_step(run: Run, window: _Window, lr: float, grad_norm: torch.Tensor, pro
     window.reset()
 
 
-class _Progress:
+class Progress:
     """One log line per logged step; on a terminal also a rich progress bar, drawn below the log lines
     (they share ``logs.console()``, so neither overwrites the other)."""
 

@@ -32,7 +32,7 @@ from qlora_kit.rundir import lock as runlock
 from qlora_kit.rundir.manifest import package_versions
 from qlora_kit.train import distributed
 from qlora_kit.train.loop import train
-from qlora_kit.train.outputs import _set_status, begin, finish
+from qlora_kit.train.outputs import begin, finish, set_status
 from qlora_kit.train.resume import check_resume_compatible, relocatable_settings
 from qlora_kit.train.setup import setup
 from qlora_kit.train.state import Run
@@ -191,7 +191,7 @@ def _fail(run: "Run", start: target.Start, exc: BaseException) -> None:
         status, error = "failed", f"{type(exc).__name__}: {message.splitlines()[0][:300] if message else ''}"
     try:
         try:
-            _set_status(run, status, error)
+            set_status(run, status, error)
         except OSError as write_exc:
             if not diskspace.is_no_space(write_exc):
                 raise

@@ -15,7 +15,7 @@ from qlora_kit.rundir import integrity, target
 from qlora_kit.rundir import layout as rundir
 from qlora_kit.rundir.manifest import now_iso
 from qlora_kit.train import distributed
-from qlora_kit.train.state import Run, _Window
+from qlora_kit.train.state import LogWindow, Run
 from qlora_kit.variants import adalora
 
 log = logging.getLogger("qlora_kit")
@@ -74,7 +74,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _check_same_ranks(resume_from: Path, dist: distributed.Dist) -> None:
+def check_same_ranks(resume_from: Path, dist: distributed.Dist) -> None:
     """Refuse to resume with another number of processes or another strategy than the checkpoint's.
 
     The data plan is the plan of the global batch (processes x micro_batch_size) and every
@@ -103,8 +103,8 @@ def _check_same_ranks(resume_from: Path, dist: distributed.Dist) -> None:
 def relocatable_settings(out: Path, checkpoint: Path | None) -> tuple[str, ...]:
     """The location settings a resume may change: the base's when the run recorded its fingerprint
     (checked in ``setup``), the data's when ``checkpoint`` recorded the files' sha256 (checked by
-    ``_check_data_unchanged``). A moved base or data file then resumes; other content does not."""
-    keys = BASE_LOCATION if _recorded_base(out) is not None else ()
+    ``check_data_unchanged``). A moved base or data file then resumes; other content does not."""
+    keys = BASE_LOCATION if recorded_base(out) is not None else ()
     try:
         data = ckpt.read_checkpoint_state(checkpoint).get("data_fingerprint") if checkpoint else None
     except integrity.CorruptCheckpoint:
@@ -114,21 +114,21 @@ def relocatable_settings(out: Path, checkpoint: Path | None) -> tuple[str, ...]:
     return keys
 
 
-def _recorded_base(out: Path) -> Any:
+def recorded_base(out: Path) -> Any:
     """The base fingerprint recorded in ``out``'s manifest (None for runs that predate it)."""
     manifest = read_json(out / rundir.MANIFEST)
     base = manifest.get("base") if isinstance(manifest, dict) else None
     return base.get("fingerprint") if isinstance(base, dict) else None
 
 
-def _recorded_memory(out: Path) -> dict[str, Any] | None:
+def recorded_memory(out: Path) -> dict[str, Any] | None:
     """The memory settings recorded in ``out``'s manifest (None for runs that predate them)."""
     manifest = read_json(out / rundir.MANIFEST)
     memory = manifest.get("memory") if isinstance(manifest, dict) else None
     return memory if isinstance(memory, dict) else None
 
 
-def _check_data_unchanged(resume_from: Path, fingerprint: dict[str, Any]) -> None:
+def check_data_unchanged(resume_from: Path, fingerprint: dict[str, Any]) -> None:
     try:
         old = ckpt.read_checkpoint_state(resume_from).get("data_fingerprint") or {}
     except integrity.CorruptCheckpoint:
@@ -143,7 +143,7 @@ def _check_data_unchanged(resume_from: Path, fingerprint: dict[str, Any]) -> Non
             )
 
 
-def _restore(run: Run, start: target.Start) -> None:
+def restore(run: Run, start: target.Start) -> None:
     """Load the newest checkpoint that verifies, parses and fits this model, in memory.
 
     A checkpoint that fails is named in the log and the one before it is tried; a run
@@ -158,7 +158,7 @@ def _restore(run: Run, start: target.Start) -> None:
         try:
             if path != first:
                 check_resume_compatible(path, run.cfg, relocatable_settings(run.out, path))
-                _check_data_unchanged(path, run.data.fingerprint)
+                check_data_unchanged(path, run.data.fingerprint)
             model = None if run.dist.fsdp else run.model  # FSDP: the adapter was loaded before sharding
             state = ckpt.load_checkpoint(path, model, run.optimizer, run.scheduler, rank=run.dist.rank)
             _restore_variant(run, path, state)
@@ -181,7 +181,7 @@ def _restore(run: Run, start: target.Start) -> None:
     run.skipped_steps = state.get("skipped_steps", 0)
     run.last_save_step = run.step
     run.last_eval_step = state.get("last_eval_step", -1)
-    run.window = _Window.from_state(state.get("log_window"), run.device)
+    run.window = LogWindow.from_state(state.get("log_window"), run.device)
     if run.scaler is not None and "grad_scaler" in state:
         run.scaler.load_state_dict(state["grad_scaler"])
     run.last_train_loss, run.last_eval_loss = _restored_losses(run, state)

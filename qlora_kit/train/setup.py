@@ -39,8 +39,8 @@ from qlora_kit.rundir.metrics import MetricsLog
 from qlora_kit.train import distributed
 from qlora_kit.train.builders import build_model, build_optimizer, build_scheduler, compute_total_steps
 from qlora_kit.train.loop import to_device
-from qlora_kit.train.order import _epoch_plan
-from qlora_kit.train.resume import _check_data_unchanged, _check_same_ranks, _recorded_base, _recorded_memory, _restore
+from qlora_kit.train.order import epoch_plan
+from qlora_kit.train.resume import check_data_unchanged, check_same_ranks, recorded_base, recorded_memory, restore
 from qlora_kit.train.state import Run
 from qlora_kit.variants import adalora_steps
 from qlora_kit.variants import init as vinit
@@ -67,7 +67,7 @@ def setup(cfg: Config, config_text: str, out: Path, start: target.Start | None, 
         compute_dtype = model_base.resolve_compute_dtype(cfg.model.compute_dtype, device)
         precision = resolve_precision(compute_dtype, cfg.lora.adapter_dtype, device)
         if start.resume_from is not None:
-            _check_same_ranks(start.resume_from, dist)
+            check_same_ranks(start.resume_from, dist)
         if dist.fsdp:
             _check_fsdp_supported(cfg, precision)
         source = model_sources.resolve_source(cfg.model)
@@ -75,16 +75,16 @@ def setup(cfg: Config, config_text: str, out: Path, start: target.Start | None, 
         model_base.require_attention(source, cfg.model)
         base_print = basecheck.fingerprint(source)
         if not start.fresh:  # the adapter continues only on the weights it was trained against
-            basecheck.check_base(source, _recorded_base(out), out, base_print,
+            basecheck.check_base(source, recorded_base(out), out, base_print,
                                  f"point model.name_or_path at the base the run was trained on (checked against the "
                                  f"fingerprint in {out / rundir.MANIFEST})")
-        cfg = resolve_memory_settings(cfg, source, device, None if start.fresh else _recorded_memory(out))
+        cfg = resolve_memory_settings(cfg, source, device, None if start.fresh else recorded_memory(out))
         tokenizer = model_base.load_tokenizer(source, cfg.model)
         data = _setup_data(cfg, tokenizer, show=dist.is_main)
         _warn_beyond_context(source, data.summary.length_max)
         if start.resume_from is not None:
-            _check_data_unchanged(start.resume_from, data.fingerprint)
-        micro_per_epoch = len(_epoch_plan(cfg, data, 0))
+            check_data_unchanged(start.resume_from, data.fingerprint)
+        micro_per_epoch = len(epoch_plan(cfg, data, 0))
         total_steps = compute_total_steps(cfg, micro_per_epoch)
         _check_variant_needs(cfg, data, total_steps)
         if device.type == "cuda" and not skip_memory_check:
@@ -122,7 +122,7 @@ def setup(cfg: Config, config_text: str, out: Path, start: target.Start | None, 
     run.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     if not start.fresh:
-        _restore(run, start)
+        restore(run, start)
     return run
 
 
@@ -205,7 +205,7 @@ def device_memory(device: torch.device) -> int:
 def _check_fused_loss(cfg: Config, model: Any, data: Any, tokenizer: Any, precision: Any) -> Config:
     """Keep the fused loss only if it reproduces the model's own loss on the first batch (every rank agrees)."""
 
-    rows = _epoch_plan(cfg, data, 0)[0]
+    rows = epoch_plan(cfg, data, 0)[0]
     batch = to_device(collate(data.train, rows, tokenizer.pad_token_id, cfg.train.max_length, cfg.data.packing),
                       precision.device)
     with precision.forward_context():
@@ -320,7 +320,7 @@ def _gradient_batches(cfg: Config, data: Any, pad_id: int) -> tuple[list[dict[st
     trainable-token count."""
 
     batches, taken = [], 0
-    for rows in _epoch_plan(cfg, data, 0):
+    for rows in epoch_plan(cfg, data, 0):
         batches.append(collate(data.train, rows, pad_id, cfg.train.max_length, cfg.data.packing))
         taken += sum(len(row) for row in rows)
         if taken >= cfg.lora.loraga_samples:

@@ -40,7 +40,7 @@ class Run:
     last_train_loss: float | None = None
     last_eval_loss: float | None = None
     fresh: bool = True  # a new run (not --resume): undone when it fails before its first checkpoint
-    window: "_Window" = field(default_factory=lambda: _Window())  # loss/tokens since the last log line
+    window: "LogWindow" = field(default_factory=lambda: LogWindow())  # loss/tokens since the last log line
     nonfinite: torch.Tensor | None = None  # device flag: any non-finite step so far (stop mode)
     first_bad_step: torch.Tensor | None = None
     params: list[torch.nn.Parameter] = field(default_factory=list)
@@ -52,7 +52,7 @@ class Run:
 
 
 @dataclass
-class _Window:
+class LogWindow:
     """Loss and throughput since the last log line (device tensors until logged).
 
     Part of the checkpoint (``to_state``): a run resumed in the middle of a logging window
@@ -78,7 +78,7 @@ class _Window:
                 "tokens": self.tokens}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any] | None, device: torch.device) -> "_Window":
+    def from_state(cls, state: dict[str, Any] | None, device: torch.device) -> "LogWindow":
         """The window a checkpoint was saved in; an empty one for checkpoints written before it was saved."""
         if not state:
             return cls()
