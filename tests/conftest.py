@@ -14,8 +14,12 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from run_fixture import make_run
 
+from qlora_kit.export import export_run
 from qlora_kit.model.tiny import build_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -177,12 +181,25 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "data.jsonl", arithmetic_rows(48))
 
 
+RESUME_LORA = {"dropout": 0.1}  # dropout: every RNG state matters for an exact resume
+
+
+def resume_config(path: Path, model: Path, data: Path, run: Path, **train: Any) -> Path:
+    """The reference run's config (RESUME_TRAIN with ``train`` overrides, RESUME_LORA) for ``run``."""
+    return write_config(path, model, data, run, train={**RESUME_TRAIN, **train}, lora=RESUME_LORA)
+
+
+@pytest.fixture(scope="session")
+def fifty_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """50 rows: the multi-process tests' batch arithmetic (2 ranks, unpacked rows) depends on the count."""
+    return write_jsonl(tmp_path_factory.mktemp("data50") / "data.jsonl", arithmetic_rows(50))
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, data_file: Path) -> Path:
     """An uninterrupted run (RESUME_TRAIN, lora dropout 0.1) every interrupted one must reproduce exactly."""
     root = tmp_path_factory.mktemp("ref")
-    cfg = write_config(root / "cfg.yaml", tiny_llama, data_file, root / "run", train=RESUME_TRAIN,
-                       lora={"dropout": 0.1})
+    cfg = resume_config(root / "cfg.yaml", tiny_llama, data_file, root / "run")
     proc = run_cli("train", str(cfg))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run"
@@ -249,3 +266,47 @@ def reseal_checkpoint(path: Path) -> None:
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file below ``directory`` with its content (to assert that nothing changed)."""
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def tok(tiny_llama: Path):
+    """A fresh copy of the tiny ChatML tokenizer (tests may change its template)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    return make_run(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def run_and_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("gen")
+    run = make_run(root, "llama")
+    out = root / "export"
+    assert export_run(run, out, verify=False, show_progress=False) == 0
+    return run, out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: ``runs("qwen2")`` → a fabricated finished run of that tiny architecture (cached)."""
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            torch.set_num_threads(1)
+            made[arch] = make_run(tmp_path_factory.mktemp(arch), arch, n_heldout=4)
+        return made[arch]
+
+    return get
+
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+SHIPPED_24GB = [p for p in CONFIGS if p.name.endswith("_qlora_24gb.yaml")]

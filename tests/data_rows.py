@@ -9,7 +9,14 @@ Gemma-2-like one with a ``model`` role that refuses system turns.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from conftest import write_jsonl
+
+from qlora_kit.core.config import DataConfig
+from qlora_kit.data.build import DataBundle, build_data
+from qlora_kit.data.encode import Sample
 
 LLAMA2_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}"
@@ -117,4 +124,50 @@ def rows_in_format(fmt: str, n: int = 4) -> list[dict[str, Any]]:
             rows.append({"text": f"{question} {answer}"})
         else:
             raise ValueError(fmt)
+    return rows
+
+
+FORMATS = ["messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+
+
+def build(tmp_path: Path, rows: list[Any], tokenizer, max_length: int = 256, seed: int = 0, **data: Any
+          ) -> DataBundle:
+    """build_data on ``rows`` written as .jsonl, no validation split unless asked."""
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = DataConfig(path=str(path), **{"val_fraction": 0.0, **data})
+    return build_data(cfg, tokenizer, max_length, seed)
+
+
+def trained_runs(tokenizer, sample: Sample) -> list[str]:
+    """Decoded text of each contiguous run of labelled tokens (labels must equal input_ids)."""
+    runs: list[list[int]] = []
+    prev = False
+    for tid, lab in zip(sample["input_ids"], sample["labels"]):
+        on = lab != -100
+        if on:
+            assert lab == tid
+            if not prev:
+                runs.append([])
+            runs[-1].append(tid)
+        prev = on
+    return [tokenizer.decode(r) for r in runs]
+
+
+def untrained_text(tokenizer, sample: Sample) -> str:
+    return tokenizer.decode([t for t, lab in zip(sample["input_ids"], sample["labels"]) if lab == -100])
+
+
+def with_template(tokenizer, template: str, special: list[str] | None = None):
+    if special:
+        tokenizer.add_tokens(special, special_tokens=True)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def long_rows(n: int, chars: int, prompt_chars: int = 40) -> list[dict[str, Any]]:
+    words = "the quick brown fox jumps over the lazy dog while numbers 12345 and symbols ;:- pass by".split()
+    rows = []
+    for i in range(n):
+        text = " ".join(words[(i + k) % len(words)] for k in range(chars // 4))[:chars]
+        rows.append({"messages": chat(("user", f"question {i}: " + text[:prompt_chars]), ("assistant", text))})
     return rows

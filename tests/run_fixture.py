@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import platform
 import random
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from qlora_kit.core.config import dump_config, validate
+from qlora_kit.export import REPORT
 from qlora_kit.model.base import load_quantized_base, load_tokenizer, quant_spec
 from qlora_kit.model.lora import attach_lora
 from qlora_kit.model.tiny import build_tiny_model
@@ -139,3 +141,29 @@ def write_manifest(run: Path, cfg: Any, source: Path, quant: dict[str, Any], dat
         "final_metrics": {"step": 4, "train_loss": 1.234, "eval_loss": 1.456},
     }
     (run / rundir.MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def other_weights(base: Path, dest: Path) -> Path:
+    """A copy of ``base`` with the same files, shapes and sizes but other weights (another revision, say)."""
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(base, dest)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(dest)
+    assert {p.name: p.stat().st_size for p in dest.glob("*.safetensors")} == \
+        {p.name: p.stat().st_size for p in base.glob("*.safetensors")}
+    return dest
+
+
+def read_report(out: Path) -> dict:
+    return json.loads((out / REPORT).read_text())
+
+
+def staging_leftovers(target: Path) -> list[Path]:
+    return list(target.parent.glob(f".{target.name}.partial-*"))
+
+
+ENV_1_THREAD = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
