@@ -173,8 +173,9 @@ def print_report(report: dict[str, Any]) -> None:
     """Print the prediction as a rich table with a verdict and what fits."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console()
+    console = Console(markup=False)  # paths and module names are text, not rich markup
     settings = report["memory_settings"]
     parallel = report.get("parallel") or {}
     where = ""
@@ -192,13 +193,14 @@ def print_report(report: dict[str, Any]) -> None:
     for key, value in report["breakdown"].items():
         if value:
             table.add_row(_LABELS.get(key, key).format(**context), _human(value))
-    table.add_row("[bold]predicted peak" + (" per GPU" if where else "") + "[/bold]",
-                  f"[bold]{_human(report['total_bytes'])}[/bold]")
+    table.add_row(Text("predicted peak" + (" per GPU" if where else ""), style="bold"),
+                  Text(_human(report["total_bytes"]), style="bold"))
     table.add_row("GPU memory", f"{_human(report['gpu_memory_bytes'])} ({report['gpu_memory_source']})")
     console.print(table)
-    verdict = "[green]fits[/green]" if report["fits"] else "[red]does NOT fit[/red]"
-    console.print(f"{verdict}: headroom {_human(report['headroom_bytes'])}; "
-                  f"{report['trainable_parameters']:,} trainable parameters on {', '.join(report['lora_targets'])}")
+    verdict = Text("fits", style="green") if report["fits"] else Text("does NOT fit", style="red")
+    console.print(Text.assemble(verdict, f": headroom {_human(report['headroom_bytes'])}; "
+                                f"{report['trainable_parameters']:,} trainable parameters on "
+                                f"{', '.join(report['lora_targets'])}"))
     auto = set(report["auto_settings"])
     shown = ", ".join(f"{k}={v}{' (auto)' if k in auto else ''}" for k, v in settings.items())
     console.print(f"memory settings: {shown}")

@@ -201,7 +201,8 @@ def shape_from_gguf(path: Path) -> ModelShape:
     try:
         from gguf import GGUFReader
     except ImportError as exc:
-        raise ModelError("reading .gguf files needs the gguf package", "pip install 'qlora-kit[gguf]'") from exc
+        raise ModelError("reading .gguf files needs the gguf package",
+                         'in your qlora-kit clone: pip install -c constraints.txt -e ".[gguf]"') from exc
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:  # malformed files raise many types
