@@ -223,7 +223,9 @@ def chat(
 def plan(
     config: Path = typer.Argument(..., help="YAML config."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override: section.key=value."),
-    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="Card memory in GiB (default: this GPU)."),
+    gpu_memory: Optional[float] = typer.Option(
+        None, "--gpu-memory", help="Card memory in GiB, 1 GiB of it taken as held by a desktop and other processes "
+                                   "(default: what this GPU has free)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of a table."),
     num_gpus: int = typer.Option(1, "--num-gpus", help="GPUs training together: the plan is per GPU."),
     strategy: str = typer.Option(

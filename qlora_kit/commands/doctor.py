@@ -128,7 +128,7 @@ def judge_free_memory(index: int, free: int, total: int) -> Check:
     detail = f"{free / GiB:.1f} of {total / GiB:.1f} GiB free"
     if free < BUSY_FRACTION * total:
         return Check(f"gpu {index} memory", WARN, detail + f" ({(total - free) / GiB:.1f} GiB used by others)",
-                     "stop other GPU processes (see nvidia-smi), or plan with --gpu-memory of what is free")
+                     "stop other GPU processes (see nvidia-smi); `qlora-kit plan CONFIG` here plans for what is free")
     return Check(f"gpu {index} memory", OK, detail)
 
 
