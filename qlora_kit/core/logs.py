@@ -25,7 +25,7 @@ from typing import IO, Any, Iterator
 from rich.console import Console
 from rich.logging import RichHandler
 
-from qlora_kit.core.errors import QloraKitError
+from qlora_kit.core.errors import QloraKitError, note
 
 log = logging.getLogger("qlora_kit")
 
@@ -146,6 +146,11 @@ class RunLog(logging.Handler):
         self._held: list[logging.LogRecord] = []
         self._file: logging.FileHandler | None = None
 
+    @property
+    def opened(self) -> bool:
+        """Whether lines go to the file (else they are held, and dropped if it is never opened)."""
+        return self._file is not None
+
     def open(self) -> None:
         """Start writing to the file (appending: a resumed run's lines follow the earlier ones)."""
         if self._file is not None:
@@ -190,6 +195,8 @@ def run_log(path: Path, header: str) -> Iterator[RunLog]:
 
         known = isinstance(exc, (QloraKitError, KeyboardInterrupt))
         _to_file(handler, logging.ERROR, describe_exit(exc), None if known else (type(exc), exc, exc.__traceback__))
+        if not known and handler.opened:
+            note(exc, "log", path)  # the CLI's internal-error line names the file holding the traceback
         raise
     finally:
         log.removeHandler(handler)
