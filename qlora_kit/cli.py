@@ -16,7 +16,16 @@ from typing import Callable, Optional
 
 import typer
 
-from qlora_kit.core.errors import EXIT_NO_SPACE, EXIT_OOM, EXIT_USER_ERROR, QloraKitError
+from qlora_kit.core.errors import (
+    EXIT_INTERNAL,
+    EXIT_NO_SPACE,
+    EXIT_OOM,
+    EXIT_USER_ERROR,
+    QloraKitError,
+    notes,
+    phase,
+    shorten,
+)
 from qlora_kit.core.logs import echo, flush_streams, setup_logging
 
 app = typer.Typer(
@@ -33,10 +42,14 @@ OOM_HINT = (
 )
 
 
-def _run(fn: Callable[[], int | None]) -> None:
-    """Run a command body, turning known failures into one-line messages and exit codes."""
+def _run(fn: Callable[[], int | None], command: str) -> None:
+    """Run a command body, turning known failures into one-line messages and exit codes.
+
+    An exception nobody foresaw is an internal error (exit 70): see :func:`_report_internal_error`.
+    """
     try:
-        code = fn()
+        with phase(command):
+            code = fn()
     except QloraKitError as exc:
         if _DEBUG["on"]:
             raise
@@ -49,17 +62,53 @@ def _run(fn: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         echo("aborted.")
         raise typer.Exit(130) from None
-    except OSError as exc:
-        if _DEBUG["on"] or exc.errno not in _ENVIRONMENT_ERRNOS:
-            raise
-        _report_os_error(exc)
+    except (typer.Exit, typer.Abort):
+        raise
     except Exception as exc:
-        if _is_cuda_oom(exc) and not _DEBUG["on"]:
+        if _DEBUG["on"]:
+            raise
+        if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+            _report_os_error(exc)
+        if _is_cuda_oom(exc):
             echo(f"error: CUDA out of memory: {str(exc).splitlines()[0]}")
             echo(f"fix: {OOM_HINT}")
             raise typer.Exit(EXIT_OOM) from None
-        raise
+        _report_internal_error(exc, command)
     raise typer.Exit(code or 0)
+
+
+def _report_internal_error(exc: Exception, command: str) -> None:
+    """A bug: one ``error:`` line (phase, exception, its first line), a ``fix:`` line, exit 70.
+
+    The traceback is in the run's ``train.log`` when the run wrote one (``note(exc, "log", ...)``),
+    else in a file of its own in the temporary directory; ``--debug`` shows it on the terminal.
+    """
+    facts = notes(exc)
+    where = facts.get("phase") or command
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
+    label = f"[rank {rank}] " if rank not in ("", "0") else ""
+    echo(f"error: {label}internal error in {where}: {type(exc).__name__}: {shorten(str(exc), 300)}".rstrip())
+    log_file = facts.get("log") or _save_traceback(exc, command)
+    told = f"the traceback is in {log_file}; " if log_file else ""
+    after = f"; {facts['after']}" if facts.get("after") else ""
+    echo(f"fix: this is a bug in qlora-kit or a library it uses, please report it: {told}"
+         f"`qlora-kit --debug {command} ...` shows it on the terminal{after}")
+    raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def _save_traceback(exc: BaseException, command: str) -> Path | None:
+    """Write ``exc``'s traceback to a new file in the temporary directory; None when that fails."""
+    import tempfile
+    import traceback
+
+    try:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        fd, name = tempfile.mkstemp(prefix=f"qlora-kit-{command}-{stamp}-", suffix=".traceback.txt")
+        with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as f:
+            f.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        return Path(name)
+    except OSError:
+        return None
 
 
 _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
@@ -148,7 +197,7 @@ def train(
             return run_training(config, set_ or [], resume=resume, overwrite=overwrite,
                                 skip_memory_check=skip_memory_check)
 
-    _run(body)
+    _run(body, "train")
 
 
 @app.command()
@@ -179,7 +228,7 @@ def export(
         return export_run(run_dir, out, dtype=dtype, merge_base=merge_base, overwrite=overwrite, verify=verify,
                           device=device, fmt=fmt, quant=quant)
 
-    _run(body)
+    _run(body, "export")
 
 
 @app.command()
@@ -198,7 +247,7 @@ def generate(
 
         return generate_once(path, prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
 
-    _run(body)
+    _run(body, "generate")
 
 
 @app.command()
@@ -216,14 +265,16 @@ def chat(
 
         return chat_loop(path, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
 
-    _run(body)
+    _run(body, "chat")
 
 
 @app.command()
 def plan(
     config: Path = typer.Argument(..., help="YAML config."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override: section.key=value."),
-    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="Card memory in GiB (default: this GPU)."),
+    gpu_memory: Optional[float] = typer.Option(
+        None, "--gpu-memory", help="Card memory in GiB, 1 GiB of it taken as held by a desktop and other processes "
+                                   "(default: what this GPU has free)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of a table."),
     num_gpus: int = typer.Option(1, "--num-gpus", help="GPUs training together: the plan is per GPU."),
     strategy: str = typer.Option(
@@ -238,7 +289,7 @@ def plan(
         return run_plan(config, set_ or [], gpu_memory=gpu_memory, as_json=as_json, num_gpus=num_gpus,
                         strategy=strategy)
 
-    _run(body)
+    _run(body, "plan")
 
 
 @app.command()
@@ -250,7 +301,7 @@ def doctor() -> None:
 
         return run_doctor()
 
-    _run(body)
+    _run(body, "doctor")
 
 
 @app.command()
@@ -265,7 +316,7 @@ def demo(
 
         return run_demo(workdir, steps=steps)
 
-    _run(body)
+    _run(body, "demo")
 
 
 def main() -> None:

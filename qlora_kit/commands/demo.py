@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.text import Text
 
 from qlora_kit.core.config import ModelConfig, load_config
 from qlora_kit.core.errors import ConfigError
@@ -195,8 +196,8 @@ def run_demo(workdir: Path, steps: int | None = None) -> int:
     overrides = demo_overrides(train_path, heldout_path, run_dir, steps)
     cfg, _ = load_config(config_path, overrides)  # fail on a bad config before any model work
     heldout = read_jsonl(heldout_path)
-    _say(f"[bold]qlora-kit demo[/]: {GGUF_NAME}, task: dates in words -> YYYY-MM-DD "
-         f"({len(read_jsonl(train_path))} training rows, {len(heldout)} held-out rows with unseen dates)")
+    _say(Text.assemble(("qlora-kit demo", "bold"), f": {GGUF_NAME}, task: dates in words -> YYYY-MM-DD "
+                       f"({len(read_jsonl(train_path))} training rows, {len(heldout)} held-out rows with unseen dates)"))
 
     _say("1/3 evaluating the NF4 base model (converting the GGUF file on first use)")
     t = time.perf_counter()
@@ -263,13 +264,12 @@ def _console():
     return stdout_console()
 
 
-def _say(text: str) -> None:
+def _say(text: str | Text) -> None:
     _console().print(text)
 
 
 def print_result(result: dict[str, Any], run_dir: Path, n_examples: int = 6) -> None:
     """Before/after exact match, a few generations, and where the time went."""
-    from rich.markup import escape
     from rich.table import Table
 
     n = result["heldout_rows"]
@@ -282,16 +282,15 @@ def print_result(result: dict[str, Any], run_dir: Path, n_examples: int = 6) -> 
     for name in ("input", "expected", "before", "after"):
         examples.add_column(name, overflow="fold")
     for ex in pick_examples(result["examples"], n_examples):
-        examples.add_row(escape(ex["prompt"]), escape(ex["reference"]), escape(_clip(ex["before"])),
-                         _mark(ex["after"], ex["reference"]))
+        examples.add_row(ex["prompt"], ex["reference"], _clip(ex["before"]), _mark(ex["after"], ex["reference"]))
     console = _console()
     console.print(examples)
     console.print(scores)
     secs = result["seconds"]
     console.print("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in secs.items()))
-    verdict = "[green]the tuned model learned the task[/]" if result["passed"] else (
-        f"[red]demo failed: the tuned model is not {result['min_gain']:.0%} (absolute) above the base[/]")
-    console.print(f"{verdict}; details in {run_dir / RESULT_FILE}")
+    verdict = Text("the tuned model learned the task", style="green") if result["passed"] else Text(
+        f"demo failed: the tuned model is not {result['min_gain']:.0%} (absolute) above the base", style="red")
+    console.print(Text.assemble(verdict, f"; details in {run_dir / RESULT_FILE}"))
 
 
 def pick_examples(examples: list[dict[str, Any]], n: int, max_wrong: int = 2) -> list[dict[str, Any]]:
@@ -310,8 +309,5 @@ def _clip(text: str, width: int = 48) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def _mark(output: str, reference: str) -> str:
-    from rich.markup import escape
-
-    colour = "green" if output == reference else "red"
-    return f"[{colour}]{escape(_clip(output))}[/]"
+def _mark(output: str, reference: str) -> Text:
+    return Text(_clip(output), style="green" if output == reference else "red")

@@ -128,7 +128,7 @@ def judge_free_memory(index: int, free: int, total: int) -> Check:
     detail = f"{free / GiB:.1f} of {total / GiB:.1f} GiB free"
     if free < BUSY_FRACTION * total:
         return Check(f"gpu {index} memory", WARN, detail + f" ({(total - free) / GiB:.1f} GiB used by others)",
-                     "stop other GPU processes (see nvidia-smi), or plan with --gpu-memory of what is free")
+                     "stop other GPU processes (see nvidia-smi); `qlora-kit plan CONFIG` here plans for what is free")
     return Check(f"gpu {index} memory", OK, detail)
 
 
@@ -331,18 +331,19 @@ def print_checks(checks: list[Check]) -> None:
     """Rich table of the checks, then the fixes and the verdict."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     colours = {OK: "green", WARN: "yellow", FAIL: "red"}
-    console = Console()
+    console = Console(markup=False)  # details and fixes are text: `pip install ".[gguf]"` keeps its brackets
     table = Table(title=f"qlora-kit doctor ({platform.system()} {platform.machine()})")
     for col in ("check", "status", "detail"):
         table.add_column(col)
     for c in checks:
-        table.add_row(c.name, f"[{colours[c.status]}]{c.status}[/]", c.detail)
+        table.add_row(c.name, Text(c.status, style=colours[c.status]), c.detail)
     console.print(table)
     for c in checks:
         if c.status != OK and c.fix:
-            console.print(f"[{colours[c.status]}]{c.status}[/] {c.name}: fix: {c.fix}", markup=True)
+            console.print(Text.assemble((c.status, colours[c.status]), f" {c.name}: fix: {c.fix}"))
     console.print(f"verdict: {verdict(checks)}")
 
 

@@ -83,7 +83,9 @@ class LoraConfig(_Section):
         1, ge=1, le=32,
         description="loftq: alternating steps; 1 keeps the NF4 base as loaded, more re-quantise its residual.",
     )
-    adalora_target_r: int = Field(8, gt=0, description="adalora: average rank per module at the end (r is the start).")
+    adalora_target_r: int | None = Field(
+        None, gt=0, description="adalora: average rank per module at the end, below r (the start); default r // 2."
+    )
     adalora_tinit_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="adalora: fraction of steps before pruning.")
     adalora_tfinal_ratio: float = Field(
         0.2, ge=0.0, lt=1.0, description="adalora: fraction of final steps trained at the final ranks."
@@ -99,6 +101,17 @@ class LoraConfig(_Section):
             raise ValueError("lora.target_modules is an empty list; use 'attention', 'all-linear' or module names")
         return self
 
+    def _resolve_adalora_target(self) -> None:
+        """AdaLoRA prunes from r down to adalora_target_r: it must be below r (peft's allocator fails otherwise)."""
+        if self.r < 2:
+            raise ValueError(f"lora.type=adalora needs lora.r of at least 2 (it prunes ranks from r down to "
+                             f"lora.adalora_target_r), got lora.r={self.r}")
+        if self.adalora_target_r is None:
+            self.__dict__["adalora_target_r"] = self.r // 2  # no re-validation: the value is in range by construction
+        elif self.adalora_target_r >= self.r:
+            raise ValueError(f"lora.adalora_target_r ({self.adalora_target_r}) must be below lora.r ({self.r}, the "
+                             f"initial rank of lora.type=adalora): AdaLoRA prunes ranks from r down to it")
+
     @model_validator(mode="after")
     def _check_variant(self) -> "LoraConfig":
         if self.type != "lora":
@@ -107,9 +120,8 @@ class LoraConfig(_Section):
                 if used:
                     raise ValueError(f"lora.type={self.type} cannot be combined with {name}; "
                                      f"use lora.type=lora for it, or drop it")
-        if self.type == "adalora" and self.adalora_target_r > self.r:
-            raise ValueError(f"lora.adalora_target_r ({self.adalora_target_r}) must not exceed lora.r "
-                             f"({self.r}, the initial rank of lora.type=adalora)")
+        if self.type == "adalora":
+            self._resolve_adalora_target()
         if self.type == "adalora" and self.adalora_tinit_ratio + self.adalora_tfinal_ratio >= 1.0:
             raise ValueError(f"lora.adalora_tinit_ratio ({self.adalora_tinit_ratio}) + lora.adalora_tfinal_ratio "
                              f"({self.adalora_tfinal_ratio}) must be below 1: no steps are left to reallocate ranks")

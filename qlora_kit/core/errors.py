@@ -3,10 +3,15 @@
 Every failure a user can cause (bad config, missing file, wrong data, a run that
 would not fit) raises a :class:`QloraKitError`.  The CLI prints ``error: <message>``
 and, when set, ``fix: <hint>``, then exits with ``exit_code`` — no traceback unless
-``--debug`` is given.  Anything else reaching the CLI is a bug and shows a traceback.
+``--debug`` is given.  Anything else reaching the CLI is a bug: an internal error (exit 70), one
+``error:`` line with the phase (:func:`phase`) and the exception's first line, and a ``fix:`` line
+saying where its traceback was written (:func:`note` records the run's log file, how to resume).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 # Documented exit statuses (README "Exit codes").
 EXIT_USER_ERROR = 2  # bad input: config, paths, data, arguments
@@ -14,6 +19,7 @@ EXIT_NONFINITE = 3  # training stopped on a non-finite loss or gradient
 EXIT_OOM = 4  # CUDA out of memory, or the memory plan says it will not fit
 EXIT_VERIFY_FAILED = 5  # export verification outside tolerance
 EXIT_NO_SPACE = 6  # not enough disk space: nothing half-written was left; free space and run again
+EXIT_INTERNAL = 70  # an exception nobody foresaw: a bug; the traceback is in the log (EX_SOFTWARE)
 EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: stopped cleanly; run again (train: with --resume) (EX_TEMPFAIL)
 
 
@@ -110,3 +116,39 @@ def short_repr(value: object, limit: int = 80) -> str:
     except Exception:  # e.g. a repr that raises: name the type instead
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def note(exc: BaseException, key: str, value: Any) -> None:
+    """Attach a fact to an exception on its way to the CLI (``phase``, ``log``, ``after``); the first one set wins.
+
+    Only unforeseen exceptions carry notes (a :class:`QloraKitError` says everything in its lines).
+    """
+    if isinstance(exc, QloraKitError) or not isinstance(exc, Exception):
+        return
+    try:
+        notes = exc.__dict__.setdefault("qlora_kit_notes", {})
+    except AttributeError:  # an exception type without a __dict__
+        return
+    notes.setdefault(key, value)
+
+
+def notes(exc: BaseException) -> dict[str, Any]:
+    """The facts :func:`note` attached to ``exc``."""
+    return dict(getattr(exc, "qlora_kit_notes", {}))
+
+
+@contextmanager
+def phase(name: str | Callable[[], str]) -> Iterator[None]:
+    """Name what runs inside the block for an unforeseen exception leaving it (the innermost phase wins).
+
+    ``name`` may be a function, called only when an exception leaves (e.g. the step being trained).
+    """
+    try:
+        yield
+    except Exception as exc:
+        if "phase" not in notes(exc):
+            try:
+                note(exc, "phase", name() if callable(name) else name)
+            except Exception:  # describing the phase must never replace the error
+                pass
+        raise

@@ -6,6 +6,9 @@
   after ``tee`` died, Ctrl-C on the whole pipeline) or a vanished terminal, the failed stream is
   pointed at /dev/null and the run goes on: a training run must still checkpoint on SIGINT/SIGTERM
   and exit with its own status.  (rich's default on a broken pipe is ``SystemExit(1)``.)
+- Markup is off on every console: what qlora-kit prints (paths, install hints such as
+  ``qlora-kit[llamacpp]``, messages of libraries) is text, and rich would eat its square
+  brackets.  Styling is given as ``rich.text.Text`` styles instead.
 - ``run_log`` appends every log line of a training run, with times, to ``OUTPUT_DIR/train.log``
   (across resumes), so nothing depends on the terminal staying alive.
 """
@@ -22,7 +25,7 @@ from typing import IO, Any, Iterator
 from rich.console import Console
 from rich.logging import RichHandler
 
-from qlora_kit.core.errors import QloraKitError
+from qlora_kit.core.errors import QloraKitError, note
 
 log = logging.getLogger("qlora_kit")
 
@@ -59,13 +62,13 @@ _STDERR: dict[str, Console] = {}
 def console() -> Console:
     """The process's stderr console (log lines, progress bars, the data summary)."""
     if "console" not in _STDERR:
-        _STDERR["console"] = _Console(stderr=True)
+        _STDERR["console"] = _Console(stderr=True, markup=False)
     return _STDERR["console"]
 
 
 def stdout_console() -> Console:
-    """A console for a command's results on stdout (no highlighting), as robust as ``console()``."""
-    return _Console(highlight=False)
+    """A console for a command's results on stdout (no highlighting, no markup), as robust as ``console()``."""
+    return _Console(highlight=False, markup=False)
 
 
 class ConsoleHandler(RichHandler):
@@ -143,6 +146,11 @@ class RunLog(logging.Handler):
         self._held: list[logging.LogRecord] = []
         self._file: logging.FileHandler | None = None
 
+    @property
+    def opened(self) -> bool:
+        """Whether lines go to the file (else they are held, and dropped if it is never opened)."""
+        return self._file is not None
+
     def open(self) -> None:
         """Start writing to the file (appending: a resumed run's lines follow the earlier ones)."""
         if self._file is not None:
@@ -187,6 +195,8 @@ def run_log(path: Path, header: str) -> Iterator[RunLog]:
 
         known = isinstance(exc, (QloraKitError, KeyboardInterrupt))
         _to_file(handler, logging.ERROR, describe_exit(exc), None if known else (type(exc), exc, exc.__traceback__))
+        if not known and handler.opened:
+            note(exc, "log", path)  # the CLI's internal-error line names the file holding the traceback
         raise
     finally:
         log.removeHandler(handler)

@@ -19,8 +19,8 @@ from typing import Any, Iterator
 from qlora_kit.core.errors import ModelError, QloraKitError
 
 EXTRA = "llamacpp"
-INSTALL_HINT = (f'pip install -c constraints.txt "qlora-kit[{EXTRA}]"  (compiles llama.cpp: about 17 minutes on '
-                "2 cores)")
+INSTALL_HINT = (f'in your qlora-kit clone: pip install -c constraints.txt -e ".[{EXTRA}]"  (compiles llama.cpp: '
+                "about 17 minutes on 2 cores)")
 
 
 def available() -> bool:

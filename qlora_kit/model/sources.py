@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -100,11 +101,66 @@ def base_model_id(name_or_path: str) -> str:
     return path.name or name_or_path
 
 
+# Everything of a model repository but its weights (remote code included: used with trust_remote_code).
+HUB_SMALL_FILES = ["*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.py"]
+SHARD_INDEX = "model.safetensors.index.json"
+SINGLE_WEIGHTS = "model.safetensors"
+
+
 def _download_from_hub(repo_id: str, revision: str | None) -> Path:
+    """Download a model: its small files first, then only the weight files its index names.
+
+    A repository may hold the same weights twice (Mistral's ``consolidated.safetensors`` beside
+    the HF shards: another ~14.5 GB); transformers loads what ``model.safetensors.index.json``
+    names, else ``model.safetensors``, so those are all that is fetched.
+
+    Raises:
+        ModelError: the repository cannot be fetched, or has no safetensors weights.
+    """
+    local = _snapshot(repo_id, revision, HUB_SMALL_FILES)
+    weights = indexed_weights(local) or [SINGLE_WEIGHTS]
+    local = _snapshot(repo_id, revision, HUB_SMALL_FILES + [_literal_pattern(name) for name in weights])
+    missing = [name for name in weights if not (local / name).is_file()]
+    if weights == [SINGLE_WEIGHTS] and missing:
+        raise ModelError(f"model {repo_id!r} has neither {SHARD_INDEX} nor {SINGLE_WEIGHTS} on the hub",
+                         "use a repository (or revision) with safetensors weights, or convert the model and point "
+                         "model.name_or_path at the local directory", key="model.name_or_path")
+    if missing:
+        raise ModelError(f"model {repo_id!r}: {len(missing)} weight file(s) named by its {SHARD_INDEX} are not in "
+                         f"the repository (first: {missing[0]!r})", "use another revision of the model, or a local copy",
+                         key="model.name_or_path")
+    return local
+
+
+def indexed_weights(model_dir: Path) -> list[str] | None:
+    """The weight files ``model_dir``'s shard index names (what transformers loads), or None without an index.
+
+    Raises:
+        ModelError: the index is not a JSON weight map of plain relative file names.
+    """
+    index = model_dir / SHARD_INDEX
+    if not index.is_file():
+        return None
+    try:
+        names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{index} is not a safetensors shard index ({type(exc).__name__})",
+                         "download the model again") from exc
+    if not names or any(not isinstance(n, str) or Path(n).is_absolute() or ".." in Path(n).parts for n in names):
+        raise ModelError(f"{index} names no weight files, or names outside the model directory",
+                         "download the model again")
+    return sorted(names)
+
+
+def _literal_pattern(name: str) -> str:
+    """``name`` as an fnmatch pattern matching that name only (the hub filters files with fnmatch)."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.py"]
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except RepositoryNotFoundError as exc:

@@ -11,14 +11,20 @@ from qlora_kit.core.config import Config
 from qlora_kit.core.errors import OutOfMemoryError
 from qlora_kit.ops.checkpointing import every_n_for
 from qlora_kit.plan.estimate import estimate
+from qlora_kit.plan.parallel import PARALLEL, Parallel, planning_for
 from qlora_kit.plan.shape import ModelShape, load_shape_file
 from qlora_kit.plan.techniques import fill_auto
-from qlora_kit.plan.terms import GiB, optimizer_bytes, variant_tensors
+from qlora_kit.plan.terms import CUDA_CONTEXT_BYTES, GiB, optimizer_bytes, variant_tensors
 
 log = logging.getLogger("qlora_kit")
 
 
 AUTO_HEADROOM = 0.10  # checkpoint_every_n_layers=auto keeps this fraction of the budget spare
+# A card never has all of its memory free: a desktop session (display server, compositor, browser) and
+# other processes hold some.  Planning for a card that cannot be asked (no GPU here, or --gpu-memory),
+# this much of it is taken as in use, at most a tenth of the card.
+ASSUMED_IN_USE = 1 * GiB
+MORE_GPUS = (2, 4, 8)  # GPU counts tried with FSDP + CPU offload when a run fits no single card
 
 
 LENGTH_STEP = 64  # max_length_that_fits is a multiple of this
@@ -114,9 +120,45 @@ def suggest(cfg: Config, shape: ModelShape, budget: int) -> str:
     if not options:
         smallest = estimate(memory_minimal(_variant(cfg, "train", micro_batch_size=1, max_length=256)),
                             shape).total_bytes
-        return (f"even micro_batch_size=1 at max_length=256 needs {smallest / GiB:.1f} GiB: "
+        where = "one GPU" if PARALLEL.get().single else "each GPU"
+        gpus = _more_gpus(cfg, shape, budget)
+        if gpus is not None:
+            return (f"even micro_batch_size=1 at max_length=256 needs {smallest / GiB:.1f} GiB on {where}: train on "
+                    f"{gpus} GPUs with FSDP and CPU offload (`qlora-kit plan CONFIG --num-gpus {gpus} --strategy "
+                    "fsdp-offload` shows the plan per GPU; README: Several GPUs), or use a card with more memory")
+        return (f"even micro_batch_size=1 at max_length=256 needs {smallest / GiB:.1f} GiB on {where}: "
                 "use a card with more memory, or a smaller model")
     return "; or ".join(options)
+
+
+def _more_gpus(cfg: Config, shape: ModelShape, budget: int) -> int | None:
+    """The fewest GPUs (of :data:`MORE_GPUS`) across which ``cfg`` fits ``budget`` per GPU with FSDP + CPU offload."""
+    now = PARALLEL.get()
+    for gpus in MORE_GPUS:
+        if gpus < now.gpus or (gpus == now.gpus and now.strategy == "fsdp-offload"):
+            continue
+        with planning_for(Parallel(gpus, "fsdp-offload")):
+            if fits(cfg, shape, budget):
+                return gpus
+    return None
+
+
+def assumed_free(card_bytes: int) -> int:
+    """What a card of ``card_bytes`` has free for training when it cannot be asked (:data:`ASSUMED_IN_USE`)."""
+    return card_bytes - min(ASSUMED_IN_USE, card_bytes // 10)
+
+
+def free_gpu_memory(device: Any) -> tuple[int, int]:
+    """(bytes a run may plan for, the card's total) on a CUDA ``device``: the pre-flight's figure.
+
+    What is free now (other processes and a desktop already hold some), plus what our allocator
+    holds and the CUDA context the planner counts (it already exists and is not "free"), at most
+    the card's total.
+    """
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return min(total, free + torch.cuda.memory_reserved(device) + CUDA_CONTEXT_BYTES), total
 
 
 def _variant(cfg: Config, section: str, **values: Any) -> Config:
@@ -245,8 +287,8 @@ def check_fits(cfg: Config, source_dir: Path, device: Any) -> None:
         return
     shape = load_shape_file(Path(source_dir) / "config.json")
     plan = estimate(cfg, shape)
-    free, total = torch.cuda.mem_get_info(dev)  # our CUDA context already exists and is not "free"
-    available = free + torch.cuda.memory_reserved(dev)
+    budget, total = free_gpu_memory(dev)
+    available = budget - CUDA_CONTEXT_BYTES
     need = plan.total_bytes - plan.cuda_context
     name = torch.cuda.get_device_name(dev)
     if need <= available:
@@ -256,6 +298,6 @@ def check_fits(cfg: Config, source_dir: Path, device: Any) -> None:
         f"this run is predicted to need {need / GiB:.1f} GiB of GPU memory at its peak "
         f"({plan.peak_phase} phase, micro_batch_size={plan.micro_batch_size}, max_length={plan.max_length}) "
         f"but only {available / GiB:.1f} GiB is free on {name} ({total / GiB:.1f} GiB card)",
-        suggest(cfg, shape, available + plan.cuda_context)
+        suggest(cfg, shape, budget)
         + "; `qlora-kit plan CONFIG` shows the breakdown; --skip-memory-check trains anyway",
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -14,6 +15,8 @@ from qlora_kit.model.base import check_attention
 from qlora_kit.ops.checkpointing import checkpointed_layers
 from qlora_kit.plan.estimate import estimate
 from qlora_kit.plan.fit import (
+    assumed_free,
+    free_gpu_memory,
     max_length_that_fits,
     memory_settings,
     micro_batch_size_that_fits,
@@ -21,8 +24,10 @@ from qlora_kit.plan.fit import (
     suggest,
 )
 from qlora_kit.plan.parallel import STRATEGIES, Parallel, planning_for
-from qlora_kit.plan.shape import ModelShape, read_shape
+from qlora_kit.plan.shape import ModelShape, beyond_context, read_shape
 from qlora_kit.plan.terms import GiB, MiB
+
+log = logging.getLogger("qlora_kit")
 
 DEFAULT_GPU_GIB = 24.0
 
@@ -52,6 +57,8 @@ def run_plan(config_path: str | Path, overrides: list[str], gpu_memory: float | 
     budget, budget_source = gpu_budget(gpu_memory)
     with planning_for(Parallel(num_gpus, strategy)) as parallel:
         report = build_report(cfg, shape, budget, budget_source)
+    for warning in report["warnings"]:
+        log.warning("%s", warning)
     report["parallel"] = {"gpus": parallel.gpus, "strategy": parallel.strategy, "per_gpu": not parallel.single,
                           "global_micro_batch_size": parallel.gpus * report["micro_batch_size"],
                           "global_batch_size": parallel.gpus * report["micro_batch_size"]
@@ -64,21 +71,34 @@ def run_plan(config_path: str | Path, overrides: list[str], gpu_memory: float | 
 
 
 def gpu_budget(gpu_memory: float | None) -> tuple[int, str]:
-    """Bytes to plan for: ``--gpu-memory`` GiB, else this GPU's total, else an assumed 24 GiB card."""
+    """Bytes free to plan for, and where that figure comes from.
+
+    This GPU: what ``train``'s pre-flight sees free (``fit.free_gpu_memory``).  A card that
+    cannot be asked (``--gpu-memory`` GiB, else an assumed 24 GiB card without a GPU here): its
+    memory less what a desktop and other processes hold (``fit.assumed_free``).
+    """
     if gpu_memory is not None:
         if not math.isfinite(gpu_memory) or gpu_memory <= 0 or gpu_memory > 1e6:
             raise ConfigError(f"--gpu-memory must be a positive number of GiB, got {gpu_memory:g}",
                               "give the card's memory in GiB, e.g. --gpu-memory 24")
-        return int(gpu_memory * GiB), f"--gpu-memory {gpu_memory:g} GiB"
+        return _assumed(int(gpu_memory * GiB), f"--gpu-memory {gpu_memory:g}: a {gpu_memory:g} GiB card")
     try:
         import torch
 
         if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(0)
-            return int(props.total_memory), f"this GPU ({props.name})"
+            free, total = free_gpu_memory(torch.device("cuda", 0))
+            return free, (f"{free / GiB:.1f} GiB free on this GPU ({torch.cuda.get_device_name(0)}, "
+                          f"{total / GiB:.1f} GiB), as train's pre-flight sees it")
     except Exception:  # a broken CUDA setup must not stop planning
         pass
-    return int(DEFAULT_GPU_GIB * GiB), f"assumed {DEFAULT_GPU_GIB:g} GiB card (no GPU here; set --gpu-memory)"
+    return _assumed(int(DEFAULT_GPU_GIB * GiB), f"no GPU here: an assumed {DEFAULT_GPU_GIB:g} GiB card (set "
+                                                "--gpu-memory)")
+
+
+def _assumed(card: int, what: str) -> tuple[int, str]:
+    free = assumed_free(card)
+    return free, (f"{what} with {free / GiB:.1f} GiB free ({(card - free) / GiB:.1f} GiB assumed held by a "
+                  "desktop and other processes)")
 
 
 def build_report(cfg: Config, shape: ModelShape, budget: int, budget_source: str = "") -> dict[str, Any]:
@@ -127,6 +147,8 @@ def build_report(cfg: Config, shape: ModelShape, budget: int, budget_source: str
         "breakdown": plan.breakdown(),
         "phases": plan.phase_totals(),
         "suggestion": None if fits_now else suggest(resolved, shape, budget),
+        "warnings": [w for w in [beyond_context(plan.max_length, shape.max_position_embeddings,
+                                                f"train.max_length is {plan.max_length} tokens")] if w],
     }
 
 
@@ -173,8 +195,9 @@ def print_report(report: dict[str, Any]) -> None:
     """Print the prediction as a rich table with a verdict and what fits."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console()
+    console = Console(markup=False)  # paths and module names are text, not rich markup
     settings = report["memory_settings"]
     parallel = report.get("parallel") or {}
     where = ""
@@ -192,13 +215,14 @@ def print_report(report: dict[str, Any]) -> None:
     for key, value in report["breakdown"].items():
         if value:
             table.add_row(_LABELS.get(key, key).format(**context), _human(value))
-    table.add_row("[bold]predicted peak" + (" per GPU" if where else "") + "[/bold]",
-                  f"[bold]{_human(report['total_bytes'])}[/bold]")
-    table.add_row("GPU memory", f"{_human(report['gpu_memory_bytes'])} ({report['gpu_memory_source']})")
+    table.add_row(Text("predicted peak" + (" per GPU" if where else ""), style="bold"),
+                  Text(_human(report["total_bytes"]), style="bold"))
+    table.add_row("GPU memory free", f"{_human(report['gpu_memory_bytes'])} ({report['gpu_memory_source']})")
     console.print(table)
-    verdict = "[green]fits[/green]" if report["fits"] else "[red]does NOT fit[/red]"
-    console.print(f"{verdict}: headroom {_human(report['headroom_bytes'])}; "
-                  f"{report['trainable_parameters']:,} trainable parameters on {', '.join(report['lora_targets'])}")
+    verdict = Text("fits", style="green") if report["fits"] else Text("does NOT fit", style="red")
+    console.print(Text.assemble(verdict, f": headroom {_human(report['headroom_bytes'])}; "
+                                f"{report['trainable_parameters']:,} trainable parameters on "
+                                f"{', '.join(report['lora_targets'])}"))
     auto = set(report["auto_settings"])
     shown = ", ".join(f"{k}={v}{' (auto)' if k in auto else ''}" for k, v in settings.items())
     console.print(f"memory settings: {shown}")

@@ -145,6 +145,19 @@ def load_builtin_shape(stem: str) -> ModelShape:
     return load_shape_file(path)
 
 
+def beyond_context(tokens: int, context: Any, subject: str) -> str | None:
+    """The warning for ``tokens`` positions past the model's context (``max_position_embeddings``), or None.
+
+    Positions restart at 0 in every sample (packed or not), so only a sample's own length counts:
+    positions past the context were never trained, and transformers does not refuse them.  ``train``
+    says it for its longest sample, ``plan`` for ``train.max_length``; ``subject`` starts the line.
+    """
+    if not isinstance(context, int) or isinstance(context, bool) or not 0 < context < tokens:
+        return None
+    return (f"{subject}, more than the model's context of {context} (max_position_embeddings): positions past "
+            f"{context} were never trained; lower train.max_length to {context} to truncate such samples there")
+
+
 def read_shape(model: ModelConfig) -> ModelShape:
     """Find the shape of ``model.name_or_path`` without loading weights.
 
@@ -201,7 +214,8 @@ def shape_from_gguf(path: Path) -> ModelShape:
     try:
         from gguf import GGUFReader
     except ImportError as exc:
-        raise ModelError("reading .gguf files needs the gguf package", "pip install 'qlora-kit[gguf]'") from exc
+        raise ModelError("reading .gguf files needs the gguf package",
+                         'in your qlora-kit clone: pip install -c constraints.txt -e ".[gguf]"') from exc
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:  # malformed files raise many types

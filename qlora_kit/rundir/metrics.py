@@ -52,7 +52,8 @@ def plot_loss(records: list[dict[str, Any]], png: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1.5)
+        # one logged point is a line of no length: draw it as a point
+        ax.plot(*zip(*train), label="train loss", linewidth=1.5, marker="o" if len(train) == 1 else None)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.5)
     ax.set_xlabel("optimizer step")

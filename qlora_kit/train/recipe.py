@@ -17,7 +17,15 @@ import torch
 
 from qlora_kit.core import diskspace, logs
 from qlora_kit.core.config import Config, attribute_origin, dump_config, load_config
-from qlora_kit.core.errors import NonFiniteLossError, OutOfMemoryError, OutputError, Preempted, QloraKitError
+from qlora_kit.core.errors import (
+    NonFiniteLossError,
+    OutOfMemoryError,
+    OutputError,
+    Preempted,
+    QloraKitError,
+    note,
+    phase,
+)
 from qlora_kit.core.files import read_json, write_json_in_place
 from qlora_kit.core.signals import StopNow, StopRequest
 from qlora_kit.ops.allocator import configure_cuda_allocator
@@ -104,7 +112,8 @@ def _run_locked(cfg: Config, sources: dict[str, str], out: Path, resume: bool, o
     if not start.fresh:
         check_resume_compatible(start.resume_from or out, cfg, relocatable_settings(out, start.resume_from))
     try:
-        run = setup(cfg, dump_config(cfg, sources), out, start, skip_memory_check)
+        with phase("train (loading the model and the data)"):
+            run = setup(cfg, dump_config(cfg, sources), out, start, skip_memory_check)
     except BaseException as exc:
         attribute_origin(exc, sources)
         raise
@@ -117,11 +126,14 @@ def _run_locked(cfg: Config, sources: dict[str, str], out: Path, resume: bool, o
         dist.from_main(lambda: begin(run, start))
         if file_log is not None:
             file_log.open()
-        train(run, stop)
-        finish(run)
+        with phase(lambda: f"train (step {run.step + 1} of {run.total_steps})"):
+            train(run, stop)
+        with phase("train (saving the adapter)"):
+            finish(run)
     except BaseException as exc:
         if dist.is_main:
             _fail(run, start, exc)
+            note(exc, "after", _what_is_left(run.out))
         if isinstance(exc, Preempted | NonFiniteLossError) and dist.active:
             dist.barrier()  # agreed by every rank at a step boundary: they leave together
         if dist.active:
@@ -169,6 +181,17 @@ def _already_complete(out: Path) -> bool:
         log.warning("%s: publishing the adapter again from the last checkpoint", exc.message)
         return False
     return True
+
+
+def _what_is_left(out: Path) -> str:
+    """How to go on after a failure, for an internal error's ``fix:`` line ("" when that cannot be told)."""
+    try:
+        checkpoints = ckpt.list_checkpoints(out)
+    except OSError:
+        return ""
+    if checkpoints:
+        return f"the same command with --resume continues from {checkpoints[-1][1].name}"
+    return f"nothing of the run was kept in {out}"
 
 
 def _fail(run: "Run", start: target.Start, exc: BaseException) -> None:

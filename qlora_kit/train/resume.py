@@ -48,7 +48,7 @@ def check_resume_compatible(checkpoint_dir: Path, cfg: Config, relocatable: tupl
         ConfigError: naming every changed setting with its old and new value.
     """
     old = validate(read_yaml(checkpoint_dir / "config.yaml"), origin=str(checkpoint_dir / "config.yaml"))
-    old_flat, new_flat = _flatten(old.model_dump()), _flatten(cfg.model_dump())
+    old_flat, new_flat = _settings(old), _settings(cfg)
     breaking = [k for k in RESUME_BREAKING if k not in relocatable]
     changed = [k for k in breaking if old_flat.get(k) != new_flat.get(k)]
     if changed:
@@ -62,6 +62,14 @@ def check_resume_compatible(checkpoint_dir: Path, cfg: Config, relocatable: tupl
     if soft:
         log.warning("resuming with changed settings: %s (the LR curve may differ from the first run)",
                     ", ".join(soft))
+
+
+def _settings(cfg: Config) -> dict[str, Any]:
+    """The config as dotted keys; ``lora.adalora_*`` only for AdaLoRA (other runs ignore them, whatever they hold)."""
+    flat = _flatten(cfg.model_dump())
+    if cfg.lora.type != "adalora":
+        flat = {k: v for k, v in flat.items() if not k.startswith("lora.adalora_")}
+    return flat
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

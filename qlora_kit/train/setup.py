@@ -26,11 +26,10 @@ from qlora_kit.model import lora as model_lora
 from qlora_kit.model import sources as model_sources
 from qlora_kit.ops.loss import causal_lm_loss, check_fused_loss, count_targets
 from qlora_kit.ops.precision import resolve_precision
-from qlora_kit.plan.fit import check_fits, resolve_auto
+from qlora_kit.plan.fit import check_fits, free_gpu_memory, resolve_auto
 from qlora_kit.plan.parallel import planning_for
-from qlora_kit.plan.shape import load_shape_file
+from qlora_kit.plan.shape import beyond_context, load_shape_file
 from qlora_kit.plan.techniques import conservative_settings
-from qlora_kit.plan.terms import CUDA_CONTEXT_BYTES
 from qlora_kit.rundir import checkpoint as ckpt
 from qlora_kit.rundir import layout as rundir
 from qlora_kit.rundir import target
@@ -190,13 +189,10 @@ def resolve_memory_settings(cfg: Config, source: Path, device: torch.device,
 def device_memory(device: torch.device) -> int:
     """Memory the run may plan for on ``device`` (host RAM for the CPU).
 
-    CUDA: what is free now (other processes and a desktop already hold some), plus what our
-    allocator holds and the CUDA context the planner counts, capped at the card's total.
+    CUDA: what is free now (``plan.fit.free_gpu_memory``, the pre-flight's figure).
     """
     if device.type == "cuda":
-
-        free, total = torch.cuda.mem_get_info(device)
-        return min(total, free + torch.cuda.memory_reserved(device) + CUDA_CONTEXT_BYTES)
+        return free_gpu_memory(device)[0]
     import psutil
 
     return psutil.virtual_memory().total
@@ -344,19 +340,14 @@ def _setup_data(cfg: Config, tokenizer: Any, show: bool = True) -> Any:
 
 
 def _warn_beyond_context(source: Path, longest: int) -> None:
-    """Warn when samples are longer than the model's context (``max_position_embeddings``).
-
-    Positions restart at 0 in every sample (packed or not), so only a sample's own length counts:
-    positions past the context were never trained, and transformers does not refuse them.
-    """
+    """Warn when samples are longer than the model's context (``plan.shape.beyond_context``)."""
     try:
         context = json.loads((source / "config.json").read_text()).get("max_position_embeddings")
     except (OSError, ValueError, AttributeError):
         return
-    if isinstance(context, int) and 0 < context < longest:
-        log.warning("the longest sample has %d tokens, more than the model's context of %d "
-                    "(max_position_embeddings): positions past %d were never trained; lower train.max_length "
-                    "to %d to truncate such samples there", longest, context, context, context)
+    warning = beyond_context(longest, context, f"the longest sample has {longest} tokens")
+    if warning:
+        log.warning("%s", warning)
 
 
 def _check_memory(cfg: Config, source: Path, device: torch.device) -> None:
