@@ -34,7 +34,7 @@ from qlora_kit.core.files import fsync_dir, fsync_tree, publish_dir
 from qlora_kit.rundir import checkpoint as ckpt
 from qlora_kit.rundir import integrity
 from qlora_kit.rundir import layout as rundir
-from qlora_kit.rundir.lock import INSIDE_NAME
+from qlora_kit.rundir.lock import INSIDE_NAME, real_path
 
 log = logging.getLogger("qlora_kit")
 
@@ -154,14 +154,15 @@ def newest_valid(out: Path, below: int | None = None) -> tuple[Path | None, list
 def begin(start: Start) -> None:
     """Make the directory ready for writing: move aside, create, set corrupt checkpoints aside, clean up."""
     out = start.out
+    real = real_path(out)  # through a symlink: the directory it points to (whose lock we hold) is the run
     start.begun = True
     if start.mode == "overwrite":
-        start.aside = out.with_name(f"{out.name}.old-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-        os.rename(out, start.aside)
+        start.aside = real.with_name(f"{real.name}.old-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        os.rename(real, start.aside)
         log.warning("--overwrite: moved the existing %s aside to %s (delete it when no longer needed)",
                     out, start.aside)
     if not out.exists():
-        out.mkdir(parents=True)
+        real.mkdir(parents=True)
         start.created = True
     for path, reason in start.corrupt:
         moved = ckpt.set_aside(path)
@@ -222,15 +223,16 @@ def undo(start: Start) -> None:
     if not start.fresh or not start.begun:
         return
     out = start.out
+    real = real_path(out)
     try:
         if start.created:
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(real, ignore_errors=True)
         elif start.mode == "fresh" and out.is_dir():  # it existed empty: everything in it is ours
             for child in (c for c in out.iterdir() if c.name != INSIDE_NAME):
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() and not child.is_symlink() \
                     else child.unlink(missing_ok=True)
-        if start.aside is not None and not out.exists():
-            os.rename(start.aside, out)
+        if start.aside is not None and not real.exists():
+            os.rename(start.aside, real)
             log.warning("the new run did not start: moved %s back to %s", start.aside.name, out)
     except OSError as exc:  # never hide the original failure behind the clean-up
         log.warning("could not fully clean up %s: %s", out, exc)
