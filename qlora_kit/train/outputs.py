@@ -89,6 +89,7 @@ def save(run: Run) -> Path:
         "last_eval_loss": run.last_eval_loss,
         "log_window": run.window.to_state(),
         "data_fingerprint": run.data.fingerprint,
+        "base_fingerprint": run.manifest["base"].get("fingerprint"),  # checked on --resume, manifest or not
         "saved_at": now_iso(),
     }
     if run.scaler is not None:
