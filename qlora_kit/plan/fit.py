@@ -245,9 +245,8 @@ def check_fits(cfg: Config, source_dir: Path, device: Any) -> None:
         return
     shape = load_shape_file(Path(source_dir) / "config.json")
     plan = estimate(cfg, shape)
-    free, total = torch.cuda.mem_get_info(dev)  # our CUDA context already exists and is not "free"
-    available = free + torch.cuda.memory_reserved(dev)
-    need = plan.total_bytes - plan.cuda_context
+    need, available = predicted_need(cfg, shape, dev)
+    total = torch.cuda.get_device_properties(dev).total_memory
     name = torch.cuda.get_device_name(dev)
     if need <= available:
         log.info("memory plan: ~%.1f GiB predicted peak, %.1f GiB free on %s", need / GiB, available / GiB, name)
@@ -259,3 +258,16 @@ def check_fits(cfg: Config, source_dir: Path, device: Any) -> None:
         suggest(cfg, shape, available + plan.cuda_context)
         + "; `qlora-kit plan CONFIG` shows the breakdown; --skip-memory-check trains anyway",
     )
+
+
+def predicted_need(cfg: Config, shape: ModelShape, device: Any) -> tuple[int, int]:
+    """(predicted peak bytes of ``cfg`` beyond the CUDA context, bytes free for it on CUDA ``device`` now).
+
+    Free: what no process holds, plus what this process's allocator already reserved (the
+    model loaded so far), since our CUDA context already exists and is not "free".
+    """
+    import torch
+
+    plan = estimate(cfg, shape)
+    free, _ = torch.cuda.mem_get_info(device)
+    return plan.total_bytes - plan.cuda_context, free + torch.cuda.memory_reserved(device)
