@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import arithmetic_rows, assert_same_result, write_config, write_jsonl
+from conftest import arithmetic_rows, assert_same_result, gpu, write_config, write_jsonl
 
 from qlora_kit.ops import packing, tiled_mlp
 from qlora_kit.train.recipe import run_training
@@ -118,3 +118,15 @@ def test_a_path_wrong_on_one_rank_is_switched_off_on_every_rank(tmp_path: Path, 
     assert found["status"] == "switched_off" and "another process" in found["reason"]
     assert json.loads((tmp_path / "run/manifest.json").read_text())["memory"]["tiled_mlp"] is False
 
+
+
+@gpu
+def test_every_path_passes_its_check_on_this_card(tmp_path: Path, tiny_llama: Path) -> None:
+    """On CUDA: the varlen flash kernel, the Triton loss, tiles, offload on its side stream, a sparse layout."""
+    data = write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(40))
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data, tmp_path / "run", lora=LORA,
+                       train={**TRAIN, "tiled_mlp": True, "activation_offload": True, "checkpoint_every_n_layers": 2})
+    assert run_training(cfg, []) == 0
+    record = _checks(tmp_path / "run")
+    assert record["compute_dtype"] == "bfloat16" and record["paths"]["packed_attention"]["reference"] == "per-sample SDPA"
+    assert {name: p["status"] for name, p in record["paths"].items()} == dict.fromkeys(record["paths"], "passed")
