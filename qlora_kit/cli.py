@@ -293,13 +293,23 @@ def plan(
 
 
 @app.command()
-def doctor() -> None:
+def doctor(
+    gpu: bool = typer.Option(False, "--gpu", help="Check every GPU path of a run end to end on this card (~1 min): "
+                             "NF4 kernels, autocast, varlen attention, offload, tiled MLP, fused loss, optimizers, "
+                             "the planner. Without CUDA: one line, nothing checked, exit 0."),
+    json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE",
+                                           help="Also write the results as JSON to FILE ('-': stdout only)."),
+) -> None:
     """Check the stack (versions, CUDA, bf16, bitsandbytes, memory, disk) and say how to fix problems."""
 
     def body() -> int:
+        if gpu:
+            from qlora_kit.commands.doctor_gpu import run_gpu_doctor
+
+            return run_gpu_doctor(json_out)
         from qlora_kit.commands.doctor import run_doctor
 
-        return run_doctor()
+        return run_doctor(json_out)
 
     _run(body, "doctor")
 

@@ -107,6 +107,7 @@ def write_config(path: Path, model: Path, data_path: Path, output_dir: Path, **s
             "max_steps": 6, "learning_rate": 5e-3, "micro_batch_size": 4, "gradient_accumulation_steps": 1,
             "max_length": 64, "logging_steps": 1, "save_steps": 3, "warmup_steps": 0, "seed": 0,
             "optimizer": "adamw_torch",
+            "startup_checks": False,  # its own tests switch it on (tests/e2e/test_startup_checks.py): keeps runs short
         },
         "output_dir": str(output_dir),
     }

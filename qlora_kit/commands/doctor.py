@@ -15,6 +15,7 @@ every verdict can be tested without the hardware it describes.
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import os
 import platform
 import shutil
@@ -23,6 +24,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from qlora_kit.core.files import write_json_atomic
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 GiB = 1024**3
@@ -347,8 +350,18 @@ def print_checks(checks: list[Check]) -> None:
     console.print(f"verdict: {verdict(checks)}")
 
 
-def run_doctor() -> int:
-    """``qlora-kit doctor``: print the report; 1 when any check FAILs, else 0."""
+def run_doctor(json_path: str | None = None) -> int:
+    """``qlora-kit doctor``: print the report (and write it as JSON to ``json_path``, ``-``: stdout only);
+    1 when any check FAILs, else 0."""
     checks = collect_checks()
-    print_checks(checks)
+    if json_path != "-":
+        print_checks(checks)
+    if json_path:
+        document = {"command": "qlora-kit doctor", "verdict": verdict(checks),
+                    "checks": [{"name": c.name, "status": c.status, "detail": c.detail, "fix": c.fix} for c in checks]}
+        if json_path == "-":
+            print(json.dumps(document, indent=2))
+        else:
+            Path(json_path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(json_path).expanduser(), document)
     return 1 if any(c.status == FAIL for c in checks) else 0

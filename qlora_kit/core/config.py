@@ -202,6 +202,12 @@ class TrainConfig(_Section):
         "stop", description="stop: end the run on NaN/inf (no host sync); skip: drop that step (one sync/step)."
     )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds python, numpy and torch (numpy needs < 2**32).")
+    startup_checks: bool = Field(
+        True,
+        description="Before step 1, compare each of qlora-kit's own paths in use (packed attention, fused loss, "
+                    "tiled MLP, activation offload, sparse checkpoint layout) with the library path on a slice of the "
+                    "first batch; one that differs or raises is switched off for the run. false: skip the check.",
+    )
 
     @model_validator(mode="after")
     def _check_warmup(self) -> "TrainConfig":

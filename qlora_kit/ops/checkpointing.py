@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from typing import Iterator
 
 from torch import nn
 
@@ -65,3 +67,22 @@ def set_checkpointed_layers(model: nn.Module, every_n_layers: float) -> list[int
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i in chosen
     return chosen
+
+
+def layout(model: nn.Module) -> list[int]:
+    """The decoder layers checkpointed now (indices in :func:`checkpointable_layers` order)."""
+    return [i for i, layer in enumerate(checkpointable_layers(model)) if layer.gradient_checkpointing]
+
+
+@contextlib.contextmanager
+def every_layer_checkpointed(model: nn.Module) -> Iterator[None]:
+    """Run the block with every decoder layer checkpointed (the reference a sparser layout is checked against)."""
+    layers = checkpointable_layers(model)
+    before = [layer.gradient_checkpointing for layer in layers]
+    for layer in layers:
+        layer.gradient_checkpointing = True
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, before):
+            layer.gradient_checkpointing = value

@@ -16,8 +16,9 @@ so peft's wrappers (AdaLoRA's orthogonal regulariser, forward hooks) still apply
 semantics are those of the training loop: ``sum of -log p(label) / num_items_in_batch`` over
 the shifted labels (``labels[:, 1:]``), as transformers' ``ForCausalLMLoss``.  Since every
 sample's first label is -100, a packed sample never predicts the next sample's first token.
-:func:`check_fused_loss` compares both paths once before training, so a model whose logits
-the fused head does not reproduce is never trained with it.  Generation is untouched:
+The run's start-up check (``train/startup_checks.py``) compares both paths, loss and adapter
+gradients, before step 1, so a model whose logits the fused head does not reproduce is never
+trained with it.  Generation is untouched:
 without ``fused_lm_head=True`` the model runs its original forward.
 """
 
@@ -27,12 +28,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from qlora_kit.ops.packing import varlen_kwargs
-
-CHECK_TOKENS = 256  # tokens of the first batch used by check_fused_loss
-CHECK_TOLERANCE = 1e-3  # relative
-
 
 def add_fused_loss(model: nn.Module) -> None:
     """Give ``model`` trl's fused LM-head loss; call before attaching adapters (peft wraps it)."""
@@ -55,41 +50,3 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Any], num_items_in_batch: 
 def count_targets(labels: torch.Tensor) -> int:
     """Tokens that carry a loss in ``labels`` (shifted: position 0 never does)."""
     return int((labels[..., 1:] != -100).sum())
-
-
-def check_fused_loss(model: nn.Module, batch: dict[str, Any]) -> bool:
-    """True when the fused loss equals the model's own (full-logits) loss on the start of ``batch``.
-
-    Run once before training, without gradients and in eval mode (dropout off, so both
-    passes see the same network and no random numbers are drawn), on at most
-    :data:`CHECK_TOKENS` tokens: a model whose forward changes the logits in a way the fused
-    path does not know would otherwise train on a different loss without anyone noticing.
-    """
-    short = {k: v[:, :CHECK_TOKENS] if isinstance(v, torch.Tensor) and v.dim() == 2 else v for k, v in batch.items()}
-    if "cu_seq_lens_q" in batch:  # packed: keep the samples that fit whole in the slice
-        short = _packed_prefix(batch, CHECK_TOKENS)
-    n = count_targets(short["labels"])
-    if n == 0:
-        return True
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            fused = causal_lm_loss(model, short, n, fused=True).float()
-            plain = causal_lm_loss(model, short, n, fused=False).float()
-    finally:
-        model.train(was_training)
-    return bool(torch.isclose(fused, plain, rtol=CHECK_TOLERANCE, atol=1e-5))
-
-
-def _packed_prefix(batch: dict[str, Any], tokens: int) -> dict[str, Any]:
-    lengths = list(batch["packed_seq_lens"])
-    keep, total = [], 0
-    for n in lengths:
-        if keep and total + n > tokens:
-            break
-        keep.append(n)
-        total += n
-    short = {k: batch[k][:, :total] for k in ("input_ids", "labels", "position_ids")}
-    return {**short, **{k: v.to(batch["input_ids"].device) if isinstance(v, torch.Tensor) else v
-                        for k, v in varlen_kwargs(keep).items()}}

@@ -171,6 +171,61 @@ def enable_offload(model: nn.Module, offload: ActivationOffload, every_n_layers:
     layers stay checkpointed (``model.set_checkpointed_layers``, also for a fractional n).
     """
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
+    plain = checkpoint_functions(base)
     base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloading_checkpoint(offload))
     set_checkpointed_layers(base, every_n_layers)
+    base._qlora_kit_offload = (offload, plain)
+
+
+def offload_of(model: nn.Module) -> ActivationOffload | None:
+    """The :class:`ActivationOffload` :func:`enable_offload` gave ``model`` (None when it has none)."""
+    found = getattr(_base(model), "_qlora_kit_offload", None)
+    return found[0] if found else None
+
+
+def disable_offload(model: nn.Module) -> None:
+    """Give the checkpointed layers back the checkpointing function they had before :func:`enable_offload`."""
+    base = _base(model)
+    _, plain = base.__dict__.pop("_qlora_kit_offload")
+    _set_checkpoint_functions(plain)
+
+
+@contextlib.contextmanager
+def without_offload(model: nn.Module) -> Iterator[None]:
+    """Run the block with plain checkpointing (the reference offload is checked against)."""
+    base = _base(model)
+    _, plain = base._qlora_kit_offload
+    offloaded = checkpoint_functions(base)
+    _set_checkpoint_functions(plain)
+    try:
+        yield
+    finally:
+        _set_checkpoint_functions(offloaded)
+
+
+@contextlib.contextmanager
+def offloading_everything(model: nn.Module) -> Iterator[ActivationOffload]:
+    """Run the block with every saved layer input offloaded, however small (a short check input is too)."""
+    offload = offload_of(model)
+    if offload is None:
+        raise ValueError("this model does not offload activations")
+    before, offload.min_bytes = offload.min_bytes, 0
+    try:
+        yield offload
+    finally:
+        offload.min_bytes = before
+
+
+def checkpoint_functions(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """(module, its checkpointing function) for every module transformers gave one."""
+    return [(m, m._gradient_checkpointing_func) for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")]
+
+
+def _set_checkpoint_functions(functions: list[tuple[nn.Module, Any]]) -> None:
+    for module, function in functions:
+        module._gradient_checkpointing_func = function
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

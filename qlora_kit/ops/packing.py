@@ -22,9 +22,10 @@ tokens never see the padding, and padded positions carry no labels.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from itertools import accumulate
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 log = logging.getLogger("qlora_kit")
 
 ATTENTION_NAME = "qlora_kit_varlen"
+PER_SAMPLE_NAME = "qlora_kit_per_sample"  # the same function without the flash kernel (the start-up check's reference)
 IGNORE_INDEX = -100
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -101,7 +103,7 @@ def packed_attention_forward(
                                              scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
         return out.transpose(1, 2).contiguous(), None
     q, k, v = (x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3]) for x in (query, key, value))  # [N, H, D]
-    if use_flash_varlen(q):
+    if use_flash_varlen(q) and not kwargs.get("per_sample_only", False):
         out = flash_varlen(q, k, v, cu_seq_lens_q, int(max_length_q), scaling, window)
     else:
         if packed_seq_lens is None:
@@ -112,9 +114,7 @@ def packed_attention_forward(
 
 def use_flash_varlen(q: torch.Tensor) -> bool:
     """True where torch's varlen flash kernel runs: CUDA, 16-bit, compute capability ≥ 8.0, head dim ≤ 256."""
-    if not q.is_cuda or q.dtype not in _HALF or q.shape[-1] > 256 or q.shape[-1] % 8:
-        return False
-    return torch.cuda.get_device_capability(q.device) >= (8, 0)
+    return flash_varlen_runs(q.device, q.dtype, q.shape[-1])
 
 
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens: torch.Tensor, max_len: int,
@@ -142,6 +142,18 @@ def sdpa_per_sample(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
     return torch.cat(outs)
 
 
+def per_sample_attention_forward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """:func:`packed_attention_forward` that never takes the flash kernel: causal SDPA once per sample."""
+    return packed_attention_forward(*args, **kwargs, per_sample_only=True)
+
+
+def flash_varlen_runs(device: torch.device, compute_dtype: torch.dtype, head_dim: int) -> bool:
+    """True when :data:`ATTENTION_NAME` runs torch's varlen flash kernel for these inputs (see :func:`use_flash_varlen`)."""
+    if device.type != "cuda" or compute_dtype not in _HALF or head_dim > 256 or head_dim % 8:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def causal_window_mask(n: int, window: int, device: torch.device) -> torch.Tensor:
     """``[n, n]`` bool mask: each token sees itself and the ``window - 1`` tokens before it."""
     idx = torch.arange(n, device=device)
@@ -153,6 +165,7 @@ def register_packed_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, packed_attention_forward)
+    AttentionInterface.register(PER_SAMPLE_NAME, per_sample_attention_forward)
 
 
 def use_packed_attention(model: torch.nn.Module) -> bool:
@@ -175,5 +188,31 @@ def use_packed_attention(model: torch.nn.Module) -> bool:
 
 def restore_attention(model: torch.nn.Module, name: str = "sdpa") -> None:
     """Back to a stock attention implementation (generation needs its masks: left padding, KV cache)."""
-    if getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME:
+    if getattr(model.config, "_attn_implementation", None) in (ATTENTION_NAME, PER_SAMPLE_NAME):
         model.set_attn_implementation(name)
+
+
+def uses_packed_attention(model: torch.nn.Module) -> bool:
+    """True when ``model`` runs :data:`ATTENTION_NAME` (what :func:`use_packed_attention` switched on)."""
+    return getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME
+
+
+def reference_attention(device: torch.device, compute_dtype: torch.dtype, head_dim: int) -> str:
+    """The library path :data:`ATTENTION_NAME` is checked against, and falls back to when it fails that check.
+
+    Where it runs the flash varlen kernel: causal SDPA once per sample (:data:`PER_SAMPLE_NAME`);
+    where it already runs per-sample SDPA (CPU, fp32, older cards): transformers' ``eager``
+    attention with its block-diagonal mask built from ``position_ids``.
+    """
+    return PER_SAMPLE_NAME if flash_varlen_runs(device, compute_dtype, head_dim) else "eager"
+
+
+@contextlib.contextmanager
+def attention_as(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Run the block with attention implementation ``name``, then switch back to the one in use."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)

@@ -71,9 +71,15 @@ class TiledMLPFunction(torch.autograd.Function):
 
 def tiled_forward(module: nn.Module, forward_fn: Callable[[torch.Tensor], torch.Tensor],
                   tile_tokens: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A drop-in ``forward(x)`` for ``module`` that runs ``forward_fn`` in sequence tiles."""
+    """A drop-in ``forward(x)`` for ``module`` that runs ``forward_fn`` in sequence tiles.
+
+    The tile length is read from the module at each call (``_qlora_kit_tile_tokens``, set to
+    ``tile_tokens`` here) so :func:`tile_length` can shorten it for the start-up check.
+    """
+    module._qlora_kit_tile_tokens = tile_tokens
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        tile_tokens = module._qlora_kit_tile_tokens
         if x.shape[-2] <= tile_tokens:
             return forward_fn(x)
         params = [p for p in module.parameters() if p.requires_grad]
@@ -102,12 +108,56 @@ def tile_mlps(model: nn.Module, tile_tokens: int | None = None) -> int:
             continue
         if getattr(module, "_qlora_kit_tiled", False):
             continue
+        module._qlora_kit_untiled = module.forward
         module.forward = tiled_forward(module, module.forward, tile_tokens)
         module._qlora_kit_tiled = True
         count += 1
     if skipped:
         log.warning("tiled_mlp: %s blocks are not dense MLPs and stay untiled", ", ".join(sorted(skipped)))
     return count
+
+
+def tiled_mlps(model: nn.Module) -> list[nn.Module]:
+    """The MLPs :func:`tile_mlps` gave a tiled forward."""
+    return [m for m in model.modules() if getattr(m, "_qlora_kit_tiled", False)]
+
+
+def untile_mlps(model: nn.Module) -> int:
+    """Give every tiled MLP its own forward back (the tiled MLP switched off for the run); returns how many."""
+    mlps = tiled_mlps(model)
+    for module in mlps:
+        module.forward = module._qlora_kit_untiled
+        del module._qlora_kit_untiled, module._qlora_kit_tile_tokens
+        module._qlora_kit_tiled = False
+    return len(mlps)
+
+
+@contextlib.contextmanager
+def untiled(model: nn.Module) -> Iterator[None]:
+    """Run the block with the plain MLP forward (the reference the tiled MLP is checked against)."""
+    mlps = tiled_mlps(model)
+    tiled = [m.forward for m in mlps]
+    for module in mlps:
+        module.forward = module._qlora_kit_untiled
+    try:
+        yield
+    finally:
+        for module, forward in zip(mlps, tiled):
+            module.forward = forward
+
+
+@contextlib.contextmanager
+def tile_length(model: nn.Module, tokens: int) -> Iterator[None]:
+    """Run the block with tiles of ``tokens`` tokens, so that a short input is cut into several."""
+    mlps = tiled_mlps(model)
+    lengths = [m._qlora_kit_tile_tokens for m in mlps]
+    for module in mlps:
+        module._qlora_kit_tile_tokens = tokens
+    try:
+        yield
+    finally:
+        for module, length in zip(mlps, lengths):
+            module._qlora_kit_tile_tokens = length
 
 
 # --------------------------------------------------------------------------- RNG / autocast replay

@@ -301,3 +301,14 @@ def check_fits(cfg: Config, source_dir: Path, device: Any) -> None:
         suggest(cfg, shape, budget)
         + "; `qlora-kit plan CONFIG` shows the breakdown; --skip-memory-check trains anyway",
     )
+
+
+def predicted_need(cfg: Config, shape: ModelShape, device: Any) -> tuple[int, int]:
+    """(predicted peak bytes of ``cfg`` beyond the CUDA context, bytes free for it on CUDA ``device`` now).
+
+    The same figures as the pre-flight (:func:`check_fits`): free is :func:`free_gpu_memory`'s budget
+    less the CUDA context, which already exists.
+    """
+    plan = estimate(cfg, shape)
+    budget, _ = free_gpu_memory(device)
+    return plan.total_bytes - plan.cuda_context, budget - CUDA_CONTEXT_BYTES

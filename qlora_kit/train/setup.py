@@ -24,7 +24,7 @@ from qlora_kit.model import base as model_base
 from qlora_kit.model import fingerprint as basecheck
 from qlora_kit.model import lora as model_lora
 from qlora_kit.model import sources as model_sources
-from qlora_kit.ops.loss import causal_lm_loss, check_fused_loss, count_targets
+from qlora_kit.ops.loss import causal_lm_loss, count_targets
 from qlora_kit.ops.precision import resolve_precision
 from qlora_kit.plan.fit import check_fits, free_gpu_memory, resolve_auto
 from qlora_kit.plan.parallel import planning_for
@@ -47,6 +47,7 @@ from qlora_kit.train.resume import (
     recorded_memory,
     restore,
 )
+from qlora_kit.train.startup_checks import run_startup_checks
 from qlora_kit.train.state import Run
 from qlora_kit.variants import adalora_steps
 from qlora_kit.variants import init as vinit
@@ -105,17 +106,15 @@ def setup(cfg: Config, config_text: str, out: Path, start: target.Start | None, 
     log.info("model: %s | 4-bit %s (double quant: %s) | %s r=%d on %s | trainable %s of %s parameters",
              cfg.model.name_or_path, spec.quant_type, spec.double_quant, cfg.lora.type, cfg.lora.r,
              ",".join(sorted(model.peft_config["default"].target_modules)), f"{trainable:,}", f"{total:,}")
+    cfg, checks = _startup_checks(cfg, model, data, tokenizer, precision, source, skip_memory_check)
     wrapped = dist.wrap(model)
-    if cfg.train.fused_loss:
-        cfg = _check_fused_loss(cfg, wrapped, data, tokenizer, precision)
-        if not cfg.train.fused_loss and device.type == "cuda" and not skip_memory_check:
-            _check_memory(cfg, source, device)  # full logits need more memory: re-check before training
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params, device, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     manifest = _new_manifest(cfg, device, source, spec, data, model, trainable, out, not start.fresh, variant)
     manifest["base"]["fingerprint"] = base_print
     manifest["memory"] = memory_record(cfg, model, precision)
+    manifest["startup_checks"] = checks
     if dist.active:
         manifest["distributed"] = dist.describe()
     metrics = MetricsLog(out / rundir.METRICS) if dist.is_main else _NoMetrics(out / rundir.METRICS)
@@ -203,20 +202,17 @@ def device_memory(device: torch.device) -> int:
     return psutil.virtual_memory().total
 
 
-def _check_fused_loss(cfg: Config, model: Any, data: Any, tokenizer: Any, precision: Any) -> Config:
-    """Keep the fused loss only if it reproduces the model's own loss on the first batch (every rank agrees)."""
+def _startup_checks(cfg: Config, model: Any, data: Any, tokenizer: Any, precision: Any, source: Path,
+                    skip_memory_check: bool) -> tuple[Config, dict[str, Any]]:
+    """The start-up check of every path of ours in use (train/startup_checks.py), on the unwrapped model.
 
-    rows = epoch_plan(cfg, data, 0)[0]
-    batch = to_device(collate(data.train, rows, tokenizer.pad_token_id, cfg.train.max_length, cfg.data.packing),
-                      precision.device)
-    with precision.forward_context():
-        if not distributed.current().any(not check_fused_loss(model, batch)):
-            return cfg
-    log.warning("fused_loss: the fused loss differs from this model's own loss (its forward changes the logits "
-                "in a way the fused path does not know); training with the full-logits loss instead")
-    cfg = cfg.model_copy(deep=True)
-    cfg.train.fused_loss = False
-    return cfg
+    Skipped when FSDP keeps the parameters in host memory until it shards them (they are not on
+    the GPU yet, so the GPU paths cannot run).
+    """
+    if next(model.parameters()).device.type != precision.device.type:
+        log.info("start-up check: skipped (the model is in host memory until FSDP shards it)")
+        return cfg, {"ran": False, "reason": "the model is in host memory until FSDP shards it"}
+    return run_startup_checks(cfg, model, data, tokenizer.pad_token_id, precision, source, skip_memory_check)
 
 
 def memory_record(cfg: Config, model: Any, precision: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import adapter_grads, arithmetic_rows, assert_grads_close, make_qlora_model, write_config, write_jsonl
+from conftest import adapter_grads, arithmetic_rows, assert_grads_close, make_qlora_model, write_jsonl
 
 from qlora_kit.data import batching, build
 from qlora_kit.ops.loss import causal_lm_loss, count_targets
@@ -115,48 +115,3 @@ def test_fused_loss_goes_through_the_peft_wrapper(tiny_llama, one_thread) -> Non
     ids = torch.randint(6, 400, (1, 12))
     causal_lm_loss(model, {"input_ids": ids, "labels": ids}, 11, fused=True).backward()
     assert calls == [True]
-
-
-def test_check_catches_a_logit_transform_the_fused_path_does_not_know(tiny_llama, one_thread) -> None:
-    from qlora_kit.ops.loss import check_fused_loss
-
-    model = make_qlora_model(tiny_llama, fused_loss=True, dropout=0.3)  # dropout must not fail the check
-    ids = torch.randint(6, 400, (1, 30), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "labels": ids.clone()}
-    rng = torch.get_rng_state()
-    assert check_fused_loss(model, batch) and model.training
-    assert torch.equal(torch.get_rng_state(), rng), "the check must not move the RNG (exact resume)"
-    model.get_base_model().lm_head.register_forward_hook(lambda module, args, out: out * 2.0)  # unknown to the fused path
-    assert not check_fused_loss(model, batch)
-
-
-def test_training_falls_back_to_full_logits_when_the_check_fails(tmp_path, tiny_llama, monkeypatch, caplog) -> None:
-    from qlora_kit.core.config import dump_config, load_config
-    from qlora_kit.rundir.target import Start
-    from qlora_kit.train import setup as setup_module
-    from qlora_kit.train.outputs import begin
-    from qlora_kit.train.setup import setup
-
-    monkeypatch.setattr(setup_module, "check_fused_loss", lambda model, batch: False)
-    data = write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(20))
-    cfg, sources = load_config(write_config(tmp_path / "c.yaml", tiny_llama, data, tmp_path / "out"))
-    start = Start(tmp_path / "out", "fresh")
-    with caplog.at_level("WARNING", logger="qlora_kit"):
-        run = setup(cfg, dump_config(cfg, sources), tmp_path / "out", start, skip_memory_check=True)
-    begin(run, start)
-    assert run.cfg.train.fused_loss is False and run.manifest["memory"]["fused_loss"] is False
-    assert "full-logits loss instead" in caplog.text
-
-
-def test_check_on_a_packed_batch_uses_whole_samples(tiny_llama, one_thread) -> None:
-    from qlora_kit.ops.loss import CHECK_TOKENS, _packed_prefix, check_fused_loss
-
-    g = torch.Generator().manual_seed(1)
-    samples = [{"input_ids": (ids := torch.randint(6, 400, (n,), generator=g).tolist()), "labels": [-100] + ids[1:]}
-               for n in (200, 100, 50)]
-    batch = batching.collate(samples, [[0, 1, 2]], pad_id=0, max_length=512, packing=True)
-    short = _packed_prefix(batch, CHECK_TOKENS)
-    assert short["packed_seq_lens"] == (200,) and short["input_ids"].shape == (1, 200)
-    model = make_qlora_model(tiny_llama, fused_loss=True)
-    use_packed_attention(model)
-    assert check_fused_loss(model, batch)
