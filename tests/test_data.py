@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import arithmetic_rows, require_demo_gguf, write_jsonl
+from conftest import arithmetic_rows, require_demo_gguf, trained_runs, write_jsonl
 from data_rows import (
     DEFAULT_SYSTEM,
     DEFAULT_SYSTEM_TEMPLATE,
@@ -51,21 +51,6 @@ def build(tmp_path: Path, rows: list[Any], tokenizer, max_length: int = 256, see
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     cfg = DataConfig(path=str(path), **{"val_fraction": 0.0, **data})
     return D_build.build_data(cfg, tokenizer, max_length, seed)
-
-
-def trained_runs(tokenizer, sample: encode.Sample) -> list[str]:
-    """Decoded text of each contiguous run of labelled tokens (labels must equal input_ids)."""
-    runs: list[list[int]] = []
-    prev = False
-    for tid, lab in zip(sample["input_ids"], sample["labels"]):
-        on = lab != -100
-        if on:
-            assert lab == tid
-            if not prev:
-                runs.append([])
-            runs[-1].append(tid)
-        prev = on
-    return [tokenizer.decode(r) for r in runs]
 
 
 def untrained_text(tokenizer, sample: encode.Sample) -> str:
@@ -313,7 +298,7 @@ def test_chat_rows_without_chat_template(tmp_path, tok):
 def test_jsonl_syntax_error_names_line(tmp_path, tok):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "one"}\n\n{"text": "two"\n{"text": "three"}\n')
-    with pytest.raises(DataError, match=r"line 3 is not valid JSON"):
+    with pytest.raises(DataError, match=r"line 3: not valid JSON"):
         D_build.build_data(DataConfig(path=str(path)), tok, 64, 0)
 
 
@@ -585,7 +570,7 @@ def test_cutting_rows_before_tokenising_changes_no_sample(tmp_path, tok, monkeyp
     monkeypatch.setattr(encode, "MAX_CHARS_PER_TOKEN", 10**9)
     whole = build(tmp_path / "b", rows, tok, max_length=64, train_on_inputs=fmt == "text")
     assert capped.train == whole.train and len(capped.train) >= 32
-    drop_source = lambda summary: {k: v for k, v in summary.to_json().items() if k != "source"}  # noqa: E731
+    drop_source = lambda summary: {k: v for k, v in summary.to_json().items() if k not in ("source", "sources")}  # noqa: E731
     assert drop_source(capped.summary) == drop_source(whole.summary)
     assert capped.summary.truncated >= 15
 
@@ -618,7 +603,7 @@ def test_a_row_of_very_long_tokens_falls_back_to_whole_row(tmp_path, tok, monkey
 def test_deeply_nested_json_row_is_a_data_error(tmp_path, tok):
     path = tmp_path / "deep.jsonl"
     path.write_text(json.dumps(arithmetic_rows(1)[0]) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
-    with pytest.raises(DataError, match="line 2 nests JSON too deeply"):
+    with pytest.raises(DataError, match="line 2: nests JSON too deeply"):
         D_build.build_data(DataConfig(path=str(path), val_fraction=0.0), tok, 64, 0)
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(DataError, match="nests JSON too deeply"):
