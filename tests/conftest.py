@@ -93,6 +93,29 @@ def arithmetic_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
+def trained_runs(tokenizer, sample: dict[str, list[int]]) -> list[str]:
+    """Decoded text of each contiguous run of labelled tokens (labels must equal input_ids)."""
+    runs: list[list[int]] = []
+    prev = False
+    for tid, lab in zip(sample["input_ids"], sample["labels"]):
+        on = lab != -100
+        if on:
+            assert lab == tid
+            if not prev:
+                runs.append([])
+            runs[-1].append(tid)
+        prev = on
+    return [tokenizer.decode(r) for r in runs]
+
+
+@pytest.fixture
+def fresh_tokenizer(tiny_llama: Path):
+    """A fresh copy of the tiny ChatML tokenizer (tests may change its template or add tokens)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
 def write_config(path: Path, model: Path, data_path: Path, output_dir: Path, **sections: dict[str, Any]) -> Path:
     """Write a small CPU config; ``sections`` override/extend model/lora/data/train."""
     cfg: dict[str, Any] = {
