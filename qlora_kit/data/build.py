@@ -138,7 +138,7 @@ def prepare_rows(sources: list[SourceData], tokenizer: PreTrainedTokenizerBase, 
     """Apply ``data.default_system_prompt`` to each source's rows, then fold system turns into the first user turn
     for templates without a system role; in place. Returns what happened to rows without a system turn."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    use = SystemPromptUse(policy, template_default_system(tokenizer) if has_template else None)
+    use = SystemPromptUse.of(policy, template_default_system(tokenizer) if has_template else None)
     takes_system = not has_template or template_takes_system(tokenizer)
     folded = 0
     for src in sources:

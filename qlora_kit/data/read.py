@@ -61,7 +61,7 @@ def read_source(path: str, split: str = "train", key: str = "data.path", subset:
     if p.suffix.lower() in LOCAL_SUFFIXES or path.startswith((".", "/", "~")) or not _HUB_NAME.match(path):
         where = "" if p.is_absolute() else f" (relative to the current directory {Path.cwd()})"
         raise DataError(f"data file {p} does not exist{where}", f"check {key}", key=key)
-    return read_hub(path, split, subset, max_rows, seed)
+    return read_hub(path, split, subset, max_rows, seed, key)
 
 
 def choose_rows(total: int, max_rows: int, seed: int) -> list[int]:
@@ -180,9 +180,10 @@ def read_csv(p: Path) -> list[tuple[int, Any]]:
         raise DataError(f"cannot read CSV file {p}: {exc}", "save it as UTF-8 CSV with a header line") from exc
 
 
-def read_hub(name: str, split: str, subset: str | None = None, max_rows: int | None = None, seed: int = 0) -> Source:
+def read_hub(name: str, split: str, subset: str | None = None, max_rows: int | None = None, seed: int = 0,
+             key: str = "data.path") -> Source:
     """Load a hub dataset split (of configuration ``subset``) with ``datasets.load_dataset``; with ``max_rows``,
-    only a seeded choice of rows (``Dataset.select``) is converted.
+    only a seeded choice of rows (``Dataset.select``) is converted. ``key``: the config key naming it.
 
     Raises:
         DataError: the dataset, subset or split does not exist, or the hub cannot be reached.
@@ -195,25 +196,26 @@ def read_hub(name: str, split: str, subset: str | None = None, max_rows: int | N
         ds = datasets.load_dataset(name, split=split) if subset is None else \
             datasets.load_dataset(name, subset, split=split)
     except DatasetNotFoundError as exc:
-        raise DataError(f"dataset {name!r} not found: not a local file and not on the hub", _HUB_HINT) from exc
+        raise DataError(f"dataset {name!r} not found: not a local file and not on the hub", _hub_hint(key),
+                        key=key) from exc
     except ConnectionError as exc:
         raise DataError(
-            f"data.path {name!r} is not a local file and the hub cannot be reached (offline?)",
-            "check the path, or download the dataset while online so it is cached",
+            f"{key} {name!r} is not a local file and the hub cannot be reached (offline?)",
+            "check the path, or download the dataset while online so it is cached", key=key,
         ) from exc
     except (ValueError, KeyError) as exc:
         first = shorten(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 300)
         if subset is not None and "config" in str(exc).lower():
             raise DataError(f"dataset {name!r} has no subset {subset!r}: {first}",
-                            "set the subset to one of the dataset's configurations") from exc
+                            "set the subset to one of the dataset's configurations", key=key) from exc
         if "split" in str(exc).lower():
             raise DataError(f"dataset {shown!r} has no split {split!r}: {first}",
-                            "set data.split to an existing split") from exc
-        raise DataError(f"cannot load dataset {shown!r}: {first}", _HUB_HINT) from exc
+                            "set the split to an existing one (data.split, or the entry's split)", key=key) from exc
+        raise DataError(f"cannot load dataset {shown!r}: {first}", _hub_hint(key), key=key) from exc
     except (OSError, datasets.exceptions.DatasetsError) as exc:
-        raise DataError(f"cannot load dataset {shown!r}: {shorten(str(exc), 300)}", _HUB_HINT) from exc
+        raise DataError(f"cannot load dataset {shown!r}: {shorten(str(exc), 300)}", _hub_hint(key), key=key) from exc
     if not hasattr(ds, "to_list"):
-        raise DataError(f"dataset {shown!r} split {split!r} did not load as one table", "set data.split")
+        raise DataError(f"dataset {shown!r} split {split!r} did not load as one table", "set data.split", key=key)
     fingerprint = getattr(ds, "_fingerprint", "")  # datasets' hash of the loaded split's content
     numbers = list(range(len(ds)))
     if max_rows is not None and max_rows < len(ds):
@@ -229,4 +231,5 @@ def read_hub(name: str, split: str, subset: str | None = None, max_rows: int | N
     return Source(label, records, "row", hashlib.sha256(token.encode()).hexdigest())
 
 
-_HUB_HINT = "check data.path: a local .jsonl/.json/.parquet/.csv file or a hub dataset name like org/name"
+def _hub_hint(key: str) -> str:
+    return f"check {key}: a local .jsonl/.json/.parquet/.csv file or a hub dataset name like org/name"

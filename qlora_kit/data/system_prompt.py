@@ -44,9 +44,14 @@ class SystemPromptUse:
     rows: int = 0  # conversation rows without a system turn
     text: str | None = None  # the system prompt those rows were trained with (None: none)
 
+    @classmethod
+    def of(cls, policy: str, template_default: str | None) -> "SystemPromptUse":
+        """For the ``data.default_system_prompt`` value ``policy`` (keep, drop, or a text)."""
+        return cls(policy if policy in ("keep", "drop") else "text", template_default)
+
     def describe(self) -> str | None:
         """One sentence for the summary, or None when nothing was inserted."""
-        if not self.rows or (self.policy != "drop" and self.text is None):
+        if not self.rows or (self.policy != "text" and not self.template_default):
             return None
         rows = f"{self.rows} row{'s' if self.rows != 1 else ''} without a system prompt"
         if self.policy == "keep":
@@ -69,7 +74,7 @@ def apply_system_policy(rows: list[Row], policy: str, template_default: str | No
     keep: unchanged (the template inserts its default, if any); drop: an empty system turn, so a template
     with a default does not insert it; any other text: that text as their system turn.
     """
-    use = SystemPromptUse(policy if policy in ("keep", "drop") else "text", template_default)
+    use = SystemPromptUse.of(policy, template_default)
     inserted = {"keep": None, "drop": "" if template_default else None}.get(policy, policy)
     use.text = template_default if policy == "keep" else inserted or None
     out = []
