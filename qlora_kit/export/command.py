@@ -19,7 +19,7 @@ from qlora_kit.core.files import publish_dir
 from qlora_kit.export import card, gguf_file, hf, llamacpp
 from qlora_kit.export.gguf_vocab import read_vocab
 from qlora_kit.export.merge import MERGE_BASES, MergeContext, Plan, plan_export
-from qlora_kit.export.modelfile import chat_format, write_modelfile
+from qlora_kit.export.modelfile import chat_format, use_run_system, write_modelfile
 from qlora_kit.export.publish import Terminated, check_target, sigterm_unwinds, staging_dir
 from qlora_kit.export.verify import verify_export
 from qlora_kit.export.verify_gguf import verify_gguf
@@ -199,7 +199,8 @@ def _export_gguf(run: finished.RunInfo, target: Path, ctx: MergeContext, quant: 
     tokenizer = AutoTokenizer.from_pretrained(run.run_dir / rundir.TOKENIZER, trust_remote_code=trust)
     _, eos = hf.export_generation_config(run, tokenizer)
     vocab = read_vocab(run.run_dir / rundir.TOKENIZER, tokenizer, model.n_vocab, eos)
-    chat = chat_format(tokenizer, eos, bos_added_by_runtime=vocab.add_bos)
+    chat = use_run_system(chat_format(tokenizer, eos, bos_added_by_runtime=vocab.add_bos),
+                          run.config.data.default_system_prompt)
     plan = plan_export(run, torch.float32)
     _require_space(run, target, _gguf_bytes(plan, quant))
     name = gguf_file.gguf_file_name(target, quant)

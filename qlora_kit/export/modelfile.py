@@ -231,6 +231,23 @@ def chat_format(tokenizer: Any, stop_ids: list[int], bos_added_by_runtime: bool)
                               "stored in the GGUF)")
 
 
+def use_run_system(fmt: ChatFormat, policy: str) -> ChatFormat:
+    """The Modelfile's SYSTEM as the run trained rows without a system prompt (``data.default_system_prompt``):
+    keep: the template's default; a text: that text; drop: none (with a warning when the template had one: the
+    run trained an empty system turn, which Ollama's template leaves out)."""
+    if policy == "keep":
+        return fmt
+    if policy != "drop":
+        fmt.system = policy
+        return fmt
+    if fmt.system:
+        note = ("the run trained rows without a system prompt with an empty system turn (data.default_system_prompt: "
+                "drop); the Modelfile has no SYSTEM, so Ollama leaves the system turn out instead")
+        fmt.warning = f"{fmt.warning}; {note}" if fmt.warning else note
+    fmt.system = None
+    return fmt
+
+
 def stop_strings(tokenizer: Any, stop_ids: list[int]) -> list[str]:
     """The text of each stop token (EOS, end of turn), in order, without duplicates."""
     texts = [tokenizer.convert_ids_to_tokens(int(i)) for i in stop_ids]
