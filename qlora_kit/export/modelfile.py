@@ -248,6 +248,19 @@ def use_run_system(fmt: ChatFormat, policy: str) -> ChatFormat:
     return fmt
 
 
+TOOLS_NOTE = ("the run trained tool calls, which this Modelfile's TEMPLATE does not render (Ollama writes tool "
+              "lists and calls as its own JSON, not as the training text); for tool calling use the chat template "
+              "stored in the GGUF (llama.cpp's llama-server --jinja, LM Studio) or the HF export (vLLM, transformers), "
+              "which render tools exactly as in training")
+
+
+def note_tools(fmt: ChatFormat, trained_tools: bool) -> ChatFormat:
+    """Add :data:`TOOLS_NOTE` to the warnings of a run that trained on tool calls."""
+    if trained_tools:
+        fmt.warning = f"{fmt.warning}; {TOOLS_NOTE}" if fmt.warning else TOOLS_NOTE
+    return fmt
+
+
 def stop_strings(tokenizer: Any, stop_ids: list[int]) -> list[str]:
     """The text of each stop token (EOS, end of turn), in order, without duplicates."""
     texts = [tokenizer.convert_ids_to_tokens(int(i)) for i in stop_ids]
@@ -257,7 +270,9 @@ def stop_strings(tokenizer: Any, stop_ids: list[int]) -> list[str]:
 def write_modelfile(fmt: ChatFormat, gguf_name: str, title: str) -> str:
     """The Modelfile text: FROM the GGUF beside it, TEMPLATE, default SYSTEM, one stop line per stop token."""
     lines = [f"# Ollama Modelfile for {title}, written by qlora-kit (chat format: {fmt.family})",
-             f"# ollama create {title} -f Modelfile", f"FROM ./{gguf_name}", f'TEMPLATE """{fmt.template}"""']
+             f"# ollama create {title} -f Modelfile"]
+    lines += [f"# warning: {fmt.warning}"] if fmt.warning else []
+    lines += [f"FROM ./{gguf_name}", f'TEMPLATE """{fmt.template}"""']
     if fmt.system:
         lines.append(f'SYSTEM """{fmt.system}"""')
     lines += [f'PARAMETER stop "{_quote(s)}"' for s in fmt.stops]

@@ -108,3 +108,6 @@ def test_export_keeps_the_tool_template_and_checks_tool_rows(mix_run: Path, tmp_
     assert bytes(field.parts[field.data[0]]).decode() == QWEN25_TOOLS  # tool rendering included
     modelfile = (gguf / "Modelfile").read_text()
     assert "chat format: chatml" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "# warning: the run trained tool calls, which this Modelfile's TEMPLATE does not render" in modelfile
+    report = json.loads((gguf / "export_report.json").read_text())
+    assert any("llama-server --jinja" in w for w in report["modelfile"]["warnings"])
