@@ -55,16 +55,11 @@ def build_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: 
     specs = source_specs(cfg)
     sources = [load_source(spec, has_template, seed, cfg.max_bad_fraction, announce=len(specs) == 1)
                for spec in specs]
-    shared = None  # data.val_path beside data.datasets: validation rows for all sources
-    if cfg.datasets is not None and cfg.val_path:
-        spec = SourceSpec("data.val_path", cfg.val_path, cfg.format, cfg.split)
-        part = load_and_parse(cfg.val_path, spec, "data.val_path", has_template, seed, announce=False)
-        check_bad_fraction(part, cfg.max_bad_fraction)
-        shared = SourceData(spec, part, val_rows=pick(part.rows, cfg.val_max_rows, random.Random(seed)))
-        for src in sources:
-            src.train_rows = src.part.rows
-    else:
+    shared = shared_validation(cfg, has_template, seed)
+    if shared is None:
         split_sources(sources, cfg.val_fraction, cfg.val_max_rows, seed)
+    for src in sources if shared is not None else ():
+        src.train_rows = src.part.rows
     everything = sources + ([shared] if shared else [])
     check_tools(tokenizer, everything, model_name)
     system = prepare_rows(everything, tokenizer, cfg.default_system_prompt)
@@ -81,16 +76,33 @@ def build_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: 
     label = sources[0].part.source.label if len(sources) == 1 else f"the {len(sources)} data sources"
     check_trainable([e for s in everything for e in s.train_enc + s.val_enc], train, max_length,
                     cfg.train_on_inputs, label)
+    val, heldout = validation_samples(everything, chat)
+    summary = summarize(sources, shared, tokenizer, max_length, cfg.train_on_inputs, system)
+    log_summary_line(summary)
+    return DataBundle(train, val, heldout, summary, fingerprint(sources, shared.part if shared else None))
+
+
+def shared_validation(cfg: DataConfig, has_template: bool, seed: int) -> SourceData | None:
+    """``data.val_path`` beside ``data.datasets``: one validation source for all (at most ``val_max_rows`` rows)."""
+    if cfg.datasets is None or not cfg.val_path:
+        return None
+    spec = SourceSpec("data.val_path", cfg.val_path, cfg.format, cfg.split)
+    part = load_and_parse(cfg.val_path, spec, "data.val_path", has_template, seed, announce=False)
+    check_bad_fraction(part, cfg.max_bad_fraction)
+    return SourceData(spec, part, val_rows=pick(part.rows, cfg.val_max_rows, random.Random(seed)))
+
+
+def validation_samples(sources: list[SourceData], chat: ChatSpans | None
+                       ) -> tuple[list[Sample], list[dict[str, Any]]]:
+    """Every source's validation samples, and the held-out row (prompt + reference) of each."""
     val, heldout = [], []
-    for src in everything:
+    for src in sources:
         by_number = {r.number: r for r in src.val_rows}
         for e in src.val_enc:
             if e.sample is not None:
                 val.append(e.sample)
                 heldout.append(make_heldout(by_number[e.number], chat))
-    summary = summarize(sources, shared, tokenizer, max_length, cfg.train_on_inputs, system)
-    log_summary_line(summary)
-    return DataBundle(train, val, heldout, summary, fingerprint(sources, shared.part if shared else None))
+    return val, heldout
 
 
 def load_source(spec: SourceSpec, has_template: bool, seed: int, max_bad_fraction: float, announce: bool

@@ -132,8 +132,7 @@ def summarize(
         bad_rows=[n for n, _ in first.part.bad] if single else [],
         row_unit=unit,
         bad_row_reasons=reasons,
-        val_source=val_part.source.label if val_part else None if single or not any(s.val_part for s in sources)
-        else "each source's val_path",
+        val_source=val_part.source.label if val_part else _val_files(sources),
         val_bad_rows=[n for n, _ in val_part.bad] if val_part and (single or shared) else [],
         train_rows=len(train),
         val_rows=len(val),
@@ -157,6 +156,14 @@ def summarize(
         summary.length_histogram = length_histogram(lengths)
         summary.preview = preview_pieces(train[0], tokenizer)
     return summary
+
+
+def _val_files(sources: list[SourceData]) -> str | None:
+    """Where validation rows of several sources come from when some have their own val_path."""
+    own = [s.spec.key for s in sources if s.val_part is not None]
+    if len(sources) < 2 or not own:
+        return None
+    return f"the val_path of {', '.join(own)}" + ("" if len(own) == len(sources) else "; a split of the others")
 
 
 def _bad_of(src: SourceData) -> list[tuple[int, str]]:
