@@ -1,4 +1,4 @@
-"""``qlora-kit`` command line: train, export, generate, chat, plan, doctor.
+"""``qlora-kit`` command line: train, data, export, generate, chat, plan, doctor.
 
 Each command is a thin shell over one module.  Errors the user can fix are printed as
 one line (``error: ...`` / ``fix: ...``) with a documented exit status; ``--debug``
@@ -186,10 +186,17 @@ def train(
     skip_memory_check: bool = typer.Option(
         False, "--skip-memory-check", help="Train even when the memory plan predicts it will not fit."
     ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Only read, audit and tokenise the data and print its summary (as `qlora-kit data`)."
+    ),
 ) -> None:
     """Fine-tune: NF4 base + LoRA adapters, SFT on your data; writes OUTPUT_DIR/adapter."""
 
     def body() -> int:
+        if dry_run:
+            from qlora_kit.commands.data import run_data
+
+            return run_data(config, set_ or [])
         from qlora_kit.train import distributed
         from qlora_kit.train.recipe import run_training
 
@@ -198,6 +205,24 @@ def train(
                                 skip_memory_check=skip_memory_check)
 
     _run(body, "train")
+
+
+@app.command()
+def data(
+    config: Path = typer.Argument(..., help="YAML config (the one you would train with)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override: section.key=value (YAML value)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (as data_summary.json holds it)."),
+) -> None:
+    """Dry run of the data: read, audit, tokenise and mix it as `train` would; print the summary and a masked
+    preview per source; write nothing (only the tokenizer is loaded). Exits 0, or 2 on the errors train stops at."""
+
+    def body() -> int:
+        _one_process_only("data")
+        from qlora_kit.commands.data import run_data
+
+        return run_data(config, set_ or [], as_json=as_json)
+
+    _run(body)
 
 
 @app.command()

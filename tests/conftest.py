@@ -97,6 +97,14 @@ def arithmetic_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
+@pytest.fixture
+def fresh_tokenizer(tiny_llama: Path):
+    """A fresh copy of the tiny ChatML tokenizer (tests may change its template or add tokens)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
 def write_config(path: Path, model: Path, data_path: Path, output_dir: Path, **sections: dict[str, Any]) -> Path:
     """Write a small CPU config; ``sections`` override/extend model/lora/data/train."""
     cfg: dict[str, Any] = {

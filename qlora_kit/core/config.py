@@ -23,6 +23,8 @@ from qlora_kit.core.safe_yaml import MAX_CONFIG_BYTES, parse_yaml, read_yaml
 DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
 AdapterType = Literal["lora", "adalora", "vera"]
 AdapterInit = Literal["default", "lora_ga", "loftq", "pissa", "olora"]
+# Chat templates qlora-kit ships (qlora_kit/model/chat_templates/<name>.jinja), for models without one.
+CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "mistral")
 
 
 class _Section(BaseModel):
@@ -35,13 +37,29 @@ class ModelConfig(_Section):
     name_or_path: str = Field(description="Hub id, local HF model directory, or a local .gguf file.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Run model code from the hub repo. Off unless you trust it.")
-    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's.")
+    chat_template: str | None = Field(
+        None,
+        description="The chat template: a name qlora-kit ships (chatml, llama3, mistral; all render tools) or a "
+                    "Jinja template; overrides the tokenizer's. Needed for chat rows on a base model without one.",
+    )
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="auto: bf16 on CUDA (fp16 on cards without bf16), float32 on CPU."
     )
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base.")
     double_quant: bool = Field(True, description="Quantise the quantisation constants too (~0.4 bit/param saved).")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_name_or_jinja(cls, value: str | None) -> str | None:
+        if value is None or value in CHAT_TEMPLATE_NAMES or "{{" in value or "{%" in value:
+            return value
+        if not value.strip():
+            raise ValueError("is empty: name a template (" + ", ".join(CHAT_TEMPLATE_NAMES) + ") or give a Jinja one")
+        match = difflib.get_close_matches(value.strip().lower(), CHAT_TEMPLATE_NAMES, n=1, cutoff=0.5)
+        mean = f"did you mean {match[0]!r}? " if match else ""
+        raise ValueError(f"is neither a template name qlora-kit ships nor a Jinja template ({mean}names: "
+                         + ", ".join(CHAT_TEMPLATE_NAMES) + ")")
 
 
 class LoraConfig(_Section):
@@ -128,10 +146,28 @@ class LoraConfig(_Section):
         return self
 
 
+class DatasetConfig(_Section):
+    """One entry of ``data.datasets``: a source read, audited and split on its own, then mixed by weight."""
+
+    path: str = Field(description="Local .jsonl/.json/.parquet/.csv file, or a hub dataset name.")
+    format: DataFormat | None = Field(None, description="Row format of this source (default: data.format).")
+    split: str | None = Field(None, description="Hub split (default: data.split).")
+    subset: str | None = Field(None, description="Hub dataset configuration name (load_dataset's `name`).")
+    weight: float | None = Field(
+        None, gt=0, le=1000,
+        description="Times each training row of this source is used per epoch: 2 doubles it, 0.5 keeps a seeded "
+                    "half (default 1).",
+    )
+    max_rows: int | None = Field(None, gt=0, description="Use at most this many rows (a seeded random choice).")
+    val_path: str | None = Field(None, description="Validation file of this source; else a split of its rows.")
+
+
 class DataConfig(_Section):
     """Where the training rows come from and how they become tokens."""
 
-    path: str = Field(description="Local .jsonl/.json/.parquet/.csv file, or a hub dataset name.")
+    path: str | None = Field(
+        None, description="Local .jsonl/.json/.parquet/.csv file, or a hub dataset name (or data.datasets)."
+    )
     format: DataFormat = Field("auto", description="Row format; auto-detected from the first rows when 'auto'.")
     split: str = Field("train", description="Split to read from a hub dataset.")
     val_path: str | None = Field(None, description="Separate validation file; else a split of `path`.")
@@ -147,6 +183,51 @@ class DataConfig(_Section):
     max_bad_fraction: float = Field(
         0.01, ge=0.0, le=1.0, description="Abort when more than this fraction of rows is malformed."
     )
+    subset: str | None = Field(None, description="Hub dataset configuration name of data.path.")
+    max_rows: int | None = Field(None, gt=0, description="Use at most this many rows of data.path (seeded choice).")
+    datasets: list[DatasetConfig] | None = Field(
+        None,
+        description="Several sources instead of data.path: each with path, format, split, subset, weight or "
+                    "max_rows, val_path; each audited on its own, validation rows from every one.",
+    )
+    default_system_prompt: str = Field(
+        "keep",
+        description="Rows without a system turn: keep (the template's default system prompt, if it has one), drop "
+                    "(an empty system turn instead of the default), or a text to use as their system prompt.",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind_of_source(self) -> "DataConfig":
+        if self.path is not None and self.datasets is not None:
+            raise ValueError("data.path and data.datasets are both set: use data.path for one source or "
+                             "data.datasets for several (move data.path into the list)")
+        if self.path is None and self.datasets is None:
+            raise ValueError("data.path or data.datasets is required (the training rows)")
+        if self.datasets is None:
+            return self
+        if not self.datasets:
+            raise ValueError("data.datasets is an empty list; give at least one entry with a path")
+        given = [k for k in ("subset", "max_rows") if getattr(self, k) is not None]
+        if given:
+            raise ValueError(f"data.{given[0]} applies to data.path; with data.datasets set it per entry")
+        if self.val_path is not None and any(d.val_path for d in self.datasets):
+            raise ValueError("data.val_path (validation for every source) and a per-entry val_path are both set; "
+                             "keep one of them")
+        seen: dict[tuple[Any, ...], int] = {}
+        for i, d in enumerate(self.datasets, 1):
+            key = (d.path, d.split or self.split, d.subset)
+            if key in seen:
+                raise ValueError(f"data.datasets[{seen[key]}] and data.datasets[{i}] are the same source "
+                                 f"({short_repr(d.path, 60)}); give it once, with a weight")
+            seen[key] = i
+        return self
+
+    @field_validator("default_system_prompt")
+    @classmethod
+    def _keep_drop_or_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty: use keep, drop, or the system prompt's text")
+        return value
 
 
 class TrainConfig(_Section):
@@ -325,7 +406,37 @@ def _unknown_key_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
             for sub in value:
                 if sub not in fields:
                     problems.append((f"{key}.{sub}"[:200], f"unknown key {short_repr(f'{key}.{sub}')}{_suggest(str(sub)[:100], key)}"))
+            if key == "data":
+                problems += _unknown_entry_keys(value.get("datasets"))
     return problems
+
+
+def _unknown_entry_keys(entries: Any) -> list[tuple[str, str]]:
+    """Unknown keys inside the entries of ``data.datasets`` (``data.datasets[2].wieght``), with the closest name."""
+    if not isinstance(entries, list):
+        return []
+    fields = list(DatasetConfig.model_fields)
+    problems = []
+    for i, entry in enumerate(entries, 1):
+        for sub in entry if isinstance(entry, dict) else ():
+            if sub not in fields:
+                where = f"data.datasets[{i}].{str(sub)[:100]}"
+                problems.append(("data.datasets", f"unknown key {short_repr(where)}{_closest(str(sub)[:100], fields)}"))
+    return problems
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    """A pydantic error location as a config key: ``data.datasets[2].weight`` (list entries counted from 1)."""
+    out = ""
+    for part in loc:
+        text = str(part)
+        if text.startswith(("function-after", "literal[", "list[")):
+            continue
+        if isinstance(part, int):
+            out += f"[{part + 1}]"
+        else:
+            out += ("." if out else "") + text[:60]
+    return out
 
 
 def _format_validation_error(exc: ValidationError) -> list[tuple[str, str]]:
@@ -333,8 +444,7 @@ def _format_validation_error(exc: ValidationError) -> list[tuple[str, str]]:
     for err in exc.errors():
         if err["type"] == "extra_forbidden":
             continue  # reported with a suggestion by _unknown_key_problems
-        loc = ".".join(str(p)[:60] for p in err["loc"]
-                       if not str(p).startswith(("function-after", "literal[", "list[")))
+        loc = _location(err["loc"])
         msg = shorten(err["msg"].removeprefix("Value error, "), 300)
         got = err.get("input")
         shown = "" if err["type"] == "missing" or isinstance(got, dict) else f" (got {short_repr(got)})"
@@ -344,6 +454,7 @@ def _format_validation_error(exc: ValidationError) -> list[tuple[str, str]]:
 
 def _where(key: str, origin: str, overrides: dict[str, str]) -> str:
     """Where the value of ``key`` came from: its ``--set`` argument, else the config file."""
+    key = key.split("[")[0]  # data.datasets[2].weight: set with the whole list
     if key in overrides:
         return f"--set {overrides[key]}"
     inside = [item for k, item in overrides.items() if not key or k.startswith(key + ".")]
@@ -400,7 +511,7 @@ def attribute_origin(exc: BaseException, sources: dict[str, str]) -> None:
     key = getattr(exc, "key", None)
     if not isinstance(exc, QloraKitError) or not key:
         return
-    origin = sources.get(key, "default")
+    origin = sources.get(key) or sources.get(key.split("[")[0], "default")  # data.datasets[2].path: the list's
     if origin == "override --set":
         said = f"it was given with --set {key}=..."
     elif origin.startswith("file "):

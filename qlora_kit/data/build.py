@@ -13,10 +13,21 @@ if TYPE_CHECKING:
 from qlora_kit.core.config import DataConfig
 from qlora_kit.core.errors import DataError
 from qlora_kit.data.encode import Encoded, Sample, encode_rows
-from qlora_kit.data.formats import CHAT_FORMATS, Parsed, Row, parse_rows, resolve_format
-from qlora_kit.data.labels import fold_system_rows, make_chat_spans, template_takes_system
-from qlora_kit.data.read import read_source
+from qlora_kit.data.formats import Parsed, Row, RowProblem
+from qlora_kit.data.labels import ChatSpans, fold_system_rows, make_chat_spans, template_takes_system
+from qlora_kit.data.sources import (
+    SourceData,
+    SourceSpec,
+    fingerprint,
+    load_and_parse,
+    pick,
+    source_specs,
+    split_sources,
+    weighted,
+)
 from qlora_kit.data.summary import DataSummary, log_summary_line, summarize
+from qlora_kit.data.system_prompt import SystemPromptUse, apply_system_policy, template_default_system
+from qlora_kit.data.tools import tool_needs, tool_support_problem
 
 log = logging.getLogger("qlora_kit")
 
@@ -32,88 +43,173 @@ class DataBundle:
     fingerprint: dict[str, Any]
 
 
-def build_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int) -> DataBundle:
-    """Read, check, tokenise and split the data described by ``cfg``.
+def build_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int,
+               model_name: str | None = None) -> DataBundle:
+    """Read, check, tokenise, split and mix the data described by ``cfg`` (``model_name``: for messages).
 
     Raises:
         DataError: unreadable or malformed input, too many bad rows, no chat template for
-            chat rows, or nothing left to train on.
+            chat rows, a template that cannot render the rows' tool calls, or nothing left to train on.
     """
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    train_part = load_and_parse(cfg.path, cfg, has_template)
-    val_part = load_and_parse(cfg.val_path, cfg, has_template, "data.val_path") if cfg.val_path else None
-    if val_part is not None:
-        if val_part.format != train_part.format:
-            log.info("data format of data.val_path: %s (auto-detected)", val_part.format)
-        train_rows, val_rows = train_part.rows, cap_rows(val_part.rows, cfg.val_max_rows, seed)
-    else:
-        train_rows, val_rows = split_rows(train_part.rows, cfg.val_fraction, cfg.val_max_rows, seed)
-    if has_template and not template_takes_system(tokenizer):
-        (train_rows, folded), (val_rows, folded_val) = fold_system_rows(train_rows), fold_system_rows(val_rows)
-        if folded + folded_val:
-            log.info("the chat template has no system role: the system prompt of %d rows goes before their first "
-                     "user message (prompt the trained model the same way; `qlora-kit generate --system` does)",
-                     folded + folded_val)
-    train_enc, val_enc = encode_splits(train_rows, val_rows, train_part, val_part, tokenizer, max_length, cfg)
-    train = [e.sample for e in train_enc if e.sample is not None]
-    check_trainable(train_enc + val_enc, train, max_length, cfg.train_on_inputs, train_part.source.label)
-    kept_val = [e for e in val_enc if e.sample is not None]
-    val_by_number = {r.number: r for r in val_rows}
-    heldout = [make_heldout(val_by_number[e.number]) for e in kept_val]
-    summary = summarize(train_part, val_part, train_enc, val_enc, tokenizer, max_length, cfg.train_on_inputs)
+    specs = source_specs(cfg)
+    sources = [load_source(spec, has_template, seed, cfg.max_bad_fraction, announce=len(specs) == 1)
+               for spec in specs]
+    shared = shared_validation(cfg, has_template, seed)
+    if shared is None:
+        split_sources(sources, cfg.val_fraction, cfg.val_max_rows, seed)
+    for src in sources if shared is not None else ():
+        src.train_rows = src.part.rows
+    everything = sources + ([shared] if shared else [])
+    check_tools(tokenizer, everything, model_name)
+    system = prepare_rows(everything, tokenizer, cfg.default_system_prompt)
+    chat = make_chat_spans(tokenizer, [r for s in everything for r in s.train_rows + s.val_rows])
+    for src in everything:
+        encode_source(src, tokenizer, max_length, cfg, chat)
+    if chat is not None and chat.searched_turns:
+        log.info("the chat template renders earlier turns differently: %d %s located by text search",
+                 chat.searched_turns, "reply" if chat.searched_turns == 1 else "replies")
+    for index, src in enumerate(sources):
+        src.mixed = weighted([e.sample for e in src.train_enc if e.sample is not None], src.spec.weight, seed, index)
+    train = [sample for src in sources for sample in src.mixed]
+    warn_empty_sources(sources, max_length)
+    label = sources[0].part.source.label if len(sources) == 1 else f"the {len(sources)} data sources"
+    check_trainable([e for s in everything for e in s.train_enc + s.val_enc], train, max_length,
+                    cfg.train_on_inputs, label)
+    val, heldout = validation_samples(everything, chat)
+    summary = summarize(sources, shared, tokenizer, max_length, cfg.train_on_inputs, system)
     log_summary_line(summary)
-    return DataBundle(train, [e.sample for e in kept_val], heldout, summary, make_fingerprint(train_part, val_part))
+    return DataBundle(train, val, heldout, summary, fingerprint(sources, shared.part if shared else None))
 
 
-def encode_splits(
-    train_rows: list[Row],
-    val_rows: list[Row],
-    train_part: Parsed,
-    val_part: Parsed | None,
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    cfg: DataConfig,
-) -> tuple[list[Encoded], list[Encoded]]:
-    """Tokenise both splits; rows the chat template rejects count as bad rows of their file.
+def shared_validation(cfg: DataConfig, has_template: bool, seed: int) -> SourceData | None:
+    """``data.val_path`` beside ``data.datasets``: one validation source for all (at most ``val_max_rows`` rows)."""
+    if cfg.datasets is None or not cfg.val_path:
+        return None
+    spec = SourceSpec("data.val_path", cfg.val_path, cfg.format, cfg.split)
+    part = load_and_parse(cfg.val_path, spec, "data.val_path", has_template, seed, announce=False)
+    check_bad_fraction(part, cfg.max_bad_fraction)
+    return SourceData(spec, part, val_rows=pick(part.rows, cfg.val_max_rows, random.Random(seed)))
+
+
+def validation_samples(sources: list[SourceData], chat: ChatSpans | None
+                       ) -> tuple[list[Sample], list[dict[str, Any]]]:
+    """Every source's validation samples, and the held-out row (prompt + reference) of each."""
+    val, heldout = [], []
+    for src in sources:
+        by_number = {r.number: r for r in src.val_rows}
+        for e in src.val_enc:
+            if e.sample is not None:
+                val.append(e.sample)
+                heldout.append(make_heldout(by_number[e.number], chat))
+    return val, heldout
+
+
+def load_source(spec: SourceSpec, has_template: bool, seed: int, max_bad_fraction: float, announce: bool
+                ) -> SourceData:
+    """Read and parse one source and its own validation file (if any); check their share of bad rows.
+
+    Raises:
+        DataError: see :func:`load_and_parse`; too many bad rows.
+    """
+    part = load_and_parse(spec.path, spec, spec.path_key, has_template, seed, announce)
+    if not announce:
+        log.info("%s: %s, format %s%s", spec.key, part.source.label, part.format,
+                 " (auto-detected)" if part.detected else "")
+    check_bad_fraction(part, max_bad_fraction)
+    val_part = None
+    if spec.val_path:
+        val_part = load_and_parse(spec.val_path, spec, spec.val_key, has_template, seed, announce=False)
+        if val_part.format != part.format:
+            log.info("data format of %s: %s (auto-detected)", spec.val_key, val_part.format)
+        check_bad_fraction(val_part, max_bad_fraction)
+    return SourceData(spec, part, val_part)
+
+
+def check_tools(tokenizer: PreTrainedTokenizerBase, sources: list[SourceData], model_name: str | None) -> None:
+    """Refuse a chat template that cannot render the tool calls, tool results or tool lists the rows hold.
+
+    Raises:
+        DataError: naming the model, what the template leaves out, and the fix.
+    """
+    parts = [p for s in sources for p in (s.part, s.val_part) if p is not None]
+    needs = tool_needs([(r.messages, r.tools) for p in parts for r in p.rows if r.messages is not None])
+    problem = tool_support_problem(tokenizer, needs)
+    if problem is None:
+        return
+    rows = sum(1 for p in parts for r in p.rows if r.messages is not None and tool_needs([(r.messages, r.tools)]))
+    raise DataError(
+        f"{rows} rows call tools, but the chat template of {model_name or 'the model'} cannot render them: {problem}",
+        "set model.chat_template: chatml, llama3 or mistral (qlora-kit's templates render tools) or a Jinja "
+        "template that renders `tools`, `tool_calls` and `role: tool` turns",
+        key="model.chat_template",
+    )
+
+
+def prepare_rows(sources: list[SourceData], tokenizer: PreTrainedTokenizerBase, policy: str) -> SystemPromptUse:
+    """Apply ``data.default_system_prompt`` to each source's rows, then fold system turns into the first user turn
+    for templates without a system role; in place. Returns what happened to rows without a system turn."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    use = SystemPromptUse.of(policy, template_default_system(tokenizer) if has_template else None)
+    takes_system = not has_template or template_takes_system(tokenizer)
+    folded = 0
+    for src in sources:
+        (src.train_rows, train_use), (src.val_rows, val_use) = (
+            apply_system_policy(rows, policy, use.template_default) for rows in (src.train_rows, src.val_rows))
+        use.rows += train_use.rows + val_use.rows
+        use.text = train_use.text
+        if not takes_system:
+            (src.train_rows, n_train), (src.val_rows, n_val) = map(fold_system_rows, (src.train_rows, src.val_rows))
+            folded += n_train + n_val
+    if folded:
+        log.info("the chat template has no system role: the system prompt of %d rows goes before their first "
+                 "user message (prompt the trained model the same way; `qlora-kit generate --system` does)", folded)
+    if (said := use.describe()) is not None:
+        log.info("%s", said)
+    return use
+
+
+def encode_source(src: SourceData, tokenizer: PreTrainedTokenizerBase, max_length: int, cfg: DataConfig,
+                  chat: ChatSpans | None) -> None:
+    """Tokenise a source's train and validation rows; rows the chat template rejects count as bad rows of
+    their file.
 
     Raises:
         DataError: too many bad rows once template failures are counted.
     """
-    chat = make_chat_spans(tokenizer, train_rows + val_rows)
-    train_enc, train_bad = encode_rows(train_rows, tokenizer, max_length, cfg.train_on_inputs, chat, "train")
-    val_enc, val_bad = encode_rows(val_rows, tokenizer, max_length, cfg.train_on_inputs, chat, "val")
-    if chat is not None and chat.searched_turns:
-        log.info("the chat template renders earlier turns differently: %d %s located by text search",
-                 chat.searched_turns, "reply" if chat.searched_turns == 1 else "replies")
-    train_part.bad += train_bad + (val_bad if val_part is None else [])
-    if val_part is not None:
-        val_part.bad += val_bad
-    for part in (train_part, val_part):
+    name = "" if src.spec.key == "data.path" else f"{src.spec.key} "
+    src.train_enc, train_bad = encode_rows(src.train_rows, tokenizer, max_length, cfg.train_on_inputs, chat,
+                                           f"{name}train")
+    src.val_enc, val_bad = encode_rows(src.val_rows, tokenizer, max_length, cfg.train_on_inputs, chat, f"{name}val")
+    src.part.bad += train_bad + (val_bad if src.val_part is None else [])
+    if src.val_part is not None:
+        src.val_part.bad += val_bad
+    for part in (src.part, src.val_part):
         if part is not None:
-            check_bad_fraction(part, cfg.max_bad_fraction)
-            log_bad_rows(part)
-    return train_enc, val_enc
+            finish_bad_rows(part, cfg.max_bad_fraction)
 
 
-def load_and_parse(path: str, cfg: DataConfig, has_template: bool, key: str = "data.path") -> Parsed:
-    """Read one data source (named by config ``key``), resolve its format, parse its rows and report bad ones.
+def finish_bad_rows(part: Parsed, max_bad_fraction: float) -> None:
+    """Check a file's share of bad rows (parse and template failures) and list the skipped ones.
 
     Raises:
-        DataError: see ``read_source``/``resolve_format``; chat rows without a chat template.
+        DataError: too many bad rows.
     """
-    source = read_source(path, cfg.split, key)
-    fmt, detected = resolve_format(cfg.format, source, announce=key == "data.path")
-    if fmt in CHAT_FORMATS and not has_template:
-        raise DataError(
-            f"the data is in {fmt!r} chat format but the tokenizer has no chat template",
-            "set model.chat_template (a Jinja template) or use a chat/instruct model",
-        )
-    if fmt in ("alpaca", "prompt_completion") and not has_template:
-        log.warning("tokenizer has no chat template: %s rows are trained as plain prompt + completion text", fmt)
-    rows, bad = parse_rows(source, fmt, has_template)
-    parsed = Parsed(rows, bad, len(source.records), source, fmt, detected)
-    check_bad_fraction(parsed, cfg.max_bad_fraction)
-    return parsed
+    check_bad_fraction(part, max_bad_fraction)
+    log_bad_rows(part)
+
+
+def warn_empty_sources(sources: list[SourceData], max_length: int) -> None:
+    """Say which source of several adds no training sample (all its rows cut or without replies)."""
+    if len(sources) < 2:
+        return
+    for src in sources:
+        if src.mixed or not src.train_enc:
+            continue
+        cut = sum(e.cut_to_zero for e in src.train_enc)
+        why = (f"{cut} of its {len(src.train_enc)} training rows lost every trained token to truncation; raise "
+               f"train.max_length (now {max_length})" if cut else "its rows have no token to train on")
+        log.warning("%s (%s) adds no training sample: %s", src.spec.key, src.part.source.label, why)
 
 
 def check_bad_fraction(parsed: Parsed, max_bad_fraction: float) -> None:
@@ -181,35 +277,19 @@ def check_trainable(
     )
 
 
-def split_rows(rows: list[Row], fraction: float, max_rows: int, seed: int) -> tuple[list[Row], list[Row]]:
-    """Seeded random hold-out: round(fraction·n) rows (≥1 when fraction>0 and n≥2), capped at max_rows."""
-    n = len(rows)
-    if fraction <= 0 or n < 2:
-        return rows, []
-    n_val = min(max(1, round(n * fraction)), max_rows, n - 1)
-    if n_val <= 0:
-        return rows, []
-    picked = set(random.Random(seed).sample(range(n), n_val))
-    return [r for i, r in enumerate(rows) if i not in picked], [r for i, r in enumerate(rows) if i in picked]
-
-
-def cap_rows(rows: list[Row], max_rows: int, seed: int) -> list[Row]:
-    """At most ``max_rows`` rows of a separate validation file (a seeded sample, in file order)."""
-    if len(rows) <= max_rows:
-        return rows
-    log.info("using %d of %d validation rows (data.val_max_rows)", max_rows, len(rows))
-    keep = set(random.Random(seed).sample(range(len(rows)), max_rows))
-    return [r for i, r in enumerate(rows) if i in keep]
-
-
-def make_heldout(row: Row) -> dict[str, Any]:
-    """Prompt and reference answer of a validation row, for generation checks."""
+def make_heldout(row: Row, chat: ChatSpans | None = None) -> dict[str, Any]:
+    """Prompt and reference answer of a validation row, for generation checks (with the row's tool list; the
+    reference of a tool-calling turn is the text the template renders for it)."""
     if row.messages is not None:
+        tools = {"tools": row.tools} if row.tools else {}
         turns = row.train_turns or tuple(i for i, m in enumerate(row.messages) if m["role"] == "assistant")
         if not turns:
-            return {"messages": list(row.messages), "reference": ""}
+            return {"messages": list(row.messages), **tools, "reference": ""}
         last = turns[-1]
-        return {"messages": [dict(m) for m in row.messages[:last]], "reference": row.messages[last]["content"]}
+        reference = row.messages[last]["content"]
+        if row.messages[last].get("tool_calls") and chat is not None:
+            reference = rendered_turn(chat, row, last) or reference
+        return {"messages": [dict(m) for m in row.messages[:last]], **tools, "reference": reference}
     if row.prompt is not None:
         return {"prompt": row.prompt, "reference": row.completion}
     text = row.text or ""
@@ -218,12 +298,14 @@ def make_heldout(row: Row) -> dict[str, Any]:
     return {"prompt": text[:cut], "reference": text[cut:]}
 
 
-def make_fingerprint(train: Parsed, val: Parsed | None) -> dict[str, Any]:
-    """Identity of the data for the run manifest: paths, sha256s and format."""
-    return {
-        "path": train.source.label,
-        "sha256": train.source.sha256,
-        "val_path": val.source.label if val else None,
-        "val_sha256": val.source.sha256 if val else None,
-        "format": train.format,
-    }
+def rendered_turn(chat: ChatSpans, row: Row, turn: int) -> str | None:
+    """The text the chat template writes for assistant turn ``turn`` of ``row``, without its end-of-turn text."""
+    assert row.messages is not None
+    try:
+        text, spans = chat.locate(row.messages[: turn + 1], (turn,), row.tools)
+    except RowProblem:
+        return None
+    if not spans:
+        return None
+    piece = text[spans[-1][0]:spans[-1][1]]
+    return piece[: -len(chat.end_of_turn)] if chat.end_of_turn and piece.endswith(chat.end_of_turn) else piece

@@ -58,7 +58,7 @@ def make_job(row: Row, chat: ChatSpans | None, tokenizer: PreTrainedTokenizerBas
     """
     if row.messages is not None:
         assert chat is not None
-        text, spans = chat.locate(row.messages, row.train_turns)
+        text, spans = chat.locate(row.messages, row.train_turns, row.tools)
         return _Job(row.number, text, spans)
     if row.text is not None:
         return _Job(row.number, row.text, [(0, len(row.text))], bos=True, eos=True)

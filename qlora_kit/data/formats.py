@@ -1,15 +1,19 @@
-"""Row formats (messages, sharegpt, alpaca, prompt/completion, text): detection and parsing."""
+"""Row formats (messages, sharegpt, alpaca, prompt/completion, text): detection and parsing.
+
+A format is a row of ``FORMAT_FIELDS`` (the fields that detect it) and of ``PARSERS`` (record → :class:`Row`);
+a new format adds one entry to each (and to ``core.config.DataFormat``).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from qlora_kit.core.errors import DataError, short_repr
-from qlora_kit.data.read import Source
+from qlora_kit.data.read import BadLine, Source
+from qlora_kit.data.tools import ToolProblem, maybe_json, parse_tool_calls, parse_tools, tool_result_text
 
 log = logging.getLogger("qlora_kit")
 
@@ -30,6 +34,11 @@ ROLE_NAMES = {
     "assistant": "assistant",
     "gpt": "assistant",
     "model": "assistant",
+    "function_call": "assistant",  # ShareGPT tool datasets: the value is the call's JSON
+    "tool": "tool",
+    "function": "tool",  # OpenAI's older name for tool results
+    "ipython": "tool",  # Llama-3.1's name for them
+    "observation": "tool",  # ShareGPT tool datasets
 }
 DETECT_SAMPLE = 200  # rows looked at for format detection
 
@@ -38,16 +47,20 @@ class RowProblem(ValueError):
     """One row cannot be used (missing field, wrong type, template failure)."""
 
 
+Message = dict[str, Any]  # role, content; tool_calls (assistant), tool_call_id and name (tool results)
+
+
 @dataclass
 class Row:
-    """One well-formed row: a conversation, a prompt/completion pair, or raw text."""
+    """One well-formed row: a conversation (with the tools it may call), a prompt/completion pair, or raw text."""
 
     number: int
-    messages: list[dict[str, str]] | None = None
+    messages: list[Message] | None = None
     train_turns: tuple[int, ...] = ()
     prompt: str | None = None
     completion: str | None = None
     text: str | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -126,36 +139,52 @@ def parse_rows(source: Source, fmt: str, chat_template: bool) -> tuple[list[Row]
     rows, bad = [], []
     for number, rec in source.records:
         try:
+            if isinstance(rec, BadLine):
+                raise RowProblem(rec.reason)
             if not isinstance(rec, dict):
                 raise RowProblem(f"is a {type(rec).__name__}, not an object")
             rows.append(parse_row(number, rec, fmt, chat_template))
-        except RowProblem as exc:
+        except (RowProblem, ToolProblem) as exc:
             bad.append((number, str(exc)))
     return rows, bad
 
 
 def parse_row(number: int, rec: dict[str, Any], fmt: str, chat_template: bool) -> Row:
-    """Parse one record of the given format.
+    """Parse one record of the given format (``PARSERS[fmt]``).
 
     Raises:
         RowProblem: a required field is missing, has the wrong type, or a role is unknown.
+        ToolProblem: a tool call, tool result or tool list that cannot be used.
     """
-    if fmt == "messages":
-        return chat_row(number, _turns(rec, "messages"))
-    if fmt == "sharegpt":
-        return chat_row(number, _turns(rec, "conversations"))
-    if fmt == "text":
-        return Row(number, text=_text(rec, "text", allow_empty=False))
-    if fmt == "alpaca":
-        prompt, system = _alpaca_prompt(rec)
-        return pair_row(number, prompt, _text(rec, "output"), system, chat_template)
-    return prompt_completion_row(number, rec, chat_template)
+    return PARSERS[fmt](number, rec, chat_template)
 
 
-def chat_row(number: int, messages: list[dict[str, Any]]) -> Row:
-    """A conversation row training on every assistant turn without ``weight: 0``."""
+def messages_row(number: int, rec: dict[str, Any], chat_template: bool) -> Row:
+    """``{"messages": [...], "tools": [...]?}``."""
+    return chat_row(number, _turns(rec, "messages"), parse_tools(rec.get("tools")))
+
+
+def sharegpt_row(number: int, rec: dict[str, Any], chat_template: bool) -> Row:
+    """``{"conversations": [{"from", "value"}...], "tools": "..."?}``."""
+    return chat_row(number, _turns(rec, "conversations"), parse_tools(rec.get("tools")))
+
+
+def text_row(number: int, rec: dict[str, Any], chat_template: bool) -> Row:
+    """``{"text": ...}``: trained on entirely."""
+    return Row(number, text=_text(rec, "text", allow_empty=False))
+
+
+def alpaca_row(number: int, rec: dict[str, Any], chat_template: bool) -> Row:
+    """``{"instruction", "input"?, "output", "system"?}``."""
+    prompt, system = _alpaca_prompt(rec)
+    return pair_row(number, prompt, _text(rec, "output"), system, chat_template)
+
+
+def chat_row(number: int, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> Row:
+    """A conversation row training on every assistant turn (replies and tool calls) without ``weight: 0``."""
     turns = tuple(i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0)
-    return Row(number, messages=[{"role": m["role"], "content": m["content"]} for m in messages], train_turns=turns)
+    return Row(number, messages=[{k: v for k, v in m.items() if k != "weight"} for m in messages], train_turns=turns,
+               tools=tools)
 
 
 def pair_row(number: int, prompt: str, completion: str, system: str | None, chat_template: bool) -> Row:
@@ -169,12 +198,12 @@ def pair_row(number: int, prompt: str, completion: str, system: str | None, chat
 
 def prompt_completion_row(number: int, rec: dict[str, Any], chat_template: bool) -> Row:
     """prompt/completion as strings, or as message lists (conversational, TRL style)."""
-    if isinstance(_maybe_json(rec.get("prompt")), list):
+    if isinstance(maybe_json(rec.get("prompt")), list):
         prompt = _turns(rec, "prompt")
         completion = _turns(rec, "completion")
         if not chat_template:
             raise RowProblem("conversational prompt/completion needs a chat template")
-        row = chat_row(number, prompt + completion)
+        row = chat_row(number, prompt + completion, parse_tools(rec.get("tools")))
         row.train_turns = tuple(i for i in row.train_turns if i >= len(prompt))
         return row
     return pair_row(number, _text(rec, "prompt"), _text(rec, "completion"), None, chat_template)
@@ -203,19 +232,9 @@ def _text(rec: dict[str, Any], key: str, allow_empty: bool = True) -> str:
     return value
 
 
-def _maybe_json(value: Any) -> Any:
-    """CSV/parquet cells may hold a conversation as a JSON string."""
-    if isinstance(value, str) and value.lstrip().startswith("["):
-        try:
-            return json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
-            return value
-    return value
-
-
-def _turns(rec: dict[str, Any], key: str) -> list[dict[str, Any]]:
+def _turns(rec: dict[str, Any], key: str) -> list[Message]:
     """Validate a list of {role, content} (or ShareGPT {from, value}) turns."""
-    turns = _maybe_json(rec.get(key))
+    turns = maybe_json(rec.get(key))  # CSV/parquet cells may hold a conversation as JSON text
     if turns is None:
         raise RowProblem(f"missing field {key!r}")
     if not isinstance(turns, list):
@@ -225,17 +244,31 @@ def _turns(rec: dict[str, Any], key: str) -> list[dict[str, Any]]:
     return [_turn(t, key, i) for i, t in enumerate(turns, 1)]
 
 
-def _turn(turn: Any, key: str, index: int) -> dict[str, Any]:
+def _turn(turn: Any, key: str, index: int) -> Message:
     where = f"{key}[{index}]"
     if not isinstance(turn, dict):
         raise RowProblem(f"{where} must be an object, got {type(turn).__name__}")
     role = turn.get("role", turn.get("from"))
     content = turn.get("content", turn.get("value"))
-    if role is None or "content" not in turn and "value" not in turn:
+    calls = turn.get("tool_calls")
+    if role == "function_call":  # ShareGPT: the value is the call itself
+        calls, content = content, ""
+    if role is None or ("content" not in turn and "value" not in turn and not calls):
         raise RowProblem(f"{where} needs 'role' and 'content' (or 'from' and 'value')")
     if not isinstance(role, str) or role not in ROLE_NAMES:
-        raise RowProblem(f"{where} has unsupported role {short_repr(role, 40)} (use system, user or assistant)")
-    out = {"role": ROLE_NAMES[role], "content": _content_text(content, where)}
+        raise RowProblem(f"{where} has unsupported role {short_repr(role, 40)} (use system, user, assistant or tool)")
+    out: Message = {"role": ROLE_NAMES[role]}
+    if out["role"] == "tool":
+        out["content"] = tool_result_text(content, where)
+        for field in ("tool_call_id", "name"):
+            if turn.get(field) is not None:
+                out[field] = str(turn[field])
+    else:
+        out["content"] = "" if content is None and calls else _content_text(content, where)
+    if calls:
+        if out["role"] != "assistant":
+            raise RowProblem(f"{where} has tool_calls but role {role!r} (only assistant turns call tools)")
+        out["tool_calls"] = parse_tool_calls(calls, where)
     if "weight" in turn:
         out["weight"] = turn["weight"]
     return out
@@ -247,3 +280,13 @@ def _content_text(content: Any, where: str) -> str:
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
         return "".join(str(p.get("text", "")) for p in content)
     raise RowProblem(f"{where} content must be a string (or text parts), got {type(content).__name__}")
+
+
+RowParser = Callable[[int, dict[str, Any], bool], Row]
+PARSERS: dict[str, RowParser] = {
+    "messages": messages_row,
+    "sharegpt": sharegpt_row,
+    "alpaca": alpaca_row,
+    "prompt_completion": prompt_completion_row,
+    "text": text_row,
+}

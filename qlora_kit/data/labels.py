@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-from qlora_kit.data.formats import Row, RowProblem
+from qlora_kit.data.formats import Message, Row, RowProblem
+from qlora_kit.data.tools import call_names, call_prefix
 
 log = logging.getLogger("qlora_kit")
 
@@ -27,46 +28,53 @@ class ChatSpans:
         self.tokenizer = tokenizer
         self.end_of_turn = self._probe_end_of_turn()
         self.searched_turns = 0
+        self._call_prefix: str | None = None
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[Message], add_generation_prompt: bool = False,
+               tools: list[dict[str, Any]] | None = None) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def locate(self, messages: list[dict[str, str]], turns: Sequence[int]) -> tuple[str, list[Span]]:
-        """Render ``messages``; return the text and the character spans to train on.
+    def locate(self, messages: list[Message], turns: Sequence[int], tools: list[dict[str, Any]] | None = None
+               ) -> tuple[str, list[Span]]:
+        """Render ``messages`` (with the tool list ``tools``); return the text and the character spans to train on.
 
         Raises:
-            RowProblem: the template fails on this conversation, or a reply cannot be found.
+            RowProblem: the template fails on this conversation, or a reply (or tool call) cannot be found.
         """
         try:
-            full = self.render(messages)
+            full = self.render(messages, tools=tools)
         except Exception as exc:  # jinja TemplateError, raise_exception() in templates, ...
             first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise RowProblem(f"chat template error: {first_line}") from exc
         spans: list[Span] = []
         cursor = 0
         for i in turns:
-            span = self._by_prefix(messages, i, full, cursor) or self._by_search(messages, i, full, cursor)
+            span = self._by_prefix(messages, i, full, cursor, tools) or self._by_search(messages, i, full, cursor)
             if span is None:
                 raise RowProblem(f"assistant turn {i + 1} not found in the chat template's output (it rewrites it)")
+            missing = [n for n in call_names(messages[i]) if n not in full[span[0]:span[1]]]
+            if missing:
+                raise RowProblem(f"the chat template leaves the tool call {missing[0]!r} of turn {i + 1} out")
             if span[1] > span[0]:
                 spans.append(span)
             cursor = max(cursor, span[1])
         return full, spans
 
-    def _by_prefix(self, messages: list[dict[str, str]], i: int, full: str, cursor: int) -> Span | None:
+    def _by_prefix(self, messages: list[Message], i: int, full: str, cursor: int,
+                   tools: list[dict[str, Any]] | None = None) -> Span | None:
         """Diff of the renders before and after turn ``i``, if both are prefixes of ``full``."""
         try:
-            before = self.render(messages[:i], add_generation_prompt=True)
-            through = full if i == len(messages) - 1 else self.render(messages[: i + 1])
+            before = self.render(messages[:i], add_generation_prompt=True, tools=tools)
+            through = full if i == len(messages) - 1 else self.render(messages[: i + 1], tools=tools)
         except Exception:
             return None
         if not (through.startswith(before) and full.startswith(through)) or len(before) < cursor:
             return None
         return len(before), len(before) + len(full[len(before) : len(through)].rstrip())
 
-    def _by_search(self, messages: list[dict[str, str]], i: int, full: str, cursor: int) -> Span | None:
+    def _by_search(self, messages: list[Message], i: int, full: str, cursor: int) -> Span | None:
         """Find the reply's text after the preceding turn; extend over the end-of-turn text.
 
         Spaces right before the reply join it (a token like ``" The"`` starts there).
@@ -75,6 +83,8 @@ class ChatSpans:
         previous = messages[i - 1]["content"].strip() if i > 0 else ""
         if previous and (k := full.find(previous, cursor)) >= 0:
             start = k + len(previous)
+        if messages[i].get("tool_calls"):
+            return self._search_call(messages[i], full, start)
         content = messages[i]["content"].strip()
         if not content:
             k = full.find(self.end_of_turn, start) if self.end_of_turn else -1
@@ -89,6 +99,25 @@ class ChatSpans:
             end += len(self.end_of_turn)
         self.searched_turns += 1
         return k, end
+
+    def _search_call(self, message: Message, full: str, start: int) -> Span | None:
+        """A tool-calling reply: from its text (or the template's call opening, e.g. ``<tool_call>``, before the
+        first function name) through the end-of-turn text after it."""
+        if self._call_prefix is None:
+            self._call_prefix = call_prefix(self.tokenizer)
+        content = message["content"].strip()
+        k = full.find(content, start) if content else -1
+        if k < 0:
+            k = full.find(call_names(message)[0], start)
+            if k < 0:
+                return None
+            prefix = self._call_prefix
+            k = k - len(prefix) if prefix and full.startswith(prefix, k - len(prefix)) else k
+        end = full.find(self.end_of_turn, k) if self.end_of_turn else -1
+        if end < 0:
+            return None
+        self.searched_turns += 1
+        return k, end + len(self.end_of_turn)
 
     def _probe_end_of_turn(self) -> str:
         """The text a template puts after a reply (e.g. ``<|im_end|>``), from a probe chat."""
@@ -121,7 +150,7 @@ def template_takes_system(tokenizer: PreTrainedTokenizerBase) -> bool:
     return True
 
 
-def fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def fold_system(messages: list[Message]) -> list[Message]:
     """A leading system turn put before the first user message (its content, a blank line, then the user's):
     what models whose template has no system role expect; other conversations are returned unchanged."""
     if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":

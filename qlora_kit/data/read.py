@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_kit.core.errors import DataError
+from qlora_kit.core.errors import DataError, shorten
 from qlora_kit.core.files import file_sha256
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -19,9 +20,16 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
+@dataclass(frozen=True)
+class BadLine:
+    """A line of a .jsonl file that could not be read as JSON: it becomes a bad row, not the end of the run."""
+
+    reason: str
+
+
 @dataclass
 class Source:
-    """Raw records of one data file or hub split, numbered from 1."""
+    """Raw records of one data file or hub split, numbered from 1 (a :class:`BadLine` for an unreadable line)."""
 
     label: str
     records: list[tuple[int, Any]]
@@ -29,20 +37,36 @@ class Source:
     sha256: str
 
 
-def read_source(path: str, split: str = "train", key: str = "data.path") -> Source:
+def read_source(path: str, split: str = "train", key: str = "data.path", subset: str | None = None,
+                max_rows: int | None = None, seed: int = 0) -> Source:
     """Read the records of a local data file, or of a hub dataset split (``key``: the config key naming it).
+
+    ``max_rows``: keep a seeded random choice of at most that many records (:func:`choose_rows`), numbered as
+    in the file; ``subset``: the hub dataset's configuration name.
 
     Raises:
         DataError: missing file, directory, unsupported type, unreadable or empty file,
-            invalid JSON (with the line), or a hub dataset that cannot be loaded.
+            a .json file that does not parse, or a hub dataset that cannot be loaded.
     """
     p = Path(path).expanduser()
     if p.exists():
-        return read_local(p)
+        if subset is not None:
+            raise DataError(f"{key} is the local file {p}, which has no subsets", f"remove the subset of {key}",
+                            key=key)
+        source = read_local(p)
+        if max_rows is not None and max_rows < len(source.records):
+            keep = choose_rows(len(source.records), max_rows, seed)
+            source.records = [source.records[i] for i in keep]
+        return source
     if p.suffix.lower() in LOCAL_SUFFIXES or path.startswith((".", "/", "~")) or not _HUB_NAME.match(path):
         where = "" if p.is_absolute() else f" (relative to the current directory {Path.cwd()})"
         raise DataError(f"data file {p} does not exist{where}", f"check {key}", key=key)
-    return read_hub(path, split)
+    return read_hub(path, split, subset, max_rows, seed, key)
+
+
+def choose_rows(total: int, max_rows: int, seed: int) -> list[int]:
+    """Indices of a seeded random choice of ``max_rows`` of ``total`` rows, in their original order."""
+    return sorted(random.Random(f"max_rows:{seed}").sample(range(total), max_rows))
 
 
 def read_local(p: Path) -> Source:
@@ -68,37 +92,33 @@ def read_local(p: Path) -> Source:
 
 
 def read_jsonl(p: Path) -> list[tuple[int, Any]]:
-    """One JSON value per non-blank line, numbered by file line.
+    """One JSON value per non-blank line, numbered by file line; a line that is not UTF-8 JSON is a
+    :class:`BadLine` (skipped and listed like any bad row, counted against ``data.max_bad_fraction``).
 
     Raises:
-        DataError: a line that is not UTF-8 or not valid JSON (naming the line).
+        DataError: the file is one JSON array (its first line opens a list and is not JSON on its own).
     """
-    records = []
+    records: list[tuple[int, Any]] = []
     with p.open("rb") as f:
         for number, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                msg = f"{p}: line {number} is not UTF-8 text ({exc.reason})"
-                raise DataError(msg, "save the file as UTF-8") from exc
+                records.append((number, BadLine(f"not UTF-8 text ({exc.reason}); save the file as UTF-8")))
+                continue
             if not line.strip():
                 continue
             try:
                 records.append((number, json.loads(line)))
             except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{p}: line {number} is not valid JSON ({exc.msg}, column {exc.colno})", _jsonl_hint(number, line)
-                ) from exc
+                if not records and line.lstrip().startswith("["):
+                    raise DataError(f"{p}: line {number} is not valid JSON ({exc.msg}, column {exc.colno})",
+                                    "the file looks like one JSON array: rename it to .json, or write one object per "
+                                    "line") from exc
+                records.append((number, BadLine(f"not valid JSON ({exc.msg}, column {exc.colno})")))
             except RecursionError:
-                raise DataError(f"{p}: line {number} nests JSON too deeply to be a training row",
-                                "fix or remove that line (a row is a few levels of objects and lists)") from None
+                records.append((number, BadLine("nests JSON too deeply to be a training row")))
     return records
-
-
-def _jsonl_hint(number: int, line: str) -> str:
-    if number == 1 and line.lstrip().startswith("["):
-        return "the file looks like one JSON array: rename it to .json, or write one object per line"
-    return "fix or remove that line (.jsonl needs exactly one JSON object per line)"
 
 
 def read_json(p: Path) -> list[tuple[int, Any]]:
@@ -160,38 +180,56 @@ def read_csv(p: Path) -> list[tuple[int, Any]]:
         raise DataError(f"cannot read CSV file {p}: {exc}", "save it as UTF-8 CSV with a header line") from exc
 
 
-def read_hub(name: str, split: str) -> Source:
-    """Load a hub dataset split with ``datasets.load_dataset``.
+def read_hub(name: str, split: str, subset: str | None = None, max_rows: int | None = None, seed: int = 0,
+             key: str = "data.path") -> Source:
+    """Load a hub dataset split (of configuration ``subset``) with ``datasets.load_dataset``; with ``max_rows``,
+    only a seeded choice of rows (``Dataset.select``) is converted. ``key``: the config key naming it.
 
     Raises:
-        DataError: the dataset or split does not exist, or the hub cannot be reached.
+        DataError: the dataset, subset or split does not exist, or the hub cannot be reached.
     """
     import datasets
     from datasets.exceptions import DatasetNotFoundError
 
+    shown = name if subset is None else f"{name} ({subset})"
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, split=split) if subset is None else \
+            datasets.load_dataset(name, subset, split=split)
     except DatasetNotFoundError as exc:
-        raise DataError(f"dataset {name!r} not found: not a local file and not on the hub", _HUB_HINT) from exc
+        raise DataError(f"dataset {name!r} not found: not a local file and not on the hub", _hub_hint(key),
+                        key=key) from exc
     except ConnectionError as exc:
         raise DataError(
-            f"data.path {name!r} is not a local file and the hub cannot be reached (offline?)",
-            "check the path, or download the dataset while online so it is cached",
+            f"{key} {name!r} is not a local file and the hub cannot be reached (offline?)",
+            "check the path, or download the dataset while online so it is cached", key=key,
         ) from exc
     except (ValueError, KeyError) as exc:
+        first = shorten(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 300)
+        if subset is not None and "config" in str(exc).lower():
+            raise DataError(f"dataset {name!r} has no subset {subset!r}: {first}",
+                            "set the subset to one of the dataset's configurations", key=key) from exc
         if "split" in str(exc).lower():
-            msg = f"dataset {name!r} has no split {split!r}: {exc}"
-            raise DataError(msg, "set data.split to an existing split") from exc
-        raise DataError(f"cannot load dataset {name!r}: {exc}", _HUB_HINT) from exc
+            raise DataError(f"dataset {shown!r} has no split {split!r}: {first}",
+                            "set the split to an existing one (data.split, or the entry's split)", key=key) from exc
+        raise DataError(f"cannot load dataset {shown!r}: {first}", _hub_hint(key), key=key) from exc
     except (OSError, datasets.exceptions.DatasetsError) as exc:
-        raise DataError(f"cannot load dataset {name!r}: {exc}", _HUB_HINT) from exc
+        raise DataError(f"cannot load dataset {shown!r}: {shorten(str(exc), 300)}", _hub_hint(key), key=key) from exc
     if not hasattr(ds, "to_list"):
-        raise DataError(f"dataset {name!r} split {split!r} did not load as one table", "set data.split")
-    records = list(enumerate(ds.to_list(), 1))
+        raise DataError(f"dataset {shown!r} split {split!r} did not load as one table", "set data.split", key=key)
+    fingerprint = getattr(ds, "_fingerprint", "")  # datasets' hash of the loaded split's content
+    numbers = list(range(len(ds)))
+    if max_rows is not None and max_rows < len(ds):
+        numbers = choose_rows(len(ds), max_rows, seed)
+        ds = ds.select(numbers)
+    records = [(i + 1, rec) for i, rec in zip(numbers, ds.to_list())]
     if not records:
-        raise DataError(f"dataset {name!r} split {split!r} is empty", "choose another data.split")
-    token = f"{name}|{split}|{getattr(ds, '_fingerprint', '')}"
-    return Source(f"{name} [{split}]", records, "row", hashlib.sha256(token.encode()).hexdigest())
+        raise DataError(f"dataset {shown!r} split {split!r} is empty", "choose another data.split")
+    token = f"{name}|{split}|{fingerprint}"  # as before subsets: runs that resume keep their sha256
+    if subset is not None or max_rows is not None:
+        token = f"{name}|{subset or ''}|{split}|{max_rows or ''}|{fingerprint}"
+    label = f"{name} [{split}]" if subset is None else f"{name} [{subset}/{split}]"
+    return Source(label, records, "row", hashlib.sha256(token.encode()).hexdigest())
 
 
-_HUB_HINT = "check data.path: a local .jsonl/.json/.parquet/.csv file or a hub dataset name like org/name"
+def _hub_hint(key: str) -> str:
+    return f"check {key}: a local .jsonl/.json/.parquet/.csv file or a hub dataset name like org/name"

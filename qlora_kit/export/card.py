@@ -132,8 +132,13 @@ def _gguf_lines(report: dict[str, Any]) -> list[str]:
 
 def _data_lines(run: finished.RunInfo) -> list[str]:
     data = run.manifest.get("data", {})
-    lines = ["## Data", "", f"- file: `{data.get('path', run.config.data.path)}` (sha256 `{data.get('sha256')}`), "
-                           f"format {data.get('format')}"]
+    sources = data.get("sources") if isinstance(data.get("sources"), list) else None
+    if sources:
+        lines = ["## Data", ""] + [f"- {s.get('key')}: `{s.get('path')}` (sha256 `{s.get('sha256')}`), format "
+                                   f"{s.get('format')}" for s in sources if isinstance(s, dict)]
+    else:
+        lines = ["## Data", "", f"- file: `{data.get('path', run.config.data.path)}` (sha256 `{data.get('sha256')}`), "
+                               f"format {data.get('format')}"]
     try:
         summary = json.loads((run.run_dir / rundir.DATA_SUMMARY).read_text())
     except (OSError, ValueError):

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from qlora_kit.core.files import publish_dir
 from qlora_kit.export import card, gguf_file, hf, llamacpp
 from qlora_kit.export.gguf_vocab import read_vocab
 from qlora_kit.export.merge import MERGE_BASES, MergeContext, Plan, plan_export
-from qlora_kit.export.modelfile import chat_format, write_modelfile
+from qlora_kit.export.modelfile import chat_format, note_tools, use_run_system, write_modelfile
 from qlora_kit.export.publish import Terminated, check_target, sigterm_unwinds, staging_dir
 from qlora_kit.export.verify import verify_export
 from qlora_kit.export.verify_gguf import verify_gguf
@@ -199,7 +200,9 @@ def _export_gguf(run: finished.RunInfo, target: Path, ctx: MergeContext, quant: 
     tokenizer = AutoTokenizer.from_pretrained(run.run_dir / rundir.TOKENIZER, trust_remote_code=trust)
     _, eos = hf.export_generation_config(run, tokenizer)
     vocab = read_vocab(run.run_dir / rundir.TOKENIZER, tokenizer, model.n_vocab, eos)
-    chat = chat_format(tokenizer, eos, bos_added_by_runtime=vocab.add_bos)
+    chat = use_run_system(chat_format(tokenizer, eos, bos_added_by_runtime=vocab.add_bos),
+                          run.config.data.default_system_prompt)
+    chat = note_tools(chat, _trained_tools(run))
     plan = plan_export(run, torch.float32)
     _require_space(run, target, _gguf_bytes(plan, quant))
     name = gguf_file.gguf_file_name(target, quant)
@@ -232,6 +235,15 @@ def _export_gguf(run: finished.RunInfo, target: Path, ctx: MergeContext, quant: 
         card.write_report(staging, report)
         publish_dir(staging, target)
     return report
+
+
+def _trained_tools(run: finished.RunInfo) -> bool:
+    """Whether the run's data held tool calls or results (its data_summary.json says so)."""
+    try:
+        summary = json.loads((run.run_dir / rundir.DATA_SUMMARY).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and bool(summary.get("tool_rows"))
 
 
 def _verify_gguf(run: finished.RunInfo, path: Path, quant: str, vocab: Any, eos: list[int], ctx: MergeContext,

@@ -231,6 +231,36 @@ def chat_format(tokenizer: Any, stop_ids: list[int], bos_added_by_runtime: bool)
                               "stored in the GGUF)")
 
 
+def use_run_system(fmt: ChatFormat, policy: str) -> ChatFormat:
+    """The Modelfile's SYSTEM as the run trained rows without a system prompt (``data.default_system_prompt``):
+    keep: the template's default; a text: that text; drop: none (with a warning when the template had one: the
+    run trained an empty system turn, which Ollama's template leaves out)."""
+    if policy == "keep":
+        return fmt
+    if policy != "drop":
+        fmt.system = policy
+        return fmt
+    if fmt.system:
+        note = ("the run trained rows without a system prompt with an empty system turn (data.default_system_prompt: "
+                "drop); the Modelfile has no SYSTEM, so Ollama leaves the system turn out instead")
+        fmt.warning = f"{fmt.warning}; {note}" if fmt.warning else note
+    fmt.system = None
+    return fmt
+
+
+TOOLS_NOTE = ("the run trained tool calls, which this Modelfile's TEMPLATE does not render (Ollama writes tool "
+              "lists and calls as its own JSON, not as the training text); for tool calling use the chat template "
+              "stored in the GGUF (llama.cpp's llama-server --jinja, LM Studio) or the HF export (vLLM, transformers), "
+              "which render tools exactly as in training")
+
+
+def note_tools(fmt: ChatFormat, trained_tools: bool) -> ChatFormat:
+    """Add :data:`TOOLS_NOTE` to the warnings of a run that trained on tool calls."""
+    if trained_tools:
+        fmt.warning = f"{fmt.warning}; {TOOLS_NOTE}" if fmt.warning else TOOLS_NOTE
+    return fmt
+
+
 def stop_strings(tokenizer: Any, stop_ids: list[int]) -> list[str]:
     """The text of each stop token (EOS, end of turn), in order, without duplicates."""
     texts = [tokenizer.convert_ids_to_tokens(int(i)) for i in stop_ids]
@@ -240,7 +270,9 @@ def stop_strings(tokenizer: Any, stop_ids: list[int]) -> list[str]:
 def write_modelfile(fmt: ChatFormat, gguf_name: str, title: str) -> str:
     """The Modelfile text: FROM the GGUF beside it, TEMPLATE, default SYSTEM, one stop line per stop token."""
     lines = [f"# Ollama Modelfile for {title}, written by qlora-kit (chat format: {fmt.family})",
-             f"# ollama create {title} -f Modelfile", f"FROM ./{gguf_name}", f'TEMPLATE """{fmt.template}"""']
+             f"# ollama create {title} -f Modelfile"]
+    lines += [f"# warning: {fmt.warning}"] if fmt.warning else []
+    lines += [f"FROM ./{gguf_name}", f'TEMPLATE """{fmt.template}"""']
     if fmt.system:
         lines.append(f'SYSTEM """{fmt.system}"""')
     lines += [f'PARAMETER stop "{_quote(s)}"' for s in fmt.stops]

@@ -90,8 +90,9 @@ class Prompt:
 
     prompt_ids: list[int]
     full_ids: list[int]
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     text: str = ""
+    tools: list[dict[str, Any]] | None = None  # the tool list of a tool-calling row
 
 
 @dataclass
@@ -131,12 +132,13 @@ def load_prompts(run_dir: Path, tokenizer: Any, max_prompts: int) -> tuple[list[
     for row in rows[:max_prompts]:
         messages = row.get("messages")
         if messages:
-            text, ids = render_chat(tokenizer, messages), encode_chat(tokenizer, messages)
+            tools = row.get("tools") or None  # a tool-calling row: the prompt renders its tool list too
+            text, ids = render_chat(tokenizer, messages, tools), encode_chat(tokenizer, messages, tools)
         else:
             text = row.get("prompt", "")
             ids = tokenizer(text)["input_ids"]
         answer = tokenizer(row.get("reference") or "", add_special_tokens=False)["input_ids"]
-        prompts.append(Prompt(ids, ids + answer, messages or None, text))
+        prompts.append(Prompt(ids, ids + answer, messages or None, text, row.get("tools") or None))
     return prompts, origin
 
 

@@ -282,7 +282,8 @@ def _chat(llm: Any, prompt: Prompt, max_new_tokens: int, chosen: list[int]) -> d
     greedy = {"temperature": 0.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0,
               "max_tokens": max_new_tokens, "seed": 0, "logits_processor": [record]}
     if prompt.messages is not None:
-        return llm.create_chat_completion(messages=prompt.messages, **greedy)
+        tools = {"tools": prompt.tools} if prompt.tools else {}
+        return llm.create_chat_completion(messages=prompt.messages, **tools, **greedy)
     return llm.create_completion(prompt=prompt.text, **greedy)
 
 

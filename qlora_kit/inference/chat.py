@@ -47,8 +47,9 @@ def eos_token_ids(tokenizer: Any, base_eos: int | list[int] | None = None) -> li
     return list(dict.fromkeys(found))
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The prompt text for ``messages``: the chat template with the generation prompt (plain join without one).
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    """The prompt text for ``messages`` (and the tool list ``tools``): the chat template with the generation
+    prompt (plain join without one).
 
     Raises:
         ModelError: the template rejects the conversation (e.g. roles not alternating); a template without
@@ -60,20 +61,21 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
         if messages and messages[0]["role"] == "system" and not template_takes_system(tokenizer):
             messages = fold_system(messages)  # as training did for this template
         try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         except TemplateError as exc:  # e.g. "System role not supported", roles must alternate
             raise ModelError(f"the chat template rejected this conversation: {exc}",
                              "keep user/assistant turns alternating (or drop --system)") from exc
     return "\n".join(m["content"] for m in messages) + "\n"
 
 
-def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Prompt ids for ``messages`` through the chat template (plain text join when there is none).
+def encode_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+                ) -> list[int]:
+    """Prompt ids for ``messages`` (and ``tools``) through the chat template (plain text join when there is none).
 
     Raises:
         ModelError: the template rejects the conversation.
     """
-    text = render_chat(tokenizer, messages)
+    text = render_chat(tokenizer, messages, tools)
     return tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from qlora_kit.core.config import ModelConfig
 from qlora_kit.core.errors import ModelError
 from qlora_kit.core.logs import info_once
+from qlora_kit.model.templates import apply_chat_template_setting
 from qlora_kit.ops.precision import native_bf16
 
 log = logging.getLogger("qlora_kit")
@@ -51,16 +52,22 @@ def resolve_compute_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_tokenizer(source: Path, cfg: ModelConfig):
-    """Load the tokenizer, apply a chat-template override, and make sure a pad token exists."""
+def load_tokenizer(source: Path, cfg: ModelConfig, gguf_file: str | None = None):
+    """Load the tokenizer (from ``gguf_file`` in ``source`` when given), apply ``model.chat_template`` (a name or
+    a Jinja text), and make sure a pad token exists.
+
+    Raises:
+        ModelError: the tokenizer cannot be loaded.
+        ConfigError: a named chat template whose turn markers this tokenizer lacks.
+    """
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **extra)
     except Exception as exc:
         raise ModelError(f"cannot load the tokenizer from {source}: {exc}") from exc
-    if cfg.chat_template:
-        tok.chat_template = cfg.chat_template
+    apply_chat_template_setting(tok, cfg.chat_template, cfg.name_or_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
         log.info("tokenizer has no pad token: using %r for padding (padding is never trained on)", tok.pad_token)

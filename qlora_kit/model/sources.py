@@ -46,15 +46,47 @@ def resolve_source(cfg: ModelConfig) -> Path:
         ModelError: the path does not exist, is not a model, or the hub id cannot be fetched.
     """
 
-    name = cfg.name_or_path
+    gguf = _gguf_of(cfg.name_or_path)
+    if gguf is not None:
+        return convert_gguf(gguf)
+    return _local_dir(cfg.name_or_path) or _download_from_hub(cfg.name_or_path, cfg.revision)
+
+
+def tokenizer_source(cfg: ModelConfig) -> tuple[Path, str | None]:
+    """Where the tokenizer of ``cfg.name_or_path`` loads from without the weights being read or downloaded:
+    (directory, GGUF file name inside it or None). A GGUF's converted copy is used when it exists (what
+    training loads), else the GGUF file itself; a hub model downloads its tokenizer and config files only.
+
+    Raises:
+        ModelError: as :func:`resolve_source`.
+    """
+    gguf = _gguf_of(cfg.name_or_path)
+    if gguf is not None:
+        converted = gguf_cache_dir(gguf)
+        return (converted, None) if (converted / ".complete").exists() else (gguf.parent, gguf.name)
+    return _local_dir(cfg.name_or_path) or _snapshot(cfg.name_or_path, cfg.revision, HUB_SMALL_FILES), None
+
+
+def _gguf_of(name: str) -> Path | None:
+    """The GGUF file ``model.name_or_path`` names (the demo's for ``smollm2-demo``), None for anything else.
+
+    Raises:
+        ModelError: a .gguf path that is not a file, or the demo package missing.
+    """
+    path = _named(lambda: gguf_path(name))
+    if path is not None and not path.is_file():
+        raise ModelError(f"GGUF file {path} not found{_relative_note(path)}", "check model.name_or_path",
+                         key="model.name_or_path")
+    return path
+
+
+def _local_dir(name: str) -> Path | None:
+    """The local HF model directory ``name`` names, None for a hub id.
+
+    Raises:
+        ModelError: a path that does not exist or holds no config.json.
+    """
     path = Path(name).expanduser()
-    if name == DEMO_MODEL:
-        return convert_gguf(_named(find_demo_gguf))
-    if name.lower().endswith(".gguf"):
-        if not path.is_file():
-            raise ModelError(f"GGUF file {path} not found{_relative_note(path)}", "check model.name_or_path",
-                             key="model.name_or_path")
-        return convert_gguf(path)
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(
@@ -67,7 +99,7 @@ def resolve_source(cfg: ModelConfig) -> Path:
         raise ModelError(f"model path {path} does not exist{_relative_note(path)}",
                          "set model.name_or_path to a local HF model directory, a .gguf file, a hub id (org/name), "
                          f"or {DEMO_MODEL} (the demo's SmolLM2-135M-Instruct)", key="model.name_or_path")
-    return _download_from_hub(name, cfg.revision)
+    return None
 
 
 def _named(find: Any) -> Path:
@@ -181,9 +213,7 @@ def convert_gguf(gguf_path: Path) -> Path:
     the weights are moved into a model built from its config first.  The cache key is the
     file's path, size and mtime; a finished conversion is marked by ``.complete``.
     """
-    st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    out = gguf_cache_dir(gguf_path)
     if (out / ".complete").exists():
         return out
     from filelock import FileLock
@@ -193,6 +223,13 @@ def convert_gguf(gguf_path: Path) -> Path:
         if (out / ".complete").exists():
             return out
         return _convert_gguf_locked(gguf_path, out)
+
+
+def gguf_cache_dir(gguf_path: Path) -> Path:
+    """The cached HF conversion of ``gguf_path`` (keyed by its path, size and mtime; may not exist yet)."""
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
 
 
 def _convert_gguf_locked(gguf_path: Path, out: Path) -> Path:

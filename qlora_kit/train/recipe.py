@@ -28,6 +28,7 @@ from qlora_kit.core.errors import (
 )
 from qlora_kit.core.files import read_json, write_json_in_place
 from qlora_kit.core.signals import StopNow, StopRequest
+from qlora_kit.data.sources import source_specs
 from qlora_kit.ops.allocator import configure_cuda_allocator
 from qlora_kit.plan.estimate import estimate
 from qlora_kit.plan.fit import suggest
@@ -162,7 +163,12 @@ def _check_target(out: Path, cfg: Config, config_path: str | Path, overwrite: bo
     Raises:
         OutputError: a dangerous target, naming what it would clobber.
     """
-    protected = {"the data file": Path(cfg.data.path), "the config file": Path(config_path)}
+    protected = {"the config file": Path(config_path)}
+    for spec in source_specs(cfg.data):
+        where = "" if spec.key == "data.path" else f" of {spec.key}"
+        protected[f"the data file{where}"] = Path(spec.path)
+        if spec.val_path:
+            protected[f"the validation file{where}"] = Path(spec.val_path)
     if cfg.data.val_path:
         protected["the validation file"] = Path(cfg.data.val_path)
     if Path(cfg.model.name_or_path).expanduser().exists():
@@ -247,12 +253,14 @@ def warn_if_validation_elsewhere(cfg: Config, sources: dict[str, str]) -> None:
 
     They feed the eval loss, the held-out prompts the export is checked on and the model card.
     """
-    if cfg.data.val_path is None or Path(cfg.data.val_path).expanduser() == Path(cfg.data.path).expanduser():
+    if cfg.data.val_path is None or Path(cfg.data.val_path).expanduser() == Path(cfg.data.path or "").expanduser():
         return
     origin = sources.get("data.val_path", "config")
-    instead = "" if origin == "override --set" else "; `--set data.val_path=null` holds out rows of data.path instead"
-    log.warning("validation rows come from data.val_path %s (%s), not from data.path %s: the eval loss, the export "
-                "check and the model card use them%s", cfg.data.val_path, origin, cfg.data.path, instead)
+    rows_of = "data.path" if cfg.data.datasets is None else "every source"
+    instead = "" if origin == "override --set" else f"; `--set data.val_path=null` holds out rows of {rows_of} instead"
+    log.warning("validation rows come from data.val_path %s (%s), not from %s: the eval loss, the export "
+                "check and the model card use them%s", cfg.data.val_path, origin,
+                f"data.path {cfg.data.path}" if cfg.data.datasets is None else "data.datasets", instead)
 
 
 def _oom_error(run: Run, exc: BaseException) -> OutOfMemoryError:

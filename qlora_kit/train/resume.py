@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,14 @@ RESUME_BREAKING = (
     "lora.type", "lora.init", "lora.loraga_samples", "lora.loftq_iter", "lora.adalora_target_r",
     "lora.adalora_tinit_ratio", "lora.adalora_tfinal_ratio", "lora.adalora_delta_t", "lora.adalora_orth_reg_weight",
     "data.path", "data.val_path", "data.format", "data.split", "data.val_fraction", "data.val_max_rows",
-    "data.train_on_inputs", "data.packing", "data.shuffle",
+    "data.train_on_inputs", "data.packing", "data.shuffle", "data.subset", "data.max_rows", "data.datasets",
+    "data.default_system_prompt",
     "train.seed", "train.micro_batch_size", "train.gradient_accumulation_steps", "train.max_length",
     "train.optimizer", "train.loraplus_lr_ratio",
 )
 BASE_LOCATION = ("model.name_or_path", "model.revision")  # where the base is; its fingerprint says what it is
-DATA_LOCATION = ("data.path", "data.val_path")  # where the data are; their sha256 says what they are
+DATA_LOCATION = ("data.path", "data.val_path",  # where the data are; their sha256 says what they are
+                 "data.datasets[*].path", "data.datasets[*].val_path")
 
 
 def check_resume_compatible(checkpoint_dir: Path, cfg: Config, relocatable: tuple[str, ...] = ()) -> None:
@@ -50,7 +53,8 @@ def check_resume_compatible(checkpoint_dir: Path, cfg: Config, relocatable: tupl
     """
     old = validate(read_yaml(checkpoint_dir / "config.yaml"), origin=str(checkpoint_dir / "config.yaml"))
     old_flat, new_flat = _settings(old), _settings(cfg)
-    breaking = [k for k in RESUME_BREAKING if k not in relocatable]
+    entries = sorted(k for k in old_flat.keys() | new_flat.keys() if k.startswith("data.datasets["))
+    breaking = [k for k in RESUME_BREAKING + tuple(entries) if k not in relocatable and _generic(k) not in relocatable]
     changed = [k for k in breaking if old_flat.get(k) != new_flat.get(k)]
     if changed:
         lines = "; ".join(f"{k}: {short_repr(old_flat.get(k), 60)} -> {short_repr(new_flat.get(k), 60)}"
@@ -74,13 +78,23 @@ def _settings(cfg: Config) -> dict[str, Any]:
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys; the entries of ``data.datasets`` as ``data.datasets[2].weight`` (and the list as its length)."""
     flat: dict[str, Any] = {}
     for k, v in tree.items():
         if isinstance(v, dict):
             flat.update(_flatten(v, f"{prefix}{k}."))
+        elif f"{prefix}{k}" == "data.datasets" and isinstance(v, list):
+            flat["data.datasets"] = f"{len(v)} entries"
+            for i, entry in enumerate(v, 1):
+                flat.update(_flatten(entry, f"data.datasets[{i}]."))
         else:
             flat[f"{prefix}{k}"] = v
     return flat
+
+
+def _generic(key: str) -> str:
+    """``data.datasets[2].path`` → ``data.datasets[*].path``."""
+    return re.sub(r"\[\d+\]", "[*]", key)
 
 
 def check_same_ranks(resume_from: Path, dist: distributed.Dist) -> None:
@@ -154,9 +168,9 @@ def check_data_unchanged(resume_from: Path, fingerprint: dict[str, Any]) -> None
     for key in ("sha256", "val_sha256"):
         if old.get(key) != fingerprint.get(key):
             raise ConfigError(
-                f"cannot resume {resume_from.name}: the data file changed since it was written "
-                f"({key} {str(old.get(key))[:12]} -> {str(fingerprint.get(key))[:12]})",
-                "restore the original data file, or start a new run with --overwrite / another output_dir",
+                f"cannot resume {resume_from.name}: {_changed_sources(old, fingerprint)} changed since it was "
+                f"written ({key} {str(old.get(key))[:12]} -> {str(fingerprint.get(key))[:12]})",
+                "restore the original data, or start a new run with --overwrite / another output_dir",
             )
 
 
@@ -173,6 +187,16 @@ def check_same_base(run: Run, checkpoint: Path) -> None:
     base = run.manifest["base"]
     check_base(Path(base["source_dir"]), recorded_base(run.out, checkpoint), run.out, base.get("fingerprint"),
                BASE_FIX)
+
+
+def _changed_sources(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Which source of several changed (``data.datasets[2] (/data/b.jsonl)``), else "the data file"."""
+    before, now = old.get("sources"), new.get("sources")
+    if not (isinstance(before, list) and isinstance(now, list) and len(before) == len(now)):
+        return "the data file" if not now else "the data"
+    names = [f"{n.get('key')} ({n.get('path')})" for o, n in zip(before, now) if isinstance(o, dict)
+             and (o.get("sha256"), o.get("val_sha256")) != (n.get("sha256"), n.get("val_sha256"))]
+    return ", ".join(names) or "the data"
 
 
 def restore(run: Run, start: target.Start) -> None:

@@ -333,7 +333,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _setup_data(cfg: Config, tokenizer: Any, show: bool = True) -> Any:
-    data = build_data(cfg.data, tokenizer, cfg.train.max_length, cfg.train.seed)
+    data = build_data(cfg.data, tokenizer, cfg.train.max_length, cfg.train.seed, model_name=cfg.model.name_or_path)
     if not show:  # another rank of a multi-process run: rank 0 prints the summary
         return data
     print_summary(data.summary)

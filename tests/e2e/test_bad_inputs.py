@@ -180,7 +180,7 @@ CASES: dict[str, tuple[Callable[[Path, Path], list[str]], list[str]]] = {
                            "fix: --set train.max_steps=30"]),
     "data file empty": (_data_file("empty.jsonl", ""), ["is empty"]),
     "invalid jsonl": (_data_file("broken.jsonl", '{"messages": []}\n{"messages": [oops\n'),
-                      ["line 2 is not valid JSON"]),
+                      ["line 2: not valid JSON"]),
     "rows missing the format's fields": (_data_file("fields.jsonl", '{"foo": 1}\n' * 5),
                                          ["cannot detect the data format", "['foo']"]),
     "format does not match rows": (
@@ -216,7 +216,7 @@ CASES: dict[str, tuple[Callable[[Path, Path], list[str]], list[str]]] = {
                               ["--gpu-memory must be a positive number of GiB, got inf"]),
     "100k-deep JSON in a data row": (
         _data_file("deep.jsonl", json.dumps(arithmetic_rows(1)[0]) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n"),
-        ["line 2 nests JSON too deeply"]),
+        ["line 2: nests JSON too deeply"]),
     "pickle-only pytorch_model.bin base": (_pickle_only_base, ["only pickle weights (pytorch_model.bin)",
                                                                "does not unpickle"]),
     "attention the architecture lacks (Gemma-2 with sdpa)": (

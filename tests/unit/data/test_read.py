@@ -20,7 +20,7 @@ from qlora_kit.data import build as D_build
 def test_jsonl_syntax_error_names_line(tmp_path, tok):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "one"}\n\n{"text": "two"\n{"text": "three"}\n')
-    with pytest.raises(DataError, match=r"line 3 is not valid JSON"):
+    with pytest.raises(DataError, match=r"line 3: not valid JSON"):
         D_build.build_data(DataConfig(path=str(path)), tok, 64, 0)
 
 
@@ -121,7 +121,7 @@ def test_hub_dataset_offline_is_a_data_error(tok):
 def test_deeply_nested_json_row_is_a_data_error(tmp_path, tok):
     path = tmp_path / "deep.jsonl"
     path.write_text(json.dumps(arithmetic_rows(1)[0]) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
-    with pytest.raises(DataError, match="line 2 nests JSON too deeply"):
+    with pytest.raises(DataError, match="line 2: nests JSON too deeply"):
         D_build.build_data(DataConfig(path=str(path), val_fraction=0.0), tok, 64, 0)
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(DataError, match="nests JSON too deeply"):
