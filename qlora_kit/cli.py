@@ -222,7 +222,7 @@ def data(
 
         return run_data(config, set_ or [], as_json=as_json)
 
-    _run(body)
+    _run(body, "data")
 
 
 @app.command()

@@ -44,6 +44,7 @@ COMMANDS = {
     "plan": ("qlora_kit.plan.report.run_plan", ["plan", "c.yaml"]),
     "doctor": ("qlora_kit.commands.doctor.run_doctor", ["doctor"]),
     "demo": ("qlora_kit.commands.demo.run_demo", ["demo"]),
+    "data": ("qlora_kit.commands.data.run_data", ["data", "c.yaml"]),
 }
 
 
