@@ -15,6 +15,7 @@ from qlora_kit.core.errors import DataError
 from qlora_kit.data.encode import Encoded, Sample, encode_rows
 from qlora_kit.data.formats import CHAT_FORMATS, Parsed, Row, parse_rows, resolve_format
 from qlora_kit.data.labels import fold_system_rows, make_chat_spans, template_takes_system
+from qlora_kit.data.preference import PREFERENCE, encode_pairs, fold_system_pairs, parse_pairs, summarize_pairs
 from qlora_kit.data.read import read_source
 from qlora_kit.data.summary import DataSummary, log_summary_line, summarize
 
@@ -48,6 +49,8 @@ def build_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: 
         train_rows, val_rows = train_part.rows, cap_rows(val_part.rows, cfg.val_max_rows, seed)
     else:
         train_rows, val_rows = split_rows(train_part.rows, cfg.val_fraction, cfg.val_max_rows, seed)
+    if train_part.format == PREFERENCE:
+        return build_pairs(train_part, val_part, train_rows, val_rows, tokenizer, max_length, cfg)
     if has_template and not template_takes_system(tokenizer):
         (train_rows, folded), (val_rows, folded_val) = fold_system_rows(train_rows), fold_system_rows(val_rows)
         if folded + folded_val:
@@ -95,6 +98,46 @@ def encode_splits(
     return train_enc, val_enc
 
 
+def build_pairs(train_part: Parsed, val_part: Parsed | None, train_pairs: list[Any], val_pairs: list[Any],
+                tokenizer: PreTrainedTokenizerBase, max_length: int, cfg: DataConfig) -> DataBundle:
+    """The DataBundle of preference rows (data/preference.py): one sample per pair, both sides rendered as SFT rows.
+
+    Raises:
+        DataError: a validation file in another format, too many bad rows, or no pair left to train on.
+    """
+    if val_part is not None and val_part.format != PREFERENCE:
+        raise DataError(f"data.val_path holds {val_part.format!r} rows, data.path preference rows",
+                        "give data.val_path prompt/chosen/rejected rows too, or drop it", key="data.val_path")
+    if getattr(tokenizer, "chat_template", None) and not template_takes_system(tokenizer):
+        (train_pairs, folded), (val_pairs, folded_val) = fold_system_pairs(train_pairs), fold_system_pairs(val_pairs)
+        if folded + folded_val:
+            log.info("the chat template has no system role: the system prompt of %d pairs goes before their first "
+                     "user message", folded + folded_val)
+    chat = make_chat_spans(tokenizer, [p.chosen for p in train_pairs + val_pairs])
+    train_enc, train_bad = encode_pairs(train_pairs, tokenizer, max_length, chat)
+    val_enc, val_bad = encode_pairs(val_pairs, tokenizer, max_length, chat)
+    train_part.bad += train_bad + (val_bad if val_part is None else [])
+    if val_part is not None:
+        val_part.bad += val_bad
+    for part in (train_part, val_part):
+        if part is not None:
+            check_bad_fraction(part, cfg.max_bad_fraction)
+            log_bad_rows(part)
+    train = [e.sample for e in train_enc if e.sample is not None]
+    if not train:
+        reasons = sorted({e.dropped for e in train_enc + val_enc if e.dropped})
+        raise DataError(f"no preference pair of {train_part.source.label} is left to train on"
+                        + (f" ({'; '.join(reasons)})" if reasons else " (they went to validation)"),
+                        f"raise train.max_length (now {max_length}), add rows, or lower data.val_fraction")
+    by_number = {p.number: p for p in val_pairs}
+    kept_val = [e for e in val_enc if e.sample is not None]
+    heldout = [{**make_heldout(by_number[e.number].chosen),
+                "rejected": make_heldout(by_number[e.number].rejected)["reference"]} for e in kept_val]
+    summary = summarize_pairs(train_part, val_part, train_enc, val_enc, tokenizer, max_length)
+    log_summary_line(summary)
+    return DataBundle(train, [e.sample for e in kept_val], heldout, summary, make_fingerprint(train_part, val_part))
+
+
 def load_and_parse(path: str, cfg: DataConfig, has_template: bool, key: str = "data.path") -> Parsed:
     """Read one data source (named by config ``key``), resolve its format, parse its rows and report bad ones.
 
@@ -108,9 +151,9 @@ def load_and_parse(path: str, cfg: DataConfig, has_template: bool, key: str = "d
             f"the data is in {fmt!r} chat format but the tokenizer has no chat template",
             "set model.chat_template (a Jinja template) or use a chat/instruct model",
         )
-    if fmt in ("alpaca", "prompt_completion") and not has_template:
+    if fmt in ("alpaca", "prompt_completion", "preference") and not has_template:
         log.warning("tokenizer has no chat template: %s rows are trained as plain prompt + completion text", fmt)
-    rows, bad = parse_rows(source, fmt, has_template)
+    rows, bad = (parse_pairs if fmt == PREFERENCE else parse_rows)(source, fmt, has_template)
     parsed = Parsed(rows, bad, len(source.records), source, fmt, detected)
     check_bad_fraction(parsed, cfg.max_bad_fraction)
     return parsed

@@ -53,6 +53,7 @@ class DataSummary:
     length_max: int = 0
     length_histogram: list[tuple[int, int, int]] = field(default_factory=list)  # (lo, hi, count)
     preview: list[tuple[str, bool]] = field(default_factory=list)  # (text, trained) pieces of one sample
+    pairs: dict[str, Any] | None = None  # preference rows: tokens per side, dropped pairs (data/preference.py)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; the preview is one string with trained text inside «»."""
@@ -142,10 +143,10 @@ def mark_preview(pieces: list[tuple[str, bool]]) -> str:
 
 def log_summary_line(summary: DataSummary) -> None:
     log.info(
-        "data: %d rows read, %d bad, %d train / %d val samples, %d tokens (%d trained), %d truncated, "
+        "data: %d rows read, %d bad, %d train / %d val %s, %d tokens (%d trained), %d truncated, "
         "%d without trainable tokens",
         summary.rows, len(summary.bad_rows) + len(summary.val_bad_rows), summary.train_rows, summary.val_rows,
-        summary.tokens, summary.trainable_tokens, summary.truncated, summary.no_trainable,
+        "samples" if summary.pairs is None else "pairs", summary.tokens, summary.trainable_tokens, summary.truncated, summary.no_trainable,
     )
 
 
@@ -194,10 +195,14 @@ def summary_rows(summary: DataSummary) -> list[tuple[str, str]]:
     fmt = summary.format + (" (auto-detected)" if summary.format_detected else "")
     trained_on = "all tokens" if summary.train_on_inputs else "assistant replies only"
     pct = 100 * summary.trainable_tokens / summary.tokens if summary.tokens else 0.0
-    return [
+    head = [
         ("format", fmt),
         ("rows read", str(summary.rows)),
         ("bad rows skipped", bad_text + (f"; val file {len(summary.val_bad_rows)}" if summary.val_bad_rows else "")),
+    ]
+    if summary.pairs is not None:
+        return head + pair_summary_rows(summary)
+    return head + [
         ("samples train / val", f"{summary.train_rows} / {summary.val_rows}"),
         ("validation from", summary.val_source or "random split of the training file"),
         ("tokens (train)", f"{summary.tokens:,}"),
@@ -205,4 +210,21 @@ def summary_rows(summary: DataSummary) -> list[tuple[str, str]]:
         ("truncated to max_length", f"{summary.truncated} (max_length {summary.max_length})"),
         ("dropped, no trainable tokens", f"{summary.no_trainable} ({summary.no_trainable_truncated} by truncation)"),
         ("length min / mean / max", f"{summary.length_min} / {summary.length_mean} / {summary.length_max}"),
+    ]
+
+
+def pair_summary_rows(summary: DataSummary) -> list[tuple[str, str]]:
+    """The table's lines for preference rows: pairs, tokens per side, truncation, dropped pairs."""
+    p = summary.pairs or {}
+    dropped = ", ".join(f"{n} {why}" for why, n in (p.get("dropped") or {}).items()) or "none"
+    return [
+        ("pairs train / val", f"{summary.train_rows} / {summary.val_rows}"),
+        ("validation from", summary.val_source or "random split of the training file"),
+        ("tokens chosen / rejected", f"{p.get('chosen_tokens', 0):,} / {p.get('rejected_tokens', 0):,} (completions "
+                                     f"{p.get('chosen_trained', 0):,} / {p.get('rejected_trained', 0):,}, prompts "
+                                     f"{p.get('prompt_tokens', 0):,} on each side)"),
+        ("pairs cut to max_length", f"{summary.truncated} (max_length {summary.max_length} per side: the prompt "
+                                    "first, then both completions at the same length)"),
+        ("pairs dropped", dropped),
+        ("sequence length min / mean / max", f"{summary.length_min} / {summary.length_mean} / {summary.length_max}"),
     ]
