@@ -39,7 +39,7 @@ PREFERENCE = "preference"
 SIDES = ("chosen", "rejected")
 CHOSEN_LENGTH = "chosen_length"  # sample key: tokens of the chosen sequence (input_ids = chosen + rejected)
 PAIR_KEYS = ("sequence_index", "pair_weight")  # batch keys the loss reads and the model must not see
-ENCODE_HEADROOM = 8  # a side is tokenised up to this many times max_length before the pair is cut
+ENCODE_HEADROOM = 32  # a side is tokenised up to this many times max_length (bounded work), then the pair is cut
 
 
 @dataclass
@@ -171,11 +171,11 @@ def encode_pairs(pairs: list[Pair], tokenizer: PreTrainedTokenizerBase, max_leng
 
 def join_sides(number: int, chosen: Encoded, rejected: Encoded, max_length: int) -> EncodedPair:
     """One pair sample from its two encoded sides, cut to ``max_length`` tokens per side (prompt first)."""
-    if chosen.sample is None or rejected.sample is None:
-        return EncodedPair(number, None, dropped="no completion token")
-    if chosen.truncated or rejected.truncated:
+    if chosen.truncated or rejected.truncated:  # only past ENCODE_HEADROOM x max_length: the prompt's end is lost
         return EncodedPair(number, None, truncated=True,
                            dropped=f"longer than {ENCODE_HEADROOM} x max_length tokens")
+    if chosen.sample is None or rejected.sample is None:
+        return EncodedPair(number, None, dropped="no completion token")
     c_ids, c_lab = chosen.sample["input_ids"], chosen.sample["labels"]
     r_ids, r_lab = rejected.sample["input_ids"], rejected.sample["labels"]
     prompt = min(_common_prefix(c_ids, r_ids), _first_label(c_lab), _first_label(r_lab))
