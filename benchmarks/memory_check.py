@@ -72,6 +72,7 @@ class Case:
     every_n: float = 1  # fractional: plan.checkpointed_layers spreads ceil(layers / n) checkpoints
     offload: bool = False  # CUDA only (a no-op on CPU)
     compute_dtype: str = "bfloat16"
+    method: str = "sft"  # dpo: ``samples`` preference pairs (chosen + rejected) in the row, and the reference pass
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -91,10 +92,12 @@ CASES = {
     "long-real-vocab": Case("long-real-vocab", tokens=16384, labelled_per_sample=256, tiled_mlp=True),
     # CUDA only: checkpointed inputs in pinned host memory, two on the GPU at a time.
     "offload": Case("offload", tokens=16384, labelled_per_sample=256, tiled_mlp=True, offload=True),
+    # DPO: 4 pairs (8 sequences of 128 tokens) in one packed row; a reference forward without gradients first.
+    "dpo": Case("dpo", samples=4, labelled_per_sample=32, method="dpo"),
 }
-DEFAULT_CASES = {"cpu": ("small", "no-dropout", "every-2", "three-of-four", "long-tiled", "long-real-vocab"),
+DEFAULT_CASES = {"cpu": ("small", "no-dropout", "every-2", "three-of-four", "long-tiled", "long-real-vocab", "dpo"),
                  "cuda": ("small", "no-dropout", "every-2", "three-of-four", "long-tiled", "long-real-vocab",
-                          "offload")}
+                          "offload", "dpo")}
 
 
 # --------------------------------------------------------------------------- model, config, batch
@@ -124,7 +127,9 @@ def case_config(case: Case, model_dir: Path) -> Any:
         "model": {"name_or_path": str(model_dir), "compute_dtype": case.compute_dtype},
         "lora": {"r": case.r, "alpha": 2 * case.r, "dropout": case.dropout, "target_modules": case.targets},
         "data": {"path": "unused.jsonl", "packing": True},
-        "train": {"max_length": case.tokens, "micro_batch_size": 1, "gradient_accumulation_steps": 1,
+        # a pair's two sequences share a packed row of 2 x max_length tokens
+        "train": {"method": case.method, "max_length": case.tokens // (1 if case.method == "sft" else 2),
+                  "micro_batch_size": 1, "gradient_accumulation_steps": 1,
                   "fused_loss": True, "tiled_mlp": case.tiled_mlp, "activation_offload": case.offload,
                   "checkpoint_every_n_layers": case.every_n, "optimizer": "adamw_8bit"},
         "output_dir": "unused",
@@ -132,16 +137,22 @@ def case_config(case: Case, model_dir: Path) -> Any:
 
 
 def packed_row(case: Case, seed: int) -> dict[str, Any]:
-    """One padding-free row of ``case.samples`` samples whose last tokens carry labels."""
+    """One padding-free row of ``case.samples`` samples whose last tokens carry labels (DPO: that many pairs)."""
+    from qlora_kit.data.preference import CHOSEN_LENGTH, collate_pairs
     from qlora_kit.ops.packing import pack_batch
 
     gen = torch.Generator().manual_seed(seed)
-    n = case.tokens // case.samples
+    sides = 1 if case.method == "sft" else 2
+    n = case.tokens // (case.samples * sides)
     pieces = []
-    for _ in range(case.samples):
+    for _ in range(case.samples * sides):
         ids = torch.randint(0, case.vocab, (n,), generator=gen).tolist()
         pieces.append((ids, [-100] * (n - case.labelled_per_sample) + ids[n - case.labelled_per_sample:]))
-    return pack_batch(pieces)
+    if sides == 1:
+        return pack_batch(pieces)
+    pairs = [{"input_ids": c[0] + r[0], "labels": c[1] + r[1], CHOSEN_LENGTH: [n]}
+             for c, r in zip(pieces[0::2], pieces[1::2])]
+    return collate_pairs(pairs, [list(range(case.samples))], 0, packing=True)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -149,15 +160,17 @@ def packed_row(case: Case, seed: int) -> dict[str, Any]:
 
 def measure(case: Case, model_dir: Path, device_type: str = "cpu") -> dict[str, Any]:
     """Run one warm-up step, then profile one training step; return the measured windows (bytes)."""
-    from qlora_kit.ops.loss import count_targets
+    from qlora_kit.ops.loss import causal_lm_loss, count_targets
     from qlora_kit.ops.precision import resolve_precision
     from qlora_kit.train import distributed
     from qlora_kit.train.builders import build_model, build_optimizer
     from qlora_kit.train.loop import backward, clip_gradients, forward_loss
+    from qlora_kit.train.preference import PreferenceLoss
 
     def train_step(run: Any, batch: dict[str, Any]) -> None:
         """The training loop's step on one micro-batch: forward and loss, backward, clipping."""
-        backward(run, forward_loss(run, run.model, batch, max(1, count_targets(batch["labels"]))))
+        items = case.samples if case.method != "sft" else max(1, count_targets(batch["labels"]))
+        backward(run, forward_loss(run, run.model, batch, items))
         clip_gradients(run, run.model)
 
     cfg = case_config(case, model_dir)
@@ -167,8 +180,9 @@ def measure(case: Case, model_dir: Path, device_type: str = "cpu") -> dict[str, 
     model = build_model(cfg, model_dir, precision)  # offload too, on CUDA
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params, device)
+    loss_fn = PreferenceLoss(cfg.train, model) if case.method != "sft" else causal_lm_loss
     run = SimpleNamespace(device=device, precision=precision, model=model, cfg=cfg, scaler=None,
-                          optimizer=optimizer, params=params, wrapped=None, dist=distributed.SINGLE)
+                          optimizer=optimizer, params=params, wrapped=None, dist=distributed.SINGLE, loss_fn=loss_fn)
     train_step(run, packed_row(case, 0))  # warm-up: gradients and optimizer state exist afterwards,
     optimizer.step()  # as in every later micro-batch of a run (gradient accumulation keeps them)
     optimizer.zero_grad(set_to_none=False)
@@ -235,6 +249,7 @@ class Timeline:
 
     in_use: list[int]
     marks: dict[str, int]  # first occurrence of each marker: index into in_use
+    repeats: dict[str, list[int]] = field(default_factory=dict)  # every occurrence (DPO: reference, then policy)
 
     @classmethod
     def from_profiler(cls, profiler: Any, device_type: str = "cpu") -> "Timeline":
@@ -246,40 +261,53 @@ class Timeline:
             elif e.name().startswith("MARK:"):
                 events.append((e.start_ns(), 1, e.name()[5:]))
         events.sort(key=lambda ev: (ev[0], ev[1]))
-        in_use, marks, current = [], {}, 0
+        in_use, marks, repeats, current = [], {}, {}, 0
         for _, kind, value in events:
             if kind == 0:
                 current += value
             else:
                 marks.setdefault(value, len(in_use))
+                repeats.setdefault(value, []).append(len(in_use))
             in_use.append(current)
-        return cls(in_use, marks)
+        return cls(in_use, marks, repeats)
 
-    def at(self, mark: str) -> int:
-        return self.in_use[self.marks[mark]]
+    def index(self, mark: str, occurrence: int = 0) -> int:
+        return self.repeats[mark][occurrence] if occurrence else self.marks[mark]
 
-    def peak(self, start: str | None = None, end: str | None = None) -> int:
-        lo = self.marks[start] if start else 0
-        hi = self.marks[end] + 1 if end else len(self.in_use)
+    def at(self, mark: str, occurrence: int = 0) -> int:
+        return self.in_use[self.index(mark, occurrence)]
+
+    def peak(self, start: str | None = None, end: str | None = None, occurrence: int = 0) -> int:
+        """Peak from ``start`` (its ``occurrence``-th time) to ``end`` (its first time after that)."""
+        lo = self.index(start, occurrence) if start else 0
+        hi = next(i for i in self.repeats[end] if i >= lo) + 1 if end else len(self.in_use)
         return max(self.in_use[lo:hi])
 
 
 def windows(tl: Timeline, baseline: int, case: Case) -> dict[str, Any]:
-    """The measured quantities the planner is compared with (bytes)."""
-    per_layer = [tl.at(f"layer{i}_forward_end") - tl.at(f"layer{i}_forward") for i in range(case.layers)]
+    """The measured quantities the planner is compared with (bytes).
+
+    DPO runs the model twice: the reference forward (no gradients) first, so the policy's windows
+    are the second occurrence of the forward markers (``k``).
+    """
+    k = 0 if case.method == "sft" else 1
+    per_layer = [tl.at(f"layer{i}_forward_end", k) - tl.at(f"layer{i}_forward", k) for i in range(case.layers)]
     layout = checkpointing.checkpointed_layers(case.layers, case.every_n)
     checkpointed = [per_layer[i] for i in range(case.layers) if i in layout]
     kept_whole = [per_layer[i] for i in range(case.layers) if i not in layout]
-    return {
+    measured = {
         "checkpoint_per_layer": sum(checkpointed) / len(checkpointed),
         "non_checkpointed_layer": sum(kept_whole) / len(kept_whole) if kept_whole else None,
-        "loss": tl.peak("backbone_end", "loss_backward_end") - tl.at("backbone_end"),
+        "loss": tl.peak("backbone_end", "loss_backward_end", k) - tl.at("backbone_end", k),
         "recomputed_layer": tl.peak("last_layer_backward", "last_layer_backward_end") - tl.at("last_layer_backward"),
         "static": baseline,
-        "loss_phase": baseline + tl.peak("forward", "loss_backward_end"),
+        "loss_phase": baseline + tl.peak("forward", "loss_backward_end", k),
         "backward_phase": baseline + tl.peak("loss_backward_end"),
         "step": baseline + tl.peak(),
     }
+    if k:
+        measured["reference_phase"] = baseline + max(tl.in_use[: tl.index("forward", 1)])
+    return measured
 
 
 # --------------------------------------------------------------------------- predicting
@@ -295,6 +323,7 @@ def predict(case: Case, model_dir: Path, device_type: str = "cpu") -> dict[str, 
     numels = terms.adapter_tensors(shape, list(tech.targets), tech.r, tech.dora)
     copies_per_layer = s * sum(numels) // shape.num_layers if tech.autocast else 0
     loss_phase, backward_phase = est.phases["loss"], est.phases["backward"]
+    rows = 1 if case.method == "sft" else 2  # the estimate's sequences; one packed row holds them all
     stage = {k: backward_phase.get(k, 0) for k in ("layer_recompute", "backward_working", "dequant_buffer")}
     layer_full = sum(terms.layer_saved_bytes(shape, tech, 1, n)) if case.every_n > 1 else None
     static = sum(loss_phase[k] for k in ("nf4_weights", "weights_16bit", "lora_parameters", "lora_gradients",
@@ -304,7 +333,7 @@ def predict(case: Case, model_dir: Path, device_type: str = "cpu") -> dict[str, 
         "checkpoint_per_layer": None if tech.offload else s * h * n + copies_per_layer,
         "non_checkpointed_layer": layer_full + copies_per_layer if layer_full is not None else None,
         # the backbone's output (s*H per token) already exists when the window starts
-        "loss": estimate.fused_loss_bytes(shape, tech, 1, n, case.labelled) - s * h * n,
+        "loss": estimate.fused_loss_bytes(shape, tech, rows, n // rows, case.labelled) - s * h * n,
         # the gradient arriving at the layer already exists when its backward starts
         "recomputed_layer": sum(stage.values()) - s * h * n,
         "static": static,
@@ -312,6 +341,7 @@ def predict(case: Case, model_dir: Path, device_type: str = "cpu") -> dict[str, 
         "backward_phase": sum(backward_phase.values()),
         "step": est.allocated_peak,
         "backward_stage": est.stage,
+        "reference_phase": sum(est.phases["reference"].values()) if "reference" in est.phases else None,
     }
 
 

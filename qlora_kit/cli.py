@@ -310,9 +310,10 @@ def plan(
 
     def body() -> int:
         from qlora_kit.plan.report import run_plan
+        from qlora_kit.rundir.start_adapter import adopt_start_adapter
 
         return run_plan(config, set_ or [], gpu_memory=gpu_memory, as_json=as_json, num_gpus=num_gpus,
-                        strategy=strategy)
+                        strategy=strategy, prepare=adopt_start_adapter)
 
     _run(body, "plan")
 

@@ -20,11 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from qlora_kit.core.errors import ConfigError, QloraKitError, short_repr, shorten
 from qlora_kit.core.safe_yaml import MAX_CONFIG_BYTES, parse_yaml, read_yaml
 
-DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference"]
 AdapterType = Literal["lora", "adalora", "vera"]
 AdapterInit = Literal["default", "lora_ga", "loftq", "pissa", "olora"]
 # Chat templates qlora-kit ships (qlora_kit/model/chat_templates/<name>.jinja), for models without one.
 CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "mistral")
+Method = Literal["sft", "dpo", "orpo"]
+DpoLoss = Literal["sigmoid", "ipo", "hinge"]
+DEFAULT_BETA = 0.1  # trl's DPOConfig.beta and ORPOConfig.beta
 
 
 class _Section(BaseModel):
@@ -48,6 +51,11 @@ class ModelConfig(_Section):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base.")
     double_quant: bool = Field(True, description="Quantise the quantisation constants too (~0.4 bit/param saved).")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa")
+    adapter: str | None = Field(
+        None,
+        description="Start from the adapter of a finished qlora-kit run (its output_dir), e.g. an SFT run before "
+        "train.method=dpo. Its base fingerprint must match model.name_or_path; its LoRA shape is used.",
+    )
 
     @field_validator("chat_template")
     @classmethod
@@ -231,7 +239,7 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """The SFT loop."""
+    """The training loop: SFT, or preference tuning (DPO, ORPO)."""
 
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; when unset, num_epochs decides.")
     num_epochs: float = Field(1.0, gt=0, description="Used when max_steps is unset.")
@@ -289,6 +297,30 @@ class TrainConfig(_Section):
                     "tiled MLP, activation offload, sparse checkpoint layout) with the library path on a slice of the "
                     "first batch; one that differs or raises is switched off for the run. false: skip the check.",
     )
+    method: Method = Field(
+        "sft",
+        description="sft: next-token loss on the replies; dpo / orpo: preference tuning on prompt/chosen/rejected "
+        "rows (data.format preference).",
+    )
+    beta: float = Field(
+        DEFAULT_BETA, gt=0, le=100,
+        description="dpo: strength of the KL penalty to the reference (IPO's tau); orpo: weight of the odds-ratio "
+        "term (lambda). 0.1 as in trl.",
+    )
+    dpo_loss: DpoLoss = Field(
+        "sigmoid",
+        description="dpo's loss (trl's loss_type): sigmoid (DPO), ipo (IPO, length-normalised as in trl), hinge (SLiC).",
+    )
+
+    @model_validator(mode="after")
+    def _check_method(self) -> "TrainConfig":
+        # compared with the defaults, not with the keys given: a run's config.yaml lists every key
+        if self.method == "sft" and self.beta != DEFAULT_BETA:
+            raise ValueError("train.beta applies to train.method dpo or orpo; set train.method, or drop train.beta")
+        if self.method != "dpo" and self.dpo_loss != "sigmoid":
+            raise ValueError(f"train.dpo_loss applies to train.method=dpo (this run is {self.method}); "
+                             "set train.method=dpo, or drop train.dpo_loss")
+        return self
 
     @model_validator(mode="after")
     def _check_warmup(self) -> "TrainConfig":
@@ -329,6 +361,29 @@ class Config(_Section):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = Field(description="Run directory: adapter, checkpoints, metrics, manifest.")
+
+    @model_validator(mode="after")
+    def _check_preference(self) -> "Config":
+        preference = self.train.method != "sft"
+        if self.data.format == "preference" and not preference:
+            raise ValueError("data.format=preference rows train with train.method dpo or orpo (this run is sft); "
+                             "set train.method")
+        if preference and self.data.format not in ("auto", "preference"):
+            raise ValueError(f"train.method={self.train.method} trains on prompt/chosen/rejected rows: set "
+                             f"data.format to preference or auto (it is {self.data.format})")
+        if preference and self.data.train_on_inputs:
+            raise ValueError(f"data.train_on_inputs does not apply to train.method={self.train.method}: the loss is "
+                             "on the chosen and rejected completions only; drop it")
+        if preference and self.lora.init == "lora_ga":
+            raise ValueError("lora.init=lora_ga estimates its init from the SFT loss; it is not available with "
+                             f"train.method={self.train.method}: use another lora.init")
+        if self.train.method == "dpo" and self.lora.init != "default":
+            raise ValueError(f"lora.init={self.lora.init} starts with a non-zero adapter, so the reference (the adapter "
+                             "switched off) would not be the starting model: train.method=dpo needs lora.init=default")
+        if self.model.adapter is not None and self.lora.init != "default":
+            raise ValueError(f"lora.init={self.lora.init} initialises new adapters; model.adapter starts from a trained "
+                             "one: drop one of them")
+        return self
 
     @model_validator(mode="after")
     def _check_loraplus(self) -> "Config":

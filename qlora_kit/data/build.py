@@ -25,6 +25,8 @@ from qlora_kit.data.sources import (
     split_sources,
     weighted,
 )
+from qlora_kit.data.pairs import PREFERENCE, Pair, fold_system_pairs
+from qlora_kit.data.preference import encode_pairs, summarize_pairs
 from qlora_kit.data.summary import DataSummary, log_summary_line, summarize
 from qlora_kit.data.system_prompt import SystemPromptUse, apply_system_policy, template_default_system
 from qlora_kit.data.tools import tool_needs, tool_support_problem
@@ -61,6 +63,8 @@ def build_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: 
     for src in sources if shared is not None else ():
         src.train_rows = src.part.rows
     everything = sources + ([shared] if shared else [])
+    if any(src.part.format == PREFERENCE for src in everything):
+        return build_pairs(sources, shared, tokenizer, max_length, cfg)
     check_tools(tokenizer, everything, model_name)
     system = prepare_rows(everything, tokenizer, cfg.default_system_prompt)
     chat = make_chat_spans(tokenizer, [r for s in everything for r in s.train_rows + s.val_rows])
@@ -309,3 +313,68 @@ def rendered_turn(chat: ChatSpans, row: Row, turn: int) -> str | None:
         return None
     piece = text[spans[-1][0]:spans[-1][1]]
     return piece[: -len(chat.end_of_turn)] if chat.end_of_turn and piece.endswith(chat.end_of_turn) else piece
+
+
+def build_pairs(sources: list[SourceData], shared: SourceData | None, tokenizer: PreTrainedTokenizerBase,
+                max_length: int, cfg: DataConfig) -> DataBundle:
+    """The DataBundle of preference rows (data/preference.py): one sample per pair, both sides rendered as SFT rows.
+
+    Raises:
+        DataError: several sources or a validation file in another format, too many bad rows, or no pair left
+            to train on.
+    """
+    everything = sources + ([shared] if shared else [])
+    if len(sources) > 1:
+        raise DataError(f"preference rows come from one source; this config mixes {len(sources)} (data.datasets)",
+                        "give the pairs as data.path (or one data.datasets entry); mixing sources is for SFT rows",
+                        key="data.datasets")
+    for part, key in ((p, k) for s in everything for p, k in ((s.part, s.spec.key), (s.val_part, s.spec.val_key))):
+        if part is not None and part.format != PREFERENCE:
+            raise DataError(f"{key} ({part.source.label}) holds {part.format!r} rows, the training rows are "
+                            "prompt/chosen/rejected pairs", "give preference rows everywhere (validation too), or "
+                            "train.method: sft with SFT rows", key=key)
+    src = sources[0]
+    train_part = src.part
+    val_part = src.val_part or (shared.part if shared else None)
+    train_pairs = list(src.train_rows)
+    val_pairs = list(src.val_rows) + (list(shared.val_rows) if shared else [])
+    train_pairs, val_pairs = _system_pairs(train_pairs, cfg, tokenizer), _system_pairs(val_pairs, cfg, tokenizer)
+    chat = make_chat_spans(tokenizer, [p.chosen for p in train_pairs + val_pairs])
+    train_enc, train_bad = encode_pairs(train_pairs, tokenizer, max_length, chat)
+    val_enc, val_bad = encode_pairs(val_pairs, tokenizer, max_length, chat)
+    train_part.bad += train_bad + (val_bad if val_part is None else [])
+    if val_part is not None:
+        val_part.bad += val_bad
+    for part in (train_part, val_part):
+        if part is not None:
+            finish_bad_rows(part, cfg.max_bad_fraction)
+    train = [e.sample for e in train_enc if e.sample is not None]
+    if not train:
+        reasons = sorted({e.dropped for e in train_enc + val_enc if e.dropped})
+        raise DataError(f"no preference pair of {train_part.source.label} is left to train on"
+                        + (f" ({'; '.join(reasons)})" if reasons else " (they went to validation)"),
+                        f"raise train.max_length (now {max_length}), add rows, or lower data.val_fraction")
+    by_number = {p.number: p for p in val_pairs}
+    kept_val = [e for e in val_enc if e.sample is not None]
+    heldout = [{**make_heldout(by_number[e.number].chosen, chat),
+                "rejected": make_heldout(by_number[e.number].rejected, chat)["reference"]} for e in kept_val]
+    summary = summarize_pairs(train_part, val_part, train_enc, val_enc, tokenizer, max_length)
+    log_summary_line(summary)
+    return DataBundle(train, [e.sample for e in kept_val], heldout, summary,
+                      fingerprint(sources, shared.part if shared else None))
+
+
+def _system_pairs(pairs: list[Pair], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Pair]:
+    """``data.default_system_prompt`` applied to both sides of each pair, then system turns folded for templates
+    without a system role (as :func:`prepare_rows` does for SFT rows)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    default = template_default_system(tokenizer) if has_template else None
+    chosen, _ = apply_system_policy([p.chosen for p in pairs], cfg.default_system_prompt, default)
+    rejected, _ = apply_system_policy([p.rejected for p in pairs], cfg.default_system_prompt, default)
+    pairs = [Pair(p.number, c, r) for p, c, r in zip(pairs, chosen, rejected)]
+    if has_template and not template_takes_system(tokenizer):
+        pairs, folded = fold_system_pairs(pairs)
+        if folded:
+            log.info("the chat template has no system role: the system prompt of %d pairs goes before their first "
+                     "user message", folded)
+    return pairs

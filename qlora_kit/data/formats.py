@@ -25,6 +25,7 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),  # parsed by data/preference.py
 }
 ROLE_NAMES = {
     "system": "system",

@@ -18,6 +18,7 @@ from qlora_kit.core.config import DataConfig
 from qlora_kit.core.errors import DataError
 from qlora_kit.data.encode import Encoded, Sample
 from qlora_kit.data.formats import CHAT_FORMATS, Parsed, Row, parse_rows, resolve_format
+from qlora_kit.data.pairs import PREFERENCE, parse_pairs
 from qlora_kit.data.read import read_source
 
 log = logging.getLogger("qlora_kit")
@@ -84,10 +85,10 @@ def load_and_parse(path: str, spec: SourceSpec, key: str, has_template: bool, se
     if fmt in CHAT_FORMATS and not has_template:
         raise DataError(f"{source.label} holds {fmt!r} chat rows but the tokenizer has no chat template",
                         TEMPLATE_FIX, key="model.chat_template")
-    if fmt in ("alpaca", "prompt_completion") and not has_template:
+    if fmt in ("alpaca", "prompt_completion", PREFERENCE) and not has_template:
         log.warning("tokenizer has no chat template: %s rows are trained as plain prompt + completion text "
                     "(model.chat_template: chatml, llama3 or mistral makes them conversations)", fmt)
-    rows, bad = parse_rows(source, fmt, has_template)
+    rows, bad = (parse_pairs if fmt == PREFERENCE else parse_rows)(source, fmt, has_template)
     return Parsed(rows, bad, len(source.records), source, fmt, detected)
 
 

@@ -81,6 +81,7 @@ class DataSummary:
     default_system_prompt: str | None = None  # the chat template's default system prompt
     system_prompt_note: str | None = None  # what rows without a system prompt were trained with
     tool_rows: int = 0  # rows with tool calls or tool results
+    pairs: dict[str, Any] | None = None  # preference rows: tokens per side, dropped pairs (data/preference.py)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; previews are one string with trained text inside «»."""
@@ -217,10 +218,11 @@ def mark_preview(pieces: list[tuple[str, bool]]) -> str:
 
 def log_summary_line(summary: DataSummary) -> None:
     log.info(
-        "data: %d rows read, %d bad, %d train / %d val samples, %d tokens (%d trained), %d truncated, "
+        "data: %d rows read, %d bad, %d train / %d val %s, %d tokens (%d trained), %d truncated, "
         "%d without trainable tokens",
         summary.rows, summary.bad_total, summary.train_rows, summary.val_rows,
-        summary.tokens, summary.trainable_tokens, summary.truncated, summary.no_trainable,
+        "samples" if summary.pairs is None else "pairs", summary.tokens, summary.trainable_tokens, summary.truncated,
+        summary.no_trainable,
     )
 
 
@@ -298,10 +300,14 @@ def summary_rows(summary: DataSummary) -> list[tuple[str, str]]:
     fmt = summary.format + (" (auto-detected)" if summary.format_detected else "")
     trained_on = "all tokens" if summary.train_on_inputs else "assistant replies only"
     pct = 100 * summary.trainable_tokens / summary.tokens if summary.tokens else 0.0
-    return [
+    head = [
         ("format", fmt),
         ("rows read", str(summary.rows)),
         ("bad rows skipped", bad_text + (f"; val file {len(summary.val_bad_rows)}" if summary.val_bad_rows else "")),
+    ]
+    if summary.pairs is not None:
+        return head + pair_summary_rows(summary)
+    return head + [
         ("samples train / val", f"{summary.train_rows} / {summary.val_rows}"),
         ("validation from", summary.val_source or ("random split of the training file" if len(summary.sources) < 2
                                                    else "random split of each source, in proportion")),
@@ -312,3 +318,20 @@ def summary_rows(summary: DataSummary) -> list[tuple[str, str]]:
         ("length min / mean / max", f"{summary.length_min} / {summary.length_mean} / {summary.length_max}"),
     ] + ([("tool-calling rows", str(summary.tool_rows))] if summary.tool_rows else []) + (
         [("system prompt", summary.system_prompt_note)] if summary.system_prompt_note else [])
+
+
+def pair_summary_rows(summary: DataSummary) -> list[tuple[str, str]]:
+    """The table's lines for preference rows: pairs, tokens per side, truncation, dropped pairs."""
+    p = summary.pairs or {}
+    dropped = ", ".join(f"{n} {why}" for why, n in (p.get("dropped") or {}).items()) or "none"
+    return [
+        ("pairs train / val", f"{summary.train_rows} / {summary.val_rows}"),
+        ("validation from", summary.val_source or "random split of the training file"),
+        ("tokens chosen / rejected", f"{p.get('chosen_tokens', 0):,} / {p.get('rejected_tokens', 0):,} (completions "
+                                     f"{p.get('chosen_trained', 0):,} / {p.get('rejected_trained', 0):,}, prompts "
+                                     f"{p.get('prompt_tokens', 0):,} on each side)"),
+        ("pairs cut to max_length", f"{summary.truncated} (max_length {summary.max_length} per side: the prompt "
+                                    "first, then both completions at the same length)"),
+        ("pairs dropped", dropped),
+        ("sequence length min / mean / max", f"{summary.length_min} / {summary.length_mean} / {summary.length_max}"),
+    ]

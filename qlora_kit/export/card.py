@@ -29,6 +29,7 @@ def base_report(run: finished.RunInfo, target: Path, fmt: str, ctx: MergeContext
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "merge_base": ctx.merge_base,
         "base": {"name_or_path": run.manifest.get("base", {}).get("name_or_path"), "source_dir": str(run.source_dir)},
+        "method": run.manifest.get("method") or {"name": "sft", "start_adapter": None},
         "quant": {**run.quant, "reproduced_on": ctx.quant_device.type,
                   "trained_on": run.manifest.get("device", {}).get("type")},
         "adapter": {"type": str(cfg.get("peft_type", "LORA")).lower(), "r": cfg.get("r"),
@@ -79,6 +80,7 @@ def write_readme(run: finished.RunInfo, staging: Path, report: dict[str, Any]) -
         f"`{man.get('base', {}).get('source_dir', run.source_dir)}` on the training machine) with QLoRA (4-bit {run.quant.get('quant_type')} base, double quant "
         f"{run.quant.get('double_quant')}, blocksize {run.quant.get('blocksize')}) and merged by qlora-kit "
         f"{report['qlora_kit_version']} into {stored}.", "",
+        *training_lines(man.get("method")),
         "## Merge", "",
         f"- merge base: **{report['merge_base']}**" + (
             " (the dequantised NF4 weights the adapter was trained against)" if report["merge_base"] == "dequantized"
@@ -95,6 +97,9 @@ def write_readme(run: finished.RunInfo, staging: Path, report: dict[str, Any]) -
     for key in ("learning_rate", "lr_scheduler", "max_steps", "num_epochs", "micro_batch_size",
                 "gradient_accumulation_steps", "max_length", "optimizer", "weight_decay", "loraplus_lr_ratio", "seed"):
         lines.append(f"| train.{key} | {getattr(train, key)} |")
+    if train.method != "sft":
+        lines += [f"| train.{key} | {getattr(train, key)} |" for key in ("method", "beta")]
+        lines += [f"| train.dpo_loss | {train.dpo_loss} |"] if train.method == "dpo" else []
     for key in ("type", "init", "dropout"):
         lines.append(f"| lora.{key} | {getattr(cfg.lora, key)} |")
     metrics = man.get("final_metrics") or {}
@@ -104,6 +109,26 @@ def write_readme(run: finished.RunInfo, staging: Path, report: dict[str, Any]) -
     lines += verification_lines(report.get("verification", {}))
     lines += ["", "## Loading", ""] + (_gguf_loading(report) if gguf else _hf_loading())
     (staging / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def training_lines(method: dict[str, Any] | None) -> list[str]:
+    """The model card's lines on the objective (SFT, DPO, ORPO) and the adapter the run started from."""
+    method = method or {"name": "sft"}
+    name = method.get("name", "sft")
+    if name == "sft" and not method.get("start_adapter"):
+        return []
+    what = {"sft": "supervised fine-tuning (next-token loss on the replies)",
+            "dpo": f"DPO (loss {method.get('loss_type')}, beta {method.get('beta')}; reference: {method.get('reference')})",
+            "orpo": f"ORPO (beta {method.get('beta')}, no reference model)"}.get(name, name)
+    lines = ["## Training", "", f"- objective: {what}"]
+    start = method.get("start_adapter")
+    if start:
+        lines.append(f"- started from the adapter of the run `{start.get('run')}` (train.method {start.get('method')}, "
+                     "same base, checked by fingerprint); the adapter merged here is the whole trained adapter, "
+                     "so that run is not needed to use this model")
+    else:
+        lines.append("- started from a new adapter on the base model")
+    return lines + [""]
 
 
 def variant_line(lora: dict[str, Any], residual_modules: int) -> str:

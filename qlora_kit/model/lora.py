@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -81,6 +83,38 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, adapter_dtype: torch.dtype, g
             p.data = p.data.to(adapter_dtype)
     cast_frozen_adapter_state(peft_model, adapter_dtype)
     return peft_model
+
+
+def load_start_adapter(model: nn.Module, directory: Path, adapter_dtype: torch.dtype, reference: str | None) -> None:
+    """Start the trainable adapter ("default") from a trained one; with ``reference``, also attach a frozen copy
+    under that name (DPO's reference policy when it starts from this adapter).
+
+    Raises:
+        ModelError: the adapter's weights do not fit the attached adapters (another shape or base).
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(directory / "adapter_model.safetensors")
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    expected = {k for k, p in model.named_parameters() if p.requires_grad}
+    try:
+        result = set_peft_model_state_dict(model, {k: v.to(device) for k, v in weights.items()})
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ModelError(f"the adapter in {directory} does not fit this model ({str(exc).splitlines()[0][:200]})",
+                         "point model.adapter at a run trained on this base model", key="model.adapter") from exc
+    missing = [k for k in result.missing_keys if k in expected]
+    if result.unexpected_keys or missing:
+        raise ModelError(f"the adapter in {directory} does not fit this model (unexpected "
+                         f"{result.unexpected_keys[:3]}, missing {missing[:3]})",
+                         "point model.adapter at a run trained on this base model", key="model.adapter")
+    if reference is None:
+        return
+    model.load_adapter(str(directory), adapter_name=reference, is_trainable=False)
+    for name, p in model.named_parameters():
+        if f".{reference}." in name:
+            p.data = p.data.to(adapter_dtype)
+    model.set_adapter("default")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from qlora_kit.plan.terms import (
     NF4_BLOCK,
     NORM_BACKWARD_FP32_COPIES,
     OFFLOAD_IN_FLIGHT,
+    PAIR_INPUT_BYTES,
     STEP_INPUT_BYTES,
     adapter_components,
     attention_square,
@@ -106,13 +107,19 @@ def estimate(cfg: Config, shape: ModelShape, micro_batch_size: int | None = None
     """
     batch = micro_batch_size or cfg.train.micro_batch_size
     length = max_length or cfg.train.max_length
-    tokens = batch * length
+    rows = batch * sequences_per_item(cfg)  # preference methods: a chosen and a rejected sequence per pair
+    tokens = rows * length
     labelled = tokens if labelled_tokens is None else min(labelled_tokens, tokens)
     tech = techniques(cfg, shape, device)
     weights = weight_components(shape, tech)
     numels, frozen = variant_tensors(shape, list(tech.targets), cfg.lora)
     static = {**weights, **adapter_components(numels, tech, frozen)}
-    loss_phase, backward_phase, stage, host = activation_phases(shape, tech, batch, length, labelled, numels)
+    if cfg.train.method == "dpo" and cfg.model.adapter is not None:
+        static["reference_adapter"] = sum(numels) * tech.adapter_bytes  # the frozen copy of the start adapter
+    loss_phase, backward_phase, stage, host = activation_phases(shape, tech, rows, length, labelled, numels)
+    if cfg.train.method != "sft":
+        loss_phase["step_inputs"] += PAIR_INPUT_BYTES * tokens
+        backward_phase["step_inputs"] += PAIR_INPUT_BYTES * tokens
     parallel = parallel or PARALLEL.get()
     max_linear = max(lin.numel for lin in linear_layers(shape).values())
     load = {**weights, "quantisation_buffer": max_linear * tech.s + 4 * math.ceil(max_linear / NF4_BLOCK)}
@@ -122,6 +129,8 @@ def estimate(cfg: Config, shape: ModelShape, micro_batch_size: int | None = None
         load = per_gpu_load or load
         host += host_shards
     phases = {"load": load, "loss": {**static, **loss_phase}, "backward": {**static, **backward_phase}}
+    if cfg.train.method == "dpo":
+        phases["reference"] = {**static, **reference_phase(shape, tech, rows, length, labelled, loss_phase)}
     init = init_phase(shape, cfg, tech, tokens, numels, frozen, (loss_phase, backward_phase))
     if init:
         phases["init"] = {**weights, **init}
@@ -136,6 +145,31 @@ def estimate(cfg: Config, shape: ModelShape, micro_batch_size: int | None = None
         paged_optimizer_bytes=paged, weights_bytes=sum(weights.values()), host_bytes=host, stage=stage,
         fragmentation_fraction=fragmentation_fraction(),
     )
+
+
+def sequences_per_item(cfg: Config) -> int:
+    """Sequences one item of ``micro_batch_size`` puts through the model: 1 row for SFT, 2 per preference pair."""
+    return 1 if cfg.train.method == "sft" else 2
+
+
+def reference_phase(shape: ModelShape, tech: Techniques, batch: int, length: int, labelled: int,
+                    loss_phase: dict[str, int]) -> dict[str, int]:
+    """DPO's reference forward (``train.preference``): the same rows without gradients, before the policy's.
+
+    Nothing is kept for a backward: one layer's transient working set at a time (its input and
+    output hidden states and the MLP's three ``[tokens, I]`` intermediates, or one tile of them),
+    then the fused loss's forward tiles on the last hidden state.  Never the step's peak in
+    practice (the policy's loss phase holds the same plus the checkpoints), but planned as a phase.
+    """
+    s, h, n = tech.s, shape.hidden_size, batch * length
+    mlp_rows = min(n, MLP_TILE_TOKENS) if mlp_is_tiled(tech, batch, length) else n
+    layer = 2 * s * h * n + 3 * s * shape.intermediate_size * mlp_rows
+    if tech.fused_loss:
+        head = fused_loss_forward_bytes(shape, tech, batch, length, labelled)
+    else:
+        head = s * h * n + (s + 4) * shape.vocab_size * n  # logits and their fp32 log-softmax
+    return {"step_inputs": loss_phase["step_inputs"], "attention_mask": loss_phase["attention_mask"],
+            "autocast_adapter_copies": loss_phase["autocast_adapter_copies"], "reference_forward": max(layer, head)}
 
 
 def init_phase(shape: ModelShape, cfg: Config, tech: Techniques, tokens: int, numels: list[int], frozen: int,
@@ -198,10 +232,22 @@ def fused_loss_bytes(shape: ModelShape, tech: Techniques, batch: int, length: in
         backward = (2 * s + 4) * h * rows + buffer
     else:
         tile = min(rows, LOSS_TOKEN_TILE) * min(shape.vocab_size, LOSS_VOCAB_TILE)
-        copy = s * h * rows if batch > 1 else 0  # [:, :-1] of one row is a view; of several rows, a copy
+        copy = s * h * rows if batch > 1 and not tech.packed else 0  # [:, :-1] of one (packed) row: a view
         forward = s * h * n + copy + buffer + 3 * 4 * tile
         backward = s * h * n + copy + (s + 4) * h * rows + buffer + 29 * tile
     return max(forward, backward) + LOSS_SCALARS_PER_LABEL * rows
+
+
+def fused_loss_forward_bytes(shape: ModelShape, tech: Techniques, batch: int, length: int, labelled: int) -> int:
+    """The forward part of :func:`fused_loss_bytes` alone (a pass without gradients: DPO's reference)."""
+    s, h, n = tech.s, shape.hidden_size, batch * length
+    rows = fused_loss_rows(tech, batch, length, labelled)
+    buffer = s * min(rows, LOSS_TOKEN_TILE) * LOSS_VOCAB_TILE
+    if tech.device == "cuda":
+        return s * h * (n + rows) + buffer + LOSS_SCALARS_PER_LABEL * rows
+    tile = min(rows, LOSS_TOKEN_TILE) * min(shape.vocab_size, LOSS_VOCAB_TILE)
+    copy = s * h * rows if batch > 1 and not tech.packed else 0
+    return s * h * n + copy + buffer + 3 * 4 * tile + LOSS_SCALARS_PER_LABEL * rows
 
 
 def activation_phases(shape: ModelShape, tech: Techniques, batch: int, length: int, labelled: int,

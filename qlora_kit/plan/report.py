@@ -7,7 +7,7 @@ import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from qlora_kit.core.config import Config, attribute_origin, load_config
 from qlora_kit.core.errors import EXIT_OOM, ConfigError, ModelError
@@ -33,8 +33,12 @@ DEFAULT_GPU_GIB = 24.0
 
 
 def run_plan(config_path: str | Path, overrides: list[str], gpu_memory: float | None = None,
-             as_json: bool = False, num_gpus: int = 1, strategy: str = "ddp") -> int:
+             as_json: bool = False, num_gpus: int = 1, strategy: str = "ddp",
+             prepare: Callable[[Config, dict[str, str]], tuple[Config, dict[str, str]]] | None = None) -> int:
     """``qlora-kit plan``: print the prediction (per GPU with ``num_gpus`` > 1); exit 0 when it fits, EXIT_OOM when not.
+
+    ``prepare`` completes the loaded config as ``train`` does (the CLI passes the adoption of
+    ``model.adapter``'s LoRA shape, ``rundir.start_adapter``).
 
     Raises:
         ConfigError: invalid config, ``num_gpus`` below 1 or an unknown ``strategy``.
@@ -47,6 +51,8 @@ def run_plan(config_path: str | Path, overrides: list[str], gpu_memory: float | 
                           "ddp: the whole model on every GPU; fsdp: sharded; fsdp-offload: sharded in host memory")
 
     cfg, sources = load_config(config_path, overrides)
+    if prepare is not None:
+        cfg, sources = prepare(cfg, sources)
     try:
         shape = read_shape(cfg.model)
         check_attention(shape.model_type, cfg.model.attn_implementation, cfg.model.name_or_path)
@@ -109,6 +115,7 @@ def build_report(cfg: Config, shape: ModelShape, budget: int, budget_source: str
     fits_now = plan.total_bytes <= budget
     return {
         "model": cfg.model.name_or_path,
+        "method": cfg.train.method,
         "shape": {k: v for k, v in asdict(shape).items()},
         "micro_batch_size": plan.micro_batch_size,
         "max_length": plan.max_length,
@@ -180,6 +187,8 @@ _LABELS = {
     "loraga_inputs": "LoRA-GA target inputs kept for the gradient",
     "loraga_forward_backward": "LoRA-GA forward/backward pass",
     "init_working": "adapter init SVD/QR working set (1 matrix)",
+    "reference_adapter": "DPO reference adapter (frozen copy of model.adapter)",
+    "reference_forward": "DPO reference forward (no gradients)",
 }
 
 
@@ -203,7 +212,8 @@ def print_report(report: dict[str, Any]) -> None:
     where = ""
     if parallel.get("per_gpu"):
         where = f", {Parallel(parallel['gpus'], parallel['strategy']).label()}"
-    table = Table(title=f"Memory plan: {report['model']} (B={report['micro_batch_size']}, "
+    pairs = " pairs: 2 sequences each" if report.get("method", "sft") != "sft" else ""
+    table = Table(title=f"Memory plan: {report['model']} (B={report['micro_batch_size']}{pairs}, "
                         f"T={report['max_length']}, {report['compute_dtype']}, peak in {report['peak_phase']} phase"
                         f"{where})")
     table.add_column("component")

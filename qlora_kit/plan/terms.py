@@ -22,6 +22,7 @@ MLP_TILE_TOKENS = 4096  # qlora_kit.ops.tiled_mlp.MLP_TILE_TOKENS
 NORM_BACKWARD_FP32_COPIES = 5  # fp32 [N, H] temporaries of an RMSNorm's backward (measured on CPU, same ops)
 OFFLOAD_IN_FLIGHT = 2  # offloaded checkpoints on the GPU at once: the layer recomputed + one prefetched
 STEP_INPUT_BYTES = 24  # int64 input_ids, labels, position_ids per token
+PAIR_INPUT_BYTES = 8  # preference pairs: the int64 sequence index of every token (data/preference.collate_pairs)
 CUDA_CONTEXT_BYTES = 500 * MiB
 FRAGMENTATION_EXPANDABLE = 0.05  # allocator margin with expandable_segments (train's default)
 FRAGMENTATION_LEGACY = 0.10  # ... with fixed-size segments

@@ -118,11 +118,13 @@ def save_adapter(model: torch.nn.Module, directory: Path, state_dict: dict[str, 
     """Save the peft adapter (safetensors + adapter_config.json) into ``directory``.
 
     ``state_dict``: the adapter weights when ``model`` does not hold them whole (FSDP shards).
+    Only the trained adapter ("default"): a frozen reference adapter (DPO from ``model.adapter``) is not saved.
     """
     if state_dict is None:
-        model.save_pretrained(directory, safe_serialization=True)
+        model.save_pretrained(directory, safe_serialization=True, selected_adapters=["default"])
     else:
-        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict,
+                              selected_adapters=["default"])
 
 
 def save_checkpoint(

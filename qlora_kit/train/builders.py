@@ -25,7 +25,8 @@ log = logging.getLogger("qlora_kit")
 
 def build_model(cfg: Config, source: Path, precision: Any, total_steps: int | None = None,
                 resume_dir: Path | None = None, quant_storage: torch.dtype = torch.uint8,
-                load_on: torch.device | None = None) -> Any:
+                load_on: torch.device | None = None, start_adapter: Path | None = None,
+                reference_adapter: str | None = None) -> Any:
     """NF4 base (+ a resumed run's residual base) → fused loss head → adapters of ``lora.type`` (+ checkpointing)
     → packed attention, tiled MLP, offload.
 
@@ -33,6 +34,8 @@ def build_model(cfg: Config, source: Path, precision: Any, total_steps: int | No
     ``resume_dir``: the run being resumed; a base-changing ``lora.init`` trained against the
     residual NF4 weights stored there, which replace the loaded ones before the adapters attach.
     ``quant_storage`` and ``load_on`` (default: the training device) serve FSDP (train/distributed.py).
+    ``start_adapter``: an adapter directory the adapters start from (``model.adapter``); with
+    ``reference_adapter``, a frozen copy of it is attached under that name (DPO's reference).
 
     Raises:
         ModelError: the resumed run's residual base is missing or changed.
@@ -46,6 +49,8 @@ def build_model(cfg: Config, source: Path, precision: Any, total_steps: int | No
         loss.add_fused_loss(model)  # before peft wraps the model
     model = model_lora.attach_lora(model, cfg.lora, precision.adapter_dtype, t.gradient_checkpointing,
                                t.checkpoint_every_n_layers, total_steps)
+    if start_adapter is not None:
+        model_lora.load_start_adapter(model, start_adapter, precision.adapter_dtype, reference_adapter)
     if precision.autocast:
         prec.keep_adapter_inputs_in_compute_dtype(model)
     packing.use_packed_attention(model)

@@ -18,11 +18,13 @@ from qlora_kit.core.errors import Preempted
 from qlora_kit.core.signals import StopRequest
 from qlora_kit.data.batching import collate, plan_batches
 from qlora_kit.data.encode import IGNORE_INDEX
-from qlora_kit.ops.loss import causal_lm_loss, count_targets
+from qlora_kit.data.preference import collate_pairs
+from qlora_kit.ops.loss import count_targets
 from qlora_kit.rundir import checkpoint as ckpt
 from qlora_kit.train.guards import guard_nonfinite
-from qlora_kit.train.order import EpochPlans, micro_batches_from
+from qlora_kit.train.order import EpochPlans, micro_batches_from, row_tokens
 from qlora_kit.train.outputs import save
+from qlora_kit.train.preference import means, take_metrics
 from qlora_kit.train.progress import Progress, log_step
 from qlora_kit.train.state import Run
 from qlora_kit.variants import adalora
@@ -67,7 +69,9 @@ def train(run: Run, stop: StopRequest) -> None:
             except _StepInterrupted:
                 run.optimizer.zero_grad(set_to_none=True)
                 ckpt.set_rng_state(rng)
+                take_metrics(run.loss_fn)  # the unfinished step's metrics go with it
                 _preempt(run, stop)
+            sums = take_metrics(run.loss_fn)  # a preference method's rewards etc. (None for SFT)
             grad_norm = clip_gradients(run, model)
             run.micro_index += cfg.gradient_accumulation_steps
             skipped = guard_nonfinite(run, loss, grad_norm)
@@ -77,7 +81,7 @@ def train(run: Run, stop: StopRequest) -> None:
             run.step += 1
             progress.advance(run.step)
             if not skipped:
-                run.window.add(loss, n_tokens)
+                run.window.add(loss, n_tokens, sums)
             if run.step % cfg.logging_steps == 0 or run.step == run.total_steps:
                 log_step(run, run.window, lr, grad_norm, progress)
             if run.data.val and (run.step % eval_every == 0 or run.step == run.total_steps):
@@ -100,9 +104,11 @@ def _count_step(run: Run, plans: EpochPlans, stop: StopRequest) -> tuple[int, in
     Counted over the global micro-batches: every rank of a multi-process run gets the same number.
 
     Equals the collated labels' ``[:, 1:] != -100`` count: a sample's first label is always -100
-    and samples/packed rows never exceed max_length.  Raises _StepInterrupted on a stop request.
+    and samples/packed rows never exceed max_length.  Preference methods count pairs (their loss
+    is a mean over pairs).  Raises _StepInterrupted on a stop request.
     """
 
+    pairs = run.cfg.train.method != "sft"
     targets = tokens = 0
     micro = micro_batches_from(run.cfg, run.data, run.micro_index, plans)
     for k, (_epoch, rows) in enumerate(islice(micro, run.cfg.train.gradient_accumulation_steps)):
@@ -111,7 +117,7 @@ def _count_step(run: Run, plans: EpochPlans, stop: StopRequest) -> tuple[int, in
         for row in rows:
             for i in row:
                 labels = run.data.train[i]["labels"]
-                targets += len(labels) - labels.count(IGNORE_INDEX)
+                targets += 1 if pairs else len(labels) - labels.count(IGNORE_INDEX)
                 tokens += len(labels)
     return max(1, targets), tokens
 
@@ -139,10 +145,20 @@ def _collate_local(run: Run, rows: list[list[int]]) -> dict[str, Any]:
     """
 
     mine, masked = run.dist.local_rows(rows)
-    batch = collate(run.data.train, mine, run.tokenizer.pad_token_id, run.cfg.train.max_length,
-                    run.cfg.data.packing)
+    return collate_rows(run, run.data.train, mine, masked)
+
+
+def collate_rows(run: Run, samples: Any, rows: list[list[int]], masked: bool = False) -> dict[str, Any]:
+    """One micro-batch of ``rows``: SFT samples (``data.batching.collate``) or preference pairs
+    (``data.preference.collate_pairs``); ``masked``: nothing in it counts (labels -100, pair weights 0)."""
+    if run.cfg.train.method == "sft":
+        batch = collate(samples, rows, run.tokenizer.pad_token_id, run.cfg.train.max_length, run.cfg.data.packing)
+    else:
+        batch = collate_pairs(samples, rows, run.tokenizer.pad_token_id, run.cfg.data.packing)
     if masked:
         batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+        if "pair_weight" in batch:
+            batch["pair_weight"] = torch.zeros_like(batch["pair_weight"])
     return batch
 
 
@@ -162,10 +178,11 @@ def forward_loss(run: Run, model: Any, batch: dict[str, Any], n_items: int) -> t
 
     ``n_items`` counts the trainable tokens of the whole step (of every rank in a multi-process
     run), so micro-batches with few trainable tokens are not over-weighted and the step's loss
-    is the mean over all of them.
+    is the mean over all of them.  ``run.loss_fn`` is SFT's next-token loss, or a preference
+    method's (``train.preference``: summed pair losses / the step's pairs).
     """
     with run.precision.forward_context():  # autocast with fp32 adapter masters on CUDA
-        return causal_lm_loss(model, to_device(batch, run.device), n_items, run.cfg.train.fused_loss)
+        return run.loss_fn(model, to_device(batch, run.device), n_items, run.cfg.train.fused_loss)
 
 
 def backward(run: Run, loss: torch.Tensor) -> None:
@@ -226,8 +243,9 @@ def scheduler_step(run: Run) -> None:
         run.scheduler.step()
 
 
-def evaluate(run: Run, stop: StopRequest) -> float | None:
-    """Token-weighted mean loss on the validation rows; None when interrupted by a stop signal.
+def evaluate(run: Run, stop: StopRequest) -> dict[str, float] | None:
+    """``eval_loss`` (token-weighted for SFT, per pair for preference methods, with their ``eval_rewards/...``)
+    on the validation rows; None when interrupted by a stop signal.
 
     Batched like training (same packing, same fused loss, same precision context), in
     eval mode and without gradients.  Several processes split each (global) batch like
@@ -236,7 +254,7 @@ def evaluate(run: Run, stop: StopRequest) -> float | None:
 
     cfg = run.cfg
     lengths = [len(s["input_ids"]) for s in run.data.val]
-    plan = plan_batches(lengths, cfg.train.micro_batch_size * run.dist.world_size, cfg.train.max_length,
+    plan = plan_batches(lengths, cfg.train.micro_batch_size * run.dist.world_size, row_tokens(cfg),
                         cfg.data.packing, cfg.train.seed, 0, False)
     model = run.wrapped if run.wrapped is not None else run.model
     total = torch.zeros((), device=run.device)
@@ -248,29 +266,34 @@ def evaluate(run: Run, stop: StopRequest) -> float | None:
                 if run.dist.any(stop.requested):
                     return None
                 mine, masked = run.dist.local_rows(rows)
-                batch = collate(run.data.val, mine, run.tokenizer.pad_token_id, cfg.train.max_length,
-                                cfg.data.packing)
-                if masked:
-                    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
-                n = count_targets(batch["labels"])
+                batch = collate_rows(run, run.data.val, mine, masked)
+                n = int(batch["pair_weight"].sum()) if "pair_weight" in batch else count_targets(batch["labels"])
                 with run.precision.forward_context():
-                    loss = causal_lm_loss(model, to_device(batch, run.device), max(n, 1), cfg.train.fused_loss)
+                    loss = run.loss_fn(model, to_device(batch, run.device), max(n, 1), cfg.train.fused_loss)
                 total += loss.float() * n
                 count += n
     finally:
         model.train()
+    sums = take_metrics(run.loss_fn) or {}
+    names = list(sums)
+    values = torch.stack([total.double(), total.new_tensor(count, dtype=torch.float64),
+                          *(sums[k].double() for k in names)])
     if run.dist.active:  # every rank's sums
-        total, count = run.dist.sum(torch.stack([total.double(), total.new_tensor(count, dtype=torch.float64)]))
-    return float(total / max(count, 1))
+        values = run.dist.sum(values)
+    total, count, *rest = values.tolist()
+    return {"eval_loss": total / max(count, 1), **means(dict(zip(names, rest)), "eval_")}
 
 
 def _evaluate_and_log(run: Run, stop: StopRequest) -> None:
-    eval_loss = evaluate(run, stop)
-    if eval_loss is None:
+    result = evaluate(run, stop)
+    if result is None:
         return  # interrupted: the caller checkpoints at this step boundary
+    eval_loss = result["eval_loss"]
     run.last_eval_loss, run.last_eval_step = eval_loss, run.step
-    run.metrics.append({"step": run.step, "eval_loss": round(eval_loss, 6)})
-    log.info("step %d: eval loss %.4f", run.step, eval_loss)
+    run.metrics.append({"step": run.step, **{k: round(v, 6) for k, v in result.items()}})
+    accuracy = result.get("eval_rewards/accuracies")
+    log.info("step %d: eval loss %.4f%s", run.step, eval_loss,
+             "" if accuracy is None else f", reward accuracy {accuracy:.3f}, margin {result['eval_rewards/margins']:.4f}")
 
 
 def _preempt(run: Run, stop: StopRequest) -> None:

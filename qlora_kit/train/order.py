@@ -13,8 +13,14 @@ def epoch_plan(cfg: Config, data: Any, epoch: int) -> list[list[list[int]]]:
     """The epoch's *global* micro-batches: ``micro_batch_size`` rows per process (distributed.local_rows)."""
 
     lengths = [len(s["input_ids"]) for s in data.train]
-    return plan_batches(lengths, cfg.train.micro_batch_size * distributed.world_size(), cfg.train.max_length,
+    return plan_batches(lengths, cfg.train.micro_batch_size * distributed.world_size(), row_tokens(cfg),
                         cfg.data.packing, cfg.train.seed, epoch, cfg.data.shuffle)
+
+
+def row_tokens(cfg: Config) -> int:
+    """Tokens one (packed) row may hold: ``max_length``, twice that for preference pairs (two sequences of
+    up to max_length each, always kept together)."""
+    return cfg.train.max_length * (1 if cfg.train.method == "sft" else 2)
 
 
 class EpochPlans:

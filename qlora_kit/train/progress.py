@@ -10,6 +10,7 @@ import torch
 
 from qlora_kit.core import logs
 from qlora_kit.train.guards import raise_if_nonfinite, raise_if_scale_collapsed
+from qlora_kit.train.preference import means
 from qlora_kit.train.state import LogWindow, Run
 
 log = logging.getLogger("qlora_kit")
@@ -20,9 +21,12 @@ def log_step(run: Run, window: LogWindow, lr: float, grad_norm: torch.Tensor, pr
         window.reset()
         return
     scale = run.scaler.get_scale() if run.scaler is not None else None
-    shared = run.dist.sum(torch.stack([window.loss / window.steps, run.nonfinite.float()]))  # every rank's share
-    values = torch.stack([shared[0], grad_norm, shared[1]]).tolist()  # one sync
-    loss, gnorm, bad = values
+    sums = window.sums or {}  # a preference method's summed metrics: each rank sums its pairs
+    names = list(sums)
+    shared = run.dist.sum(torch.stack([window.loss / window.steps, run.nonfinite.float(),
+                                       *(sums[k].float() for k in names)]))  # every rank's share
+    values = torch.stack([shared[0], grad_norm, *shared[1:]]).tolist()  # one sync
+    loss, gnorm, bad, *extra = values
     raise_if_nonfinite(run, bad > 0)
     raise_if_scale_collapsed(run, scale)
     elapsed = time.perf_counter() - window.start
@@ -34,6 +38,7 @@ def log_step(run: Run, window: LogWindow, lr: float, grad_norm: torch.Tensor, pr
         "grad_norm": round(gnorm, 6),
         "tokens_per_second": round(window.tokens / max(elapsed, 1e-9), 2),
         "seconds_per_step": round(elapsed / window.steps, 4),
+        **means(dict(zip(names, extra))),  # rewards/chosen, rewards/accuracies, ... (trl's names)
     }
     if run.skipped_steps:
         record["skipped_steps"] = run.skipped_steps
@@ -67,6 +72,8 @@ class Progress:
     def update(self, step: int, record: dict[str, Any]) -> None:
         info = (f"loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
                 f"{record['tokens_per_second']:.0f} tok/s")
+        if "rewards/accuracies" in record:
+            info += f"  reward acc {record['rewards/accuracies']:.2f}  margin {record['rewards/margins']:.3f}"
         if self.enabled:
             log.info("step %d  %s", step, info)
         if self.bar is not None:

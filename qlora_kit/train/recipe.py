@@ -39,6 +39,7 @@ from qlora_kit.rundir import finished, target
 from qlora_kit.rundir import layout as rundir
 from qlora_kit.rundir import lock as runlock
 from qlora_kit.rundir.manifest import package_versions
+from qlora_kit.rundir.start_adapter import adopt_start_adapter
 from qlora_kit.train import distributed
 from qlora_kit.train.loop import train
 from qlora_kit.train.outputs import begin, finish, set_status
@@ -67,6 +68,7 @@ def run_training(
     configure_cuda_allocator()  # before anything touches CUDA
     dist = distributed.current()
     cfg, sources = load_config(config_path, overrides)
+    cfg, sources = adopt_start_adapter(cfg, sources)  # model.adapter: the start run's LoRA shape
     out = Path(cfg.output_dir).expanduser()
     _check_target(out, cfg, config_path, overwrite)  # read-only: refuse "/", home, ... before locking beside them
     check_writable(out)
@@ -173,6 +175,8 @@ def _check_target(out: Path, cfg: Config, config_path: str | Path, overwrite: bo
         protected["the validation file"] = Path(cfg.data.val_path)
     if Path(cfg.model.name_or_path).expanduser().exists():
         protected["the model"] = Path(cfg.model.name_or_path)
+    if cfg.model.adapter is not None:
+        protected["the run of model.adapter"] = Path(cfg.model.adapter)
     target.check_target(out, overwrite, protected)
 
 

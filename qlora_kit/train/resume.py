@@ -35,6 +35,7 @@ RESUME_BREAKING = (
     "data.default_system_prompt",
     "train.seed", "train.micro_batch_size", "train.gradient_accumulation_steps", "train.max_length",
     "train.optimizer", "train.loraplus_lr_ratio",
+    "train.method", "train.beta", "train.dpo_loss", "model.adapter",
 )
 BASE_LOCATION = ("model.name_or_path", "model.revision")  # where the base is; its fingerprint says what it is
 DATA_LOCATION = ("data.path", "data.val_path",  # where the data are; their sha256 says what they are

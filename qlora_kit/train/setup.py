@@ -35,6 +35,7 @@ from qlora_kit.rundir import layout as rundir
 from qlora_kit.rundir import target
 from qlora_kit.rundir.manifest import device_info, now_iso, package_versions
 from qlora_kit.rundir.metrics import MetricsLog
+from qlora_kit.rundir.start_adapter import StartAdapter, check_start_unchanged, read_start_adapter
 from qlora_kit.train import distributed
 from qlora_kit.train.builders import build_model, build_optimizer, build_scheduler, compute_total_steps
 from qlora_kit.train.loop import to_device
@@ -48,6 +49,7 @@ from qlora_kit.train.resume import (
     restore,
 )
 from qlora_kit.train.startup_checks import run_startup_checks
+from qlora_kit.train.preference import REFERENCE_ADAPTER, PreferenceLoss
 from qlora_kit.train.state import Run
 from qlora_kit.variants import adalora_steps
 from qlora_kit.variants import init as vinit
@@ -83,10 +85,13 @@ def setup(cfg: Config, config_text: str, out: Path, start: target.Start | None, 
         base_print = basecheck.fingerprint(source)
         if not start.fresh:  # the adapter continues only on the weights it was trained against
             basecheck.check_base(source, recorded_base(out, start.resume_from), out, base_print, BASE_FIX)
+            check_start_unchanged((read_json(out / rundir.MANIFEST).get("method") or {}).get("start_adapter"))
+        begin_from = _start_adapter(cfg, source, base_print)
         cfg = resolve_memory_settings(cfg, source, device, None if start.fresh else recorded_memory(out))
         tokenizer = model_base.load_tokenizer(source, cfg.model)
         data = _setup_data(cfg, tokenizer, show=dist.is_main)
         _warn_beyond_context(source, data.summary.length_max)
+        _check_method_data(cfg, data)
         if start.resume_from is not None:
             check_data_unchanged(start.resume_from, data.fingerprint)
         micro_per_epoch = len(epoch_plan(cfg, data, 0))
@@ -94,8 +99,10 @@ def setup(cfg: Config, config_text: str, out: Path, start: target.Start | None, 
         _check_variant_needs(cfg, data, total_steps)
         if device.type == "cuda" and not skip_memory_check:
             _check_memory(cfg, source, device)
+        reference = REFERENCE_ADAPTER if begin_from is not None and cfg.train.method == "dpo" else None
         model = build_model(cfg, source, precision, total_steps, resume_dir,
-                            quant_storage=compute_dtype if dist.fsdp else torch.uint8, load_on=dist.load_device(device))
+                            quant_storage=compute_dtype if dist.fsdp else torch.uint8, load_on=dist.load_device(device),
+                            start_adapter=begin_from.adapter_dir if begin_from else None, reference_adapter=reference)
         if start.resume_from is not None and dist.fsdp:
             ckpt.load_adapter_weights(start.resume_from, model)  # before sharding; FSDP syncs rank 0's to the others
     spec = model_base.quant_spec(model, cfg.model, compute_dtype)
@@ -113,6 +120,7 @@ def setup(cfg: Config, config_text: str, out: Path, start: target.Start | None, 
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     manifest = _new_manifest(cfg, device, source, spec, data, model, trainable, out, not start.fresh, variant)
     manifest["base"]["fingerprint"] = base_print
+    manifest["method"] = method_record(cfg, begin_from, reference)
     manifest["memory"] = memory_record(cfg, model, precision)
     manifest["startup_checks"] = checks
     if dist.active:
@@ -122,6 +130,8 @@ def setup(cfg: Config, config_text: str, out: Path, start: target.Start | None, 
               micro_per_epoch, manifest, metrics, params=params, fresh=start.fresh,
               precision=precision, scaler=precision.make_scaler(), dist=dist, wrapped=wrapped)
     run.residual = residual
+    if cfg.train.method != "sft":
+        run.loss_fn = PreferenceLoss(cfg.train, model, reference)
     run.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     if not start.fresh:
@@ -149,6 +159,9 @@ def _check_fsdp_supported(cfg: Config, precision: Any) -> None:
     if precision.loss_scaling:
         raise ConfigError("FSDP-QLoRA needs bfloat16 compute; this GPU computes in float16 (no native bf16)",
                           "use the DDP accelerate config (configs/accelerate/ddp_2gpu.yaml) on this GPU")
+    if cfg.model.adapter is not None and cfg.train.method == "dpo":
+        raise ConfigError("train.method=dpo from model.adapter keeps a frozen reference adapter beside the trained "
+                          "one, which FSDP-QLoRA cannot shard", "train with DDP, or start DPO from the base model")
     if cfg.lora.use_dora:
         raise ConfigError("lora.use_dora is not supported with FSDP-QLoRA (DoRA's magnitude vectors cannot be "
                           "sharded apart from the frozen 4-bit weights with fsdp_use_orig_params: false)",
@@ -227,6 +240,56 @@ def memory_record(cfg: Config, model: Any, precision: Any) -> dict[str, Any]:
         "adapter_dtype": str(precision.adapter_dtype).removeprefix("torch."),
         "autocast": precision.autocast, "loss_scaling": precision.loss_scaling,
     }
+
+
+def _start_adapter(cfg: Config, source: Path, base_print: dict[str, Any]) -> StartAdapter | None:
+    """The run ``model.adapter`` names, verified, trained on this very base (its recorded fingerprint).
+
+    Raises:
+        ConfigError: no usable start run (see ``rundir.start_adapter``).
+        ModelError: the base at ``model.name_or_path`` is not the one the start run was trained on.
+    """
+    if cfg.model.adapter is None:
+        return None
+    begin_from = read_start_adapter(cfg.model.adapter)
+    basecheck.check_base(source, (begin_from.manifest.get("base") or {}).get("fingerprint"), begin_from.run,
+                         base_print, f"point model.name_or_path at the base {begin_from.run} was trained on (checked "
+                         f"against the fingerprint in its {rundir.MANIFEST})")
+    if begin_from.config.model.chat_template != cfg.model.chat_template:
+        log.warning("model.chat_template differs from the one %s was trained with: the adapter learnt another "
+                    "prompt format", begin_from.run)
+    log.info("starting from the adapter of %s (train.method=%s there)", begin_from.run, begin_from.config.train.method)
+    return begin_from
+
+
+def _check_method_data(cfg: Config, data: Any) -> None:
+    """Preference rows go with train.method dpo / orpo, every other format with sft (``data.format: auto``).
+
+    Raises:
+        ConfigError: the rows and the method do not go together.
+    """
+    pairs = data.summary.pairs is not None
+    if pairs and cfg.train.method == "sft":
+        raise ConfigError("data.path holds preference rows (prompt, chosen, rejected), and train.method is sft",
+                          "set train.method to dpo or orpo", key="train.method")
+    if not pairs and cfg.train.method != "sft":
+        raise ConfigError(f"train.method={cfg.train.method} trains on preference rows (prompt, chosen, rejected); "
+                          f"data.path holds {data.summary.format!r} rows",
+                          "give it prompt/chosen/rejected rows, or set train.method=sft", key="train.method")
+
+
+def method_record(cfg: Config, begin_from: StartAdapter | None, reference: str | None) -> dict[str, Any]:
+    """The manifest's account of the training objective and where the adapter started."""
+    t = cfg.train
+    record: dict[str, Any] = {"name": t.method}
+    if t.method != "sft":
+        record["beta"] = t.beta
+    if t.method == "dpo":
+        record["loss_type"] = t.dpo_loss
+        record["reference"] = ("the start adapter (a frozen copy)" if reference else
+                               "the base model (the adapter switched off)")
+    record["start_adapter"] = begin_from.record() if begin_from is not None else None
+    return record
 
 
 def _check_variant_needs(cfg: Config, data: Any, total_steps: int) -> None:

@@ -38,6 +38,7 @@ import torch
 from qlora_kit.core.config import Config
 from qlora_kit.core.errors import ModelError, OutOfMemoryError
 from qlora_kit.data.batching import collate
+from qlora_kit.data.preference import CHOSEN_LENGTH, split_pair
 from qlora_kit.data.encode import IGNORE_INDEX
 from qlora_kit.ops import checkpointing, packing, tiled_mlp
 from qlora_kit.ops.loss import causal_lm_loss, count_targets
@@ -232,7 +233,8 @@ def _agree(outcomes: list[Outcome], dist: distributed.Dist) -> list[Outcome]:
 
 def check_batch(samples: Sequence[Any], rows: Sequence[Sequence[int]], pad_id: int, packed: bool,
                 tokens: int = CHECK_TOKENS) -> dict[str, Any]:
-    """The check's input: ``tokens`` tokens of the micro-batch ``rows``, packed or right-padded as in training.
+    """The check's input: ``tokens`` tokens of the micro-batch ``rows``, packed or right-padded as in training
+    (a preference pair gives its two sides as two sequences).
 
     The samples are cut into pieces of at most ``tokens // 2`` tokens from their ends (where
     answers carry labels), taken in turn from every sample — the last piece of each first —
@@ -241,7 +243,8 @@ def check_batch(samples: Sequence[Any], rows: Sequence[Sequence[int]], pad_id: i
     ignored).  When no piece carries a label, every token does (the check needs a loss).
     """
     picked = [samples[i] for row in rows for i in row]
-    pieces = slice_pieces([(s["input_ids"], s["labels"]) for s in picked], tokens)
+    sequences = [side for s in picked for side in (split_pair(s) if CHOSEN_LENGTH in s else [(s["input_ids"], s["labels"])])]
+    pieces = slice_pieces(sequences, tokens)
     if not any(label != IGNORE_INDEX for _, labels in pieces for label in labels):
         pieces = [(ids, [IGNORE_INDEX, *ids[1:]]) for ids, _ in pieces]
     if packed:

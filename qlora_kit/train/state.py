@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from qlora_kit.core.config import Config
+from qlora_kit.ops.loss import causal_lm_loss
 from qlora_kit.rundir.metrics import MetricsLog
 from qlora_kit.train import distributed
 
@@ -49,6 +50,7 @@ class Run:
     dist: distributed.Dist = distributed.SINGLE  # this process's rank in a multi-process run
     residual: Any = None  # _Residual: a base-changing init's NF4 base, stored by begin()
     wrapped: Any = None  # what runs forward/backward: DDP/FSDP around ``model`` (``model`` itself when single)
+    loss_fn: Any = causal_lm_loss  # (model, batch, n_items, fused) -> loss: SFT's, or train.preference.PreferenceLoss
 
 
 @dataclass
@@ -56,26 +58,33 @@ class LogWindow:
     """Loss and throughput since the last log line (device tensors until logged).
 
     Part of the checkpoint (``to_state``): a run resumed in the middle of a logging window
-    logs the same loss at the window's end as the uninterrupted run.
+    logs the same loss at the window's end as the uninterrupted run.  ``sums``: a method's
+    own summed metrics (preference tuning: rewards per pair, ``train.preference``).
     """
 
     loss: torch.Tensor | None = None
     steps: int = 0
     tokens: int = 0
     start: float = field(default_factory=time.perf_counter)
+    sums: dict[str, torch.Tensor] | None = None
 
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
+    def add(self, loss: torch.Tensor, tokens: int, sums: dict[str, torch.Tensor] | None = None) -> None:
         self.loss = loss if self.loss is None else self.loss + loss
         self.steps += 1
         self.tokens += tokens
+        if sums is not None:
+            self.sums = sums if self.sums is None else {k: self.sums[k] + v for k, v in sums.items()}
 
     def reset(self) -> None:
-        self.loss, self.steps, self.tokens, self.start = None, 0, 0, time.perf_counter()
+        self.loss, self.steps, self.tokens, self.start, self.sums = None, 0, 0, time.perf_counter(), None
 
     def to_state(self) -> dict[str, Any]:
-        """JSON state: the float32 loss sum is exact as a Python float (one sync, at save time)."""
-        return {"loss_sum": None if self.loss is None else float(self.loss), "steps": self.steps,
-                "tokens": self.tokens}
+        """JSON state: float32 sums are exact as Python floats (one sync, at save time)."""
+        state: dict[str, Any] = {"loss_sum": None if self.loss is None else float(self.loss), "steps": self.steps,
+                                 "tokens": self.tokens}
+        if self.sums is not None:
+            state["sums"] = {k: float(v) for k, v in self.sums.items()}
+        return state
 
     @classmethod
     def from_state(cls, state: dict[str, Any] | None, device: torch.device) -> "LogWindow":
@@ -84,4 +93,6 @@ class LogWindow:
             return cls()
         loss = None if state["loss_sum"] is None else torch.tensor(state["loss_sum"], dtype=torch.float32,
                                                                    device=device)
-        return cls(loss, int(state["steps"]), int(state["tokens"]))
+        sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in state["sums"].items()} \
+            if state.get("sums") else None
+        return cls(loss, int(state["steps"]), int(state["tokens"]), sums=sums)

@@ -39,4 +39,9 @@ def test_readme_has_a_parsing_example_row_for_every_format() -> None:
     for fmt, text in examples.items():
         row = json.loads(text)
         assert detect_format([(1, row)]) == fmt
+        if fmt == "preference":  # a pair: its own parser (data/preference.py)
+            from qlora_kit.data.pairs import parse_pair
+
+            parse_pair(1, row, chat_template=True)
+            continue
         parse_row(1, row, fmt, chat_template=True)  # raises RowProblem for a bad row

@@ -36,6 +36,7 @@ EXPECTED = {"checkpoint_per_layer", "loss", "recomputed_layer", "static", "loss_
 
 @pytest.mark.parametrize("name", [
     "small",
+    "dpo",  # a DPO step: the reference forward, then both sides of 4 pairs in one packed row
     pytest.param("no-dropout", marks=pytest.mark.slow),
     pytest.param("long-tiled", marks=pytest.mark.slow),  # 16K tokens, MLP in 4K tiles: the norm backward peaks
     pytest.param("every-2", marks=pytest.mark.slow),  # every other layer keeps all its activations
