@@ -23,6 +23,8 @@ from qlora_kit.core.safe_yaml import MAX_CONFIG_BYTES, parse_yaml, read_yaml
 DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
 AdapterType = Literal["lora", "adalora", "vera"]
 AdapterInit = Literal["default", "lora_ga", "loftq", "pissa", "olora"]
+# accelerate's tracker names (accelerate.tracking.LOGGER_TYPE_TO_CLASS; a test keeps them equal)
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "none")
 
 
 class _Section(BaseModel):
@@ -190,6 +192,29 @@ class TrainConfig(_Section):
         "stop", description="stop: end the run on NaN/inf (no host sync); skip: drop that step (one sync/step)."
     )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds python, numpy and torch (numpy needs < 2**32).")
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Experiment trackers (accelerate's names: tensorboard, wandb, mlflow, trackio, comet_ml, aim, "
+                    "clearml, dvclive, swanlab); default none. They get every value metrics.jsonl gets.",
+    )
+    run_name: str | None = Field(None, description="Name of the tracked run (default: output_dir's name).")
+    tracking_dir: str | None = Field(
+        None, description="Where local trackers (TensorBoard, wandb offline, MLflow files) write; "
+                          "default OUTPUT_DIR/tracking.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_names(cls, value: Any) -> Any:
+        if value is None or value == "none":
+            return []
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError("must be a tracker name or a list of them, e.g. [tensorboard]")
+        unknown = [n for n in names if n not in TRACKERS]
+        if unknown:
+            raise ValueError(f"unknown tracker {unknown[0]!r}{_closest(unknown[0], list(TRACKERS))}")
+        return list(dict.fromkeys(n for n in names if n != "none"))
 
     @model_validator(mode="after")
     def _check_warmup(self) -> "TrainConfig":
