@@ -1,4 +1,4 @@
-"""``qlora-kit`` command line: train, data, export, generate, chat, plan, doctor.
+"""``qlora-kit`` command line: train, data, export, push, generate, chat, plan, doctor.
 
 Each command is a thin shell over one module.  Errors the user can fix are printed as
 one line (``error: ...`` / ``fix: ...``) with a documented exit status; ``--debug``
@@ -243,6 +243,11 @@ def export(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare the export with NF4+adapter "
                                                                    "(GGUF: in llama.cpp when installed)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    push_to_hub: Optional[str] = typer.Option(
+        None, "--push-to-hub", metavar="ORG/NAME",
+        help="Then upload the verified export to this Hugging Face Hub repository (token: HF_TOKEN or `hf auth login`).",
+    ),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repository private."),
 ) -> None:
     """Merge the adapter into a plain fp16 HF checkpoint or a GGUF, and prove it matches the trained model."""
 
@@ -250,10 +255,38 @@ def export(
         _one_process_only("export")
         from qlora_kit.export.command import export_run
 
+        _private_needs_repo(private, push_to_hub)
         return export_run(run_dir, out, dtype=dtype, merge_base=merge_base, overwrite=overwrite, verify=verify,
-                          device=device, fmt=fmt, quant=quant)
+                          device=device, fmt=fmt, quant=quant, push_to_hub=push_to_hub, private=private)
 
     _run(body, "export")
+
+
+def _private_needs_repo(private: bool, repo_id: str | None) -> None:
+    """Raises ConfigError: ``--private`` without ``--push-to-hub``."""
+    if private and not repo_id:
+        from qlora_kit.core.errors import ConfigError
+
+        raise ConfigError("--private applies to --push-to-hub", "add --push-to-hub ORG/NAME, or drop --private")
+
+
+@app.command()
+def push(
+    path: Path = typer.Argument(..., help="A run directory (pushes its adapter) or an export directory (as it is)."),
+    repo_id: str = typer.Argument(..., metavar="ORG/NAME", help="Hugging Face Hub repository (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+) -> None:
+    """Upload a run's adapter (with tokenizer and model card) or an export to the Hugging Face Hub."""
+
+    def body() -> int:
+        _one_process_only("push")
+        from qlora_kit.export.push import push_path
+
+        url = push_path(path, repo_id, private=private)
+        echo(f"pushed to {url}")
+        return 0
+
+    _run(body, "push")
 
 
 @app.command()

@@ -8,7 +8,6 @@ default), so a run directory always says exactly what ran.
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from qlora_kit.core.schema import (  # noqa: F401  (the schema's names, imported
     CHAT_TEMPLATE_NAMES,
     DEFAULT_BETA,
     SECTIONS,
+    TRACKERS,
     AdapterInit,
     AdapterType,
     Config,
@@ -33,6 +33,7 @@ from qlora_kit.core.schema import (  # noqa: F401  (the schema's names, imported
     Method,
     ModelConfig,
     TrainConfig,
+    closest as _closest,
 )
 
 
@@ -63,11 +64,6 @@ def _apply_override(raw: dict[str, Any], keys: list[str], value: Any) -> None:
                               "e.g. --set train.max_steps=100")
         node = child
     node[keys[-1]] = value
-
-
-def _closest(name: str, choices: list[str]) -> str:
-    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    return f" (did you mean {match[0]!r}?)" if match else f" (valid: {', '.join(sorted(choices))})"
 
 
 def _owners(name: str, skip: str | None = None) -> list[str]:

@@ -19,6 +19,7 @@ EXIT_NONFINITE = 3  # training stopped on a non-finite loss or gradient
 EXIT_OOM = 4  # CUDA out of memory, or the memory plan says it will not fit
 EXIT_VERIFY_FAILED = 5  # export verification outside tolerance
 EXIT_NO_SPACE = 6  # not enough disk space: nothing half-written was left; free space and run again
+EXIT_PUSH_FAILED = 7  # the Hub could not be reached or refused the upload; the local export is complete
 EXIT_INTERNAL = 70  # an exception nobody foresaw: a bug; the traceback is in the log (EX_SOFTWARE)
 EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: stopped cleanly; run again (train: with --resume) (EX_TEMPFAIL)
 

@@ -22,6 +22,14 @@ CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "mistral")
 Method = Literal["sft", "dpo", "orpo"]
 DpoLoss = Literal["sigmoid", "ipo", "hinge"]
 DEFAULT_BETA = 0.1  # trl's DPOConfig.beta and ORPOConfig.beta
+# accelerate's tracker names (accelerate.tracking.LOGGER_TYPE_TO_CLASS; a test keeps them equal)
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "none")
+
+
+def closest(name: str, choices: list[str]) -> str:
+    """" (did you mean 'x'?)" for the closest of ``choices``, else the valid choices."""
+    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else f" (valid: {', '.join(sorted(choices))})"
 
 
 class _Section(BaseModel):
@@ -305,6 +313,29 @@ class TrainConfig(_Section):
         "sigmoid",
         description="dpo's loss (trl's loss_type): sigmoid (DPO), ipo (IPO, length-normalised as in trl), hinge (SLiC).",
     )
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Experiment trackers (accelerate's names: tensorboard, wandb, mlflow, trackio, comet_ml, aim, "
+                    "clearml, dvclive, swanlab); default none. They get every value metrics.jsonl gets.",
+    )
+    run_name: str | None = Field(None, description="Name of the tracked run (default: output_dir's name).")
+    tracking_dir: str | None = Field(
+        None, description="Where local trackers (TensorBoard, wandb offline, MLflow files) write; "
+                          "default OUTPUT_DIR/tracking.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_names(cls, value: Any) -> Any:
+        if value is None or value == "none":
+            return []
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError("must be a tracker name or a list of them, e.g. [tensorboard]")
+        unknown = [n for n in names if n not in TRACKERS]
+        if unknown:
+            raise ValueError(f"unknown tracker {unknown[0]!r}{closest(unknown[0], list(TRACKERS))}")
+        return list(dict.fromkeys(n for n in names if n != "none"))
 
     @model_validator(mode="after")
     def _check_method(self) -> "TrainConfig":

@@ -8,10 +8,12 @@ The data path, one module per step::
                     ─► hf (safetensors shards, config, tokenizer)      --format hf (default)
                        gguf_file + gguf_vocab + modelfile (+ llamacpp)  --format gguf
                     ─► verify (HF) / verify_gguf (llama.cpp or transformers' GGUF loader)
-                    ─► card (README model card, export_report.json)
+                    ─► card (README model card, export_report.json; no local path: portable)
                     ─► publish (staging directory renamed into place)
+                    ─► hub (--push-to-hub: huggingface_hub's create_repo + upload_folder)
 
-``command.export_run`` runs it; ``monitor`` holds the progress bar and memory sampling.
+``command.export_run`` runs it; ``monitor`` holds the progress bar and memory sampling;
+``push.push_path`` (``qlora-kit push``) uploads a run's adapter or a finished export.
 """
 
 from qlora_kit.export.card import REPORT

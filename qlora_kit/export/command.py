@@ -17,10 +17,11 @@ import torch
 from qlora_kit.core import diskspace
 from qlora_kit.core.errors import EXIT_VERIFY_FAILED, ModelError, Preempted, QloraKitError
 from qlora_kit.core.files import publish_dir
-from qlora_kit.export import card, gguf_file, hf, llamacpp
+from qlora_kit.export import card, gguf_file, hf, hub, llamacpp
 from qlora_kit.export.gguf_vocab import read_vocab
 from qlora_kit.export.merge import MERGE_BASES, MergeContext, Plan, plan_export
 from qlora_kit.export.modelfile import chat_format, note_tools, use_run_system, write_modelfile
+from qlora_kit.export.portable import base_model_id, local_paths
 from qlora_kit.export.publish import Terminated, check_target, sigterm_unwinds, staging_dir
 from qlora_kit.export.verify import verify_export
 from qlora_kit.export.verify_gguf import verify_gguf
@@ -89,19 +90,23 @@ def check_args(fmt: str, dtype: str | None, quant: str | None, merge_base: str) 
 def export_run(run_dir: str | Path, out: str | Path, dtype: str | None = None, merge_base: str = "dequantized",
                overwrite: bool = False, verify: bool = True, device: str | None = None, *, fmt: str = "hf",
                quant: str | None = None, max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES, verify_prompts: int = 8,
-               show_progress: bool = True) -> int:
+               show_progress: bool = True, push_to_hub: str | None = None, private: bool = False) -> int:
     """Merge a run's adapter into an HF model directory or a GGUF file at ``out``; return the exit code.
 
     Returns 0, or ``EXIT_VERIFY_FAILED`` when verification is outside tolerance (the export is
-    kept, with the failure in its report and README).
+    kept, with the failure in its report and README, and not pushed).  ``push_to_hub``
+    (``org/name``): upload the finished export there (``private`` when the repository is new).
 
     Raises:
         QloraKitError: bad arguments; ModelError: unusable run/base/adapter; OutputError: bad ``out``;
         RunInUseError: the run is being written (or ``out`` exported to) by another process;
-        DiskFullError: not enough space for the export; Preempted: SIGTERM (nothing left at ``out``).
+        DiskFullError: not enough space for the export; Preempted: SIGTERM (nothing left at ``out``);
+        ConfigError: ``push_to_hub`` is not ORG/NAME, offline mode, or no token (before exporting);
+        PushError: no network or a refusal from the Hub (after exporting: the export is complete).
     """
     dtype, quant = check_args(fmt, dtype, quant, merge_base)
-    options = {"verify": verify, "prompts": verify_prompts, "progress": show_progress}
+    token = hub.check_can_push(push_to_hub) if push_to_hub else None  # before the long part
+    options = {"verify": verify, "prompts": verify_prompts, "progress": show_progress, "repo_id": push_to_hub}
     try:
         with sigterm_unwinds(), runlock.shared(Path(run_dir), "export"):  # nobody writes the run meanwhile
             run = finished.read_run(run_dir)
@@ -116,13 +121,33 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str | None = None, m
     except Terminated:
         raise Preempted(f"export stopped by SIGTERM; nothing was written to {out}",
                         "run the same export command again") from None
-    card.print_summary(report)
+    card.print_summary(report, target)
     for warning in (report.get("modelfile") or {}).get("warnings", []):
         log.warning("%s", warning)
     if report["verification"].get("status") == "failed":
+        card.record_export(run, target, report)
         log.error("verification failed: %s", "; ".join(report["verification"]["failures"]))
+        if push_to_hub:
+            log.error("not pushed to %s: a model that failed verification is not published", push_to_hub)
         return EXIT_VERIFY_FAILED
+    url = None
+    if push_to_hub and report["verification"].get("status") == "skipped":
+        log.warning("pushing an export that was not verified (--no-verify); its model card says so")
+    try:
+        if push_to_hub and token:
+            url = _push(run, target, push_to_hub, token, private)
+    finally:
+        card.record_export(run, target, report, url)
     return 0
+
+
+def _push(run: finished.RunInfo, target: Path, repo_id: str, token: str, private: bool) -> str:
+    """Upload the finished export; a failure leaves it complete and names the command that retries."""
+    again = f"qlora-kit push {target} {repo_id}" + (" --private" if private else "")
+    url = hub.push_folder(target, repo_id, token, private, local_paths(run.run_dir, run.manifest, run.config, target),
+                          f"qlora-kit export {target.name}", again, exported=True)
+    log.info("pushed to the Hub: %s", url)
+    return url
 
 
 def merge_context(run: finished.RunInfo, merge_base: str, compute: torch.device, quant_device: torch.device
@@ -176,7 +201,7 @@ def _export_hf(run: finished.RunInfo, target: Path, ctx: MergeContext, dtype: st
         report = card.base_report(run, target, "hf", ctx, plan, stats, eos)
         report.update(dtype=dtype, shards=shards, largest_shard_bytes=stats.largest_shard_bytes)
         report["verification"] = _verify_hf(run, staging, report, ctx.compute_device, options)
-        card.write_readme(run, staging, report)
+        card.write_readme(run, staging, report, options["repo_id"])
         card.write_report(staging, report)
         publish_dir(staging, target)
     return report
@@ -206,7 +231,7 @@ def _export_gguf(run: finished.RunInfo, target: Path, ctx: MergeContext, quant: 
     plan = plan_export(run, torch.float32)
     _require_space(run, target, _gguf_bytes(plan, quant))
     name = gguf_file.gguf_file_name(target, quant)
-    base_name = run.manifest.get("base", {}).get("name_or_path")
+    base_name = base_model_id(str(run.manifest.get("base", {}).get("name_or_path") or run.config.model.name_or_path))
     with staging_dir(target) as staging, diskspace.no_space_as_error(target.parent, "the export", _NO_SPACE_FIX):
         path = staging / name
         if quant in gguf_file.NUMPY_QUANTS:
@@ -231,7 +256,7 @@ def _export_gguf(run: finished.RunInfo, target: Path, ctx: MergeContext, quant: 
         report["modelfile"] = {"family": chat.family, "stops": chat.stops, "system": chat.system,
                                "warnings": [chat.warning] if chat.warning else []}
         report["verification"] = _verify_gguf(run, path, quant, vocab, eos, ctx, options)
-        card.write_readme(run, staging, report)
+        card.write_readme(run, staging, report, options["repo_id"])
         card.write_report(staging, report)
         publish_dir(staging, target)
     return report

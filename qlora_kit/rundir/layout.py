@@ -10,6 +10,8 @@
       metrics.jsonl        one JSON object per logged step / eval
       train.log            every log line of every `qlora-kit train` of this run (appended on resume)
       loss.png             loss curve
+      tracking/            local files of train.report_to's trackers (TensorBoard events, wandb offline, MLflow
+                           file store) unless train.tracking_dir puts them elsewhere
       checkpoint-<step>/   resumable state (see rundir/checkpoint.py); only complete ones are ever renamed here
       base_residual.safetensors  base-changing lora.init only: the re-quantised NF4 weights the adapter
                            trains against (qlora_kit/variants/residual.py); never changes after setup
@@ -32,6 +34,7 @@ ADAPTER = "adapter"
 METRICS = "metrics.jsonl"
 TRAIN_LOG = "train.log"
 LOSS_PLOT = "loss.png"
+TRACKING = "tracking"
 CHECKPOINT_PREFIX = "checkpoint-"
 
 

@@ -6,6 +6,8 @@ Written at the start of a run (status ``running``) and updated at the end
 
 from __future__ import annotations
 
+import json
+import logging
 import platform
 from datetime import datetime, timezone
 from importlib import metadata
@@ -14,7 +16,12 @@ from typing import Any
 
 import torch
 
+from qlora_kit.core.errors import QloraKitError
 from qlora_kit.core.files import write_json_atomic
+from qlora_kit.rundir import lock as runlock
+from qlora_kit.rundir.layout import MANIFEST
+
+log = logging.getLogger("qlora_kit")
 
 PACKAGES = ("qlora-kit", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl",
             "safetensors", "tokenizers", "gguf")
@@ -52,3 +59,22 @@ def device_info(device: torch.device) -> dict[str, Any]:
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     """Atomically (re)write manifest.json."""
     write_json_atomic(path, manifest)
+
+
+def append_record(run_dir: Path, key: str, entry: dict[str, Any], command: str) -> bool:
+    """Append ``entry`` to the list ``key`` of a finished run's manifest (e.g. where it was exported).
+
+    Best effort under the run's exclusive lock, taken for this one write: a run another process is
+    reading or writing, or a directory that cannot be written, is left as it is (a warning;
+    returns False).  What was made is complete either way.
+    """
+    path = run_dir / MANIFEST
+    try:
+        with runlock.exclusive(run_dir, command):
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            manifest[key] = [*(manifest.get(key) or []), entry]
+            write_manifest(path, manifest)
+        return True
+    except (OSError, ValueError, QloraKitError) as exc:
+        log.warning("%s not recorded in %s: %s", key, path, exc)
+        return False

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from qlora_kit.core.files import atomic_file
 
 
 class MetricsLog:
-    """Append-only JSONL metrics file; each line is flushed as soon as it is written."""
+    """Append-only JSONL metrics file; each line is flushed as soon as it is written.
+
+    ``listeners`` get every record after it is written (experiment trackers, train/tracking.py),
+    so they see exactly what the file gets.
+    """
 
     def __init__(self, path: Path):
         self.path = path
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
+        for listener in self.listeners:
+            listener(record)
 
     def read(self) -> list[dict[str, Any]]:
         """All records; a torn last line (process killed mid-write) is ignored."""

@@ -40,7 +40,7 @@ from qlora_kit.rundir import layout as rundir
 from qlora_kit.rundir import lock as runlock
 from qlora_kit.rundir.manifest import package_versions
 from qlora_kit.rundir.start_adapter import adopt_start_adapter
-from qlora_kit.train import distributed
+from qlora_kit.train import distributed, tracking
 from qlora_kit.train.loop import train
 from qlora_kit.train.outputs import begin, finish, set_status
 from qlora_kit.train.resume import check_resume_compatible, relocatable_settings
@@ -69,6 +69,11 @@ def run_training(
     dist = distributed.current()
     cfg, sources = load_config(config_path, overrides)
     cfg, sources = adopt_start_adapter(cfg, sources)  # model.adapter: the start run's LoRA shape
+    try:
+        dist.from_main(lambda: tracking.check_installed(cfg.train.report_to))  # before anything loads
+    except QloraKitError as exc:
+        attribute_origin(exc, sources)
+        raise
     out = Path(cfg.output_dir).expanduser()
     _check_target(out, cfg, config_path, overwrite)  # read-only: refuse "/", home, ... before locking beside them
     check_writable(out)
@@ -125,15 +130,20 @@ def _run_locked(cfg: Config, sources: dict[str, str], out: Path, resume: bool, o
                  out, run.step, run.total_steps)
         return 0
     stop.defer()
+    previous = run.metrics.read() if dist.is_main and not start.fresh and cfg.train.report_to else []
+    tracked: list[tracking.Tracking] = []
     try:
         dist.from_main(lambda: begin(run, start))
         if file_log is not None:
             file_log.open()
+        dist.from_main(lambda: _start_tracking(run, previous, tracked))
         with phase(lambda: f"train (step {run.step + 1} of {run.total_steps})"):
             train(run, stop)
         with phase("train (saving the adapter)"):
             finish(run)
     except BaseException as exc:
+        for tracker in tracked:  # before a fresh start is undone: its files may be in the run directory
+            tracker.close()
         if dist.is_main:
             _fail(run, start, exc)
             note(exc, "after", _what_is_left(run.out))
@@ -144,7 +154,18 @@ def _run_locked(cfg: Config, sources: dict[str, str], out: Path, resume: bool, o
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             raise _oom_error(run, exc) from exc
         raise
+    finally:
+        for tracker in tracked:
+            tracker.close()
     return 0
+
+
+def _start_tracking(run: Run, previous: list[dict[str, Any]], started: list[tracking.Tracking]) -> None:
+    """Start ``train.report_to``'s trackers (rank 0) and feed them what metrics.jsonl gets from now on."""
+    tracker = tracking.start(run, previous)
+    if tracker is not None:
+        run.metrics.listeners.append(tracker.log)
+        started.append(tracker)
 
 
 def _release_wrapper(run: Run) -> None:

@@ -440,4 +440,8 @@ def _new_manifest(cfg: Config, device: torch.device, source: Path, spec: Any, da
         "resumed": list(previous.get("resumed") or []),
         "end_time": None,
         "final_metrics": None,
+        **{k: previous[k] for k in CARRIED_OVER if k in previous},
     }
+
+
+CARRIED_OVER = ("tracking", "exports")  # manifest facts of earlier sessions a resumed run keeps (tracked run ids, exports)

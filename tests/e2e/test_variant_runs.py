@@ -17,6 +17,7 @@ from qlora_kit.core.config import dump_config, load_config
 from qlora_kit.core.errors import ConfigError, ModelError, Preempted
 from qlora_kit.export import command
 from qlora_kit.export import command as ex
+from qlora_kit.export.push import read_adapter_run
 from qlora_kit.inference import load
 from qlora_kit.model import base as qmodel_base
 from qlora_kit.rundir import residual
@@ -168,6 +169,9 @@ def test_residual_base_is_what_the_merge_needs(trained, tmp_path: Path, monkeypa
     run = trained("pissa")
     with pytest.raises(ModelError, match="--merge-base original cannot be merged exactly for lora.init=pissa"):
         ex.export_run(run, tmp_path / "orig", merge_base="original", show_progress=False)
+    with pytest.raises(ModelError, match="trained against a changed base") as err:  # `qlora-kit push RUN`
+        read_adapter_run(run)
+    assert "--push-to-hub" in err.value.hint
     # merging onto NF4 of the original weights instead of the stored residual is caught by verification
     real = command.merge_context
     monkeypatch.setattr(command, "merge_context", lambda *a: dataclasses.replace(real(*a), residual_modules=frozenset()))

@@ -92,10 +92,12 @@ def test_export_is_a_complete_model_directory(default_export: tuple[Path, int], 
         source_keys = set(safe_open(str(read_run(llama_run).source_dir / "model.safetensors"), "pt").keys())
         assert set(fh.keys()) == source_keys
     readme = (out / "README.md").read_text()
-    for needle in ("base_model:", "## Data", "## Hyperparameters", "eval_loss", "## Verification", "from_pretrained"):
+    for needle in ("library_name: transformers", "## Data", "## Hyperparameters", "eval_loss", "## Verification",
+                   "from_pretrained"):
         assert needle in readme
-    base_line = next(line for line in readme.splitlines() if line.startswith("base_model:"))
-    assert "/" not in base_line, "the card's base_model must not be a local path"
+    # a base without a hub id is named in the text, never by its local path, and not linked as base_model
+    assert "base_model:" not in readme and f"Fine-tuned from `{read_run(llama_run).source_dir.name}`" in readme
+    assert str(read_run(llama_run).source_dir) not in readme
     assert not list(llama_run.glob("**/*.partial-*"))
     assert not staging_leftovers(out)
 
