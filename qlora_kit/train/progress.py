@@ -66,6 +66,7 @@ class Progress:
         self.bar = None
         self.enabled = enabled  # False on ranks other than 0
         self.total, self.first, self.step, self.micro, self.micro_per_step = total, done, done, 0, micro_per_step
+        self.logged = -1  # the last step with a step line
         self.clock = clock
         self.started = self.last = clock()
         self.every = pacing.interval()
@@ -90,7 +91,7 @@ class Progress:
     def update(self, step: int, record: dict[str, Any]) -> None:
         info = (f"loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
                 f"{record['tokens_per_second']:.0f} tok/s")
-        self.step, self.micro = step, 0
+        self.step, self.micro, self.logged = step, 0, step
         if self.enabled:
             self._written()
             log.info("step %d  %s  %s", step, info, self.timing())
@@ -102,7 +103,7 @@ class Progress:
         self.step, self.micro = step, 0
         if self.bar is not None:
             self.bar.update(self.task, completed=step)
-        elif self.heartbeat is not None and self.clock() - self.last >= self.every:
+        elif self.heartbeat is not None and step != self.logged and self.clock() - self.last >= self.every:
             self.beat_line()
 
     def micro_batch(self, done: int) -> None:

@@ -97,7 +97,8 @@ def test_training_progress_in_a_pipe(piped: io.StringIO, monkeypatch: pytest.Mon
                 clock.now += 12
                 progress.advance(step)  # due at steps 3, 6, 9 (36 s each), not between
             progress.update(10, {"loss": 1.5, "learning_rate": 1e-4, "tokens_per_second": 99.0})
-            clock.now += 6
+            clock.now += 31
+            progress.advance(10)  # the step's own line said it all: no progress line, even though one is due
             progress.micro_batch(2)
             progress.beat_line()
             with progress.doing("evaluating"):
@@ -110,8 +111,8 @@ def test_training_progress_in_a_pipe(piped: io.StringIO, monkeypatch: pytest.Mon
                          "progress: step 6/100  elapsed 1m12s  eta 18m48s",
                          "progress: step 9/100  elapsed 1m48s  eta 18m12s"]
     assert lines[3] == "step 10  loss 1.5000  lr 1.00e-04  99 tok/s  10/100  elapsed 2m00s  eta 18m00s"
-    assert lines[4] == "progress: step 10/100  elapsed 2m06s  eta 17m54s  (step 11: micro-batch 2/4)"
-    assert re.fullmatch(r"progress: step 10/100  elapsed 2m51s  eta \S+  \(evaluating for 45s\)", lines[5])
+    assert re.fullmatch(r"progress: step 10/100  elapsed 2m31s  eta \S+  \(step 11: micro-batch 2/4\)", lines[4])
+    assert re.fullmatch(r"progress: step 10/100  elapsed 3m16s  eta \S+  \(evaluating for 45s\)", lines[5])
     assert len(lines) == 6
 
 
@@ -129,3 +130,11 @@ def test_training_heartbeat_thread_speaks_during_a_long_step(piped: io.StringIO,
     beats = [r.getMessage() for r in caplog.records]
     assert len(beats) >= 2 and all(b.startswith("progress: step 0/10  elapsed") for b in beats), beats
     assert "(step 1: micro-batch 1/2)" in beats[0]
+
+
+def test_log_lines_in_a_pipe_are_whole_lines(piped: io.StringIO) -> None:
+    """Not wrapped at the console's width nor padded to it: `grep` and `tail` see one record per line."""
+    handler = logs.ConsoleHandler(console=logs.console(), show_path=False, show_time=False, markup=False)
+    message = "progress: step 3/100  elapsed 36s  eta 19m24s  " + "x" * 250
+    handler.handle(logging.LogRecord("qlora_kit", logging.INFO, __file__, 0, message, None, None))
+    assert piped.getvalue() == f"INFO     {message}\n"
