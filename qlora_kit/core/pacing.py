@@ -14,7 +14,8 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from qlora_kit.core import logs
 
@@ -23,6 +24,7 @@ log = logging.getLogger("qlora_kit")
 ENV_INTERVAL = "QLORA_KIT_PROGRESS_SECONDS"
 DEFAULT_INTERVAL = 30.0
 MIN_HEARTBEAT = 1.0  # the heartbeat thread never wakes more often than this, whatever the interval
+_WARNED: set[str] = set()
 
 
 def interval() -> float:
@@ -35,8 +37,9 @@ def interval() -> float:
     except ValueError:
         value = -1.0
     if not value >= 0.0 or value == float("inf"):
-        logs.info_once(f"warning: {ENV_INTERVAL}={raw!r} is not a number of seconds >= 0; "
-                       f"using {DEFAULT_INTERVAL:g}")
+        if raw not in _WARNED:
+            _WARNED.add(raw)
+            log.warning("%s=%r is not a number of seconds >= 0; using %g", ENV_INTERVAL, raw, DEFAULT_INTERVAL)
         return DEFAULT_INTERVAL
     return value
 
@@ -104,6 +107,28 @@ class Heartbeat:
                     self.say()
                 except Exception:  # noqa: BLE001 (a progress line must never end the work)
                     pass
+
+
+@contextmanager
+def working(label: str, enabled: bool = True) -> Iterator[None]:
+    """A sign of life for work without countable units (a model load, a conversion).
+
+    In a pipe or file, ``LABEL: still working, elapsed 1m00s`` every ``interval()`` seconds (the
+    caller says what starts and what came out); nothing on a terminal.
+    """
+    if not enabled or terminal():
+        yield
+        return
+    started = time.monotonic()
+
+    def say() -> None:
+        log.info("%s: still working, elapsed %s", label, duration(time.monotonic() - started))
+
+    heartbeat = Heartbeat(say, interval()).start()
+    try:
+        yield
+    finally:
+        heartbeat.stop()
 
 
 def counted(unit: str) -> Callable[[float, float], str]:

@@ -138,3 +138,31 @@ def test_log_lines_in_a_pipe_are_whole_lines(piped: io.StringIO) -> None:
     message = "progress: step 3/100  elapsed 36s  eta 19m24s  " + "x" * 250
     handler.handle(logging.LogRecord("qlora_kit", logging.INFO, __file__, 0, message, None, None))
     assert piped.getvalue() == f"INFO     {message}\n"
+
+
+def test_a_bad_interval_is_warned_about_once(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+                                             ) -> None:
+    monkeypatch.setenv(pacing.ENV_INTERVAL, "half a minute")
+    with caplog.at_level(logging.INFO, logger="qlora_kit"):
+        assert pacing.interval() == pacing.interval() == 30.0
+    assert [r.getMessage() for r in caplog.records] == \
+        ["QLORA_KIT_PROGRESS_SECONDS='half a minute' is not a number of seconds >= 0; using 30"]
+
+
+def test_work_without_units_says_it_is_still_working_in_a_pipe_only(piped: io.StringIO,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv(pacing.ENV_INTERVAL, "0.05")
+    monkeypatch.setattr(pacing, "MIN_HEARTBEAT", 0.05)
+    with caplog.at_level(logging.INFO, logger="qlora_kit"):
+        with pacing.working("loading the model"):
+            time.sleep(0.4)
+        said = len(caplog.records)
+        time.sleep(0.2)  # stopped with the block
+    assert said >= 2 and len(caplog.records) == said
+    assert all(re.fullmatch(r"loading the model: still working, elapsed \d+s", r.getMessage()) for r in caplog.records)
+    caplog.clear()
+    monkeypatch.setitem(logs._STDERR, "console", Console(file=io.StringIO(), force_terminal=True))
+    with caplog.at_level(logging.INFO, logger="qlora_kit"), pacing.working("loading the model"):
+        time.sleep(0.3)
+    assert not caplog.records  # a terminal: the caller's own lines and bars suffice
