@@ -72,7 +72,22 @@ def stdout_console() -> Console:
 
 
 class ConsoleHandler(RichHandler):
-    """RichHandler on the shared console; a line that cannot be written is dropped silently."""
+    """RichHandler on the shared console; a line that cannot be written is dropped silently.
+
+    When the console is a pipe or a file (``| tee``, nohup, Slurm) a record is one plain line,
+    ``LEVEL    message``: not wrapped at the console's width nor padded to it, so ``grep`` and
+    ``tail`` see whole lines.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.console.is_terminal or self.console.is_jupyter:
+            super().emit(record)
+            return
+        try:
+            self.console.print(f"{record.levelname:<8} {self.format(record)}", markup=False, highlight=False,
+                               soft_wrap=True)
+        except Exception:  # noqa: BLE001 (logging's contract: handleError, never raise)
+            self.handleError(record)
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
         silence(self.console.file)

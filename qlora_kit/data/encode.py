@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-from qlora_kit.core.logs import console
+from qlora_kit.core.pacing import Meter, counted
 from qlora_kit.data.formats import Row, RowProblem
 from qlora_kit.data.labels import ChatSpans, Span
 
@@ -80,7 +80,7 @@ def encode_rows(
         chat = ChatSpans(tokenizer)
     encoded: list[Encoded] = []
     bad: list[tuple[int, str]] = []
-    with _Progress(len(rows), f"tokenising {label}".strip()) as advance:
+    with _progress(len(rows), f"tokenising {label}".strip()) as meter:
         for lo in range(0, len(rows), ENCODE_CHUNK):
             jobs = []
             for row in rows[lo : lo + ENCODE_CHUNK]:
@@ -89,7 +89,7 @@ def encode_rows(
                 except RowProblem as exc:
                     bad.append((row.number, str(exc)))
             encoded += encode_jobs(jobs, tokenizer, max_length, train_on_inputs)
-            advance(min(ENCODE_CHUNK, len(rows) - lo))
+            meter.advance(min(ENCODE_CHUNK, len(rows) - lo))
     return encoded, bad
 
 
@@ -209,22 +209,6 @@ def finish_sample(
     return Encoded(job.number, {"input_ids": ids, "labels": labels}, truncated)
 
 
-class _Progress:
-    """A rich progress bar on stderr for large inputs; a no-op below PROGRESS_MIN_ROWS."""
-
-    def __init__(self, total: int, description: str):
-        self.total, self.description, self.bar = total, description, None
-
-    def __enter__(self):
-        if self.total < PROGRESS_MIN_ROWS:
-            return lambda n: None
-        from rich.progress import Progress
-
-        self.bar = Progress(console=console(), transient=True)
-        self.bar.start()
-        task = self.bar.add_task(self.description, total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+def _progress(total: int, description: str) -> Meter:
+    """Progress of a large input (a bar on a terminal, paced lines in a pipe); nothing below PROGRESS_MIN_ROWS."""
+    return Meter(description, total, counted("row"), enabled=total >= PROGRESS_MIN_ROWS)

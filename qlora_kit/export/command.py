@@ -213,7 +213,7 @@ def _verify_hf(run: finished.RunInfo, staging: Path, report: dict[str, Any], dev
         return {"status": "skipped"}
 
     return verify_export(run.run_dir, staging, merge_base=report["merge_base"], dtype=report["dtype"],
-                         device=device, max_prompts=options["prompts"])
+                         device=device, max_prompts=options["prompts"], show_progress=options["progress"])
 
 
 def _export_gguf(run: finished.RunInfo, target: Path, ctx: MergeContext, quant: str,
@@ -242,6 +242,8 @@ def _export_gguf(run: finished.RunInfo, target: Path, ctx: MergeContext, quant: 
             f16 = staging / f".{name}.f16.gguf"
             stats, info = gguf_file.write_gguf(f16, plan, ctx, model, vocab, quant, target.name, base_name,
                                                options["progress"])
+            if options["progress"]:  # llama.cpp's quantiser reports nothing until it is done
+                log.info("quantising to %s with llama.cpp (no progress until it finishes)", quant)
             llamacpp.quantize(f16, path, gguf_file.file_type(quant), max(1, torch.get_num_threads()))
             f16.unlink()
             info.tensor_types = gguf_file.tensor_type_counts(path)
@@ -277,4 +279,4 @@ def _verify_gguf(run: finished.RunInfo, path: Path, quant: str, vocab: Any, eos:
         return {"status": "skipped"}
 
     return verify_gguf(run.run_dir, path, quant, vocab, eos, merge_base=ctx.merge_base, device=ctx.compute_device,
-                       max_prompts=options["prompts"])
+                       max_prompts=options["prompts"], show_progress=options["progress"])

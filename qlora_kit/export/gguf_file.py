@@ -340,7 +340,7 @@ def write_gguf(path: Path, plan: Plan, ctx: MergeContext, model: GgufModel, voca
             writer.write_tensor_data(data)
             return data.nbytes
 
-        stats = stream_weights(plan, ctx, write, show_progress)
+        stats = stream_weights(plan, ctx, write, show_progress, f"merging into {path.name}")
         writer.flush()
         for fh in writer.fout or []:
             os.fsync(fh.fileno())

@@ -126,7 +126,7 @@ def write_weights(plan: Plan, staging: Path, ctx: MergeContext, show_progress: b
     names = shard_names(len(groups))
     shards = _Shards(staging, groups, names)
     try:
-        stats = stream_weights(plan, ctx, shards.write, show_progress)
+        stats = stream_weights(plan, ctx, shards.write, show_progress, f"merging into {len(names)} safetensors file(s)")
         shards.close()
     except BaseException:
         shards.abort()

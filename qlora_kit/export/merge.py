@@ -291,8 +291,10 @@ class WeightStats:
 
 
 def stream_weights(plan: Plan, ctx: MergeContext, write: Callable[[Job, torch.Tensor], int],
-                   show_progress: bool = True) -> WeightStats:
+                   show_progress: bool = True, label: str = "merging") -> WeightStats:
     """Feed every merged tensor to ``write(job, tensor) -> bytes written``, measuring time and peak RSS.
+
+    ``label`` names the phase in its progress (``monitor.progress``: source bytes done, elapsed, ETA).
 
     Raises:
         ModelError: from the merge (non-finite tensor, unused adapter tensor).
@@ -301,7 +303,7 @@ def stream_weights(plan: Plan, ctx: MergeContext, write: Callable[[Job, torch.Te
 
     stats = WeightStats(rss_before_bytes=current_rss())
     started = time.perf_counter()
-    with RssSampler() as sampler, progress(plan.source_bytes, show_progress) as advance:
+    with RssSampler() as sampler, progress(plan.source_bytes, show_progress, label) as advance:
         for job, tensor in merged_tensors(plan, ctx, advance):
             written = write(job, tensor)
             del tensor  # the merge frees its reference next; nothing may keep the last tensor alive

@@ -1,4 +1,5 @@
-"""What a long export shows and measures: a progress bar, peak resident memory, and heap trimming."""
+"""What a long export shows and measures: progress (a bar, or lines in a pipe), peak resident memory, and heap
+trimming."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from qlora_kit.core.logs import console as shared_console
+from qlora_kit.core.pacing import Meter, in_bytes
 
 _MALLOC_TRIM: Any = None
 
@@ -57,14 +58,7 @@ class RssSampler:
 
 @contextmanager
 def progress(total: int, enabled: bool, label: str = "merging") -> Iterator[Callable[[int], None]]:
-    """A byte-count progress bar on stderr (only on a terminal); yields ``advance(n)``."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = shared_console()  # the log handler's: log lines are printed above the bar, not through it
-    if not enabled or not console.is_terminal:
-        yield lambda n: None
-        return
-    columns = (TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
+    """Byte-count progress on stderr, yielding ``advance(n)``: a bar on a terminal, paced lines in a pipe
+    (``merging: 1.2/13.5 GB (9%)  elapsed ..  eta ..``)."""
+    with Meter(label, total, in_bytes, enabled=enabled) as meter:
+        yield meter.advance

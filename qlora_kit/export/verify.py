@@ -58,11 +58,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from qlora_kit.core.errors import ModelError
+from qlora_kit.core.pacing import Meter, counted
 from qlora_kit.inference.chat import encode_chat, render_chat
 from qlora_kit.inference.generation import generate_tokens
 from qlora_kit.inference.load import load_run_for_inference, set_inference_mode
@@ -161,18 +162,26 @@ def _heldout_rows(path: Path, limit: int) -> list[dict[str, Any]]:
 
 
 def collect(model: Any, prompts: list[Prompt], eos_ids: list[int], pad_id: int | None,
-            max_new_tokens: int) -> Outputs:
-    """Teacher-forced logits and greedy continuations of ``model`` for every prompt."""
+            max_new_tokens: int, advance: Callable[[], None] = lambda: None) -> Outputs:
+    """Teacher-forced logits and greedy continuations of ``model`` for every prompt, one prompt at a time
+    (``advance()`` after each, for the progress meter)."""
 
     device = next(model.parameters()).device
-    greedy = generate_tokens(model, [p.prompt_ids for p in prompts], eos_ids, pad_id, max_new_tokens)
-    logits, margins = [], []
+    logits, greedy, margins = [], [], []
     with torch.inference_mode():
-        for p, answer in zip(prompts, greedy):
+        for p in prompts:
+            answer = generate_tokens(model, [p.prompt_ids], eos_ids, pad_id, max_new_tokens)[0]
             logits.append(model(input_ids=torch.tensor([p.full_ids], device=device)).logits[0].float().cpu())
             path = model(input_ids=torch.tensor([p.prompt_ids + answer], device=device)).logits[0].float().cpu()
+            greedy.append(answer)
             margins.append(top2_margins(path[len(p.prompt_ids) - 1: len(p.prompt_ids) - 1 + len(answer)]))
+            advance()
     return Outputs(logits, greedy, margins)
+
+
+def check_meter(what: str, prompts: int, show: bool) -> Meter:
+    """Progress of one verification check (its model load included): ``verifying WHAT: prompt i/n  elapsed ..``."""
+    return Meter(f"verifying {what}", prompts, counted("prompt"), enabled=show)
 
 
 def top2_margins(logits: torch.Tensor) -> list[float]:
@@ -208,49 +217,54 @@ def greedy_agreement(ref: Outputs, other: list[list[int]], margin: float) -> dic
 
 
 def run_reference(run_dir: Path, prompts: list[Prompt], eos_ids: list[int], pad_id: int | None,
-                  device: torch.device, max_new_tokens: int, untuned: bool = False) -> Outputs:
+                  device: torch.device, max_new_tokens: int, untuned: bool = False, show: bool = True) -> Outputs:
     """Outputs of the trained model (NF4 base + adapter, the training weights), computing in float32.
 
     ``untuned=True`` also measures how far the base alone (adapter switched off) is from it.
     """
 
-    # load_quantized_base already keeps bitsandbytes from repacking the 4-bit weights on CPU.
-    model, _, _ = load_run_for_inference(run_dir, device=device, compute_dtype=torch.float32)
-    outputs = collect(model, prompts, eos_ids, pad_id, max_new_tokens)
+    with check_meter("the trained model (NF4 base + adapter)", len(prompts), show) as meter:
+        # load_quantized_base already keeps bitsandbytes from repacking the 4-bit weights on CPU.
+        model, _, _ = load_run_for_inference(run_dir, device=device, compute_dtype=torch.float32)
+        outputs = collect(model, prompts, eos_ids, pad_id, max_new_tokens, meter.advance)
     if untuned:
-        outputs.untuned_kl = untuned_kl(model, prompts, outputs.logits)
+        outputs.untuned_kl = untuned_kl(model, prompts, outputs.logits, show)
     _free(model)
     return outputs
 
 
-def untuned_kl(model: Any, prompts: list[Prompt], logits: list[torch.Tensor]) -> float:
+def untuned_kl(model: Any, prompts: list[Prompt], logits: list[torch.Tensor], show: bool = False) -> float:
     """Mean KL(``logits`` || a peft model's base alone, adapter switched off) over every position, nats.
 
     One prompt at a time, so only one extra set of logits is held.
     """
     device = next(model.parameters()).device
     kl = []
-    with torch.inference_mode(), model.disable_adapter():
+    with check_meter("the base without the adapter", len(prompts), show) as meter, torch.inference_mode(), \
+            model.disable_adapter():
         for p, ref in zip(prompts, logits):
             kl.append(_kl(ref, model(input_ids=torch.tensor([p.full_ids], device=device)).logits[0].float().cpu()))
+            meter.advance()
     return float(torch.cat(kl).mean())
 
 
 def run_original_adapter(run_dir: Path, prompts: list[Prompt], eos_ids: list[int], pad_id: int | None,
-                         device: torch.device, max_new_tokens: int, untuned: bool = False) -> Outputs:
+                         device: torch.device, max_new_tokens: int, untuned: bool = False,
+                         show: bool = True) -> Outputs:
     """Outputs of the unquantised source base + adapter (what ``--merge-base original`` claims to be)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     run = finished.read_run(run_dir)
-    dtype = torch.float32 if fits_in_float32(run.source_dir, device) else "auto"
-    base = AutoModelForCausalLM.from_pretrained(run.source_dir, dtype=dtype, device_map={"": device},
-                                                trust_remote_code=run.config.model.trust_remote_code)
-    model = PeftModel.from_pretrained(base, run_dir / rundir.ADAPTER, is_trainable=False)
-    set_inference_mode(model)
-    outputs = collect(model, prompts, eos_ids, pad_id, max_new_tokens)
+    with check_meter("the original base + adapter", len(prompts), show) as meter:
+        dtype = torch.float32 if fits_in_float32(run.source_dir, device) else "auto"
+        base = AutoModelForCausalLM.from_pretrained(run.source_dir, dtype=dtype, device_map={"": device},
+                                                    trust_remote_code=run.config.model.trust_remote_code)
+        model = PeftModel.from_pretrained(base, run_dir / rundir.ADAPTER, is_trainable=False)
+        set_inference_mode(model)
+        outputs = collect(model, prompts, eos_ids, pad_id, max_new_tokens, meter.advance)
     if untuned:
-        outputs.untuned_kl = untuned_kl(model, prompts, outputs.logits)
+        outputs.untuned_kl = untuned_kl(model, prompts, outputs.logits, show)
     _free(model)
     return outputs
 
@@ -270,14 +284,16 @@ def fits_in_float32(model_dir: Path, device: torch.device) -> bool:
 
 
 def run_export(export_dir: Path, prompts: list[Prompt], eos_ids: list[int], pad_id: int | None,
-               device: torch.device, dtype: str, max_new_tokens: int) -> tuple[Outputs, str]:
+               device: torch.device, dtype: str, max_new_tokens: int, show: bool = True) -> tuple[Outputs, str]:
     """Outputs of the exported checkpoint loaded with plain transformers; returns (outputs, compute dtype)."""
     from transformers import AutoModelForCausalLM
 
     compute = "float32" if fits_in_float32(export_dir, device) else dtype
-    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=getattr(torch, compute), device_map={"": device})
-    set_inference_mode(model)
-    outputs = collect(model, prompts, eos_ids, pad_id, max_new_tokens)
+    with check_meter(f"the export ({compute} compute)", len(prompts), show) as meter:
+        model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=getattr(torch, compute),
+                                                     device_map={"": device})
+        set_inference_mode(model)
+        outputs = collect(model, prompts, eos_ids, pad_id, max_new_tokens, meter.advance)
     _free(model)
     return outputs, compute
 
@@ -384,11 +400,12 @@ def judge(m: dict[str, Any], min_greedy_exact: float = MIN_GREEDY_EXACT) -> list
 
 def verify_export(run_dir: str | Path, export_dir: str | Path, merge_base: str = "dequantized",
                   dtype: str = "float16", device: torch.device | None = None, max_prompts: int = 8,
-                  max_new_tokens: int = 24) -> dict[str, Any]:
+                  max_new_tokens: int = 24, show_progress: bool = True) -> dict[str, Any]:
     """Compare an export with the trained model; return the ``verification`` section of the report.
 
     ``status`` is ``passed`` or ``failed`` (with ``failures``).  For ``merge_base='original'``
     the pass/fail check is against original base + adapter, and ``vs_trained`` is the cost.
+    ``show_progress``: each check's progress on stderr (``pacing.Meter``).
     """
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -399,8 +416,8 @@ def verify_export(run_dir: str | Path, export_dir: str | Path, merge_base: str =
     eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     pad = tokenizer.pad_token_id
     prompts, origin = load_prompts(run, tokenizer, max_prompts)
-    ref = run_reference(run, prompts, eos_ids, pad, device, max_new_tokens)
-    exported, compute = run_export(export, prompts, eos_ids, pad, device, dtype, max_new_tokens)
+    ref = run_reference(run, prompts, eos_ids, pad, device, max_new_tokens, show=show_progress)
+    exported, compute = run_export(export, prompts, eos_ids, pad, device, dtype, max_new_tokens, show_progress)
     trained = json.loads((run / rundir.MANIFEST).read_text()).get("quant", {}).get("load_dtype", "float32")
     tol = tolerance(dtype, compute, trained)
     result: dict[str, Any] = {
@@ -411,7 +428,7 @@ def verify_export(run_dir: str | Path, export_dir: str | Path, merge_base: str =
     }
     result["vs_trained"] = checked = compare(ref, exported, tol)
     if merge_base == "original":
-        original = run_original_adapter(run, prompts, eos_ids, pad, device, max_new_tokens)
+        original = run_original_adapter(run, prompts, eos_ids, pad, device, max_new_tokens, show=show_progress)
         result["vs_original_adapter"] = checked = compare(original, exported, tol)
         result["cost_of_original"] = _cost_text(result["vs_trained"])
     failures = judge(checked)

@@ -62,7 +62,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -75,6 +75,7 @@ from qlora_kit.export.verify import (
     Outputs,
     Prompt,
     _free,
+    check_meter,
     collect,
     compare_logits,
     drift_failures,
@@ -144,11 +145,11 @@ class LlamaCppOutputs:
 
 def verify_gguf(run_dir: Path, gguf_path: Path, quant: str, vocab: GgufVocab, eos_ids: list[int],
                 merge_base: str = "dequantized", device: torch.device | None = None, max_prompts: int = 8,
-                max_new_tokens: int = 24) -> dict[str, Any]:
+                max_new_tokens: int = 24, show_progress: bool = True) -> dict[str, Any]:
     """Compare the GGUF at ``gguf_path`` with the trained model; return the report's ``verification``.
 
     ``status`` is ``passed`` or ``failed`` (with ``failures``); ``llama_cpp`` says whether
-    llama.cpp itself ran.
+    llama.cpp itself ran.  ``show_progress``: each check's progress on stderr (``pacing.Meter``).
     """
     from transformers import AutoTokenizer
 
@@ -158,7 +159,7 @@ def verify_gguf(run_dir: Path, gguf_path: Path, quant: str, vocab: GgufVocab, eo
     pad = tokenizer.pad_token_id
     prompts, origin = load_prompts(run.run_dir, tokenizer, max_prompts)
     reference = run_reference if merge_base == "dequantized" else run_original_adapter
-    ref = reference(run.run_dir, prompts, eos_ids, pad, device, max_new_tokens, untuned=True)
+    ref = reference(run.run_dir, prompts, eos_ids, pad, device, max_new_tokens, untuned=True, show=show_progress)
     trained = run.quant.get("load_dtype", "float32")
     result: dict[str, Any] = {
         "prompts": len(prompts), "prompt_source": origin, "max_new_tokens": max_new_tokens, "quant": quant,
@@ -169,10 +170,11 @@ def verify_gguf(run_dir: Path, gguf_path: Path, quant: str, vocab: GgufVocab, eo
     result["tokenizer_metadata"] = {"identical": not stored, "differences": stored}
     tol = gguf_tolerance(quant, trained)
     if llamacpp.available():
-        result.update(_check_with_llamacpp(gguf_path, prompts, ref, tokenizer, eos_ids, tol, max_new_tokens))
+        result.update(_check_with_llamacpp(gguf_path, prompts, ref, tokenizer, eos_ids, tol, max_new_tokens,
+                                           show_progress))
     else:
         result.update(_check_with_transformers(gguf_path, run, prompts, ref, eos_ids, pad, device, tol,
-                                               max_new_tokens))
+                                               max_new_tokens, show_progress))
     result["criteria"] = {**{f"{k}_max": v for k, v in tol.items()}, "decisive_agreement_min": 1.0,
                           "kl_vs_untuned_ratio_max": UNTUNED_KL_MAX_RATIO,
                           "greedy": "no answer diverges from the reference except at a near-tie",
@@ -211,9 +213,9 @@ def _failures(result: dict[str, Any]) -> list[str]:
 
 
 def _check_with_llamacpp(path: Path, prompts: list[Prompt], ref: Outputs, tokenizer: Any, eos_ids: list[int],
-                         tol: dict[str, float], max_new_tokens: int) -> dict[str, Any]:
+                         tol: dict[str, float], max_new_tokens: int, show: bool = True) -> dict[str, Any]:
     answers = [strip_stop(ids, eos_ids) for ids in ref.greedy]
-    out = run_llamacpp(path, prompts, max_new_tokens, answers)
+    out = run_llamacpp(path, prompts, max_new_tokens, answers, show)
     next_token = compare_logits(ref.logits, out.logits, tol)
     greedy = greedy_agreement(ref, out.answer_ids, 2 * tol["rel_max"] * next_token["logit_std"])
     ref_stopped = [bool(ids) and ids[-1] in eos_ids for ids in ref.greedy]
@@ -234,37 +236,45 @@ def _check_with_llamacpp(path: Path, prompts: list[Prompt], ref: Outputs, tokeni
 
 
 def run_llamacpp(path: Path, prompts: list[Prompt], max_new_tokens: int,
-                 reference_answers: list[list[int]]) -> LlamaCppOutputs:
+                 reference_answers: list[list[int]], show: bool = True) -> LlamaCppOutputs:
     """Tokenise, teacher-force and chat every prompt in llama.cpp (one model load, CPU threads as torch's).
 
     The reference's answer tokens are detokenised by llama.cpp too, exactly as its completion
     text is made (after the prompt, invalid UTF-8 dropped), so texts compare token for token.
     """
+    longest = max(max(len(p.full_ids), len(p.prompt_ids) + max_new_tokens) for p in prompts)
+    with check_meter("the GGUF in llama.cpp", len(prompts), show) as meter:
+        llm = llamacpp.load(path, n_ctx=max(256, -(-(longest + 8) // 256) * 256), threads=torch.get_num_threads())
+        try:
+            return _run_prompts(llm, prompts, max_new_tokens, reference_answers, meter.advance)
+        finally:
+            llm.close()
+
+
+def _run_prompts(llm: Any, prompts: list[Prompt], max_new_tokens: int, reference_answers: list[list[int]],
+                 advance: Callable[[], None]) -> LlamaCppOutputs:
+    """What ``run_llamacpp`` measures, prompt by prompt, in the loaded model (``advance()`` after each)."""
     import numpy as np
 
-    longest = max(max(len(p.full_ids), len(p.prompt_ids) + max_new_tokens) for p in prompts)
-    llm = llamacpp.load(path, n_ctx=max(256, -(-(longest + 8) // 256) * 256), threads=torch.get_num_threads())
-    try:
-        logits, ids, answers, answer_ids, texts, finish, used = [], [], [], [], [], [], []
-        for p, reference in zip(prompts, reference_answers):
-            texts.append(llm.detokenize(reference, prev_tokens=p.prompt_ids).decode("utf-8", errors="ignore"))
-            ids.append(llm.tokenize(p.text.encode("utf-8"), add_bos=p.messages is None, special=True))
-            llm.reset()
-            llm.eval(p.full_ids)
-            logits.append(torch.from_numpy(np.array(llm.scores[: len(p.full_ids)], dtype=np.float32)))
-            llm.reset()
-            chosen: list[int] = []
-            reply = _chat(llm, p, max_new_tokens, chosen)
-            choice = reply["choices"][0]
-            # llama-cpp-python may sample past max_tokens to complete a UTF-8 character: compare the first ones
-            generated = reply["usage"]["completion_tokens"] + (choice.get("finish_reason") == "stop")
-            answer_ids.append(chosen[:min(generated, max_new_tokens)])
-            answers.append(choice["message"]["content"] if "message" in choice else choice["text"])
-            finish.append(choice.get("finish_reason") or "")
-            used.append(reply["usage"]["prompt_tokens"])
-        return LlamaCppOutputs(logits, ids, answers, answer_ids, texts, finish, used, str(llm.chat_format))
-    finally:
-        llm.close()
+    logits, ids, answers, answer_ids, texts, finish, used = [], [], [], [], [], [], []
+    for p, reference in zip(prompts, reference_answers):
+        texts.append(llm.detokenize(reference, prev_tokens=p.prompt_ids).decode("utf-8", errors="ignore"))
+        ids.append(llm.tokenize(p.text.encode("utf-8"), add_bos=p.messages is None, special=True))
+        llm.reset()
+        llm.eval(p.full_ids)
+        logits.append(torch.from_numpy(np.array(llm.scores[: len(p.full_ids)], dtype=np.float32)))
+        llm.reset()
+        chosen: list[int] = []
+        reply = _chat(llm, p, max_new_tokens, chosen)
+        choice = reply["choices"][0]
+        # llama-cpp-python may sample past max_tokens to complete a UTF-8 character: compare the first ones
+        generated = reply["usage"]["completion_tokens"] + (choice.get("finish_reason") == "stop")
+        answer_ids.append(chosen[:min(generated, max_new_tokens)])
+        answers.append(choice["message"]["content"] if "message" in choice else choice["text"])
+        finish.append(choice.get("finish_reason") or "")
+        used.append(reply["usage"]["prompt_tokens"])
+        advance()
+    return LlamaCppOutputs(logits, ids, answers, answer_ids, texts, finish, used, str(llm.chat_format))
 
 
 def _chat(llm: Any, prompt: Prompt, max_new_tokens: int, chosen: list[int]) -> dict[str, Any]:
@@ -289,9 +299,10 @@ def _chat(llm: Any, prompt: Prompt, max_new_tokens: int, chosen: list[int]) -> d
 
 def _check_with_transformers(path: Path, run: finished.RunInfo, prompts: list[Prompt], ref: Outputs,
                              eos_ids: list[int], pad: int | None, device: torch.device, tol: dict[str, float],
-                             max_new_tokens: int) -> dict[str, Any]:
-    model = load_gguf_with_transformers(path, run.source_dir, device)
-    other = collect(model, prompts, eos_ids, pad, max_new_tokens)
+                             max_new_tokens: int, show: bool = True) -> dict[str, Any]:
+    with check_meter("the GGUF (transformers' GGUF loader)", len(prompts), show) as meter:
+        model = load_gguf_with_transformers(path, run.source_dir, device)
+        other = collect(model, prompts, eos_ids, pad, max_new_tokens, meter.advance)
     _free(model)
     metrics = compare_logits(ref.logits, other.logits, tol)
     greedy = greedy_agreement(ref, other.greedy, 2 * tol["rel_max"] * metrics["logit_std"])

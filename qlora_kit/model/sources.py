@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from qlora_kit.core import pacing
 from qlora_kit.core.config import ModelConfig
 from qlora_kit.core.errors import ModelError
 from qlora_kit.core.files import publish_dir
@@ -233,9 +234,14 @@ def gguf_cache_dir(gguf_path: Path) -> Path:
 
 
 def _convert_gguf_locked(gguf_path: Path, out: Path) -> Path:
+    log.info("converting GGUF %s to a cached HF checkpoint at %s (once)", gguf_path.name, out)
+    with pacing.working("converting GGUF"):  # a minute for the 135M demo on a busy CPU
+        return _convert_gguf(gguf_path, out)
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting GGUF %s to a cached HF checkpoint at %s (once)", gguf_path.name, out)
     folder, fname = str(gguf_path.parent), gguf_path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)

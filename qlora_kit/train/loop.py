@@ -47,13 +47,15 @@ def train(run: Run, stop: StopRequest) -> None:
     plans = EpochPlans(run.cfg, run.data)
     stream = micro_batches_from(run.cfg, run.data, run.micro_index, plans)
     model = run.wrapped if run.wrapped is not None else run.model  # DDP/FSDP around the model when several train
-    progress = Progress(run.total_steps, run.step, enabled=run.dist.is_main)
+    progress = Progress(run.total_steps, run.step, enabled=run.dist.is_main,
+                        micro_per_step=cfg.gradient_accumulation_steps)
     log.info("training: %d optimizer steps x %d micro-batches of %d (max_length %d) on %s%s",
              run.total_steps - run.step, cfg.gradient_accumulation_steps, cfg.micro_batch_size, cfg.max_length,
              run.device, f" x {run.dist.world_size} processes" if run.dist.active else "")
     try:
         if _eval_pending(run, eval_every):  # resumed from a checkpoint whose evaluation a signal cut short
-            _evaluate_and_log(run, stop)
+            with progress.doing("evaluating"):
+                _evaluate_and_log(run, stop)
         while run.step < run.total_steps:
             if run.dist.any(stop.requested):  # every rank stops after the same step
                 _preempt(run, stop)
@@ -61,11 +63,12 @@ def train(run: Run, stop: StopRequest) -> None:
             loss = torch.zeros((), device=run.device)  # this rank's share of the step's loss
             try:
                 n_items, n_tokens = _count_step(run, plans, stop)  # the step's trainable tokens, before any forward
-                for last, batch in _step_batches(run, stream, stop):
+                for k, (last, batch) in enumerate(_step_batches(run, stream, stop)):
                     with run.dist.accumulating(model, last=last):  # gradients synchronised on the last one only
                         micro_loss = forward_loss(run, model, batch, n_items)
                         backward(run, micro_loss)
                     loss += micro_loss.detach().float()
+                    progress.micro_batch(k + 1)
             except _StepInterrupted:
                 run.optimizer.zero_grad(set_to_none=True)
                 ckpt.set_rng_state(rng)
@@ -79,15 +82,17 @@ def train(run: Run, stop: StopRequest) -> None:
             run.optimizer.zero_grad(set_to_none=True)
             scheduler_step(run)
             run.step += 1
-            progress.advance(run.step)
             if not skipped:
                 run.window.add(loss, n_tokens, sums)
             if run.step % cfg.logging_steps == 0 or run.step == run.total_steps:
                 log_step(run, run.window, lr, grad_norm, progress)
+            progress.advance(run.step)  # after the step's log line: a progress line only when none was written
             if run.data.val and (run.step % eval_every == 0 or run.step == run.total_steps):
-                _evaluate_and_log(run, stop)
+                with progress.doing("evaluating"):
+                    _evaluate_and_log(run, stop)
             if run.step % cfg.save_steps == 0 or run.step == run.total_steps:
-                save(run)
+                with progress.doing("saving a checkpoint"):
+                    save(run)
         if stop.requested and _eval_pending(run, eval_every):  # the last evaluation was cut short
             _preempt(run, stop)
     finally:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from qlora_kit import variants
+from qlora_kit.core import pacing
 from qlora_kit.core.config import Config
 from qlora_kit.core.errors import ConfigError, ModelError
 from qlora_kit.core.files import read_json
@@ -100,9 +101,12 @@ def setup(cfg: Config, config_text: str, out: Path, start: target.Start | None, 
         if device.type == "cuda" and not skip_memory_check:
             _check_memory(cfg, source, device)
         reference = REFERENCE_ADAPTER if begin_from is not None and cfg.train.method == "dpo" else None
-        model = build_model(cfg, source, precision, total_steps, resume_dir,
-                            quant_storage=compute_dtype if dist.fsdp else torch.uint8, load_on=dist.load_device(device),
-                            start_adapter=begin_from.adapter_dir if begin_from else None, reference_adapter=reference)
+        with pacing.working("loading the model", dist.is_main):  # minutes for a 7B base on a slow disk
+            model = build_model(cfg, source, precision, total_steps, resume_dir,
+                                quant_storage=compute_dtype if dist.fsdp else torch.uint8,
+                                load_on=dist.load_device(device),
+                                start_adapter=begin_from.adapter_dir if begin_from else None,
+                                reference_adapter=reference)
         if start.resume_from is not None and dist.fsdp:
             ckpt.load_adapter_weights(start.resume_from, model)  # before sharding; FSDP syncs rank 0's to the others
     spec = model_base.quant_spec(model, cfg.model, compute_dtype)

@@ -91,3 +91,23 @@ def test_stored_truncation_and_padding_in_tokenizer_file_are_ignored(tiny_llama)
     tok.backend_tokenizer.enable_truncation(max_length=8)
     tok.backend_tokenizer.enable_padding(pad_id=tok.pad_token_id, pad_token=tok.pad_token)
     assert [list(ids) for ids, _ in encode_with_offsets(tok, texts)] == plain
+
+
+def test_tokenising_a_large_input_in_a_pipe_writes_progress_lines(tmp_path, tok, monkeypatch, caplog):
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from qlora_kit.core import logs, pacing
+
+    monkeypatch.setitem(logs._STDERR, "console", Console(file=io.StringIO(), force_terminal=False))
+    monkeypatch.setenv(pacing.ENV_INTERVAL, "0")
+    monkeypatch.setattr(encode, "PROGRESS_MIN_ROWS", 10)
+    monkeypatch.setattr(encode, "ENCODE_CHUNK", 8)
+    with caplog.at_level(logging.INFO, logger="qlora_kit"):
+        build(tmp_path, arithmetic_rows(24), tok, val_fraction=0.0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenising")]
+    assert [line.split(": ", 1)[1].split("  ")[0] for line in lines] == ["row 0/24", "row 8/24", "row 16/24",
+                                                                          "row 24/24"], lines
+    assert all("elapsed" in line and "eta" in line for line in lines)
