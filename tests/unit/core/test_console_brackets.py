@@ -36,14 +36,14 @@ def test_export_summary_keeps_the_install_hint(capsys: pytest.CaptureFixture[str
     from qlora_kit.export.card import print_summary
 
     metrics = {"max_abs": 0.1, "rel_max": 0.01, "kl_mean": 1e-4, "top1_agreement": 1.0}
-    report = {"export_dir": "out/[exp1]", "format": "gguf", "gguf": {"quant": "q8_0", "file": "m.gguf"},
+    report = {"format": "gguf", "gguf": {"quant": "q8_0", "file": "m.gguf"},
               "merge_base": "dequantized", "tensors": {"merged": 1, "dequantised_unmerged": 0, "copied": 2},
               "bytes_written": 10**6, "weights_wall_s": 1.0, "weights_peak_rss_bytes": 2**20,
               "rss_before_weights_bytes": 2**20, "eos_token_ids": [2],
               "verification": {"status": "passed", "prompts": 4, "next_token": metrics,
                                "greedy": {"greedy_exact": 4, "greedy_total": 4},
                                "llama_cpp": f"did not run: llama-cpp-python is not installed ({llamacpp.INSTALL_HINT})"}}
-    print_summary(report)
+    print_summary(report, Path("out/[exp1]"))
     err = " ".join(capsys.readouterr().err.split())  # the table wraps long cells
     assert "out/[exp1]" in err and '".[llamacpp]"' in err.replace("│", "").replace("  ", " ")
 
