@@ -18,7 +18,8 @@ from typing import Iterator
 
 from qlora_kit.core.errors import DiskFullError
 
-MARGIN_BYTES = 16 * 1024**2  # filesystem metadata, temporary JSON files, rounding
+MARGIN_BYTES = 1024**2  # filesystem metadata, block rounding, small files written beside the estimated ones
+MARGIN_FRACTION = 0.01  # plus 1 % of the estimate: shard headers, JSON grown since it was estimated
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -46,16 +47,24 @@ def tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
+def margin(needed: int) -> int:
+    """What :func:`require_free` asks for beyond an estimate of ``needed`` bytes: 1 MiB + 1 %."""
+    return MARGIN_BYTES + int(needed * MARGIN_FRACTION)
+
+
 def require_free(path: Path, needed: int, what: str, fix: str) -> None:
-    """Refuse to start writing ``what`` when the disk holding ``path`` has less than ``needed`` bytes free.
+    """Refuse to start writing ``what`` when the disk holding ``path`` lacks ``needed`` bytes plus a small margin.
+
+    ``needed`` is the caller's estimate of the bytes it is about to write, from their real sizes.
 
     Raises:
         DiskFullError: with the needed and free numbers.
     """
     free = free_bytes(path)
-    if free < needed + MARGIN_BYTES:
+    total = needed + margin(needed)
+    if free < total:
         raise DiskFullError(
-            f"not enough disk space for {what} in {path}: needs about {format_bytes(needed + MARGIN_BYTES)}, "
+            f"not enough disk space for {what} in {path}: needs about {format_bytes(total)}, "
             f"{format_bytes(free)} free", fix)
 
 

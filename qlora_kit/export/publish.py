@@ -24,30 +24,43 @@ log = logging.getLogger("qlora_kit")
 
 
 def check_target(out: Path, run: finished.RunInfo, overwrite: bool) -> Path:
-    """Resolve ``--out`` and refuse targets that would clobber the run, the base or a non-empty directory.
+    """Resolve ``--out`` and refuse targets that would clobber a run, the base, the data or a non-empty directory.
 
     Raises:
-        OutputError: ``out`` is the run directory (or one of its files), contains it or the base,
-            or is non-empty without ``--overwrite``.
+        OutputError: ``out`` is a run directory or inside one (this run or another), inside the base
+            model's directory, is a data file or contains one of them, or is non-empty without ``--overwrite``.
     """
     target = out.expanduser().resolve()
-    run_dir = run.run_dir.resolve()
-    protected = [run_dir, run.source_dir.resolve()]
-    for p in protected:
+    fix = "choose a new directory for the export, outside the run, the base model and the data"
+    for p in _protected(run):
         if target == p or p.is_relative_to(target):
-            raise OutputError(f"--out {out} would replace {p}", "choose a new directory for the export")
-    if target.is_relative_to(run_dir) and target != run_dir:
-        first = target.relative_to(run_dir).parts[0]
-        own = {layout.CONFIG, layout.MANIFEST, layout.DATA_SUMMARY, layout.HELDOUT, layout.TOKENIZER,
-               layout.ADAPTER, layout.METRICS, layout.LOSS_PLOT}
-        if first in own or first.startswith(layout.CHECKPOINT_PREFIX):
-            raise OutputError(f"--out {out} is inside the run's own {first}", "choose a new directory for the export")
+            raise OutputError(f"--out {out} would replace {p}", fix)
+    for where in (target, *target.parents):
+        if where.is_dir() and layout.is_run_dir(where):
+            what = "is the run directory" if where == target else "is inside the run directory"
+            raise OutputError(f"--out {out} {what} {where}: the export would replace or mix with its files", fix)
+    source = run.source_dir.resolve()
+    if target.is_relative_to(source):
+        raise OutputError(f"--out {out} is inside the base model's directory {source}", fix)
+    blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise OutputError(f"--out {out} is inside {blocking}, which is a file", fix)
     if target.exists() and not target.is_dir():
         if not overwrite:
             raise OutputError(f"--out {out} exists and is a file", "pass --overwrite to replace it, or pick a new path")
     elif target.exists() and any(target.iterdir()) and not overwrite:
         raise OutputError(f"--out {out} exists and is not empty", "pass --overwrite to replace it, or pick a new path")
     return target
+
+
+def _protected(run: finished.RunInfo) -> list[Path]:
+    """The run, its base and its data files (local ones): ``--out`` may neither be nor contain them."""
+    paths = [run.run_dir.resolve(), run.source_dir.resolve()]
+    data = getattr(run.config, "data", None)
+    for value in (getattr(data, "path", None), getattr(data, "val_path", None)):
+        if value and Path(value).expanduser().is_file():
+            paths.append(Path(value).expanduser().resolve())
+    return paths
 
 
 def _partial_name(target: Path, pid: int) -> Path:

@@ -18,6 +18,9 @@ or removed by us anyway.  An exclusive holder removes the lock file on release; 
 that opened the old file meanwhile notices (inode check) and retries with the new one.
 The last reader out removes it too (when it can take the lock exclusively for a moment).
 
+The lock belongs to the real directory: ``runs/S`` and a symlink ``runs/Slink`` to it take the
+same lock (``.S.lock`` beside ``runs/S``), for ``train``, ``--resume``, ``export`` and ``generate``.
+
 Multi-process training: only the process that writes the run (rank 0) takes the lock;
 pass ``enabled=False`` on the others.
 """
@@ -40,12 +43,21 @@ INSIDE_NAME = ".qlora-kit.lock"
 
 
 def lock_path(directory: Path) -> Path:
-    """The lock file for ``directory`` (which need not exist yet)."""
-    target = Path(os.path.abspath(Path(directory).expanduser()))
-    parent = target.parent.resolve()
+    """The lock file for ``directory`` (which need not exist yet).
+
+    Named after the real directory (symlinks resolved, in the path and in its last part), so that
+    every path to one run directory takes the same lock.
+    """
+    target = real_path(directory)
+    parent = target.parent
     if parent.is_dir() and not os.access(parent, os.W_OK) and target.is_dir():
         return target / INSIDE_NAME
     return parent / f".{target.name}.lock"
+
+
+def real_path(directory: Path) -> Path:
+    """``directory`` absolute with every symlink resolved (also where the path does not exist yet)."""
+    return Path(os.path.realpath(Path(directory).expanduser()))
 
 
 class RunLock:

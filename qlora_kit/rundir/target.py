@@ -3,7 +3,8 @@
 ``train`` uses these steps, all but the first (read-only) while holding the directory's lock (rundir/lock.py):
 
 1. :func:`check_target` refuses targets that must never be written or moved aside: a
-   dangling symlink, a file, ``/``, the home directory; with ``--overwrite`` also the
+   dangling symlink, a file, ``/``, the home directory or a parent of it, the system's own
+   directories (``/usr``, ``/etc``, ...); with ``--overwrite`` also the
    current directory (or a parent of it) and any directory holding the data, the model or
    the config.
 2. :func:`inspect` decides, without writing anything, how the run starts: ``fresh``,
@@ -34,7 +35,7 @@ from qlora_kit.core.files import fsync_dir, fsync_tree, publish_dir
 from qlora_kit.rundir import checkpoint as ckpt
 from qlora_kit.rundir import integrity
 from qlora_kit.rundir import layout as rundir
-from qlora_kit.rundir.lock import INSIDE_NAME
+from qlora_kit.rundir.lock import INSIDE_NAME, real_path
 
 log = logging.getLogger("qlora_kit")
 
@@ -65,8 +66,9 @@ def check_target(out: Path, overwrite: bool, protected: dict[str, Path]) -> None
     ``protected`` maps a label ("the data file", ...) to a path that ``--overwrite`` must not move.
 
     Raises:
-        OutputError: dangling symlink, a file, ``/`` or home; with ``--overwrite`` the current
-            directory or a parent of it, or a directory holding a protected path.
+        OutputError: dangling symlink, a file, ``/``, home or a parent of it, one of the system's own
+            directories (``/usr``, ``/etc``, ...); with ``--overwrite`` the current directory or a parent
+            of it, or a directory holding a protected path.
     """
     if out.is_symlink() and not out.exists():
         raise OutputError(f"output_dir {out} is a symlink to {os.readlink(out)}, which does not exist",
@@ -74,21 +76,37 @@ def check_target(out: Path, overwrite: bool, protected: dict[str, Path]) -> None
     if out.exists() and not out.is_dir():
         raise OutputError(f"output_dir {out} exists and is a file", "choose another output_dir")
     target = out.resolve()
+    own = "set output_dir to a directory of its own, e.g. --set output_dir=out/my-run"
     if target == Path(target.anchor) or target == Path.home().resolve():
         what = "the filesystem root" if target == Path(target.anchor) else "your home directory"
-        raise OutputError(f"output_dir {out} is {what}: a run needs a directory of its own",
-                          "set output_dir to a new directory, e.g. --set output_dir=out/my-run")
+        raise OutputError(f"output_dir {out} is {what}: a run needs a directory of its own", own)
+    if Path.home().resolve().is_relative_to(target):
+        raise OutputError(f"output_dir {out} holds your home directory: a run needs a directory of its own", own)
+    if _is_system_dir(out) or _is_system_dir(target):
+        raise OutputError(f"output_dir {out} is a system directory: a run needs a directory of its own", own)
     if not overwrite:
         return
     cwd = Path.cwd().resolve()
     if cwd == target or cwd.is_relative_to(target):
-        raise OutputError(f"--overwrite would move {out} aside, and it holds the current directory",
-                          "set output_dir to a directory of its own, e.g. --set output_dir=out/my-run")
+        raise OutputError(f"--overwrite would move {out} aside, and it holds the current directory", own)
     for label, path in protected.items():
         held = Path(path).expanduser().resolve()
         if held == target or held.is_relative_to(target):
-            raise OutputError(f"--overwrite would move {out} aside, and it holds {label} {path}",
-                              "set output_dir to a directory of its own, e.g. --set output_dir=out/my-run")
+            raise OutputError(f"--overwrite would move {out} aside, and it holds {label} {path}", own)
+
+
+# The system's own top-level directories (Linux and macOS): never a run, never moved aside.
+SYSTEM_DIRS = frozenset({
+    "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/lost+found", "/media",
+    "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/snap", "/srv", "/sys", "/tmp", "/usr", "/var",
+    "/Applications", "/Library", "/System", "/Users", "/Volumes", "/private", "/cores",
+    "/usr/local", "/var/tmp", "/private/tmp", "/private/var",
+})
+
+
+def _is_system_dir(path: Path) -> bool:
+    """``path`` (as given, made absolute, or resolved) is one of :data:`SYSTEM_DIRS`."""
+    return os.path.normpath(os.path.abspath(path.expanduser())) in SYSTEM_DIRS
 
 
 def inspect(out: Path, resume: bool, overwrite: bool) -> Start:
@@ -154,14 +172,15 @@ def newest_valid(out: Path, below: int | None = None) -> tuple[Path | None, list
 def begin(start: Start) -> None:
     """Make the directory ready for writing: move aside, create, set corrupt checkpoints aside, clean up."""
     out = start.out
+    real = real_path(out)  # through a symlink: the directory it points to (whose lock we hold) is the run
     start.begun = True
     if start.mode == "overwrite":
-        start.aside = out.with_name(f"{out.name}.old-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-        os.rename(out, start.aside)
+        start.aside = real.with_name(f"{real.name}.old-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        os.rename(real, start.aside)
         log.warning("--overwrite: moved the existing %s aside to %s (delete it when no longer needed)",
                     out, start.aside)
     if not out.exists():
-        out.mkdir(parents=True)
+        real.mkdir(parents=True)
         start.created = True
     for path, reason in start.corrupt:
         moved = ckpt.set_aside(path)
@@ -222,15 +241,16 @@ def undo(start: Start) -> None:
     if not start.fresh or not start.begun:
         return
     out = start.out
+    real = real_path(out)
     try:
         if start.created:
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(real, ignore_errors=True)
         elif start.mode == "fresh" and out.is_dir():  # it existed empty: everything in it is ours
             for child in (c for c in out.iterdir() if c.name != INSIDE_NAME):
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() and not child.is_symlink() \
                     else child.unlink(missing_ok=True)
-        if start.aside is not None and not out.exists():
-            os.rename(start.aside, out)
+        if start.aside is not None and not real.exists():
+            os.rename(start.aside, real)
             log.warning("the new run did not start: moved %s back to %s", start.aside.name, out)
     except OSError as exc:  # never hide the original failure behind the clean-up
         log.warning("could not fully clean up %s: %s", out, exc)

@@ -25,7 +25,10 @@ from qlora_kit.variants.residual import RESIDUAL_FILE
 log = logging.getLogger("qlora_kit")
 
 
-SETUP_BYTES = 64 * 2**20  # allowance for config, tokenizer, data audit, held-out rows, manifest
+# Free-space estimates (core/diskspace.py adds its margin): the real sizes, plus these for what is not known yet.
+SMALL_FILES_BYTES = 64 * 1024  # tokenizer_config.json, special_tokens_map.json, an adapter's README and config
+CHECKPOINT_JSON_BYTES = 256 * 1024  # state.json (RNG states, scheduler, fingerprints, file list), optimizer.json
+PLOT_BYTES = 256 * 1024  # loss.png
 
 
 def begin(run: Run, start: target.Start) -> None:
@@ -35,7 +38,11 @@ def begin(run: Run, start: target.Start) -> None:
         DiskFullError: not enough space for the setup files, a checkpoint and the adapter.
     """
     fix = "free space on that disk, or set output_dir on another one"
-    needed = SETUP_BYTES + _checkpoint_estimate(run) + _adapter_bytes(run)
+    summary = json.dumps(run.data.summary.to_json(), indent=2, default=str)
+    heldout = "".join(json.dumps(row) + "\n" for row in run.data.heldout)
+    setup_bytes = (len(run.config_text.encode()) + len(summary.encode()) + len(heldout.encode())
+                   + len(json.dumps(run.manifest, indent=2, default=str).encode()) + _tokenizer_bytes(run))
+    needed = setup_bytes + _checkpoint_estimate(run) + _adapter_bytes(run) + SMALL_FILES_BYTES
     writers: dict[str, Callable[[Path], Any]] = {}
     if run.residual is not None:  # first: the manifest records its hash
 
@@ -45,9 +52,8 @@ def begin(run: Run, start: target.Start) -> None:
     writers |= {
         rundir.CONFIG: lambda p: p.write_text(run.config_text),
         rundir.TOKENIZER: lambda p: run.tokenizer.save_pretrained(p),
-        rundir.DATA_SUMMARY: lambda p: p.write_text(json.dumps(run.data.summary.to_json(), indent=2, default=str)),
-        rundir.HELDOUT: lambda p: p.write_text("".join(json.dumps(row) + "\n" for row in run.data.heldout),
-                                               encoding="utf-8"),
+        rundir.DATA_SUMMARY: lambda p: p.write_text(summary),
+        rundir.HELDOUT: lambda p: p.write_text(heldout, encoding="utf-8"),
         rundir.MANIFEST: lambda p: p.write_text(json.dumps(run.manifest, indent=2, default=str)),
     }
     with diskspace.no_space_as_error(run.out, "the run's files", fix):
@@ -57,12 +63,28 @@ def begin(run: Run, start: target.Start) -> None:
             run.metrics.truncate_after(run.step)
 
 
+def _tokenizer_bytes(run: Run) -> int:
+    """Bytes ``save_pretrained`` writes for the tokenizer: its serialised ``tokenizer.json``, the vocabulary files
+    it copies from the base (e.g. ``tokenizer.model``) and the chat template."""
+    backend = getattr(run.tokenizer, "backend_tokenizer", None)
+    size = len(backend.to_str(pretty=True).encode()) if backend is not None else 0
+    source = Path(str(run.manifest.get("base", {}).get("source_dir") or ""))
+    for name in set((getattr(run.tokenizer, "vocab_files_names", None) or {}).values()) - {"tokenizer.json"}:
+        if source.name and (source / name).is_file():
+            size += (source / name).stat().st_size
+    template = getattr(run.tokenizer, "chat_template", None)
+    return size + (len(template.encode()) if isinstance(template, str) else 0)
+
+
 def _checkpoint_estimate(run: Run) -> int:
-    """Bytes the next checkpoint will take: the last one's size, else adapter + two fp32 optimizer moments."""
+    """Bytes the next checkpoint will take: the last one's size, else the adapter, two fp32 optimizer moments and
+    the JSON state (RNG, scheduler, file list)."""
     latest = ckpt.latest_checkpoint(run.out)
     if latest is not None:
         return ckpt.checkpoint_bytes(latest)
-    return _adapter_bytes(run) + 8 * sum(p.numel() for p in run.params) + 2**20
+    return _adapter_bytes(run) + 8 * sum(p.numel() for p in run.params) + len(run.config_text.encode()) \
+        + CHECKPOINT_JSON_BYTES
+
 
 
 def _adapter_bytes(run: Run) -> int:
@@ -89,6 +111,7 @@ def save(run: Run) -> Path:
         "last_eval_loss": run.last_eval_loss,
         "log_window": run.window.to_state(),
         "data_fingerprint": run.data.fingerprint,
+        "base_fingerprint": run.manifest["base"].get("fingerprint"),  # checked on --resume, manifest or not
         "saved_at": now_iso(),
     }
     if run.scaler is not None:
@@ -158,7 +181,8 @@ def finish(run: Run) -> None:
 def _publish(run: Run, adapter: dict[str, torch.Tensor] | None) -> None:
     """Write the final adapter, the loss plot and the completed manifest (the writing process only)."""
     fix = "free space on that disk, then run the same command with --resume (it finishes from the last checkpoint)"
-    diskspace.require_free(run.out, _adapter_bytes(run), "the final adapter", fix)
+    needed = _adapter_bytes(run) + SMALL_FILES_BYTES + PLOT_BYTES + len(json.dumps(run.manifest, default=str))
+    diskspace.require_free(run.out, needed, "the final adapter", fix)
     tmp = run.out / f".tmp-{rundir.ADAPTER}"
     try:
         with diskspace.no_space_as_error(run.out, "the final adapter", fix):

@@ -10,6 +10,7 @@ from qlora_kit.core.config import Config, validate
 from qlora_kit.core.errors import ConfigError, OutputError, short_repr
 from qlora_kit.core.files import read_json
 from qlora_kit.core.safe_yaml import read_yaml
+from qlora_kit.model.fingerprint import check_base
 from qlora_kit.rundir import checkpoint as ckpt
 from qlora_kit.rundir import integrity, target
 from qlora_kit.rundir import layout as rundir
@@ -112,7 +113,7 @@ def relocatable_settings(out: Path, checkpoint: Path | None) -> tuple[str, ...]:
     """The location settings a resume may change: the base's when the run recorded its fingerprint
     (checked in ``setup``), the data's when ``checkpoint`` recorded the files' sha256 (checked by
     ``check_data_unchanged``). A moved base or data file then resumes; other content does not."""
-    keys = BASE_LOCATION if recorded_base(out) is not None else ()
+    keys = BASE_LOCATION if recorded_base(out, checkpoint) is not None else ()
     try:
         data = ckpt.read_checkpoint_state(checkpoint).get("data_fingerprint") if checkpoint else None
     except integrity.CorruptCheckpoint:
@@ -122,8 +123,16 @@ def relocatable_settings(out: Path, checkpoint: Path | None) -> tuple[str, ...]:
     return keys
 
 
-def recorded_base(out: Path) -> Any:
-    """The base fingerprint recorded in ``out``'s manifest (None for runs that predate it)."""
+def recorded_base(out: Path, checkpoint: Path | None = None) -> Any:
+    """The base fingerprint the run recorded: ``checkpoint``'s own (so deleting ``manifest.json`` does not skip
+    the base check), else the one in ``out``'s manifest (older checkpoints); None when neither has one."""
+    if checkpoint is not None:
+        try:
+            saved = ckpt.read_checkpoint_state(checkpoint).get("base_fingerprint")
+        except integrity.CorruptCheckpoint:
+            saved = None  # not resumed from: the recipe falls back to an older checkpoint, checked there
+        if isinstance(saved, dict) and saved:
+            return saved
     manifest = read_json(out / rundir.MANIFEST)
     base = manifest.get("base") if isinstance(manifest, dict) else None
     return base.get("fingerprint") if isinstance(base, dict) else None
@@ -151,6 +160,21 @@ def check_data_unchanged(resume_from: Path, fingerprint: dict[str, Any]) -> None
             )
 
 
+BASE_FIX = ("point model.name_or_path at the base the run was trained on (checked against the fingerprint "
+             "its checkpoints and manifest.json recorded)")
+
+
+def check_same_base(run: Run, checkpoint: Path) -> None:
+    """Refuse a checkpoint whose recorded base fingerprint is not the base this run loaded.
+
+    Raises:
+        ModelError: naming the base and the run.
+    """
+    base = run.manifest["base"]
+    check_base(Path(base["source_dir"]), recorded_base(run.out, checkpoint), run.out, base.get("fingerprint"),
+               BASE_FIX)
+
+
 def restore(run: Run, start: target.Start) -> None:
     """Load the newest checkpoint that verifies, parses and fits this model, in memory.
 
@@ -167,6 +191,7 @@ def restore(run: Run, start: target.Start) -> None:
             if path != first:
                 check_resume_compatible(path, run.cfg, relocatable_settings(run.out, path))
                 check_data_unchanged(path, run.data.fingerprint)
+                check_same_base(run, path)
             model = None if run.dist.fsdp else run.model  # FSDP: the adapter was loaded before sharding
             state = ckpt.load_checkpoint(path, model, run.optimizer, run.scheduler, rank=run.dist.rank)
             _restore_variant(run, path, state)

@@ -39,7 +39,14 @@ from qlora_kit.train import distributed
 from qlora_kit.train.builders import build_model, build_optimizer, build_scheduler, compute_total_steps
 from qlora_kit.train.loop import to_device
 from qlora_kit.train.order import epoch_plan
-from qlora_kit.train.resume import check_data_unchanged, check_same_ranks, recorded_base, recorded_memory, restore
+from qlora_kit.train.resume import (
+    BASE_FIX,
+    check_data_unchanged,
+    check_same_ranks,
+    recorded_base,
+    recorded_memory,
+    restore,
+)
 from qlora_kit.train.state import Run
 from qlora_kit.variants import adalora_steps
 from qlora_kit.variants import init as vinit
@@ -74,9 +81,7 @@ def setup(cfg: Config, config_text: str, out: Path, start: target.Start | None, 
         model_base.require_attention(source, cfg.model)
         base_print = basecheck.fingerprint(source)
         if not start.fresh:  # the adapter continues only on the weights it was trained against
-            basecheck.check_base(source, recorded_base(out), out, base_print,
-                                 f"point model.name_or_path at the base the run was trained on (checked against the "
-                                 f"fingerprint in {out / rundir.MANIFEST})")
+            basecheck.check_base(source, recorded_base(out, start.resume_from), out, base_print, BASE_FIX)
         cfg = resolve_memory_settings(cfg, source, device, None if start.fresh else recorded_memory(out))
         tokenizer = model_base.load_tokenizer(source, cfg.model)
         data = _setup_data(cfg, tokenizer, show=dist.is_main)

@@ -296,9 +296,9 @@ def test_free_space_is_checked_before_writing(tmp_path: Path, tiny_llama: Path, 
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
     cfg = resume_config(tmp_path / "cfg.yaml", tiny_llama, data_file, run)
-    monkeypatch.setattr(diskspace, "free_bytes", lambda path: 10_000_000)
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: 100_000)
     with pytest.raises(DiskFullError, match=r"not enough disk space for the run's files, a checkpoint and the "
-                                            r"adapter in .*: needs about \d+\.\d\d MB, 10\.00 MB free"):
+                                            r"adapter in .*: needs about \d+\.\d\d MB, 100\.00 kB free"):
         recipe.run_training(cfg, [])
     assert not run.exists(), "a run refused for space creates nothing"
     calls = {"n": 0}
@@ -340,7 +340,7 @@ cli.main()
 
 _IN_TMPFS = """
 set -u
-mount -t tmpfs -o size=20m tmpfs "$SMALL" && mount -t tmpfs -o size=120m tmpfs "$BIG" || exit 99
+mount -t tmpfs -o size=1m tmpfs "$SMALL" && mount -t tmpfs -o size=120m tmpfs "$BIG" || exit 99
 "$PY" -m qlora_kit.cli train "$CFG" ; echo "rc1=$?"
 "$PY" -c "$FILL" "$BIG" 4 "$CFG2" ; echo "rc2=$?"
 echo "listing: $(ls -A "$BIG/run2" | tr '\\n' ' ')"
@@ -361,7 +361,7 @@ def _tmpfs_possible() -> bool:
 
 @pytest.mark.skipif(not _tmpfs_possible(), reason="needs `unshare -rm` to mount a private tmpfs")
 def test_real_full_disk_on_a_tmpfs(tmp_path: Path, tiny_llama: Path, data_file: Path) -> None:
-    """Real kernel ENOSPC on private tmpfs mounts: a 20 MiB disk is refused before anything is written, with the
+    """Real kernel ENOSPC on private tmpfs mounts: a 1 MiB disk is refused before anything is written, with the
     real numbers; a 120 MiB disk that fills up right before checkpoint-4 fails with one line, leaves no temporary
     files and a `failed` manifest, and `--resume` after freeing space finishes the run."""
     small, big = tmp_path / "small", tmp_path / "big"
