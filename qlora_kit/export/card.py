@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qlora_kit.core.files import file_sha256
 from qlora_kit.core.logs import console
 from qlora_kit.export.merge import MergeContext, Plan, WeightStats
 from qlora_kit.model.sources import base_model_id
@@ -45,7 +46,45 @@ def base_report(run: finished.RunInfo, target: Path, fmt: str, ctx: MergeContext
         "rss_before_weights_bytes": stats.rss_before_bytes,
         "compute_device": str(ctx.compute_device),
         "eos_token_ids": eos,
+        "adapter_sha256": adapter_digest(run),  # what was merged: a rerun of the same export can tell it is done
     }
+
+
+def same_export(target: Path, run: finished.RunInfo, options: dict[str, Any], verify: bool) -> dict[str, Any] | None:
+    """The report of the complete export at ``target`` when it is what this export would make, else None.
+
+    Same run directory, same adapter files (their sha256), same ``options`` (format, merge base,
+    dtype or quant), its weights present, and verified when ``verify`` asks for it.  The report is
+    written before the final rename, so a directory holding one is a complete export.
+    """
+    report = _read_report(target / REPORT)
+    if report is None or not report.get("adapter_sha256") or report.get("adapter_sha256") != adapter_digest(run):
+        return None
+    if report.get("run_dir") != str(run.run_dir.resolve()) or report.get("export_dir") != str(target):
+        return None
+    stored = {"format": report.get("format"), "merge_base": report.get("merge_base"), "dtype": report.get("dtype"),
+              "quant": (report.get("gguf") or {}).get("quant")}
+    if stored != options:
+        return None
+    status = (report.get("verification") or {}).get("status")
+    if status == "failed" or (verify and status != "passed"):
+        return None
+    weights = report.get("shards") or [(report.get("gguf") or {}).get("file")]
+    return report if all(isinstance(w, str) and (target / w).is_file() for w in weights) else None
+
+
+def adapter_digest(run: finished.RunInfo) -> dict[str, str]:
+    """sha256 of each file of the run's adapter (megabytes: read in well under a second)."""
+    adapter = run.run_dir / rundir.ADAPTER
+    return {p.name: file_sha256(p) for p in sorted(adapter.iterdir()) if p.is_file()}
+
+
+def _read_report(path: Path) -> dict[str, Any] | None:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return report if isinstance(report, dict) else None
 
 
 def _version() -> str:

@@ -15,7 +15,7 @@ import torch
 
 from qlora_kit.core import diskspace
 from qlora_kit.core.errors import EXIT_VERIFY_FAILED, ModelError, Preempted, QloraKitError
-from qlora_kit.core.files import publish_dir
+from qlora_kit.core.files import publish_dir, restore_moved_aside
 from qlora_kit.core.signals import StopNow, StopRequest
 from qlora_kit.export import card, gguf_file, hf, llamacpp
 from qlora_kit.export.gguf_vocab import read_vocab
@@ -107,6 +107,10 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str | None = None, m
         try:
             with runlock.shared(Path(run_dir), "export"):  # nobody writes the run meanwhile
                 run = finished.read_run(run_dir)
+                wanted = {"format": fmt, "merge_base": merge_base, "dtype": dtype, "quant": quant}
+                done = None if overwrite else _already_exported(Path(out), run, wanted, verify)
+                if done is not None:
+                    return 0
                 target = check_target(Path(out), run, overwrite)
                 with runlock.exclusive(target, "export"):
                     compute, quant_device = resolve_devices(device, run)
@@ -128,6 +132,19 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str | None = None, m
         log.error("verification failed: %s", "; ".join(report["verification"]["failures"]))
         return EXIT_VERIFY_FAILED
     return 0
+
+
+def _already_exported(out: Path, run: finished.RunInfo, wanted: dict[str, Any], verify: bool) -> Path | None:
+    """``--out`` when it already holds this very export (a rerun after a stop that came once it was complete)."""
+    target = out.expanduser().resolve()
+    restore_moved_aside(target)
+    report = card.same_export(target, run, wanted, verify)
+    if report is None:
+        return None
+    status = report["verification"].get("status")
+    log.warning("%s already holds this export of %s (made %s, verification %s): nothing to do; --overwrite makes it "
+                "again", out, run.run_dir, report.get("created", "earlier"), status)
+    return target
 
 
 def _publish(staging: Path, target: Path, options: dict[str, Any]) -> None:

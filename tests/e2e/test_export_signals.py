@@ -150,6 +150,17 @@ def test_sigterm_after_the_final_rename_keeps_the_complete_export(llama_run: Pat
     assert "checkpoint" not in said
     assert read_report(target)["format"] == "hf" and (target / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no staging, no moved-aside copy, no lock"
+    before = read_report(target)
+    again = subprocess.run([sys.executable, "-m", "qlora_kit", "export", str(llama_run), "--out", str(target),
+                            "--no-verify"], env={**os.environ, **ENV_1_THREAD}, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]  # the same command again is not refused as "not empty"
+    assert "already holds this export" in " ".join(again.stderr.split()) and read_report(target) == before
+    for other in (["--format", "gguf"], ["--dtype", "bfloat16"], []):  # another export, or now verified
+        refused = export_args = ["export", str(llama_run), "--out", str(target), *(other or ["--verify"])]
+        refused = subprocess.run([sys.executable, "-m", "qlora_kit", *export_args], capture_output=True, text=True,
+                                 env={**os.environ, **ENV_1_THREAD}, timeout=300)
+        assert refused.returncode == 2 and "exists and is not empty" in refused.stderr, refused.stderr[-2000:]
 
 
 def test_overwrite_stopped_between_its_renames_finishes_them(llama_run: Path, tmp_path: Path) -> None:
