@@ -122,8 +122,9 @@ def restore_moved_aside(final: Path) -> None:
     missing: the ``.old-<name>-<pid>`` of a process that is gone is renamed back.  Killed after
     both renames, before the removal, the leftover old version is removed.
     """
-    for old in sorted(final.parent.glob(f".old-{glob.escape(final.name)}-*")):
-        pid = old.name.rsplit("-", 1)[-1]
+    prefix = f".old-{final.name}-"
+    for old in sorted(final.parent.glob(f"{glob.escape(prefix)}*")):
+        pid = old.name[len(prefix):]  # digits only: `.old-out-2-<pid>` belongs to `out-2`, not to `out`
         if not pid.isdigit() or _pid_alive(int(pid)):
             continue
         if final.exists() or final.is_symlink():

@@ -197,9 +197,22 @@ def test_overwrite_killed_between_its_renames_is_put_right_by_the_next_export(ll
     proc.kill()
     proc.communicate(timeout=60)
     assert not target.exists() and len(list(tmp_path.glob(".old-out-*"))) == 1  # the state a kill leaves
-    with pytest.raises(Exception, match="exists and is not empty"):  # restored first, so still refused
-        export_run(llama_run, target, verify=False, show_progress=False)
+    # restored first: it is this very export, so there is nothing to do; another one is refused as not empty
+    assert export_run(llama_run, target, verify=False, show_progress=False) == 0
     assert (target / "old-marker").read_text() == "the previous export"
+    with pytest.raises(Exception, match="exists and is not empty"):
+        export_run(llama_run, target, dtype="bfloat16", verify=False, show_progress=False)
     assert not list(tmp_path.glob(".old-out-*"))
     assert export_run(llama_run, target, verify=False, show_progress=False, overwrite=True) == 0
     assert not (target / "old-marker").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_leftovers_of_another_target_with_a_longer_name_are_left_alone(tmp_path: Path) -> None:
+    from qlora_kit.core.files import restore_moved_aside
+
+    other = tmp_path / ".old-out-2-999999999"  # what `out-2`'s killed replacement left (no such process)
+    other.mkdir()
+    restore_moved_aside(tmp_path / "out")
+    assert other.exists() and not (tmp_path / "out").exists()
+    restore_moved_aside(tmp_path / "out-2")
+    assert not other.exists() and (tmp_path / "out-2").is_dir()
