@@ -157,23 +157,30 @@ def test_sigterm_after_the_final_rename_keeps_the_complete_export(llama_run: Pat
     assert again.returncode == 0, again.stderr[-3000:]  # the same command again is not refused as "not empty"
     assert "already holds this export" in " ".join(again.stderr.split()) and read_report(target) == before
     for other in (["--format", "gguf"], ["--dtype", "bfloat16"], []):  # another export, or now verified
-        refused = export_args = ["export", str(llama_run), "--out", str(target), *(other or ["--verify"])]
+        export_args = ["export", str(llama_run), "--out", str(target), *(other or ["--verify"])]
         refused = subprocess.run([sys.executable, "-m", "qlora_kit", *export_args], capture_output=True, text=True,
                                  env={**os.environ, **ENV_1_THREAD}, timeout=300)
         assert refused.returncode == 2 and "exists and is not empty" in refused.stderr, refused.stderr[-2000:]
 
 
-def test_overwrite_stopped_between_its_renames_finishes_them(llama_run: Path, tmp_path: Path) -> None:
-    """SIGTERM between the two renames waits for the second: the new export is complete, the old one removed."""
+def _overwrite_paused_between_renames(llama_run: Path, tmp_path: Path, pause_s: float
+                                      ) -> tuple[Path, subprocess.Popen[str]]:
+    """An export to ``tmp_path/out``, then an ``--overwrite`` of it that pauses between its two renames."""
     target = tmp_path / "out"
     assert export_run(llama_run, target, verify=False, show_progress=False) == 0
     (target / "old-marker").write_text("the previous export")
     proc = _start("between-renames", "export", str(llama_run), "--out", str(target), "--no-verify", "--overwrite",
-                  pause_s=1.0)
+                  pause_s=pause_s)
     assert proc.stderr is not None
     for line in proc.stderr:
         if "BETWEEN-RENAMES" in line:
             break
+    return target, proc
+
+
+def test_overwrite_stopped_between_its_renames_finishes_them(llama_run: Path, tmp_path: Path) -> None:
+    """SIGTERM between the two renames waits for the second: the new export is complete, the old one removed."""
+    target, proc = _overwrite_paused_between_renames(llama_run, tmp_path, 1.0)
     proc.send_signal(signal.SIGTERM)
     err = proc.stderr.read()
     proc.wait(timeout=120)
@@ -185,15 +192,7 @@ def test_overwrite_stopped_between_its_renames_finishes_them(llama_run: Path, tm
 def test_overwrite_killed_between_its_renames_is_put_right_by_the_next_export(llama_run: Path,
                                                                               tmp_path: Path) -> None:
     """SIGKILL (or a power cut) between the renames: the next export restores the previous one first."""
-    target = tmp_path / "out"
-    assert export_run(llama_run, target, verify=False, show_progress=False) == 0
-    (target / "old-marker").write_text("the previous export")
-    proc = _start("between-renames", "export", str(llama_run), "--out", str(target), "--no-verify", "--overwrite",
-                  pause_s=60)
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "BETWEEN-RENAMES" in line:
-            break
+    target, proc = _overwrite_paused_between_renames(llama_run, tmp_path, 60)
     proc.kill()
     proc.communicate(timeout=60)
     assert not target.exists() and len(list(tmp_path.glob(".old-out-*"))) == 1  # the state a kill leaves
