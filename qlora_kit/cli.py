@@ -84,6 +84,8 @@ def _run(fn: Callable[[], int | None], command: str) -> None:
 
 
 def _report_stop(signal_name: str, command: str) -> None:
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and os.environ.get("RANK", "0") not in ("", "0"):
+        return  # under a launcher every rank gets the signal: rank 0 says it once
     error, fix = startup_stop_lines(signal_name, command)
     echo(f"error: {error}")
     echo(f"fix: {fix}")

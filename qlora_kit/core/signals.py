@@ -16,7 +16,8 @@ the process started (a background job of a shell) stays ignored; SIGTERM still s
 
 The command line installs one immediate request for the whole process before its heavy
 imports (:func:`install_startup_stop`), so a signal during the first seconds also ends as
-exit 75 with nothing written; a command's own request replaces it while it runs.
+exit 75 with nothing written.  The first request a command installs retires it: the handlers
+from before come back when that request ends, as they were without one.
 
 Under a launcher (``accelerate launch``, ``torchrun``) a Ctrl-C reaches every rank twice:
 from the terminal and forwarded by the launcher.  ``echo_window`` seconds after the first
@@ -86,6 +87,8 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
+            if _STARTUP and _STARTUP[0] is not self:
+                _retire_startup_stop()  # the command's own request from now on; afterwards the defaults are back
             for sig in (signal.SIGTERM, signal.SIGINT):
                 if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
                     continue  # ignored by whoever started us (nohup, `cmd &` in a script): keep it so
@@ -112,8 +115,17 @@ def install_startup_stop() -> StopRequest:
     return _STARTUP[0]
 
 
+def _retire_startup_stop() -> None:
+    """Put back the handlers the startup request replaced (a command installs its own request now)."""
+    startup = _STARTUP.pop()
+    startup.__exit__()
+
+
 def settle_startup_stop() -> None:
-    """The command's work is done: a signal arriving now is only recorded and changes nothing."""
+    """The command's work is done: a signal arriving now is only recorded and changes nothing.
+
+    (A command that installed its own request has already retired the startup one.)
+    """
     if _STARTUP:
         _STARTUP[0].defer(note=None)
 

@@ -37,3 +37,23 @@ def test_an_ignored_sigint_stays_ignored_and_sigterm_still_stops(sigint_as) -> N
         with pytest.raises(StopNow, match="SIGTERM"):
             os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+@pytest.mark.parametrize("sigint_as", [signal.default_int_handler], indirect=True)
+def test_the_startup_request_stops_at_once_until_a_command_installs_its_own(sigint_as) -> None:
+    from qlora_kit.core import signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signals.install_startup_stop()
+        with pytest.raises(StopNow, match="SIGTERM"):  # the imports: nothing written yet
+            os.kill(os.getpid(), signal.SIGTERM)
+        with StopRequest() as own:  # the command's own request retires it ...
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert own.signal_name == "SIGTERM"
+        assert signal.getsignal(signal.SIGTERM) is before  # ... and the handlers from before come back
+        assert signal.getsignal(signal.SIGINT) is sigint_as and not signals._STARTUP
+    finally:
+        while signals._STARTUP:
+            signals._retire_startup_stop()
+        signal.signal(signal.SIGTERM, before)
