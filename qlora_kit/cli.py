@@ -20,6 +20,7 @@ from qlora_kit.core.errors import (
     EXIT_INTERNAL,
     EXIT_NO_SPACE,
     EXIT_OOM,
+    EXIT_PREEMPTED,
     EXIT_USER_ERROR,
     QloraKitError,
     notes,
@@ -27,6 +28,7 @@ from qlora_kit.core.errors import (
     shorten,
 )
 from qlora_kit.core.logs import echo, flush_streams, setup_logging
+from qlora_kit.core.signals import StopNow, install_startup_stop, settle_startup_stop, startup_stop_lines
 
 app = typer.Typer(
     add_completion=False,
@@ -50,6 +52,10 @@ def _run(fn: Callable[[], int | None], command: str) -> None:
     try:
         with phase(command):
             code = fn()
+        settle_startup_stop()  # done: a signal from now on changes nothing
+    except StopNow as exc:  # before the command installed its own stop handler (imports, reading): nothing written
+        _report_stop(exc.signal_name, command)
+        raise typer.Exit(EXIT_PREEMPTED) from None
     except QloraKitError as exc:
         if _DEBUG["on"]:
             raise
@@ -75,6 +81,14 @@ def _run(fn: Callable[[], int | None], command: str) -> None:
             raise typer.Exit(EXIT_OOM) from None
         _report_internal_error(exc, command)
     raise typer.Exit(code or 0)
+
+
+def _report_stop(signal_name: str, command: str) -> None:
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and os.environ.get("RANK", "0") not in ("", "0"):
+        return  # under a launcher every rank gets the signal: rank 0 says it once
+    error, fix = startup_stop_lines(signal_name, command)
+    echo(f"error: {error}")
+    echo(f"fix: {fix}")
 
 
 def _report_internal_error(exc: Exception, command: str) -> None:
@@ -389,9 +403,17 @@ def demo(
 
 
 def main() -> None:
-    """Console-script entry point; a closed stdout/stderr never changes the exit status."""
+    """Console-script entry point; a closed stdout/stderr never changes the exit status.
+
+    SIGTERM and a first Ctrl-C stop with exit 75 from here on (``__main__`` installs the same
+    handler before importing this module); each command replaces it with its own.
+    """
+    install_startup_stop()
     try:
         app(prog_name="qlora-kit")
+    except StopNow as exc:  # while typer parsed the arguments
+        _report_stop(exc.signal_name, next((a for a in sys.argv[1:] if not a.startswith("-")), "qlora-kit"))
+        sys.exit(EXIT_PREEMPTED)
     finally:
         flush_streams()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -126,6 +127,15 @@ def write_config(path: Path, model: Path, data_path: Path, output_dir: Path, **s
             cfg[key] = value
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that must take Ctrl-C even when the suite runs as a background job.
+
+    A shell starts a background job with SIGINT ignored, its children inherit that, and qlora-kit
+    keeps an ignored SIGINT ignored (core/signals.py).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict[str, str] | None = None

@@ -6,8 +6,10 @@ directory; a reader (or the next run) sees the old version or the new one, never
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -15,6 +17,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+log = logging.getLogger("qlora_kit")
 
 
 def fsync_dir(path: Path) -> None:
@@ -97,14 +101,51 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def restore_moved_aside(final: Path) -> None:
+    """Finish what a :func:`publish_dir` killed between its renames left (SIGKILL, a power cut).
+
+    Killed after moving the old version aside but before renaming the new one in, ``final`` is
+    missing: the ``.old-<name>-<pid>`` of a process that is gone is renamed back.  Killed after
+    both renames, before the removal, the leftover old version is removed.
+    """
+    prefix = f".old-{final.name}-"
+    for old in sorted(final.parent.glob(f"{glob.escape(prefix)}*")):
+        pid = old.name[len(prefix):]  # digits only: `.old-out-2-<pid>` belongs to `out-2`, not to `out`
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if final.exists() or final.is_symlink():
+            log.info("removing %s, left by an interrupted replacement of %s", old, final)
+            _remove(old)
+        else:
+            log.warning("restoring %s: a replacement of it was interrupted between its two renames", final)
+            os.replace(old, final)
+            fsync_dir(final.parent)
+
+
 def publish_dir(staging: Path, final: Path) -> None:
     """fsync the finished ``staging`` directory and rename it to ``final``.
 
     Whatever is at ``final`` (a directory or a file) is replaced only now: it is renamed aside
     to ``.old-<name>-<pid>``, the new one renamed in, and the old one removed; an empty
     directory is simply replaced.  Stop signals wait for both renames, and a failed second
-    rename puts the old one back, so ``final`` is never missing.
+    rename puts the old one back, so ``final`` is never missing; what a kill between the
+    renames left is put right first (:func:`restore_moved_aside`).
     """
+    restore_moved_aside(final)
     fsync_tree(staging)
     old = final.with_name(f".old-{final.name}-{os.getpid()}")
     with _signals_held():
@@ -121,4 +162,4 @@ def publish_dir(staging: Path, final: Path) -> None:
             raise
     fsync_dir(final.parent)
     if moved:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
+        _remove(old)

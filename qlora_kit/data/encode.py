@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 from qlora_kit.core.pacing import Meter, counted
 from qlora_kit.data.formats import Row, RowProblem
-from qlora_kit.data.labels import ChatSpans, Span
+from qlora_kit.data.labels import ChatSpans, Span, template_time_limit
 
 IGNORE_INDEX = -100
 Sample = dict[str, list[int]]
@@ -55,10 +55,12 @@ def make_job(row: Row, chat: ChatSpans | None, tokenizer: PreTrainedTokenizerBas
 
     Raises:
         RowProblem: the chat template fails on this row or hides a reply.
+        DataError: the chat template runs away on this row.
     """
     if row.messages is not None:
         assert chat is not None
-        text, spans = chat.locate(row.messages, row.train_turns, row.tools)
+        with template_time_limit(row.number):
+            text, spans = chat.locate(row.messages, row.train_turns, row.tools)
         return _Job(row.number, text, spans)
     if row.text is not None:
         return _Job(row.number, row.text, [(0, len(row.text))], bos=True, eos=True)

@@ -3,16 +3,38 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+from qlora_kit.core.errors import DataError
+from qlora_kit.core.timelimit import TimeLimitExceeded, time_limit
 from qlora_kit.data.formats import Message, Row, RowProblem
 from qlora_kit.data.tools import call_names, call_prefix
 
 log = logging.getLogger("qlora_kit")
+
+TEMPLATE_SECONDS = 10.0  # per row (all its renderings); a real template renders a conversation in milliseconds
+
+
+@contextmanager
+def template_time_limit(row: int | None = None) -> Iterator[None]:
+    """Stop the chat template after ``TEMPLATE_SECONDS`` (a runaway one: loops of 10^9 iterations, ...).
+
+    Raises:
+        DataError: the block ran longer, naming the row (None: a probe conversation of qlora-kit's own).
+    """
+    try:
+        with time_limit(TEMPLATE_SECONDS):
+            yield
+    except TimeLimitExceeded:
+        on = f"row {row}" if row is not None else "a two-turn probe conversation"
+        raise DataError(f"the chat template ran for more than {TEMPLATE_SECONDS:g} s on {on} and was stopped "
+                        "(a template renders a conversation in milliseconds)",
+                        "fix its loops, or set model.chat_template to a template of your own") from None
 
 
 Span = tuple[int, int]
@@ -26,7 +48,8 @@ class ChatSpans:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
-        self.end_of_turn = self._probe_end_of_turn()
+        with template_time_limit():
+            self.end_of_turn = self._probe_end_of_turn()
         self.searched_turns = 0
         self._call_prefix: str | None = None
 
@@ -137,16 +160,20 @@ def template_takes_system(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the chat template renders a leading system turn (Gemma-2's raises "System role not supported").
 
     A template that fails on a plain user turn too counts as taking one: its rows report the error.
+
+    Raises:
+        DataError: the template runs away (see :func:`template_time_limit`).
     """
     user = [{"role": "user", "content": "Hi"}]
-    try:
-        tokenizer.apply_chat_template(user, tokenize=False)
-    except Exception:  # noqa: BLE001 - templates raise all kinds of errors (jinja, role checks)
-        return True
-    try:
-        tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, *user], tokenize=False)
-    except Exception:  # noqa: BLE001 - as above
-        return False
+    with template_time_limit():
+        try:
+            tokenizer.apply_chat_template(user, tokenize=False)
+        except Exception:  # noqa: BLE001 - templates raise all kinds of errors (jinja, role checks)
+            return True
+        try:
+            tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, *user], tokenize=False)
+        except Exception:  # noqa: BLE001 - as above
+            return False
     return True
 
 

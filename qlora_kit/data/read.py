@@ -6,15 +6,20 @@ import csv
 import hashlib
 import json
 import random
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
+from qlora_kit.core.diskspace import format_bytes
 from qlora_kit.core.errors import DataError, shorten
 from qlora_kit.core.files import file_sha256
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+MAX_LINE_BYTES = 64 * 1024**2  # one .jsonl line (one training row); far above any row a 7B model trains on
+MEMORY_SHARE = 4  # a data file may take at most 1/4 of the memory available: parsed rows take several times the bytes
 
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -53,7 +58,7 @@ def read_source(path: str, split: str = "train", key: str = "data.path", subset:
         if subset is not None:
             raise DataError(f"{key} is the local file {p}, which has no subsets", f"remove the subset of {key}",
                             key=key)
-        source = read_local(p)
+        source = read_local(p, key)
         if max_rows is not None and max_rows < len(source.records):
             keep = choose_rows(len(source.records), max_rows, seed)
             source.records = [source.records[i] for i in keep]
@@ -69,16 +74,19 @@ def choose_rows(total: int, max_rows: int, seed: int) -> list[int]:
     return sorted(random.Random(f"max_rows:{seed}").sample(range(total), max_rows))
 
 
-def read_local(p: Path) -> Source:
+def read_local(p: Path, key: str = "data.path") -> Source:
     """Read a local .jsonl/.json/.parquet/.csv file into numbered records.
 
     Raises:
-        DataError: directory, unsupported suffix, undecodable/invalid content, or no rows.
+        DataError: directory, device/FIFO/socket, unsupported suffix, a file too large for the memory,
+            undecodable/invalid content, or no rows.
     """
     if p.is_dir():
         found = sorted(x.name for x in p.iterdir() if x.suffix.lower() in LOCAL_SUFFIXES)[:5]
-        hint = f"point data.path at a file inside it, e.g. {p / found[0]}" if found else "point data.path at a file"
+        hint = f"point {key} at a file inside it, e.g. {p / found[0]}" if found else f"point {key} at a file"
         raise DataError(f"data path {p} is a directory, not a data file", hint)
+    check_regular_file(p, key)
+    check_size(p, key)
     readers = {".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet, ".csv": read_csv}
     reader = readers.get(p.suffix.lower())
     if reader is None:
@@ -91,16 +99,72 @@ def read_local(p: Path) -> Source:
     return Source(str(p.absolute()), records, unit, file_sha256(p))
 
 
-def read_jsonl(p: Path) -> list[tuple[int, Any]]:
-    """One JSON value per non-blank line, numbered by file line; a line that is not UTF-8 JSON is a
-    :class:`BadLine` (skipped and listed like any bad row, counted against ``data.max_bad_fraction``).
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular_file(p: Path, key: str) -> None:
+    """Refuse a device (``/dev/zero``), FIFO or socket before opening it: reading one never ends or blocks.
 
     Raises:
-        DataError: the file is one JSON array (its first line opens a list and is not JSON on its own).
+        DataError: ``p`` (after symlinks) is not a regular file.
+    """
+    mode = os.stat(p).st_mode
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+    raise DataError(f"data path {p} is {kind}, not a regular file", f"point {key} at a .jsonl, .json, .parquet or "
+                    ".csv file (a pipe or device can be saved to a file first)", key=key)
+
+
+def memory_limit() -> int:
+    """The largest data file read: a ``MEMORY_SHARE`` of the memory available now."""
+    import psutil
+
+    return psutil.virtual_memory().available // MEMORY_SHARE
+
+
+def check_size(p: Path, key: str) -> None:
+    """Refuse a file too large to read into memory (its parsed rows take several times its bytes).
+
+    Raises:
+        DataError: with the file's size and the limit.
+    """
+    size, limit = p.stat().st_size, memory_limit()
+    if size > limit:
+        raise DataError(f"data file {p} is {format_bytes(size)}, larger than the {format_bytes(limit)} it may take "
+                        f"(1/{MEMORY_SHARE} of the {format_bytes(limit * MEMORY_SHARE)} of memory available)",
+                        f"point {key} at a smaller file (e.g. a sample of its rows), or run where more memory is "
+                        "free", key=key)
+
+
+def _lines(f: BinaryIO, p: Path) -> Iterator[tuple[int, bytes]]:
+    """Numbered lines of ``f``, each read with at most ``MAX_LINE_BYTES`` in memory.
+
+    Raises:
+        DataError: a line longer than that.
+    """
+    number = 0
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise DataError(f"{p}: line {number} is longer than {format_bytes(MAX_LINE_BYTES)} (the longest row "
+                            "read)", "split or shorten that row, or check that the file is really .jsonl text")
+        yield number, raw
+
+
+def read_jsonl(p: Path) -> list[tuple[int, Any]]:
+    """One JSON value per non-blank line, numbered by file line (each line bounded by ``MAX_LINE_BYTES``); a line
+    that is not UTF-8 JSON is a :class:`BadLine` (skipped and listed like any bad row, counted against
+    ``data.max_bad_fraction``).
+
+    Raises:
+        DataError: a line that is too long; the file is one JSON array (its first line opens a list and is not
+            JSON on its own).
     """
     records: list[tuple[int, Any]] = []
     with p.open("rb") as f:
-        for number, raw in enumerate(f, 1):
+        for number, raw in _lines(f, p):
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
@@ -121,6 +185,22 @@ def read_jsonl(p: Path) -> list[tuple[int, Any]]:
     return records
 
 
+def _read_bounded(p: Path, limit: int) -> bytearray:
+    """The file's bytes, read in chunks and never more than ``limit`` (its size may lie: /proc, a growing file).
+
+    Raises:
+        DataError: the file holds more than ``limit`` bytes.
+    """
+    data = bytearray()
+    with p.open("rb") as f:
+        while chunk := f.read(16 * 1024**2):
+            data += chunk
+            if len(data) > limit:
+                raise DataError(f"{p} holds more than the {format_bytes(limit)} of memory a data file may take",
+                                "point data.path at a smaller file (e.g. a sample of its rows)")
+    return data
+
+
 def read_json(p: Path) -> list[tuple[int, Any]]:
     """A JSON list of rows, or an object with the rows under ``"data"``.
 
@@ -128,7 +208,7 @@ def read_json(p: Path) -> list[tuple[int, Any]]:
         DataError: invalid JSON (with line/column) or a top level that holds no row list.
     """
     try:
-        text = p.read_text(encoding="utf-8-sig")
+        text = _read_bounded(p, memory_limit()).decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{p} is not UTF-8 text ({exc.reason})", "save the file as UTF-8") from exc
     if not text.strip():
@@ -161,6 +241,12 @@ def read_parquet(p: Path) -> list[tuple[int, Any]]:
     import pyarrow.parquet as pq
 
     try:
+        meta = pq.ParquetFile(p).metadata
+        unpacked = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        if unpacked > (limit := memory_limit()):
+            raise DataError(f"parquet file {p} unpacks to {format_bytes(unpacked)}, more than the "
+                            f"{format_bytes(limit)} of memory a data file may take",
+                            "point data.path at a smaller file (e.g. a sample of its rows)")
         table = pq.read_table(p)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"cannot read parquet file {p}: {exc}", "check that it is a complete parquet file") from exc

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from qlora_kit.core.files import file_sha256
 from qlora_kit.core.logs import console
 from qlora_kit.export.merge import MergeContext, Plan, WeightStats
 from qlora_kit.export.portable import HUB_ID, base_model_id, data_names, hub_datasets
@@ -61,6 +62,7 @@ def base_report(run: finished.RunInfo, target: Path, fmt: str, ctx: MergeContext
         "compute_device": str(ctx.compute_device),
         "eos_token_ids": eos,
         "eos_tokens": eos_tokens(run, eos),
+        "adapter_sha256": adapter_digest(run),  # what was merged: a rerun of the same export can tell it is done
     }
 
 
@@ -82,8 +84,8 @@ def record_export(run: finished.RunInfo, target: Path, report: dict[str, Any], h
     Where it is, where the base was read from, and where it was pushed (best effort: see
     ``rundir.manifest.append_record``).
     """
-    entry = {"dir": str(target.absolute()), "format": report["format"], "created": report["created"],
-             "base_source_dir": str(run.source_dir), "merge_base": report["merge_base"],
+    entry = {"dir": str(target.absolute()), "format": report.get("format"), "created": report.get("created"),
+             "base_source_dir": str(run.source_dir), "merge_base": report.get("merge_base"),
              "verification": (report.get("verification") or {}).get("status"), "hub": hub_url}
     run_manifest.append_record(run.run_dir, "exports", entry, "export (recording it in the manifest)")
 
@@ -92,6 +94,42 @@ def record_push(run_dir: Path, repo_id: str, url: str) -> None:
     """Note in the run's ``manifest.json`` (``pushes``) that its adapter was pushed (best effort)."""
     entry = {"what": "adapter", "repo_id": repo_id, "url": url, "time": run_manifest.now_iso()}
     run_manifest.append_record(run_dir, "pushes", entry, "push (recording it in the manifest)")
+
+
+def same_export(target: Path, run: finished.RunInfo, options: dict[str, Any], verify: bool) -> dict[str, Any] | None:
+    """The report of the complete export at ``target`` when it is what this export would make, else None.
+
+    Same adapter files (their sha256: the report holds no local path to compare), same ``options`` (format, merge base,
+    dtype or quant), its weights present, and verified when ``verify`` asks for it.  The report is
+    written before the final rename, so a directory holding one is a complete export.
+    """
+    report = read_report(target / REPORT)
+    if report is None or not report.get("adapter_sha256") or report.get("adapter_sha256") != adapter_digest(run):
+        return None
+    stored = {"format": report.get("format"), "merge_base": report.get("merge_base"), "dtype": report.get("dtype"),
+              "quant": (report.get("gguf") or {}).get("quant")}
+    if stored != options:
+        return None
+    status = (report.get("verification") or {}).get("status")
+    if status == "failed" or (verify and status != "passed"):
+        return None
+    weights = report.get("shards") or [(report.get("gguf") or {}).get("file")]
+    return report if all(isinstance(w, str) and (target / w).is_file() for w in weights) else None
+
+
+def adapter_digest(run: finished.RunInfo) -> dict[str, str]:
+    """sha256 of each file of the run's adapter (megabytes: read in well under a second)."""
+    adapter = run.run_dir / rundir.ADAPTER
+    return {p.name: file_sha256(p) for p in sorted(adapter.iterdir()) if p.is_file()}
+
+
+def read_report(path: Path) -> dict[str, Any] | None:
+    """An export's ``export_report.json`` as a dict, or None when it is missing or not a JSON object."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return report if isinstance(report, dict) else None
 
 
 def _version() -> str:

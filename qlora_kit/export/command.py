@@ -16,13 +16,14 @@ import torch
 
 from qlora_kit.core import diskspace
 from qlora_kit.core.errors import EXIT_VERIFY_FAILED, ModelError, Preempted, QloraKitError
-from qlora_kit.core.files import publish_dir
+from qlora_kit.core.files import publish_dir, restore_moved_aside
+from qlora_kit.core.signals import StopNow, StopRequest
 from qlora_kit.export import card, gguf_file, hf, hub, llamacpp
 from qlora_kit.export.gguf_vocab import read_vocab
 from qlora_kit.export.merge import MERGE_BASES, MergeContext, Plan, plan_export
 from qlora_kit.export.modelfile import chat_format, note_tools, use_run_system, write_modelfile
 from qlora_kit.export.portable import base_model_id, local_paths
-from qlora_kit.export.publish import Terminated, check_target, sigterm_unwinds, staging_dir
+from qlora_kit.export.publish import check_target, staging_dir
 from qlora_kit.export.verify import verify_export
 from qlora_kit.export.verify_gguf import verify_gguf
 from qlora_kit.model.base import DTYPES
@@ -100,30 +101,43 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str | None = None, m
     Raises:
         QloraKitError: bad arguments; ModelError: unusable run/base/adapter; OutputError: bad ``out``;
         RunInUseError: the run is being written (or ``out`` exported to) by another process;
-        DiskFullError: not enough space for the export; Preempted: SIGTERM (nothing left at ``out``);
+        DiskFullError: not enough space for the export; Preempted: SIGTERM or a first Ctrl-C before the
+            final rename (nothing left at ``out``; after it, the complete export stays and 0 is returned);
         ConfigError: ``push_to_hub`` is not ORG/NAME, offline mode, or no token (before exporting);
         PushError: no network or a refusal from the Hub (after exporting: the export is complete).
     """
     dtype, quant = check_args(fmt, dtype, quant, merge_base)
     token = hub.check_can_push(push_to_hub) if push_to_hub else None  # before the long part
-    options = {"verify": verify, "prompts": verify_prompts, "progress": show_progress, "repo_id": push_to_hub}
-    try:
-        with sigterm_unwinds(), runlock.shared(Path(run_dir), "export"):  # nobody writes the run meanwhile
-            run = finished.read_run(run_dir)
-            target = check_target(Path(out), run, overwrite)
-            with runlock.exclusive(target, "export"):
-                compute, quant_device = resolve_devices(device, run)
-                ctx = merge_context(run, merge_base, compute, quant_device)
-                if fmt == "hf":
-                    report = _export_hf(run, target, ctx, dtype, max_shard_bytes, options)
-                else:
-                    report = _export_gguf(run, target, ctx, quant, options)
-    except Terminated:
-        raise Preempted(f"export stopped by SIGTERM; nothing was written to {out}",
-                        "run the same export command again") from None
-    card.print_summary(report, target)
-    for warning in (report.get("modelfile") or {}).get("warnings", []):
-        log.warning("%s", warning)
+    with StopRequest(immediate=True) as stop:  # SIGTERM or a first Ctrl-C: unwind, the staging directory goes
+        options = {"verify": verify, "prompts": verify_prompts, "progress": show_progress, "stop": stop,
+                   "repo_id": push_to_hub}
+        try:
+            with runlock.shared(Path(run_dir), "export"):  # nobody writes the run meanwhile
+                run = finished.read_run(run_dir)
+                wanted = {"format": fmt, "merge_base": merge_base, "dtype": dtype, "quant": quant}
+                done = None if overwrite else _already_exported(Path(out), run, wanted, verify)
+                if done is not None:
+                    if push_to_hub and token:  # the export is there: publish it
+                        report = card.read_report(done / card.REPORT) or {}
+                        card.record_export(run, done, report, _push(run, done, push_to_hub, token, private))
+                    return 0
+                target = check_target(Path(out), run, overwrite)
+                with runlock.exclusive(target, "export"):
+                    compute, quant_device = resolve_devices(device, run)
+                    ctx = merge_context(run, merge_base, compute, quant_device)
+                    if fmt == "hf":
+                        report = _export_hf(run, target, ctx, dtype, max_shard_bytes, options)
+                    else:
+                        report = _export_gguf(run, target, ctx, quant, options)
+        except StopNow as exc:
+            raise Preempted(f"export stopped by {exc.signal_name}; nothing was written to {out}",
+                            "run the same export command again") from None
+        card.print_summary(report, target)
+        for warning in (report.get("modelfile") or {}).get("warnings", []):
+            log.warning("%s", warning)
+        if stop.requested:  # deferred by _publish: the export was complete when it came
+            log.warning("%s arrived after the export was complete: %s is complete; nothing to run again",
+                        stop.signal_name, target)
     if report["verification"].get("status") == "failed":
         card.record_export(run, target, report)
         log.error("verification failed: %s", "; ".join(report["verification"]["failures"]))
@@ -148,6 +162,25 @@ def _push(run: finished.RunInfo, target: Path, repo_id: str, token: str, private
                           f"qlora-kit export {target.name}", again, exported=True)
     log.info("pushed to the Hub: %s", url)
     return url
+
+
+def _already_exported(out: Path, run: finished.RunInfo, wanted: dict[str, Any], verify: bool) -> Path | None:
+    """``--out`` when it already holds this very export (a rerun after a stop that came once it was complete)."""
+    target = out.expanduser().resolve()
+    restore_moved_aside(target)
+    report = card.same_export(target, run, wanted, verify)
+    if report is None:
+        return None
+    status = report["verification"].get("status")
+    log.warning("%s already holds this export of %s (made %s, verification %s): nothing to do; --overwrite makes it "
+                "again", out, run.run_dir, report.get("created", "earlier"), status)
+    return target
+
+
+def _publish(staging: Path, target: Path, options: dict[str, Any]) -> None:
+    """Rename the finished export into place; a stop signal from now on only records (the export is complete)."""
+    options["stop"].defer(note=None)  # export_run says it once the export is in place
+    publish_dir(staging, target)
 
 
 def merge_context(run: finished.RunInfo, merge_base: str, compute: torch.device, quant_device: torch.device
@@ -203,7 +236,7 @@ def _export_hf(run: finished.RunInfo, target: Path, ctx: MergeContext, dtype: st
         report["verification"] = _verify_hf(run, staging, report, ctx.compute_device, options)
         card.write_readme(run, staging, report, options["repo_id"])
         card.write_report(staging, report)
-        publish_dir(staging, target)
+        _publish(staging, target, options)
     return report
 
 
@@ -260,7 +293,7 @@ def _export_gguf(run: finished.RunInfo, target: Path, ctx: MergeContext, quant: 
         report["verification"] = _verify_gguf(run, path, quant, vocab, eos, ctx, options)
         card.write_readme(run, staging, report, options["repo_id"])
         card.write_report(staging, report)
-        publish_dir(staging, target)
+        _publish(staging, target, options)
     return report
 
 

@@ -1,7 +1,7 @@
 """Atomic publishing of an export: refuse dangerous targets, write into a hidden staging directory, rename.
 
 An interrupted export leaves no ``--out`` behind: Ctrl-C, SIGTERM or any error removes the
-staging directory; a killed process leaves only ``.<name>.partial-<pid>``, removed by the
+staging directory (a stop after the final rename leaves the complete export); a killed process leaves only ``.<name>.partial-<pid>``, removed by the
 next export to the same place.  A non-empty ``--out`` is replaced only with ``--overwrite``
 and only after the new export is complete.
 """
@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
-import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from qlora_kit.core.errors import OutputError
+from qlora_kit.core.files import restore_moved_aside
 from qlora_kit.rundir import finished, layout
 
 log = logging.getLogger("qlora_kit")
@@ -31,6 +30,7 @@ def check_target(out: Path, run: finished.RunInfo, overwrite: bool) -> Path:
             model's directory, is a data file or contains one of them, or is non-empty without ``--overwrite``.
     """
     target = out.expanduser().resolve()
+    restore_moved_aside(target)  # an --overwrite killed between its two renames: the previous export comes back
     fix = "choose a new directory for the export, outside the run, the base model and the data"
     for p in _protected(run):
         if target == p or p.is_relative_to(target):
@@ -78,41 +78,17 @@ def remove_stale_partials(target: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM during an export: unwinds like Ctrl-C so the staging directory is removed."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
-
-
-@contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM raises ``Terminated`` (like Ctrl-C) for the whole export, so every phase stops within seconds."""
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
-    try:
-        yield
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-
-
 @contextmanager
 def staging_dir(target: Path) -> Iterator[Path]:
-    """A fresh hidden directory beside ``target``; removed on any error, Ctrl-C or SIGTERM."""
+    """A fresh hidden directory beside ``target``; removed on any error, Ctrl-C or SIGTERM (the caller's
+    :class:`~qlora_kit.core.signals.StopRequest` turns them into exceptions)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(target)
     staging = _partial_name(target, os.getpid())
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)

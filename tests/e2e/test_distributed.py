@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, gpu, metrics_of, run_cli, write_config
+from conftest import ROOT, default_sigint, gpu, metrics_of, run_cli, write_config
 from safetensors.torch import load_file
 
 from qlora_kit.core.errors import EXIT_PREEMPTED, ConfigError
@@ -252,7 +252,7 @@ def test_ctrl_c_in_the_terminal_checkpoints_once(tmp_path: Path, tiny_llama: Pat
     cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, fifty_rows, tmp_path / "run",
                        train={**RESUME, "save_steps": 100})
     proc = subprocess.Popen(launch_cmd("train", str(cfg)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=launch_env(), start_new_session=True)
+                            env=launch_env(), start_new_session=True, preexec_fn=default_sigint)
     _ranks(proc)
     _wait_for_step(tmp_path / "run", 2, proc)
     os.killpg(proc.pid, signal.SIGINT)

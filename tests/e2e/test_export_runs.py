@@ -81,6 +81,8 @@ def test_cli_export_and_refusal(llama_run: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "verification" in done.stderr and (out / "model.safetensors").exists()
     again = run_cli("export", str(llama_run), "--out", str(out), "--no-verify", env=ENV_1_THREAD)
-    assert again.returncode == 2 and "error:" in again.stderr and "--overwrite" in again.stderr
+    assert again.returncode == 0 and "already holds this export" in " ".join(again.stderr.split())
+    other = run_cli("export", str(llama_run), "--out", str(out), "--dtype", "bfloat16", env=ENV_1_THREAD)
+    assert other.returncode == 2 and "error:" in other.stderr and "--overwrite" in other.stderr
     bad = run_cli("export", str(llama_run), "--out", str(tmp_path / "x"), "--dtype", "int8", env=ENV_1_THREAD)
     assert bad.returncode == 2 and "--dtype" in bad.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import metrics_of, run_cli, write_config
+from conftest import default_sigint, metrics_of, run_cli, write_config
 from safetensors.torch import load_file
 
 from qlora_kit.core.errors import EXIT_PREEMPTED, Preempted
@@ -50,7 +50,7 @@ def test_stop_signal_checkpoints_when_the_output_pipe_is_dead(tmp_path: Path, ti
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, run, train=TRAIN)
     trainer = subprocess.Popen([sys.executable, "-m", "qlora_kit.cli", "train", str(cfg)], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT)
+                               stderr=subprocess.STDOUT, preexec_fn=default_sigint)
     reader = subprocess.Popen(["cat"], stdin=trainer.stdout, stdout=subprocess.DEVNULL)
     trainer.stdout.close()  # only the reader holds the pipe's read end now
     try:

@@ -61,7 +61,7 @@ def test_hadolint_is_clean():
 def test_entrypoint_is_the_console_script_and_cmd_is_help():
     scripts = PYPROJECT["project"]["scripts"]
     assert json.loads(args_of("ENTRYPOINT")[-1]) == ["qlora-kit"]
-    assert "qlora-kit" in scripts and scripts["qlora-kit"] == "qlora_kit.cli:main"
+    assert "qlora-kit" in scripts and scripts["qlora-kit"] == "qlora_kit.__main__:main"  # stop handler first
     assert json.loads(args_of("CMD")[-1]) == ["--help"]
 
 

@@ -252,8 +252,9 @@ def test_wrong_merge_fails_verification(llama_run: Path, tmp_path: Path, monkeyp
 
 def test_target_checks(llama_run: Path, default_export, tmp_path: Path) -> None:
     out, _ = default_export
-    with pytest.raises(OutputError, match="not empty"):
-        export_run(llama_run, out, verify=False, show_progress=False)
+    with pytest.raises(OutputError, match="not empty"):  # another export into a complete one
+        export_run(llama_run, out, dtype="bfloat16", verify=False, show_progress=False)
+    assert export_run(llama_run, out, verify=False, show_progress=False) == 0  # this very export: nothing to do
     for bad in (llama_run, llama_run / "adapter", llama_run.parent, read_run(llama_run).source_dir):
         with pytest.raises(OutputError):
             export_run(llama_run, bad, overwrite=True, verify=False, show_progress=False)
