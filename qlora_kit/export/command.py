@@ -89,10 +89,28 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str | None = None, m
                overwrite: bool = False, verify: bool = True, device: str | None = None, *, fmt: str = "hf",
                quant: str | None = None, max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES, verify_prompts: int = 8,
                show_progress: bool = True) -> int:
-    """Merge a run's adapter into an HF model directory or a GGUF file at ``out``; return the exit code.
+    """``qlora-kit export``: :func:`export_model`, then the exit code.
 
     Returns 0, or ``EXIT_VERIFY_FAILED`` when verification is outside tolerance (the export is
     kept, with the failure in its report and README).
+    """
+    report = export_model(run_dir, out, dtype, merge_base, overwrite, verify, device, fmt=fmt, quant=quant,
+                          max_shard_bytes=max_shard_bytes, verify_prompts=verify_prompts, show_progress=show_progress)
+    failure = verification_failure(report)
+    if failure is not None:
+        log.error("%s", failure)
+        return EXIT_VERIFY_FAILED
+    return 0
+
+
+def export_model(run_dir: str | Path, out: str | Path, dtype: str | None = None, merge_base: str = "dequantized",
+                 overwrite: bool = False, verify: bool = True, device: str | None = None, *, fmt: str = "hf",
+                 quant: str | None = None, max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES, verify_prompts: int = 8,
+                 show_progress: bool = True) -> dict[str, Any]:
+    """Merge a run's adapter into an HF model directory or a GGUF file at ``out``; return the export report.
+
+    A failed verification is in the report (see :func:`verification_failure`), not raised: the
+    export is kept, with the failure in its report and README.
 
     Raises:
         QloraKitError: bad arguments; ModelError: unusable run/base/adapter; OutputError: bad ``out``;
@@ -118,10 +136,14 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str | None = None, m
     card.print_summary(report)
     for warning in (report.get("modelfile") or {}).get("warnings", []):
         log.warning("%s", warning)
-    if report["verification"].get("status") == "failed":
-        log.error("verification failed: %s", "; ".join(report["verification"]["failures"]))
-        return EXIT_VERIFY_FAILED
-    return 0
+    return report
+
+
+def verification_failure(report: dict[str, Any]) -> str | None:
+    """The line saying why the export does not match the trained model, or None when it does (or was not checked)."""
+    if report["verification"].get("status") != "failed":
+        return None
+    return f"verification failed: {'; '.join(report['verification']['failures'])}"
 
 
 def merge_context(run: finished.RunInfo, merge_base: str, compute: torch.device, quant_device: torch.device

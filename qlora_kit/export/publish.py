@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from qlora_kit.core.errors import OutputError
+from qlora_kit.core.signals import restore
 from qlora_kit.rundir import finished, layout
 
 log = logging.getLogger("qlora_kit")
@@ -82,7 +83,7 @@ def sigterm_unwinds() -> Iterator[None]:
         yield
     finally:
         if in_main:
-            signal.signal(signal.SIGTERM, previous)
+            restore(signal.SIGTERM, previous)
 
 
 @contextmanager
@@ -102,4 +103,4 @@ def staging_dir(target: Path) -> Iterator[Path]:
         raise
     finally:
         if in_main:
-            signal.signal(signal.SIGTERM, previous)
+            restore(signal.SIGTERM, previous)
