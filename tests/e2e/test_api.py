@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,8 @@ from typer.testing import CliRunner
 import qlora_kit
 from qlora_kit import api
 from qlora_kit.cli import app
-from qlora_kit.core.errors import (EXIT_NO_SPACE, EXIT_VERIFY_FAILED, ConfigError, DiskFullError, ModelError,
-                                   QloraKitError, VerificationError)
+from qlora_kit.core.errors import (EXIT_NO_SPACE, EXIT_PREEMPTED, EXIT_VERIFY_FAILED, ConfigError, DiskFullError,
+                                   ModelError, Preempted, QloraKitError, VerificationError)
 from qlora_kit.export import command as export_command
 from qlora_kit.train import recipe
 
@@ -108,6 +109,31 @@ def test_train_from_a_worker_thread_resumes_and_leaves_the_handlers(
     assert "error" not in outcome, outcome.get("error")
     assert outcome["result"].metrics["step"] == 3 and outcome["result"].status == "completed"
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_an_interrupt_saves_a_checkpoint_and_resume_continues(tiny_llama: Path, tmp_path: Path) -> None:
+    """Interrupting the kernel / Ctrl-C in a script: SIGINT in the main thread, during the call."""
+    cfg = _config(tiny_llama, write_jsonl(tmp_path / "rows.jsonl", arithmetic_rows(32)), tmp_path / "run")
+    cfg["train"].update(max_steps=500, save_steps=1000, logging_steps=1)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    before = signal.getsignal(signal.SIGINT)
+
+    def interrupt_after_the_first_step() -> None:
+        for _ in range(1200):
+            if metrics.is_file() and metrics.read_text().strip():
+                if signal.getsignal(signal.SIGINT) is not before:  # only while the call's handler is installed
+                    os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.1)
+
+    threading.Thread(target=interrupt_after_the_first_step, daemon=True).start()
+    with pytest.raises(Preempted) as info:
+        qlora_kit.train(cfg)
+    assert info.value.exit_code == EXIT_PREEMPTED and signal.getsignal(signal.SIGINT) is before
+    stopped = max(r["step"] for r in api.TrainResult(tmp_path / "run", {}, "").history())
+    assert stopped < 500 and (tmp_path / "run" / f"checkpoint-{stopped}").is_dir()
+    result = qlora_kit.train(cfg, {"train.max_steps": stopped + 1}, resume=True)
+    assert result.status == "completed" and result.metrics["step"] == stopped + 1
 
 
 def _cli_lines(*args: str) -> tuple[int, list[str]]:
