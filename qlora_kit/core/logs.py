@@ -143,6 +143,7 @@ def quiet_libraries() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto in Jupyter: bars are off
             yield
     finally:
         for name, saved in levels.items():
