@@ -70,7 +70,7 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class ExportResult:
-    """A verified export: its directory, the model in it (the directory, or the ``.gguf`` file) and its report."""
+    """An export: its directory, the model in it (the directory, or the ``.gguf`` file) and its report."""
 
     out: Path
     model_path: Path
