@@ -89,6 +89,17 @@ def test_export_and_load_give_a_model_ready_to_generate(api_run: tuple[api.Train
         assert reply.shape[1] > inputs["input_ids"].shape[1]
 
 
+def test_a_gguf_export_names_its_file_and_loads(api_run: tuple[api.TrainResult, dict[str, Any]],
+                                                tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    result, _ = api_run
+    exported = qlora_kit.export(result, tmp_path / "gguf", format="gguf", quant="f16", verify=False)
+    assert exported.model_path == exported.out / "gguf-F16.gguf" and exported.model_path.is_file()
+    assert exported.report["gguf"]["quant"] == "f16" and os.fspath(exported) == str(exported.model_path)
+    model, tokenizer = qlora_kit.load(exported, device="cpu")
+    assert not model.training and tokenizer.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
+
+
 def test_train_from_a_worker_thread_resumes_and_leaves_the_handlers(
         api_run: tuple[api.TrainResult, dict[str, Any]], tmp_path: Path) -> None:
     """No signal handler can be installed outside the main thread: the call works without one."""
