@@ -7,7 +7,6 @@ shows the traceback instead.
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 import time
@@ -18,11 +17,9 @@ import typer
 
 from qlora_kit.core.errors import (
     EXIT_INTERNAL,
-    EXIT_NO_SPACE,
-    EXIT_OOM,
     EXIT_PREEMPTED,
-    EXIT_USER_ERROR,
     QloraKitError,
+    as_known_error,
     notes,
     phase,
     shorten,
@@ -38,10 +35,6 @@ app = typer.Typer(
 )
 
 _DEBUG = {"on": False}
-OOM_HINT = (
-    "lower train.micro_batch_size or train.max_length (raise gradient_accumulation_steps to keep the batch), "
-    "keep train.gradient_checkpointing on, or lower lora.r; `qlora-kit plan CONFIG` shows what fits"
-)
 
 
 def _run(fn: Callable[[], int | None], command: str) -> None:
@@ -56,15 +49,6 @@ def _run(fn: Callable[[], int | None], command: str) -> None:
     except StopNow as exc:  # before the command installed its own stop handler (imports, reading): nothing written
         _report_stop(exc.signal_name, command)
         raise typer.Exit(EXIT_PREEMPTED) from None
-    except QloraKitError as exc:
-        if _DEBUG["on"]:
-            raise
-        if not getattr(exc, "silent", False):  # multi-process runs: another rank prints it (train/distributed.py)
-            label = getattr(exc, "rank_label", None)
-            echo(f"error: {f'[{label}] ' if label else ''}{exc.message}")
-            if exc.hint:
-                echo(f"fix: {exc.hint}")
-        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         echo("aborted.")
         raise typer.Exit(130) from None
@@ -73,13 +57,11 @@ def _run(fn: Callable[[], int | None], command: str) -> None:
     except Exception as exc:
         if _DEBUG["on"]:
             raise
-        if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
-            _report_os_error(exc)
-        if _is_cuda_oom(exc):
-            echo(f"error: CUDA out of memory: {str(exc).splitlines()[0]}")
-            echo(f"fix: {OOM_HINT}")
-            raise typer.Exit(EXIT_OOM) from None
-        _report_internal_error(exc, command)
+        known = as_known_error(exc)  # a QloraKitError, or a full disk, a permission problem, CUDA OOM
+        if known is None:
+            _report_internal_error(exc, command)
+        _report(known)
+        raise typer.Exit(known.exit_code) from None
     raise typer.Exit(code or 0)
 
 
@@ -125,18 +107,14 @@ def _save_traceback(exc: BaseException, command: str) -> Path | None:
         return None
 
 
-_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
-
-
-def _report_os_error(exc: OSError) -> None:
-    """A full disk or a permission problem the modules did not foresee: one line, not a traceback."""
-    where = f": {exc.filename}" if exc.filename else ""
-    echo(f"error: {exc.strerror or exc}{where}")
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        echo("fix: free space on that disk and run the command again (train: with --resume)")
-        raise typer.Exit(EXIT_NO_SPACE) from None
-    echo("fix: check that you may write there, or choose another path")
-    raise typer.Exit(EXIT_USER_ERROR) from None
+def _report(exc: QloraKitError) -> None:
+    """``error: ...`` and ``fix: ...`` on stderr (multi-process runs: one rank says it, see train/distributed.py)."""
+    if getattr(exc, "silent", False):
+        return
+    label = getattr(exc, "rank_label", None)
+    echo(f"error: {f'[{label}] ' if label else ''}{exc.message}")
+    if exc.hint:
+        echo(f"fix: {exc.hint}")
 
 
 def _one_process_only(command: str) -> None:
@@ -154,12 +132,6 @@ def _one_process_only(command: str) -> None:
         raise ConfigError(f"`qlora-kit {command}` runs in one process, not under accelerate launch / torchrun",
                           f"run `qlora-kit {command} ...` directly (it works on runs trained with any number "
                           "of processes)")
-
-
-def _is_cuda_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(exc)
 
 
 def version() -> str:
@@ -211,12 +183,10 @@ def train(
             from qlora_kit.commands.data import run_data
 
             return run_data(config, set_ or [])
-        from qlora_kit.train import distributed
-        from qlora_kit.train.recipe import run_training
+        from qlora_kit.train.recipe import train_command
 
-        with distributed.session():  # one process, or one rank of `accelerate launch` / `torchrun`
-            return run_training(config, set_ or [], resume=resume, overwrite=overwrite,
-                                skip_memory_check=skip_memory_check)
+        train_command(config, set_ or [], resume=resume, overwrite=overwrite, skip_memory_check=skip_memory_check)
+        return 0
 
     _run(body, "train")
 

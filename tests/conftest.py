@@ -17,7 +17,7 @@ import torch
 import yaml
 from run_fixture import make_run
 
-from qlora_kit.export import export_run
+from qlora_kit.export.command import export_run
 from qlora_kit.model.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository

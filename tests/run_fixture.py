@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from qlora_kit.core.config import dump_config, validate
-from qlora_kit.export import REPORT
+from qlora_kit.export.card import REPORT
 from qlora_kit.model.base import load_quantized_base, load_tokenizer, quant_spec
 from qlora_kit.model.lora import attach_lora
 from qlora_kit.model.tiny import build_tiny_model

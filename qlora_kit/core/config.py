@@ -1,4 +1,4 @@
-"""The one typed config schema: YAML file + ``--set section.key=value`` overrides.
+"""The one typed config schema: YAML file (or the same tree as a dict) + ``--set section.key=value`` overrides.
 
 Every problem in a config is reported at once (unknown keys with the closest valid
 name, wrong types, out-of-range values, contradictory settings).  The resolved config
@@ -8,9 +8,12 @@ default), so a run directory always says exactly what ran.
 
 from __future__ import annotations
 
+import copy
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import yaml
 from pydantic import ValidationError
@@ -35,6 +38,11 @@ from qlora_kit.core.schema import (  # noqa: F401  (the schema's names, imported
     TrainConfig,
     closest as _closest,
 )
+
+# A YAML file, or the same tree as a mapping (the Python API); overrides as ``--set`` strings or a mapping.
+ConfigSource = Union[str, Path, Mapping[str, Any]]
+Overrides = Union[list[str], tuple[str, ...], Mapping[str, Any], None]
+CONFIG_DICT = "the config dict"
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -202,30 +210,59 @@ def attribute_origin(exc: BaseException, sources: dict[str, str]) -> None:
         said = f"it was given with --set {key}=..."
     elif origin.startswith("file "):
         said = f"it is set in {origin.removeprefix('file ')} (edit it there or override it with --set {key}=...)"
+    elif origin == CONFIG_DICT:
+        said = f"it is set in {CONFIG_DICT} (change it there or override {key})"
     else:
         said = f"it is the default (set it in the config or with --set {key}=...)"
     exc.hint = f"{exc.hint}; {said}" if exc.hint else f"{key}: {said}"
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[Config, dict[str, str]]:
+def load_config(path: ConfigSource, overrides: Overrides = None) -> tuple[Config, dict[str, str]]:
     """Load, override and validate a config; return it with each value's origin.
 
-    Relative paths in ``data.path``, ``data.val_path``, ``output_dir`` and a local
-    ``model.name_or_path`` are taken relative to the current directory (as a user
-    typing the command expects), not to the config file.
+    ``path`` is a YAML file or a mapping of the same sections; ``overrides`` are ``--set``
+    strings (``section.key=value``, the value read as YAML) or a mapping of dotted keys to
+    values (taken as they are).  Relative paths in ``data.path``, ``data.val_path``,
+    ``output_dir`` and a local ``model.name_or_path`` are taken relative to the current
+    directory (as a user typing the command expects), not to the config file.
     """
-    raw = read_yaml(path)
-    sources = {k: f"file {path}" for k in _leaf_keys(raw)}
+    if isinstance(path, Mapping):
+        raw, origin, label = _plain(copy.deepcopy(dict(path))), CONFIG_DICT, CONFIG_DICT
+    else:
+        raw, origin, label = read_yaml(path), str(path), f"file {path}"
+    sources = {k: label for k in _leaf_keys(raw)}
     given: dict[str, str] = {}  # dotted key -> the --set argument that gave it
-    for item in overrides or []:
-        keys, value = parse_override(item)
+    for item, (keys, value) in _parsed_overrides(overrides):
         _apply_override(raw, keys, value)
         sources[".".join(keys)] = "override --set"
         given[".".join(keys)] = item
-    cfg = validate(raw, origin=str(path), overrides=given)
+    cfg = validate(raw, origin=origin, overrides=given)
     for key in _leaf_keys(cfg.model_dump()):
         sources.setdefault(key, "default")
     return cfg, sources
+
+
+def _parsed_overrides(overrides: Overrides) -> list[tuple[str, tuple[list[str], Any]]]:
+    """(the ``--set`` text shown in messages, (key path, value)) for each override."""
+    if not isinstance(overrides, Mapping):
+        return [(item, parse_override(item)) for item in overrides or []]
+    parsed = []
+    for key, value in overrides.items():
+        item = f"{key}={value}"
+        keys = [k for k in str(key).strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"--set {short_repr(item)} has an empty key", "e.g. --set train.max_steps=100")
+        parsed.append((item, (keys, _plain(copy.deepcopy(value)))))
+    return parsed
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with paths (``pathlib.Path``, any ``os.PathLike``) as strings, as a YAML file would give them."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 def _leaf_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:

@@ -10,6 +10,8 @@ saying where its traceback was written (:func:`note` records the run's log file,
 
 from __future__ import annotations
 
+import errno
+import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -95,6 +97,40 @@ class Preempted(QloraKitError):
     """A stop signal arrived; the command stopped cleanly (training: after a checkpoint) and can be rerun."""
 
     exit_code = EXIT_PREEMPTED
+
+
+OOM_HINT = (
+    "lower train.micro_batch_size or train.max_length (raise gradient_accumulation_steps to keep the batch), "
+    "keep train.gradient_checkpointing on, or lower lora.r; `qlora-kit plan CONFIG` shows what fits"
+)
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+ENVIRONMENT_ERRNOS = (*NO_SPACE_ERRNOS, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def as_known_error(exc: BaseException) -> QloraKitError | None:
+    """A failure the modules did not foresee but the user can fix, as the error the CLI reports; else None.
+
+    A full disk (``DiskFullError``, exit 6), a permission problem (``OutputError``) or CUDA out of
+    memory (``OutOfMemoryError``, exit 4): one line instead of a traceback, for the CLI and the
+    Python API alike.
+    """
+    if isinstance(exc, QloraKitError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+        message = f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+        if exc.errno in NO_SPACE_ERRNOS:
+            return DiskFullError(message, "free space on that disk and run the command again (train: with --resume)")
+        return OutputError(message, "check that you may write there, or choose another path")
+    if _is_cuda_oom(exc):
+        return OutOfMemoryError(f"CUDA out of memory: {str(exc).splitlines()[0]}", OOM_HINT)
+    return None
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    if "CUDA out of memory" in str(exc):
+        return True
+    torch = sys.modules.get("torch")  # no torch loaded: no CUDA error either
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
 def shorten(text: str, limit: int = 200) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -111,10 +112,62 @@ def setup_logging(debug: bool) -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
-    import warnings
-
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@contextmanager
+def api_logging() -> Iterator[None]:
+    """qlora-kit's INFO lines on the shared console while a Python API call runs, unless the caller set up logging.
+
+    A script or notebook that configured ``logging`` (a handler on the root or ``qlora_kit``
+    logger) keeps its own; otherwise the lines a CLI user sees (data summary, memory plan, one per
+    logged step, where the files went) are shown, and everything is as it was afterwards.  In
+    Jupyter the console renders into the cell's output (rich detects it; no live bar there).
+    """
+    if log.handlers or logging.getLogger().handlers:
+        yield
+        return
+    handler = ConsoleHandler(console=console(), show_path=False, show_time=False, markup=False,
+                             rich_tracebacks=False)
+    log.addHandler(handler)
+    level = log.level
+    if level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    try:
+        with quiet_libraries():
+            yield
+    finally:
+        log.setLevel(level)
+        log.removeHandler(handler)
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """What the CLI does for good (``setup_logging``), for one block: library loggers at ERROR,
+    transformers' progress bars off, UserWarning/FutureWarning hidden; all restored afterwards."""
+    levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    bars = None
+    try:
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        hf_logging = None
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto in Jupyter: bars are off
+            yield
+    finally:
+        for name, saved in levels.items():
+            logging.getLogger(name).setLevel(saved)
+        if hf_logging is not None and bars:
+            hf_logging.enable_progress_bar()
 
 
 _SAID: set[str] = set()

@@ -47,7 +47,12 @@ class StopNow(BaseException):
 
 
 class StopRequest:
-    """Installs the handlers for the duration of a ``with`` block (main thread only)."""
+    """Installs the handlers for the duration of a ``with`` block, then restores the previous ones.
+
+    Only in the main thread (Python delivers signals there alone): called from another thread
+    (a script's worker, a notebook's background job) it installs nothing and the run is
+    stopped only by its own end or the process's.
+    """
 
     def __init__(self, immediate: bool = False, echo_window: float = 0.0) -> None:
         self.signal_name: str | None = None
@@ -97,7 +102,19 @@ class StopRequest:
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+            restore(sig, handler)
+        self._previous.clear()
+
+
+def restore(sig: int, previous: object) -> None:
+    """Put back the handler ``signal.signal`` returned (None: one set outside Python; Python's default then).
+
+    Called in the main thread only, like ``signal.signal`` itself: a notebook's or host program's own
+    handlers are in place again after every command.
+    """
+    if previous is None:
+        previous = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+    signal.signal(sig, previous)  # type: ignore[arg-type]
 
 
 _STARTUP: list[StopRequest] = []

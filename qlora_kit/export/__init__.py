@@ -14,9 +14,7 @@ The data path, one module per step::
 
 ``command.export_run`` runs it; ``monitor`` holds the progress bar and memory sampling;
 ``push.push_path`` (``qlora-kit push``) uploads a run's adapter or a finished export.
+
+The package imports nothing itself (``import qlora_kit`` stays fast); called as a function,
+``qlora_kit.export(run, out, ...)`` is the Python API (``qlora_kit.api.export``, see ``qlora_kit/__init__.py``).
 """
-
-from qlora_kit.export.card import REPORT
-from qlora_kit.export.command import FORMATS, export_run
-
-__all__ = ["FORMATS", "REPORT", "export_run"]

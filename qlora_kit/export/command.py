@@ -92,11 +92,32 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str | None = None, m
                overwrite: bool = False, verify: bool = True, device: str | None = None, *, fmt: str = "hf",
                quant: str | None = None, max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES, verify_prompts: int = 8,
                show_progress: bool = True, push_to_hub: str | None = None, private: bool = False) -> int:
-    """Merge a run's adapter into an HF model directory or a GGUF file at ``out``; return the exit code.
+    """``qlora-kit export``: :func:`export_model`, then the exit code.
 
     Returns 0, or ``EXIT_VERIFY_FAILED`` when verification is outside tolerance (the export is
-    kept, with the failure in its report and README, and not pushed).  ``push_to_hub``
+    kept, with the failure in its report and README, and not pushed).
+    """
+    report = export_model(run_dir, out, dtype, merge_base, overwrite, verify, device, fmt=fmt, quant=quant,
+                          max_shard_bytes=max_shard_bytes, verify_prompts=verify_prompts, show_progress=show_progress,
+                          push_to_hub=push_to_hub, private=private)
+    failure = verification_failure(report)
+    if failure is not None:
+        log.error("%s", failure)
+        return EXIT_VERIFY_FAILED
+    return 0
+
+
+def export_model(run_dir: str | Path, out: str | Path, dtype: str | None = None, merge_base: str = "dequantized",
+                 overwrite: bool = False, verify: bool = True, device: str | None = None, *, fmt: str = "hf",
+                 quant: str | None = None, max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES, verify_prompts: int = 8,
+                 show_progress: bool = True, push_to_hub: str | None = None, private: bool = False
+                 ) -> dict[str, Any]:
+    """Merge a run's adapter into an HF model directory or a GGUF file at ``out``; return the export report.
+
+    A failed verification is in the report (see :func:`verification_failure`), not raised: the
+    export is kept, with the failure in its report and README, and not pushed.  ``push_to_hub``
     (``org/name``): upload the finished export there (``private`` when the repository is new).
+    An ``out`` that already holds this very export is left as it is (its report is returned).
 
     Raises:
         QloraKitError: bad arguments; ModelError: unusable run/base/adapter; OutputError: bad ``out``;
@@ -117,10 +138,10 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str | None = None, m
                 wanted = {"format": fmt, "merge_base": merge_base, "dtype": dtype, "quant": quant}
                 done = None if overwrite else _already_exported(Path(out), run, wanted, verify)
                 if done is not None:
+                    report = card.read_report(done / card.REPORT) or {"verification": {}}
                     if push_to_hub and token:  # the export is there: publish it
-                        report = card.read_report(done / card.REPORT) or {}
                         card.record_export(run, done, report, _push(run, done, push_to_hub, token, private))
-                    return 0
+                    return report
                 target = check_target(Path(out), run, overwrite)
                 with runlock.exclusive(target, "export"):
                     compute, quant_device = resolve_devices(device, run)
@@ -138,12 +159,11 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str | None = None, m
         if stop.requested:  # deferred by _publish: the export was complete when it came
             log.warning("%s arrived after the export was complete: %s is complete; nothing to run again",
                         stop.signal_name, target)
-    if report["verification"].get("status") == "failed":
+    if verification_failure(report) is not None:
         card.record_export(run, target, report)
-        log.error("verification failed: %s", "; ".join(report["verification"]["failures"]))
         if push_to_hub:
             log.error("not pushed to %s: a model that failed verification is not published", push_to_hub)
-        return EXIT_VERIFY_FAILED
+        return report
     url = None
     if push_to_hub and report["verification"].get("status") == "skipped":
         log.warning("pushing an export that was not verified (--no-verify); its model card says so")
@@ -152,7 +172,14 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str | None = None, m
             url = _push(run, target, push_to_hub, token, private)
     finally:
         card.record_export(run, target, report, url)
-    return 0
+    return report
+
+
+def verification_failure(report: dict[str, Any]) -> str | None:
+    """The line saying why the export does not match the trained model, or None when it does (or was not checked)."""
+    if report["verification"].get("status") != "failed":
+        return None
+    return f"verification failed: {'; '.join(report['verification']['failures'])}"
 
 
 def _push(run: finished.RunInfo, target: Path, repo_id: str, token: str, private: bool) -> str:

@@ -12,4 +12,7 @@ are easier to keep in plain code:
   writes (checkpoints and the adapter atomically, after a free-space check);
 - ``distributed``: several processes (DDP, FSDP-QLoRA through accelerate), the few points
   where ranks matter.
+
+Called as a function, ``qlora_kit.train(config, overrides=...)`` is the Python API
+(``qlora_kit.api.train``, see ``qlora_kit/__init__.py``).
 """

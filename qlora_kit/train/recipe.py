@@ -10,13 +10,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from qlora_kit.core import diskspace, logs
-from qlora_kit.core.config import Config, attribute_origin, dump_config, load_config
+from qlora_kit.core.config import (
+    CONFIG_DICT,
+    Config,
+    ConfigSource,
+    Overrides,
+    attribute_origin,
+    dump_config,
+    load_config,
+)
 from qlora_kit.core.errors import (
     NonFiniteLossError,
     OutOfMemoryError,
@@ -51,13 +60,30 @@ log = logging.getLogger("qlora_kit")
 
 
 def run_training(
-    config_path: str | Path,
-    overrides: list[str],
+    config_path: ConfigSource,
+    overrides: Overrides,
     resume: bool = False,
     overwrite: bool = False,
     skip_memory_check: bool = False,
 ) -> int:
-    """``qlora-kit train``: returns 0, or raises a QloraKitError with a documented exit code.
+    """``qlora-kit train``: returns 0, or raises a QloraKitError with a documented exit code (see :func:`train_run`)."""
+    train_run(config_path, overrides, resume=resume, overwrite=overwrite, skip_memory_check=skip_memory_check)
+    return 0
+
+
+def train_command(config: ConfigSource, overrides: Overrides, *, resume: bool = False, overwrite: bool = False,
+                  skip_memory_check: bool = False) -> Path:
+    """``qlora-kit train`` and ``qlora_kit.train()``: one process, or one rank of ``accelerate launch`` / ``torchrun``.
+
+    Returns the run directory; raises a QloraKitError with a documented exit code.
+    """
+    with distributed.session():
+        return train_run(config, overrides, resume=resume, overwrite=overwrite, skip_memory_check=skip_memory_check)
+
+
+def train_run(config: ConfigSource, overrides: Overrides, *, resume: bool = False, overwrite: bool = False,
+              skip_memory_check: bool = False) -> Path:
+    """Train the run a config (a YAML file or a mapping) describes; return its directory (``output_dir``).
 
     Order (see target.py): lock ``output_dir`` → check and inspect it (no writes) → build
     everything in memory (a refusal or SIGTERM here changes nothing) → write the run's files
@@ -67,7 +93,7 @@ def run_training(
 
     configure_cuda_allocator()  # before anything touches CUDA
     dist = distributed.current()
-    cfg, sources = load_config(config_path, overrides)
+    cfg, sources = load_config(config, overrides)
     cfg, sources = adopt_start_adapter(cfg, sources)  # model.adapter: the start run's LoRA shape
     try:
         dist.from_main(lambda: tracking.check_installed(cfg.train.report_to))  # before anything loads
@@ -75,18 +101,25 @@ def run_training(
         attribute_origin(exc, sources)
         raise
     out = Path(cfg.output_dir).expanduser()
-    _check_target(out, cfg, config_path, overwrite)  # read-only: refuse "/", home, ... before locking beside them
+    _check_target(out, cfg, config, overwrite)  # read-only: refuse "/", home, ... before locking beside them
     check_writable(out)
-    command = " ".join(["qlora-kit train", str(config_path), *(f"--set {o}" for o in overrides)]
-                       + (["--resume"] if resume else []) + (["--overwrite"] if overwrite else []))
-    header = f"{command} (qlora-kit {package_versions().get('qlora-kit')})"
+    header = f"{_command_line(config, overrides, resume, overwrite)} (qlora-kit {package_versions().get('qlora-kit')})"
     try:
         with _run_log(out, header, dist) as file_log, \
                 StopRequest(immediate=True, echo_window=2.0 if dist.active else 0.0) as stop, _lock(out, dist):
-            return _run_locked(cfg, sources, out, resume, overwrite, skip_memory_check, stop, file_log)
+            _run_locked(cfg, sources, out, resume, overwrite, skip_memory_check, stop, file_log)
     except StopNow as exc:  # only raised before anything was written
         raise Preempted(f"stopped by {exc.signal_name} before training started; nothing was written",
                         "run the same command again") from None
+    return out
+
+
+def _command_line(config: ConfigSource, overrides: Overrides, resume: bool, overwrite: bool) -> str:
+    """The command as typed (train.log's first line); a config given as a mapping is named, not printed."""
+    items = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, Mapping) else list(overrides or [])
+    where = CONFIG_DICT if isinstance(config, Mapping) else str(config)
+    return " ".join(["qlora-kit train", where, *(f"--set {o}" for o in items)]
+                    + (["--resume"] if resume else []) + (["--overwrite"] if overwrite else []))
 
 
 def _run_log(out: Path, header: str, dist: distributed.Dist) -> contextlib.AbstractContextManager[Any]:
@@ -180,13 +213,13 @@ def _release_wrapper(run: Run) -> None:
     gc.collect()
 
 
-def _check_target(out: Path, cfg: Config, config_path: str | Path, overwrite: bool) -> None:
+def _check_target(out: Path, cfg: Config, config: ConfigSource, overwrite: bool) -> None:
     """Refuse output directories that must never be written or moved aside (see target.check_target).
 
     Raises:
         OutputError: a dangerous target, naming what it would clobber.
     """
-    protected = {"the config file": Path(config_path)}
+    protected = {} if isinstance(config, Mapping) else {"the config file": Path(config)}
     for spec in source_specs(cfg.data):
         where = "" if spec.key == "data.path" else f" of {spec.key}"
         protected[f"the data file{where}"] = Path(spec.path)

@@ -269,7 +269,7 @@ def test_cuda_oom_names_the_knobs(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     def boom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(qtrain, "run_training", boom)
+    monkeypatch.setattr(qtrain, "train_command", boom)
     result = CliRunner().invoke(app, ["train", str(tmp_path / "cfg.yaml")])
     assert result.exit_code == EXIT_OOM
     assert "error: CUDA out of memory" in result.output and "micro_batch_size" in result.output

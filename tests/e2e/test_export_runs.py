@@ -38,7 +38,8 @@ def test_run_written_by_the_trainer_exports_and_verifies(tiny_llama: Path, tmp_p
 
 _SLOW_EXPORT = """
 import sys, time
-from qlora_kit.export import export_run, hf
+from qlora_kit.export import hf
+from qlora_kit.export.command import export_run
 write = hf.ShardWriter.write
 def slow(self, name, tensor):
     time.sleep(0.1)

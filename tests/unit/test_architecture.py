@@ -12,8 +12,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "qlora_kit"
 MAX_LINES = 600
 # The CLI imports each command's module when that command runs, so that `qlora-kit --help` does
-# not load torch: the only function-local imports of qlora_kit modules.
-LAZY_COMMAND_IMPORTS = {"qlora_kit.cli"}
+# not load torch; the package's __init__ imports the Python API (qlora_kit/api.py) when it is first
+# used, so that `import qlora_kit` does not either: the only function-local imports of qlora_kit modules.
+LAZY_COMMAND_IMPORTS = {"qlora_kit.cli", "qlora_kit"}
 
 
 def _module_name(path: Path) -> str:

@@ -57,3 +57,33 @@ def test_the_startup_request_stops_at_once_until_a_command_installs_its_own(sigi
         while signals._STARTUP:
             signals._retire_startup_stop()
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_handler_set_outside_python_is_replaced_by_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``signal.signal`` returns None for a handler installed from C; restoring None would raise TypeError."""
+    from qlora_kit.core.signals import restore
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, lambda *a: None)
+        restore(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_outside_the_main_thread_nothing_is_installed() -> None:
+    import threading
+
+    before = signal.getsignal(signal.SIGINT)
+    seen: list[object] = []
+
+    def work() -> None:
+        with StopRequest(immediate=True) as stop:
+            seen.append(signal.getsignal(signal.SIGINT))
+            seen.append(stop.requested)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert seen == [before, False] and signal.getsignal(signal.SIGINT) is before
