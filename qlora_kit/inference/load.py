@@ -14,6 +14,7 @@ from qlora_kit.core.config import load_config
 from qlora_kit.core.errors import ModelError
 from qlora_kit.inference.chat import eos_token_ids
 from qlora_kit.model.base import DTYPES, load_quantized_base, pick_device
+from qlora_kit.model.weights import require_loadable_weights
 from qlora_kit.model.fingerprint import run_base
 from qlora_kit.model.sources import convert_gguf, gguf_path
 from qlora_kit.ops.packing import restore_attention
@@ -62,6 +63,7 @@ def load_run_for_inference(run_dir: str | Path, device: torch.device | None = No
     if compute_dtype is None:
         stored = str((manifest.get("quant") or {}).get("compute_dtype"))
         compute_dtype = DTYPES.get(stored, torch.bfloat16) if device.type == "cuda" else torch.float32
+    require_loadable_weights(source, cfg.model.trust_remote_code)
     base = load_quantized_base(source, cfg.model, compute_dtype, device)
     load_residual_base(base, run, manifest)
     try:
