@@ -119,7 +119,8 @@ def _report_os_error(exc: OSError) -> None:
     where = f": {exc.filename}" if exc.filename else ""
     echo(f"error: {exc.strerror or exc}{where}")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        echo("fix: free space on that disk and run the command again (train: with --resume)")
+        after = notes(exc).get("after")  # train: whether --resume can continue (nothing to resume from a removed run)
+        echo("fix: free space on that disk, then run the same command again" + (f" ({after})" if after else ""))
         raise typer.Exit(EXIT_NO_SPACE) from None
     echo("fix: check that you may write there, or choose another path")
     raise typer.Exit(EXIT_USER_ERROR) from None

@@ -5,23 +5,41 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from qlora_kit.core.diskspace import format_bytes, free_bytes, is_no_space
+from qlora_kit.core.errors import DiskFullError
 from qlora_kit.core.files import atomic_file
 
 log = logging.getLogger("qlora_kit")
 
 
 class MetricsLog:
-    """Append-only JSONL metrics file; each line is flushed as soon as it is written."""
+    """Append-only JSONL metrics file; each line is flushed as soon as it is written.
 
-    def __init__(self, path: Path):
+    ``no_space_fix``: the ``fix:`` a full disk gets (whether ``--resume`` can continue depends on the run).
+    """
+
+    def __init__(self, path: Path, no_space_fix: Callable[[], str] = lambda: "free space on that disk, then run "
+                                                                               "the same command again"):
         self.path = path
+        self.no_space_fix = no_space_fix
 
     def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
+        """Write one record.
+
+        Raises:
+            DiskFullError: the disk filled up (naming this file).
+        """
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+        except OSError as exc:
+            if not is_no_space(exc):
+                raise
+            raise DiskFullError(f"the disk holding {self.path} filled up while writing it "
+                                f"({format_bytes(free_bytes(self.path.parent))} free now)", self.no_space_fix()) from exc
 
     def read(self) -> list[dict[str, Any]]:
         """All records; a torn last line (process killed mid-write) is ignored, other broken lines with a warning.

@@ -39,6 +39,7 @@ from qlora_kit.train import distributed
 from qlora_kit.train.builders import build_model, build_optimizer, build_scheduler, compute_total_steps
 from qlora_kit.train.loop import to_device
 from qlora_kit.train.order import epoch_plan
+from qlora_kit.train.outputs import no_space_fix
 from qlora_kit.train.resume import (
     BASE_FIX,
     check_data_unchanged,
@@ -124,6 +125,7 @@ def setup(cfg: Config, config_text: str, out: Path, start: target.Start | None, 
               micro_per_epoch, manifest, metrics, params=params, fresh=start.fresh,
               precision=precision, scaler=precision.make_scaler(), dist=dist, wrapped=wrapped)
     run.residual = residual
+    metrics.no_space_fix = lambda: no_space_fix(run)  # --resume only once a checkpoint exists
     run.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     if not start.fresh:

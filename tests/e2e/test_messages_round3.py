@@ -1,0 +1,49 @@
+"""Messages (issue 20, item 15): a full disk on metrics.jsonl names the file and suggests --resume only when a
+checkpoint is there to resume from."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+from pathlib import Path
+
+import pytest
+from conftest import arithmetic_rows, write_config, write_jsonl
+from typer.testing import CliRunner
+
+from qlora_kit.cli import app
+from qlora_kit.core.errors import EXIT_NO_SPACE
+from qlora_kit.rundir import metrics as metrics_module
+
+pytestmark = pytest.mark.e2e
+
+
+def _disk_full_on_metrics_line(monkeypatch: pytest.MonkeyPatch, line: int) -> None:
+    """Appending the ``line``-th record to metrics.jsonl fails with ENOSPC (other files write normally)."""
+    calls = {"n": 0}
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if Path(path).name == "metrics.jsonl" and mode == "a":
+            calls["n"] += 1
+            if calls["n"] >= line:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(metrics_module, "open", fake_open, raising=False)
+
+
+@pytest.mark.parametrize("line, resumable", [(1, False), (4, True)])
+def test_a_full_disk_on_metrics_names_the_file_and_suggests_resume_only_when_possible(
+        tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, line: int, resumable: bool) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", arithmetic_rows(24))
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data, run, train={"max_steps": 6, "save_steps": 2})
+    _disk_full_on_metrics_line(monkeypatch, line)  # records: steps 1, 2, eval 2, 3, ...
+    result = CliRunner().invoke(app, ["train", str(cfg)])
+    assert result.exit_code == EXIT_NO_SPACE, result.output[-3000:]
+    lines = result.output.splitlines()
+    error = next(x for x in lines if x.startswith("error: "))
+    fix = next(x for x in lines if x.startswith("fix: "))
+    assert str(run / "metrics.jsonl") in error and "filled up" in error
+    assert ("--resume" in fix) == resumable, fix
+    assert run.exists() == resumable  # a fresh run without a checkpoint is undone: nothing to resume
