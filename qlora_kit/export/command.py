@@ -105,7 +105,7 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str | None = None, m
         with sigterm_unwinds(), runlock.shared(Path(run_dir), "export"):  # nobody writes the run meanwhile
             run = finished.read_run(run_dir)
             target = check_target(Path(out), run, overwrite)
-            with runlock.exclusive(target, "export"):
+            with runlock.exclusive(target, "export", option="--out"):
                 compute, quant_device = resolve_devices(device, run)
                 ctx = merge_context(run, merge_base, compute, quant_device)
                 if fmt == "hf":

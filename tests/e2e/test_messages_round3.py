@@ -47,3 +47,18 @@ def test_a_full_disk_on_metrics_names_the_file_and_suggests_resume_only_when_pos
     assert str(run / "metrics.jsonl") in error and "filled up" in error
     assert ("--resume" in fix) == resumable, fix
     assert run.exists() == resumable  # a fresh run without a checkpoint is undone: nothing to resume
+
+
+def test_an_export_refused_by_the_lock_of_its_out_names_out(tmp_path: Path) -> None:
+    from run_fixture import make_run
+
+    from qlora_kit.rundir import lock as runlock
+
+    run = make_run(tmp_path, "llama")
+    out = tmp_path / "merged"
+    with runlock.exclusive(out, "export (another one)"):
+        result = CliRunner().invoke(app, ["export", str(run), "--out", str(out), "--no-verify"])
+    assert result.exit_code == 2, result.output[-3000:]
+    lines = result.output.splitlines()
+    assert next(x for x in lines if x.startswith("error: ")).startswith(f"error: --out {out} is in use by another")
+    assert next(x for x in lines if x.startswith("fix: ")).endswith("or choose another --out")
