@@ -14,8 +14,8 @@ from qlora_kit.core.safetensors import HeaderError, check_complete
 from qlora_kit.model.fingerprint import run_base
 from qlora_kit.model.weights import require_loadable_weights
 from qlora_kit.rundir.integrity import CorruptCheckpoint, verify_files
-from qlora_kit.rundir.manifest import manifest_damage
 from qlora_kit.rundir.layout import ADAPTER, ADAPTER_FILES, CONFIG, MANIFEST, TOKENIZER
+from qlora_kit.rundir.manifest import manifest_damage
 
 log = logging.getLogger("qlora_kit")
 

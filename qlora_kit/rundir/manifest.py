@@ -59,7 +59,7 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
 
 
 # Sections a reader takes as JSON objects (``section.key`` for nested ones); anything else there is damage.
-OBJECT_SECTIONS = ("base", "quant", "lora", "data", "memory", "distributed", "final_metrics", "adapter_files",
+OBJECT_SECTIONS = ("base", "quant", "lora", "data", "memory", "distributed", "final_metrics", "adapter_files", "device",
                    "base.fingerprint", "lora.variant")
 
 

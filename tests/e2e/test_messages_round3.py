@@ -62,3 +62,44 @@ def test_an_export_refused_by_the_lock_of_its_out_names_out(tmp_path: Path) -> N
     lines = result.output.splitlines()
     assert next(x for x in lines if x.startswith("error: ")).startswith(f"error: --out {out} is in use by another")
     assert next(x for x in lines if x.startswith("fix: ")).endswith("or choose another --out")
+
+
+def _error_and_fix(result) -> tuple[str, str]:
+    assert result.exit_code == 2, result.output[-3000:]
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.output.splitlines()
+    return next(x for x in lines if x.startswith("error: ")), next(x for x in lines if x.startswith("fix: "))
+
+
+def test_a_bad_device_gets_a_fix(tmp_path: Path) -> None:
+    error, fix = _error_and_fix(CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "o"),
+                                                         "--device", "gpu0"]))
+    assert error == "error: --device 'gpu0' is not cpu or cuda" and "--device cpu or --device cuda" in fix
+
+
+def test_plan_with_zero_gpus_gets_a_fix(tmp_path: Path, tiny_llama: Path) -> None:
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, tmp_path / "d.jsonl", tmp_path / "run")
+    error, fix = _error_and_fix(CliRunner().invoke(app, ["plan", str(cfg), "--num-gpus", "0"]))
+    assert "--num-gpus must be at least 1" in error and "--num-gpus 2" in fix
+
+
+def test_a_damaged_base_tokenizer_gets_a_fix(tmp_path: Path, tiny_llama: Path) -> None:
+    import shutil
+
+    base = Path(shutil.copytree(tiny_llama, tmp_path / "base"))
+    (base / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": [1, 2')  # cut short
+    data = write_jsonl(tmp_path / "data.jsonl", arithmetic_rows(8))
+    cfg = write_config(tmp_path / "cfg.yaml", base, data, tmp_path / "run")
+    error, fix = _error_and_fix(CliRunner().invoke(app, ["train", str(cfg)]))
+    assert f"cannot load the tokenizer from {base}" in error and "tokenizer.json" in fix
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_run_tokenizer_gets_a_fix_in_export(tmp_path: Path) -> None:
+    from run_fixture import make_run
+
+    run = make_run(tmp_path, "llama")
+    (run / "tokenizer" / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": [1, 2')
+    error, fix = _error_and_fix(CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "o"),
+                                                         "--no-verify"]))
+    assert "cannot load the tokenizer in" in error and "--resume" in fix
