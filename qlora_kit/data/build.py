@@ -14,7 +14,7 @@ from qlora_kit.core.config import DataConfig
 from qlora_kit.core.errors import DataError
 from qlora_kit.data.encode import Encoded, Sample, encode_rows
 from qlora_kit.data.formats import CHAT_FORMATS, Parsed, Row, parse_rows, resolve_format
-from qlora_kit.data.labels import fold_system_rows, make_chat_spans, template_takes_system
+from qlora_kit.data.labels import TEMPLATE_ERROR, fold_system_rows, make_chat_spans, template_takes_system
 from qlora_kit.data.read import read_source
 from qlora_kit.data.summary import DataSummary, log_summary_line, summarize
 
@@ -85,6 +85,7 @@ def encode_splits(
     if chat is not None and chat.searched_turns:
         log.info("the chat template renders earlier turns differently: %d %s located by text search",
                  chat.searched_turns, "reply" if chat.searched_turns == 1 else "replies")
+    check_template_works(train_enc + val_enc, train_bad + val_bad)
     train_part.bad += train_bad + (val_bad if val_part is None else [])
     if val_part is not None:
         val_part.bad += val_bad
@@ -114,6 +115,22 @@ def load_and_parse(path: str, cfg: DataConfig, has_template: bool, key: str = "d
     parsed = Parsed(rows, bad, len(source.records), source, fmt, detected)
     check_bad_fraction(parsed, cfg.max_bad_fraction)
     return parsed
+
+
+def check_template_works(encoded: list[Encoded], bad: list[tuple[int, str]]) -> None:
+    """Refuse a chat template that raises on every row it was given: a template problem, not malformed rows.
+
+    Raises:
+        DataError: naming the template's exception.
+    """
+    failures = [why for _, why in bad if why.startswith(TEMPLATE_ERROR)]
+    if encoded or not failures or len(failures) != len(bad):
+        return
+    raise DataError(
+        f"the chat template raises on every row ({len(failures)} of {len(failures)}): "
+        f"{failures[0].removeprefix(TEMPLATE_ERROR)}",
+        "fix model.chat_template (or the tokenizer's own template, when it is not set), or give rows with the roles "
+        "and fields the template accepts")
 
 
 def check_bad_fraction(parsed: Parsed, max_bad_fraction: float) -> None:

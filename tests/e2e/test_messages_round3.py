@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import json
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,18 @@ def test_a_damaged_run_tokenizer_gets_a_fix_in_export(tmp_path: Path) -> None:
     error, fix = _error_and_fix(CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "o"),
                                                          "--no-verify"]))
     assert "cannot load the tokenizer in" in error and "--resume" in fix
+
+
+@pytest.mark.parametrize("template, exception", [
+    ("{{ raise_exception('only user and assistant roles are supported') }}",
+     "TemplateError: only user and assistant roles are supported"),
+    ("{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}", "No filter named 'nosuchfilter'"),
+])
+def test_a_template_that_raises_on_every_row_is_a_template_problem(tmp_path: Path, tiny_llama: Path, template: str,
+                                                                   exception: str) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", arithmetic_rows(12))
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data, tmp_path / "run")
+    override = f"model.chat_template={json.dumps(template)}"  # a JSON string is a YAML string
+    error, fix = _error_and_fix(CliRunner().invoke(app, ["train", str(cfg), "--set", override]))
+    assert error.startswith("error: the chat template raises on every row") and exception in error, error
+    assert "malformed" not in error and "model.chat_template" in fix
