@@ -119,7 +119,9 @@ def as_known_error(exc: BaseException) -> QloraKitError | None:
     if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
         message = f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
         if exc.errno in NO_SPACE_ERRNOS:
-            return DiskFullError(message, "free space on that disk and run the command again (train: with --resume)")
+            after = notes(exc).get("after")  # train: whether --resume can continue (a removed run has nothing)
+            return DiskFullError(message, "free space on that disk, then run the same command again"
+                                 + (f" ({after})" if after else ""))
         return OutputError(message, "check that you may write there, or choose another path")
     if _is_cuda_oom(exc):
         return OutOfMemoryError(f"CUDA out of memory: {str(exc).splitlines()[0]}", OOM_HINT)

@@ -40,11 +40,12 @@ def fsync_tree(path: Path) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file's content, or {} when it is missing or unreadable."""
+    """A JSON object file's content, or {} when it is missing, unreadable, not UTF-8 JSON, or not an object."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError: UnicodeDecodeError and JSONDecodeError
         return {}
+    return value if isinstance(value, dict) else {}
 
 
 def file_sha256(path: Path) -> str:

@@ -14,7 +14,7 @@ from qlora_kit.core.config import DataConfig
 from qlora_kit.core.errors import DataError
 from qlora_kit.data.encode import Encoded, Sample, encode_rows
 from qlora_kit.data.formats import Parsed, Row, RowProblem
-from qlora_kit.data.labels import ChatSpans, fold_system_rows, make_chat_spans, template_takes_system
+from qlora_kit.data.labels import TEMPLATE_ERROR, ChatSpans, fold_system_rows, make_chat_spans, template_takes_system
 from qlora_kit.data.sources import (
     SourceData,
     SourceSpec,
@@ -185,6 +185,7 @@ def encode_source(src: SourceData, tokenizer: PreTrainedTokenizerBase, max_lengt
     src.train_enc, train_bad = encode_rows(src.train_rows, tokenizer, max_length, cfg.train_on_inputs, chat,
                                            f"{name}train")
     src.val_enc, val_bad = encode_rows(src.val_rows, tokenizer, max_length, cfg.train_on_inputs, chat, f"{name}val")
+    check_template_works(src.train_enc + src.val_enc, train_bad + val_bad)
     src.part.bad += train_bad + (val_bad if src.val_part is None else [])
     if src.val_part is not None:
         src.val_part.bad += val_bad
@@ -214,6 +215,22 @@ def warn_empty_sources(sources: list[SourceData], max_length: int) -> None:
         why = (f"{cut} of its {len(src.train_enc)} training rows lost every trained token to truncation; raise "
                f"train.max_length (now {max_length})" if cut else "its rows have no token to train on")
         log.warning("%s (%s) adds no training sample: %s", src.spec.key, src.part.source.label, why)
+
+
+def check_template_works(encoded: list[Encoded], bad: list[tuple[int, str]]) -> None:
+    """Refuse a chat template that raises on every row it was given: a template problem, not malformed rows.
+
+    Raises:
+        DataError: naming the template's exception.
+    """
+    failures = [why for _, why in bad if why.startswith(TEMPLATE_ERROR)]
+    if encoded or not failures or len(failures) != len(bad):
+        return
+    raise DataError(
+        f"the chat template raises on every row ({len(failures)} of {len(failures)}): "
+        f"{failures[0].removeprefix(TEMPLATE_ERROR)}",
+        "fix model.chat_template (or the tokenizer's own template, when it is not set), or give rows with the roles "
+        "and fields the template accepts")
 
 
 def check_bad_fraction(parsed: Parsed, max_bad_fraction: float) -> None:

@@ -41,6 +41,7 @@ Span = tuple[int, int]
 
 
 _PROBE = "qlorakitprobe"
+TEMPLATE_ERROR = "chat template error: "  # how a row the template raises on is reported (data/build.py)
 
 
 class ChatSpans:
@@ -69,8 +70,8 @@ class ChatSpans:
         try:
             full = self.render(messages, tools=tools)
         except Exception as exc:  # jinja TemplateError, raise_exception() in templates, ...
-            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise RowProblem(f"chat template error: {first_line}") from exc
+            first_line = str(exc).splitlines()[0] if str(exc).strip() else "(no message)"
+            raise RowProblem(f"{TEMPLATE_ERROR}{type(exc).__name__}: {first_line[:300]}") from exc
         spans: list[Span] = []
         cursor = 0
         for i in turns:

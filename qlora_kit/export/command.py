@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from qlora_kit.core import diskspace
-from qlora_kit.core.errors import EXIT_VERIFY_FAILED, ModelError, Preempted, QloraKitError
+from qlora_kit.core.errors import EXIT_VERIFY_FAILED, ModelError, Preempted, QloraKitError, short_repr
 from qlora_kit.core.files import publish_dir, restore_moved_aside
 from qlora_kit.core.signals import StopNow, StopRequest
 from qlora_kit.export import card, gguf_file, hf, hub, llamacpp
@@ -26,7 +26,7 @@ from qlora_kit.export.portable import base_model_id, local_paths
 from qlora_kit.export.publish import check_target, staging_dir
 from qlora_kit.export.verify import verify_export
 from qlora_kit.export.verify_gguf import verify_gguf
-from qlora_kit.model.base import DTYPES
+from qlora_kit.model.base import DTYPES, load_saved_tokenizer
 from qlora_kit.rundir import finished
 from qlora_kit.rundir import layout as rundir
 from qlora_kit.rundir import lock as runlock
@@ -46,8 +46,7 @@ def resolve_devices(device: str | None, run: finished.RunInfo) -> tuple[torch.de
     Raises:
         ModelError: ``--device cuda`` without a GPU, or an unknown device.
     """
-    if device not in (None, "cpu", "cuda"):
-        raise ModelError(f"--device {device!r} is not cpu or cuda")
+    check_device(device)
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelError("--device cuda requested but no CUDA GPU is available", "drop --device or use --device cpu")
     compute = torch.device("cuda", 0) if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda" \
@@ -59,6 +58,17 @@ def resolve_devices(device: str | None, run: finished.RunInfo) -> tuple[torch.de
         log.warning("training quantised the base on CUDA; reproducing it on CPU (bitsandbytes' CPU and CUDA kernels "
                     "may round a few weights differently; verification measures the effect)")
     return compute, torch.device("cpu")
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a ``--device`` other than cpu or cuda (before anything is read).
+
+    Raises:
+        QloraKitError: naming the values that work.
+    """
+    if device not in (None, "cpu", "cuda"):
+        raise QloraKitError(f"--device {short_repr(device, 40)} is not cpu or cuda",
+                            "use --device cpu or --device cuda, or leave it out (cuda when a GPU is available)")
 
 
 def check_args(fmt: str, dtype: str | None, quant: str | None, merge_base: str) -> tuple[str, str | None]:
@@ -128,6 +138,7 @@ def export_model(run_dir: str | Path, out: str | Path, dtype: str | None = None,
         PushError: no network or a refusal from the Hub (after exporting: the export is complete).
     """
     dtype, quant = check_args(fmt, dtype, quant, merge_base)
+    check_device(device)
     token = hub.check_can_push(push_to_hub) if push_to_hub else None  # before the long part
     with StopRequest(immediate=True) as stop:  # SIGTERM or a first Ctrl-C: unwind, the staging directory goes
         options = {"verify": verify, "prompts": verify_prompts, "progress": show_progress, "stop": stop,
@@ -143,7 +154,7 @@ def export_model(run_dir: str | Path, out: str | Path, dtype: str | None = None,
                         card.record_export(run, done, report, _push(run, done, push_to_hub, token, private))
                     return report
                 target = check_target(Path(out), run, overwrite)
-                with runlock.exclusive(target, "export"):
+                with runlock.exclusive(target, "export", option="--out"):
                     compute, quant_device = resolve_devices(device, run)
                     ctx = merge_context(run, merge_base, compute, quant_device)
                     if fmt == "hf":
@@ -278,11 +289,11 @@ def _verify_hf(run: finished.RunInfo, staging: Path, report: dict[str, Any], dev
 
 def _export_gguf(run: finished.RunInfo, target: Path, ctx: MergeContext, quant: str,
                  options: dict[str, Any]) -> dict[str, Any]:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     trust = run.config.model.trust_remote_code
     model = gguf_file.describe_model(AutoConfig.from_pretrained(run.source_dir, trust_remote_code=trust))
-    tokenizer = AutoTokenizer.from_pretrained(run.run_dir / rundir.TOKENIZER, trust_remote_code=trust)
+    tokenizer = load_saved_tokenizer(run.run_dir / rundir.TOKENIZER, trust)
     _, eos = hf.export_generation_config(run, tokenizer)
     vocab = read_vocab(run.run_dir / rundir.TOKENIZER, tokenizer, model.n_vocab, eos)
     chat = use_run_system(chat_format(tokenizer, eos, bos_added_by_runtime=vocab.add_bos),

@@ -18,6 +18,7 @@ import torch
 from qlora_kit.core.safetensors import safetensors_dtype
 from qlora_kit.export.merge import Job, MergeContext, Plan, WeightStats, stream_weights
 from qlora_kit.inference.chat import eos_token_ids
+from qlora_kit.model.base import load_saved_tokenizer
 from qlora_kit.rundir import finished
 from qlora_kit.rundir import layout as rundir
 
@@ -141,7 +142,7 @@ def write_weights(plan: Plan, staging: Path, ctx: MergeContext, show_progress: b
 
 def write_model_files(run: finished.RunInfo, staging: Path, dtype_name: str) -> list[int]:
     """config.json (no quantisation, export dtype), generation_config.json, tokenizer; return the EOS ids."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     trust = run.config.model.trust_remote_code
     config = AutoConfig.from_pretrained(run.source_dir, trust_remote_code=trust)
@@ -155,7 +156,7 @@ def write_model_files(run: finished.RunInfo, staging: Path, dtype_name: str) -> 
             shutil.copy2(path, staging / path.name)
     for code in run.source_dir.glob("*.py"):  # remote-code architectures need their modelling files
         shutil.copy2(code, staging / code.name)
-    tokenizer = AutoTokenizer.from_pretrained(run.run_dir / rundir.TOKENIZER, trust_remote_code=trust)
+    tokenizer = load_saved_tokenizer(run.run_dir / rundir.TOKENIZER, trust)
     gen, eos = export_generation_config(run, tokenizer)
     gen.save_pretrained(staging)
     return eos

@@ -86,7 +86,7 @@ from qlora_kit.export.verify import (
 )
 from qlora_kit.inference.chat import strip_stop
 from qlora_kit.inference.load import set_inference_mode
-from qlora_kit.model.base import pick_device
+from qlora_kit.model.base import load_saved_tokenizer, pick_device
 from qlora_kit.rundir import finished
 from qlora_kit.rundir import layout as rundir
 
@@ -151,11 +151,9 @@ def verify_gguf(run_dir: Path, gguf_path: Path, quant: str, vocab: GgufVocab, eo
     ``status`` is ``passed`` or ``failed`` (with ``failures``); ``llama_cpp`` says whether
     llama.cpp itself ran.  ``show_progress``: each check's progress on stderr (``pacing.Meter``).
     """
-    from transformers import AutoTokenizer
-
     device = device or pick_device()
     run = finished.read_run(run_dir)
-    tokenizer = AutoTokenizer.from_pretrained(run.run_dir / rundir.TOKENIZER)
+    tokenizer = load_saved_tokenizer(run.run_dir / rundir.TOKENIZER)
     pad = tokenizer.pad_token_id
     prompts, origin = load_prompts(run.run_dir, tokenizer, max_prompts)
     reference = run_reference if merge_base == "dequantized" else run_original_adapter

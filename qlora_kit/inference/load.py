@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from qlora_kit.core.config import load_config
-from qlora_kit.core.errors import ModelError
+from qlora_kit.core.errors import ModelError, shorten
 from qlora_kit.inference.chat import eos_token_ids
-from qlora_kit.model.base import DTYPES, load_quantized_base, pick_device
+from qlora_kit.model.base import DTYPES, load_quantized_base, load_saved_tokenizer, pick_device
 from qlora_kit.model.fingerprint import run_base
 from qlora_kit.model.sources import convert_gguf, gguf_path
+from qlora_kit.model.weights import require_loadable_weights
 from qlora_kit.ops.packing import restore_attention
 from qlora_kit.rundir import finished
 from qlora_kit.rundir import layout as rundir
@@ -62,6 +63,7 @@ def load_run_for_inference(run_dir: str | Path, device: torch.device | None = No
     if compute_dtype is None:
         stored = str((manifest.get("quant") or {}).get("compute_dtype"))
         compute_dtype = DTYPES.get(stored, torch.bfloat16) if device.type == "cuda" else torch.float32
+    require_loadable_weights(source, cfg.model.trust_remote_code)
     base = load_quantized_base(source, cfg.model, compute_dtype, device)
     load_residual_base(base, run, manifest)
     try:
@@ -124,15 +126,16 @@ def _load_run(run: Path, device: torch.device | None) -> Loaded:
 
 
 def _load_export(path: Path, device: torch.device | None) -> Loaded:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
     dtype = inference_dtype(path, device)
+    fix = "export the run again (`qlora-kit export RUN --out DIR --overwrite`), or restore it from a backup"
+    tokenizer = load_saved_tokenizer(path, fix=fix)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the model in {path}: {exc}") from exc
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"cannot load the model in {path}: {shorten(str(exc), 200)}", fix) from exc
     set_inference_mode(model)
     base_eos = getattr(model.generation_config, "eos_token_id", None)
     return Loaded(model, tokenizer, eos_token_ids(tokenizer, base_eos), "export", {"dtype": str(dtype)})

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from qlora_kit.core.config import ModelConfig
-from qlora_kit.core.errors import ModelError
+from qlora_kit.core.errors import ModelError, shorten
 from qlora_kit.core.logs import info_once
 from qlora_kit.model.templates import apply_chat_template_setting
 from qlora_kit.ops.precision import native_bf16
@@ -65,13 +65,35 @@ def load_tokenizer(source: Path, cfg: ModelConfig, gguf_file: str | None = None)
     try:
         extra = {"gguf_file": gguf_file} if gguf_file else {}
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **extra)
-    except Exception as exc:
-        raise ModelError(f"cannot load the tokenizer from {source}: {exc}") from exc
+    except Exception as exc:  # tokenizer files fail in many ways (missing, damaged JSON, sentencepiece, remote code)
+        raise ModelError(f"cannot load the tokenizer from {source}: {type(exc).__name__}: {shorten(str(exc), 200)}",
+                         "check its tokenizer files (tokenizer.json, tokenizer_config.json, tokenizer.model) or "
+                         "download the model again; a model with its own tokenizer code needs "
+                         "model.trust_remote_code: true", key="model.name_or_path") from exc
     apply_chat_template_setting(tok, cfg.chat_template, cfg.name_or_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
         log.info("tokenizer has no pad token: using %r for padding (padding is never trained on)", tok.pad_token)
     return tok
+
+
+RUN_TOKENIZER_FIX = ("the run's tokenizer/ is damaged: resume the training to rewrite it (`qlora-kit train ... "
+                     "--resume`), or restore the run from a backup")
+
+
+def load_saved_tokenizer(path: Path, trust_remote_code: bool = False, fix: str = RUN_TOKENIZER_FIX):
+    """A tokenizer qlora-kit saved (a run's ``tokenizer/``, an export), as-is.
+
+    Raises:
+        ModelError: it cannot be loaded (``fix``: what to do).
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # tokenizer files fail in many ways
+        raise ModelError(f"cannot load the tokenizer in {path}: {type(exc).__name__}: {shorten(str(exc), 200)}",
+                         fix) from exc
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_kit.core.errors import ModelError
-from qlora_kit.core.safetensors import read_header_bytes
+from qlora_kit.core.safetensors import HeaderError, check_complete, read_header_bytes
 from qlora_kit.model.sources import resolve_source
 
 SAMPLES = 64
@@ -64,6 +64,11 @@ def check_base(source: Path, recorded: Any, run: Path, current: dict[str, Any] |
     changed = sorted(n for n in set(recorded) & set(current) if recorded[n] != current[n])
     what = (f"{missing[0]} is missing" if missing else f"{changed[0]} differs" if changed
             else f"it has the new file {added[0]}")
+    if changed:
+        try:
+            check_complete(source / changed[0])
+        except (OSError, HeaderError) as exc:  # say why it differs: a short file is an interrupted download or copy
+            what = f"{changed[0]} {exc}"
     raise ModelError(
         f"the base model at {source} is not the one {run} was trained on ({what}): the adapter would be applied "
         "to other weights",

@@ -45,7 +45,8 @@ def run_plan(config_path: str | Path, overrides: list[str], gpu_memory: float | 
         ModelError: the model's shape cannot be found.
     """
     if num_gpus < 1:
-        raise ConfigError(f"--num-gpus must be at least 1, got {num_gpus}")
+        raise ConfigError(f"--num-gpus must be at least 1, got {num_gpus}",
+                          "give the number of GPUs training together, e.g. --num-gpus 2 (1 when left out)")
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}",
                           "ddp: the whole model on every GPU; fsdp: sharded; fsdp-offload: sharded in host memory")

@@ -12,8 +12,10 @@ from qlora_kit.core.config import load_config
 from qlora_kit.core.errors import ModelError
 from qlora_kit.core.safetensors import HeaderError, check_complete
 from qlora_kit.model.fingerprint import run_base
+from qlora_kit.model.weights import require_loadable_weights
 from qlora_kit.rundir.integrity import CorruptCheckpoint, verify_files
 from qlora_kit.rundir.layout import ADAPTER, ADAPTER_FILES, CONFIG, MANIFEST, TOKENIZER
+from qlora_kit.rundir.manifest import manifest_damage
 
 log = logging.getLogger("qlora_kit")
 
@@ -36,8 +38,9 @@ def read_manifest(run: Path) -> dict[str, Any]:
                          "pass the output_dir of a completed `qlora-kit train`") from exc
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelError(f"{path} is damaged (not readable JSON)", _MANIFEST_FIX) from exc
-    if not isinstance(manifest, dict):
-        raise ModelError(f"{path} is damaged (a JSON {type(manifest).__name__}, not an object)", _MANIFEST_FIX)
+    problem = manifest_damage(manifest)
+    if problem is not None:
+        raise ModelError(f"{path} is damaged ({problem})", _MANIFEST_FIX)
     return manifest
 
 
@@ -114,6 +117,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
         log.warning("run status is %r, not 'completed': exporting the adapter it saved last", manifest.get("status"))
     cfg, _ = load_config(run / CONFIG)
     source = run_base(run, manifest, cfg)
+    require_loadable_weights(source, cfg.model.trust_remote_code)
     quant = manifest.get("quant") or {}
     for key in ("quant_type", "double_quant", "blocksize", "load_dtype"):
         if key not in quant:

@@ -38,6 +38,9 @@ TRACKING = "tracking"
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
+# The run's plain files (a resume appends to or replaces them: each must be a regular file or absent).
+RUN_FILES = (CONFIG, MANIFEST, DATA_SUMMARY, HELDOUT, METRICS, TRAIN_LOG, LOSS_PLOT)
+
 # Files whose presence marks a directory as a qlora-kit run.
 RUN_MARKERS = (CONFIG, MANIFEST)
 

@@ -68,8 +68,10 @@ class RunLock:
         OutputError: the lock file cannot be created (exclusive only; readers go on unlocked).
     """
 
-    def __init__(self, directory: Path, command: str, shared: bool = False, enabled: bool = True):
+    def __init__(self, directory: Path, command: str, shared: bool = False, enabled: bool = True,
+                 option: str = "output_dir"):
         self.directory = Path(directory)
+        self.option = option  # how the user named the directory (output_dir, --out): errors say which to change
         self.command = command
         self.shared = shared
         self.enabled = enabled
@@ -121,14 +123,14 @@ class RunLock:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise OutputError(f"cannot create {self.path.parent}: {exc.strerror}",
-                                  "choose an output_dir in a directory you can write to") from exc
+                                  f"choose an {self.option} in a directory you can write to") from exc
         try:
             return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             if self.shared and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOENT):
                 return None  # a reader where no lock file can exist: nobody can be writing here with us
             raise OutputError(f"cannot create the lock file {self.path}: {exc.strerror}",
-                              "choose an output_dir in a directory you can write to") from exc
+                              f"choose an {self.option} in a directory you can write to") from exc
 
     def _in_use(self, holder: dict) -> RunInUseError:
         pid = holder.get("pid", "unknown")
@@ -140,15 +142,18 @@ class RunLock:
             message = f"{self.directory} is being written by another process (PID {pid}{where}: {what}{since})"
             hint = f"wait until it finishes (or stop it: kill -TERM {pid}), then run this again"
         else:
-            message = f"{self.directory} is in use by another qlora-kit process (PID {pid}{where}: {what}{since})"
+            named = "" if self.option == "output_dir" else f"{self.option} "
+            message = (f"{named}{self.directory} is in use by another qlora-kit process "
+                       f"(PID {pid}{where}: {what}{since})")
             hint = (f"wait until it finishes or stop it (kill -TERM {pid}; a training run saves a checkpoint), "
-                    "or choose another output_dir")
+                    f"or choose another {self.option}")
         return RunInUseError(message, hint)
 
 
-def exclusive(directory: Path, command: str, enabled: bool = True) -> RunLock:
-    """A writer's lock on ``directory`` (use as a context manager, or ``.acquire()``)."""
-    return RunLock(directory, command, shared=False, enabled=enabled)
+def exclusive(directory: Path, command: str, enabled: bool = True, option: str = "output_dir") -> RunLock:
+    """A writer's lock on ``directory`` (use as a context manager, or ``.acquire()``); ``option``: how the user
+    named it (``--out`` for an export), for the messages."""
+    return RunLock(directory, command, shared=False, enabled=enabled, option=option)
 
 
 def shared(directory: Path, command: str) -> RunLock:

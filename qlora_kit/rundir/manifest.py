@@ -23,6 +23,7 @@ from qlora_kit.rundir.layout import MANIFEST
 
 log = logging.getLogger("qlora_kit")
 
+
 PACKAGES = ("qlora-kit", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl",
             "safetensors", "tokenizers", "gguf")
 
@@ -78,3 +79,51 @@ def append_record(run_dir: Path, key: str, entry: dict[str, Any], command: str) 
     except (OSError, ValueError, QloraKitError) as exc:
         log.warning("%s not recorded in %s: %s", key, path, exc)
         return False
+
+
+# Sections a reader takes as JSON objects (``section.key`` for nested ones); anything else there is damage.
+OBJECT_SECTIONS = ("base", "quant", "lora", "data", "memory", "distributed", "final_metrics", "adapter_files", "device",
+                   "base.fingerprint", "lora.variant")
+
+
+def manifest_damage(manifest: Any) -> str | None:
+    """What is wrong with a parsed manifest's shape ("a JSON list, not an object", ...), or None when readers can use it."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    for dotted in OBJECT_SECTIONS:
+        outer, _, inner = dotted.partition(".")
+        value = manifest.get(outer)
+        if inner and isinstance(value, dict):
+            value = value.get(inner)
+        elif inner:
+            continue
+        if value is not None and not isinstance(value, dict):
+            return f"its {dotted} is a JSON {type(value).__name__}, not an object"
+    if not isinstance(manifest.get("resumed") or [], list):
+        return "its resumed is not a list"
+    return None
+
+
+def read_previous_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a run being resumed, or {} when it is missing or damaged (said in a warning).
+
+    A resume writes the manifest again from the run's settings and checkpoint; what the damaged one held
+    (start time, resume history) is lost, nothing the training needs (the base fingerprint is in each checkpoint).
+    """
+    if not path.exists():
+        return {}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        problem: str | None = f"not readable JSON: {type(exc).__name__}"
+    else:
+        problem = manifest_damage(manifest)
+    if problem is None:
+        return manifest
+    if path not in _WARNED:
+        _WARNED.add(path)
+        log.warning("%s is damaged (%s): it is written again from this run's settings", path, problem)
+    return {}
+
+
+_WARNED: set[Path] = set()

@@ -138,6 +138,7 @@ def _inspect_resume(out: Path, entries: list[Path]) -> Start:
     if not rundir.is_run_dir(out):
         raise OutputError(f"nothing to resume: {out} holds files that are not from qlora-kit",
                           "drop --resume and set another output_dir")
+    _check_run_files(out)
     start = Start(out, "resume")
     start.resume_from, start.corrupt = newest_valid(out)
     if start.resume_from is None and start.corrupt:
@@ -151,6 +152,21 @@ def _inspect_resume(out: Path, entries: list[Path]) -> Start:
         raise OutputError(f"{out} has no complete checkpoint and no {rundir.CONFIG} to resume from",
                           "drop --resume and pass --overwrite to start afresh (the old directory is moved aside)")
     return start
+
+
+def _check_run_files(out: Path) -> None:
+    """Refuse a resume where one of the run's plain files (train.log, metrics.jsonl, ...) is a directory or other
+    non-file: the resume would fail on it after loading everything, or write through it.
+
+    Raises:
+        OutputError: naming the path and what it is.
+    """
+    for name in rundir.RUN_FILES:
+        path = out / name
+        if (path.exists() or path.is_symlink()) and not (path.is_file() and not path.is_symlink()):
+            what = ("a symlink" if path.is_symlink() else "a directory" if path.is_dir() else "not a regular file")
+            raise OutputError(f"cannot resume {out}: its {name} is {what}, where the run keeps a file of its own",
+                              f"move {path} out of the way (qlora-kit writes a new one), then resume again")
 
 
 def newest_valid(out: Path, below: int | None = None) -> tuple[Path | None, list[tuple[Path, str]]]:

@@ -11,14 +11,16 @@ from typing import Any
 import torch
 
 from qlora_kit.core.config import Config
-from qlora_kit.core.files import read_json
+from qlora_kit.core.errors import ModelError
 from qlora_kit.model import base as model_base
 from qlora_kit.model import lora as model_lora
 from qlora_kit.ops import loss, packing, tiled_mlp
 from qlora_kit.ops import precision as prec
 from qlora_kit.ops.offload import ActivationOffload, enable_offload
 from qlora_kit.rundir import layout as rundir
+from qlora_kit.rundir.manifest import read_previous_manifest
 from qlora_kit.rundir.residual import load_residual_base
+from qlora_kit.variants import changes_base
 
 log = logging.getLogger("qlora_kit")
 
@@ -44,7 +46,12 @@ def build_model(cfg: Config, source: Path, precision: Any, total_steps: int | No
     device, t = precision.device, cfg.train
     model = model_base.load_quantized_base(source, cfg.model, precision.compute_dtype, load_on or device, quant_storage)
     if resume_dir is not None:
-        load_residual_base(model, resume_dir, read_json(resume_dir / rundir.MANIFEST))
+        manifest = read_previous_manifest(resume_dir / rundir.MANIFEST)
+        if not manifest and changes_base(cfg.lora):
+            raise ModelError(f"lora.init={cfg.lora.init} trained against a residual base that {resume_dir / rundir.MANIFEST} "
+                             "names, and that file is missing or damaged", "restore manifest.json from a backup, or start "
+                             "a new run with --overwrite (the old directory is moved aside)")
+        load_residual_base(model, resume_dir, manifest)
     if t.fused_loss:
         loss.add_fused_loss(model)  # before peft wraps the model
     model = model_lora.attach_lora(model, cfg.lora, precision.adapter_dtype, t.gradient_checkpointing,

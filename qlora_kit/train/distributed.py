@@ -64,6 +64,7 @@ from qlora_kit.core.errors import (
 )
 from qlora_kit.plan.parallel import Parallel
 from qlora_kit.rundir.checkpoint import rng_state
+from qlora_kit.train import peers
 
 log = logging.getLogger("qlora_kit")
 
@@ -78,6 +79,8 @@ _PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken p
               "connection refused", "communicator was aborted", "nccl error", "process group has been destroyed")
 _TIMED_OUT = ("timed out", "timeout", "watchdog")
 T = TypeVar("T")
+PEER_LOST_FIX = ("a process killed without a word was often the out-of-memory killer (see `dmesg`); the run continues "
+                 "from its last checkpoint with the same launch and --resume")
 
 
 def env_int(name: str, default: int) -> int:
@@ -148,6 +151,7 @@ class Dist:
     device: torch.device | None = None
     accelerator: Any = None
     control: Any = None  # gloo group for host-side flags (no GPU sync)
+    peers: peers.Peers = ()  # every rank's (host, PID): names a rank that dies without a word
 
     @property
     def active(self) -> bool:
@@ -411,7 +415,8 @@ def start() -> Dist:
     device = accelerator.device if cuda else torch.device("cpu")
     _CURRENT = Dist(rank=accelerator.process_index, world_size=accelerator.num_processes,
                     local_rank=accelerator.local_process_index, strategy=strategy,
-                    backend=dist.get_backend(), device=device, accelerator=accelerator, control=control)
+                    backend=dist.get_backend(), device=device, accelerator=accelerator, control=control,
+                    peers=peers.record_peers(control))
     if not _CURRENT.is_main:
         logging.getLogger("qlora_kit").setLevel(logging.ERROR)  # rank 0 tells the story
     log.info("%d processes (%s over %s), this is rank %d on %s", _CURRENT.world_size, strategy.upper(),
@@ -448,8 +453,12 @@ def session() -> Iterator[Dist]:
     except BaseException as exc:
         translated = translate_failure(exc) if dist.active else None
         if translated is not None:
+            if getattr(translated, "silent", False) and peers.claim_report():
+                translated.silent = False  # the lost rank said nothing: one survivor names it
             settle(translated)
             raise translated from exc
+        if dist.active:
+            peers.mark_failed(dist.rank)  # this rank reports its own error: its peers stay quiet about losing it
         settle(exc)
         raise
     finally:
@@ -473,8 +482,9 @@ def translate_failure(exc: BaseException) -> PeerFailed | None:
             f"another process of this run stopped responding: a collective timed out ({_first_line(exc)})",
             f"check the other ranks' messages; {TIMEOUT_ENV} sets the timeout in seconds")
     if any(s in text for s in _PEER_GONE) or (dist_error and "peer" in text):
-        failed = PeerFailed(f"another process of this run failed ({_first_line(exc)})")
-        failed.silent = True
+        failed = PeerFailed(f"{peers.describe_lost(_CURRENT.peers, _CURRENT.rank)} "
+                            f"({peers.collective_reason(str(exc))})", PEER_LOST_FIX)
+        failed.silent = True  # the lost rank reports its own error; else session() lets one survivor say it
         return failed
     return None
 

@@ -139,18 +139,22 @@ def _write_checkpoint(run: Run, name: str, state: dict[str, Any], ranks: list[di
     Raises:
         DiskFullError: not enough space (nothing half-written is left).
     """
-    last = ckpt.latest_checkpoint(run.out)
-    if last is None and run.fresh:  # the start is undone: nothing to resume
-        fix = "free space on that disk, then run the same command again"
-    else:
-        fix = "free space on that disk, then run the same command with --resume" + (
-            f" (it continues from {last.name})" if last else "")
+    fix = no_space_fix(run)
     diskspace.require_free(run.out, _checkpoint_estimate(run), name, fix)
     with diskspace.no_space_as_error(run.out, name, fix):
         path = ckpt.save_checkpoint(run.out, run.step, run.model, run.optimizer, run.scheduler, state,
                                     run.config_text, ranks, adapter, variant_tensors)
     ckpt.prune_checkpoints(run.out, run.cfg.train.save_total_limit)
     return path
+
+
+def no_space_fix(run: Run) -> str:
+    """What to do after a full disk stopped ``run``: a fresh run without a checkpoint is undone (nothing to resume)."""
+    last = ckpt.latest_checkpoint(run.out)
+    if last is None and run.fresh:
+        return "free space on that disk, then run the same command again"
+    return "free space on that disk, then run the same command with --resume" + (
+        f" (it continues from {last.name})" if last else "")
 
 
 def finish(run: Run) -> None:

@@ -35,7 +35,7 @@ from qlora_kit.core.errors import (
     note,
     phase,
 )
-from qlora_kit.core.files import read_json, write_json_in_place
+from qlora_kit.core.files import write_json_in_place
 from qlora_kit.core.signals import StopNow, StopRequest
 from qlora_kit.data.sources import source_specs
 from qlora_kit.ops.allocator import configure_cuda_allocator
@@ -47,7 +47,7 @@ from qlora_kit.rundir import checkpoint as ckpt
 from qlora_kit.rundir import finished, target
 from qlora_kit.rundir import layout as rundir
 from qlora_kit.rundir import lock as runlock
-from qlora_kit.rundir.manifest import package_versions
+from qlora_kit.rundir.manifest import package_versions, read_previous_manifest
 from qlora_kit.rundir.start_adapter import adopt_start_adapter
 from qlora_kit.train import distributed, tracking
 from qlora_kit.train.loop import train
@@ -236,7 +236,7 @@ def _check_target(out: Path, cfg: Config, config: ConfigSource, overwrite: bool)
 
 def _already_complete(out: Path) -> bool:
     """The run finished and its adapter is intact (a damaged adapter is republished from the last checkpoint)."""
-    manifest = read_json(out / rundir.MANIFEST)
+    manifest = read_previous_manifest(out / rundir.MANIFEST)
     if manifest.get("status") != "completed" or not (out / rundir.ADAPTER).is_dir():
         return False
     try:

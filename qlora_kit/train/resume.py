@@ -9,13 +9,12 @@ from typing import Any
 
 from qlora_kit.core.config import Config, validate
 from qlora_kit.core.errors import ConfigError, OutputError, short_repr
-from qlora_kit.core.files import read_json
 from qlora_kit.core.safe_yaml import read_yaml
 from qlora_kit.model.fingerprint import check_base
 from qlora_kit.rundir import checkpoint as ckpt
 from qlora_kit.rundir import integrity, target
 from qlora_kit.rundir import layout as rundir
-from qlora_kit.rundir.manifest import now_iso
+from qlora_kit.rundir.manifest import now_iso, read_previous_manifest
 from qlora_kit.train import distributed
 from qlora_kit.train.state import LogWindow, Run
 from qlora_kit.variants import adalora
@@ -148,14 +147,14 @@ def recorded_base(out: Path, checkpoint: Path | None = None) -> Any:
             saved = None  # not resumed from: the recipe falls back to an older checkpoint, checked there
         if isinstance(saved, dict) and saved:
             return saved
-    manifest = read_json(out / rundir.MANIFEST)
+    manifest = read_previous_manifest(out / rundir.MANIFEST)
     base = manifest.get("base") if isinstance(manifest, dict) else None
     return base.get("fingerprint") if isinstance(base, dict) else None
 
 
 def recorded_memory(out: Path) -> dict[str, Any] | None:
     """The memory settings recorded in ``out``'s manifest (None for runs that predate them)."""
-    manifest = read_json(out / rundir.MANIFEST)
+    manifest = read_previous_manifest(out / rundir.MANIFEST)
     memory = manifest.get("memory") if isinstance(manifest, dict) else None
     return memory if isinstance(memory, dict) else None
 

@@ -17,7 +17,6 @@ from qlora_kit import variants
 from qlora_kit.core import pacing
 from qlora_kit.core.config import Config
 from qlora_kit.core.errors import ConfigError, ModelError
-from qlora_kit.core.files import read_json
 from qlora_kit.data.batching import collate
 from qlora_kit.data.build import build_data
 from qlora_kit.data.summary import print_summary
@@ -25,6 +24,7 @@ from qlora_kit.model import base as model_base
 from qlora_kit.model import fingerprint as basecheck
 from qlora_kit.model import lora as model_lora
 from qlora_kit.model import sources as model_sources
+from qlora_kit.model.weights import require_loadable_weights
 from qlora_kit.ops.loss import causal_lm_loss, count_targets
 from qlora_kit.ops.precision import resolve_precision
 from qlora_kit.plan.fit import check_fits, free_gpu_memory, resolve_auto
@@ -34,13 +34,14 @@ from qlora_kit.plan.techniques import conservative_settings
 from qlora_kit.rundir import checkpoint as ckpt
 from qlora_kit.rundir import layout as rundir
 from qlora_kit.rundir import target
-from qlora_kit.rundir.manifest import device_info, now_iso, package_versions
+from qlora_kit.rundir.manifest import device_info, now_iso, package_versions, read_previous_manifest
 from qlora_kit.rundir.metrics import MetricsLog
 from qlora_kit.rundir.start_adapter import StartAdapter, check_start_unchanged, read_start_adapter
 from qlora_kit.train import distributed
 from qlora_kit.train.builders import build_model, build_optimizer, build_scheduler, compute_total_steps
 from qlora_kit.train.loop import to_device
 from qlora_kit.train.order import epoch_plan
+from qlora_kit.train.outputs import no_space_fix
 from qlora_kit.train.resume import (
     BASE_FIX,
     check_data_unchanged,
@@ -82,11 +83,12 @@ def setup(cfg: Config, config_text: str, out: Path, start: target.Start | None, 
             _check_fsdp_supported(cfg, precision)
         source = model_sources.resolve_source(cfg.model)
         model_base.require_safetensors(source)
+        require_loadable_weights(source, cfg.model.trust_remote_code)
         model_base.require_attention(source, cfg.model)
         base_print = basecheck.fingerprint(source)
         if not start.fresh:  # the adapter continues only on the weights it was trained against
             basecheck.check_base(source, recorded_base(out, start.resume_from), out, base_print, BASE_FIX)
-            check_start_unchanged((read_json(out / rundir.MANIFEST).get("method") or {}).get("start_adapter"))
+            check_start_unchanged((read_previous_manifest(out / rundir.MANIFEST).get("method") or {}).get("start_adapter"))
         begin_from = _start_adapter(cfg, source, base_print)
         cfg = resolve_memory_settings(cfg, source, device, None if start.fresh else recorded_memory(out))
         tokenizer = model_base.load_tokenizer(source, cfg.model)
@@ -136,6 +138,7 @@ def setup(cfg: Config, config_text: str, out: Path, start: target.Start | None, 
     run.residual = residual
     if cfg.train.method != "sft":
         run.loss_fn = PreferenceLoss(cfg.train, model, reference)
+    metrics.no_space_fix = lambda: no_space_fix(run)  # --resume only once a checkpoint exists
     run.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     if not start.fresh:
@@ -326,7 +329,7 @@ def _setup_variant(cfg: Config, model: Any, data: Any, tokenizer: Any, source: P
 
     info: dict[str, Any] = {"variant": variants.describe(cfg), "residual_base": None}
     if resume_dir is not None:
-        previous = read_json(out / rundir.MANIFEST).get("lora") or {}
+        previous = read_previous_manifest(out / rundir.MANIFEST).get("lora") or {}
         info["residual_base"] = previous.get("residual_base")
         info["variant"]["init_report"] = (previous.get("variant") or {}).get("init_report")
         return info, None
@@ -428,7 +431,7 @@ def _check_memory(cfg: Config, source: Path, device: torch.device) -> None:
 
 def _new_manifest(cfg: Config, device: torch.device, source: Path, spec: Any, data: Any, model: Any,
                   trainable: int, out: Path, resuming: bool, variant: dict[str, Any]) -> dict[str, Any]:
-    previous = read_json(out / rundir.MANIFEST) if resuming else {}
+    previous = read_previous_manifest(out / rundir.MANIFEST) if resuming else {}
     return {
         "qlora_kit_version": package_versions().get("qlora-kit"),
         "status": "running",
