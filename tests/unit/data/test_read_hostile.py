@@ -64,9 +64,7 @@ def test_non_regular_data_files_are_refused_before_reading(tmp_path: Path, kind:
     else:
         path = tmp_path / "data.jsonl"
         os.mkfifo(path)
-    started = time.monotonic()
-    result = _read_in_child(path, key="data.val_path")
-    assert time.monotonic() - started < 30
+    result = _read_in_child(path, key="data.val_path")  # a read that blocks or never ends is killed in the child
     assert "not a regular file" in result.get("message", ""), result
     assert ("character device" if kind != "fifo" else "FIFO") in result["message"]
     assert "data.val_path" in result["hint"] and ".jsonl" in result["hint"]
@@ -109,7 +107,7 @@ def test_a_runaway_chat_template_is_stopped_after_the_time_limit(tmp_path: Path,
     started = time.monotonic()
     with pytest.raises(DataError, match=r"chat template ran for more than 0.5 s") as err:
         D_build.build_data(DataConfig(path=str(path)), tok, 64, 0)
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 120  # stopped, not hours (the loop runs 10**10 times); not a speed check
     assert "chat_template" in err.value.hint
 
 
