@@ -271,6 +271,20 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float =
     raise AssertionError("training did not reach the step in time")
 
 
+def train_until_sigterm(cfg: Path, run: Path, step: int = 5, env: dict[str, str] | None = None,
+                        timeout: float = 120) -> str:
+    """Start ``qlora-kit train cfg``, send SIGTERM once ``run`` logged ``step`` losses; assert exit 75, return stderr."""
+    from qlora_kit.core.errors import EXIT_PREEMPTED
+
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_kit.cli", "train", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    wait_for_step(run, step, proc, timeout=timeout)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    return err
+
+
 def reseal_checkpoint(path: Path) -> None:
     """Recompute a hand-edited checkpoint's file list and state digest (as if it had been written so)."""
     from qlora_kit.rundir import checkpoint, integrity

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -18,13 +17,13 @@ from conftest import (
     assert_same_result,
     metrics_of,
     run_cli,
-    wait_for_step,
+    train_until_sigterm,
     write_config,
     write_jsonl,
 )
 from safetensors.torch import load_file
 
-from qlora_kit.core.errors import EXIT_PREEMPTED, NonFiniteLossError
+from qlora_kit.core.errors import NonFiniteLossError
 from qlora_kit.rundir.checkpoint import list_checkpoints
 from qlora_kit.train import loop, recipe
 
@@ -84,12 +83,7 @@ def test_dpo_logs_trls_metrics_and_records_its_method(dpo_run: dict) -> None:
 
 def test_dpo_sigterm_then_resume_is_exact(dpo_run: dict, tmp_path: Path, tiny_llama: Path, pairs: Path) -> None:
     cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, pairs, tmp_path / "run", train=DPO, lora={"dropout": 0.1})
-    proc = subprocess.Popen([sys.executable, "-m", "qlora_kit.cli", "train", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    wait_for_step(tmp_path / "run", 5, proc)
-    proc.send_signal(signal.SIGTERM)
-    _out, err = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    train_until_sigterm(cfg, tmp_path / "run")
     saved = list_checkpoints(tmp_path / "run")[-1][0]
     assert 5 <= saved < 8
     resumed = run_cli("train", str(cfg), "--resume")

@@ -21,13 +21,13 @@ from conftest import (
     reseal_checkpoint,
     run_cli,
     snapshot,
-    wait_for_step,
+    train_until_sigterm,
     write_config,
     write_jsonl,
 )
 from safetensors.torch import load_file
 
-from qlora_kit.core.errors import EXIT_PREEMPTED, NonFiniteLossError, Preempted
+from qlora_kit.core.errors import NonFiniteLossError, Preempted
 from qlora_kit.rundir.checkpoint import list_checkpoints
 from qlora_kit.train import loop, recipe
 
@@ -37,12 +37,7 @@ pytestmark = pytest.mark.e2e
 def test_sigterm_then_resume_is_exact(tmp_path: Path, tiny_llama: Path, data_file: Path, reference_run: Path) -> None:
     cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, data_file, tmp_path / "run", train=TRAIN,
                        lora={"dropout": 0.1})
-    proc = subprocess.Popen([sys.executable, "-m", "qlora_kit.cli", "train", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    wait_for_step(tmp_path / "run", 5, proc)
-    proc.send_signal(signal.SIGTERM)
-    _out, err = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    err = train_until_sigterm(cfg, tmp_path / "run")
     assert "error: stopped by SIGTERM at step" in err and "--resume" in err and "Traceback" not in err
     manifest = json.loads((tmp_path / "run/manifest.json").read_text())
     assert manifest["status"] == "preempted"

@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RESUME_TRAIN, run_cli, wait_for_step, write_config
+from conftest import RESUME_TRAIN, run_cli, train_until_sigterm, write_config
 
-from qlora_kit.core.errors import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.e2e
 
@@ -45,12 +40,7 @@ def tracked_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, data
     train = {**RESUME_TRAIN, "eval_steps": 4, "report_to": BACKENDS, "run_name": "tracked-run"}
     cfg = write_config(root / "cfg.yaml", tiny_llama, data_file, root / "run", train=train)
     env = _env(root)
-    proc = subprocess.Popen([sys.executable, "-m", "qlora_kit.cli", "train", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
-    wait_for_step(root / "run", 5, proc, timeout=300)
-    proc.send_signal(signal.SIGTERM)
-    _out, err = proc.communicate(timeout=300)
-    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    train_until_sigterm(cfg, root / "run", env=env, timeout=300)
     first = json.loads((root / "run/manifest.json").read_text())["tracking"]
     stopped_at = max(r["step"] for r in _metrics(root / "run"))
     resumed = run_cli("train", str(cfg), "--resume", env=env, timeout=600)
