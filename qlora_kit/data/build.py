@@ -14,7 +14,14 @@ from qlora_kit.core.config import DataConfig
 from qlora_kit.core.errors import DataError
 from qlora_kit.data.encode import Encoded, Sample, encode_rows
 from qlora_kit.data.formats import Parsed, Row, RowProblem
-from qlora_kit.data.labels import TEMPLATE_ERROR, ChatSpans, fold_system_rows, make_chat_spans, template_takes_system
+from qlora_kit.data.labels import (
+    TEMPLATE_ERROR,
+    ChatSpans,
+    fold_system_rows,
+    make_chat_spans,
+    template_takes_system,
+    template_time_limit,
+)
 from qlora_kit.data.sources import (
     SourceData,
     SourceSpec,
@@ -138,7 +145,8 @@ def check_tools(tokenizer: PreTrainedTokenizerBase, sources: list[SourceData], m
     """
     parts = [p for s in sources for p in (s.part, s.val_part) if p is not None]
     needs = tool_needs([(r.messages, r.tools) for p in parts for r in p.rows if r.messages is not None])
-    problem = tool_support_problem(tokenizer, needs)
+    with template_time_limit():  # renders probe conversations through the template
+        problem = tool_support_problem(tokenizer, needs)
     if problem is None:
         return
     rows = sum(1 for p in parts for r in p.rows if r.messages is not None and tool_needs([(r.messages, r.tools)]))
@@ -154,7 +162,9 @@ def prepare_rows(sources: list[SourceData], tokenizer: PreTrainedTokenizerBase, 
     """Apply ``data.default_system_prompt`` to each source's rows, then fold system turns into the first user turn
     for templates without a system role; in place. Returns what happened to rows without a system turn."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    use = SystemPromptUse.of(policy, template_default_system(tokenizer) if has_template else None)
+    with template_time_limit():  # renders a probe conversation through the template
+        default = template_default_system(tokenizer) if has_template else None
+    use = SystemPromptUse.of(policy, default)
     takes_system = not has_template or template_takes_system(tokenizer)
     folded = 0
     for src in sources:
@@ -385,7 +395,8 @@ def _system_pairs(pairs: list[Pair], cfg: DataConfig, tokenizer: PreTrainedToken
     """``data.default_system_prompt`` applied to both sides of each pair, then system turns folded for templates
     without a system role (as :func:`prepare_rows` does for SFT rows)."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    default = template_default_system(tokenizer) if has_template else None
+    with template_time_limit():
+        default = template_default_system(tokenizer) if has_template else None
     chosen, _ = apply_system_policy([p.chosen for p in pairs], cfg.default_system_prompt, default)
     rejected, _ = apply_system_policy([p.rejected for p in pairs], cfg.default_system_prompt, default)
     pairs = [Pair(p.number, c, r) for p, c, r in zip(pairs, chosen, rejected)]
