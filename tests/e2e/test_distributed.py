@@ -192,6 +192,7 @@ def resume_reference(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path,
     return root / "run"
 
 
+@pytest.mark.slow  # two processes twice plus their reference run (~35 s)
 def test_sigterm_to_one_rank_then_resume_is_exact(tmp_path: Path, tiny_llama: Path, fifty_rows: Path,
                                                    resume_reference: Path) -> None:
     cfg = write_config(tmp_path / "cfg.yaml", tiny_llama, fifty_rows, tmp_path / "run", train=RESUME,

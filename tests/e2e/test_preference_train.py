@@ -108,6 +108,7 @@ def test_export_gguf_and_generate_work_unchanged_on_a_dpo_run(dpo_run: dict, tmp
     assert answer.returncode == 0, answer.stderr[-3000:]
 
 
+@pytest.mark.slow  # an SFT run, then a DPO run from its adapter (~26 s)
 def test_dpo_from_an_sft_runs_adapter(tmp_path: Path, tiny_llama: Path, data_file: Path, pairs: Path) -> None:
     sft_cfg = write_config(tmp_path / "sft.yaml", tiny_llama, data_file, tmp_path / "sft", lora={"r": 4, "alpha": 8},
                            train={"max_steps": 3})

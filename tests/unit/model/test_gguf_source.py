@@ -18,6 +18,7 @@ from qlora_kit.model import base, lora, sources
 GGUF = require_demo_gguf()
 
 
+@pytest.mark.slow  # converts the real SmolLM2 GGUF (~25 s)
 def test_gguf_converts_once_and_loads_in_4bit() -> None:
     cfg = ModelConfig(name_or_path=str(GGUF))
     source = sources.resolve_source(cfg)
