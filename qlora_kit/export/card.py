@@ -103,7 +103,7 @@ def same_export(target: Path, run: finished.RunInfo, options: dict[str, Any], ve
     dtype or quant), its weights present, and verified when ``verify`` asks for it.  The report is
     written before the final rename, so a directory holding one is a complete export.
     """
-    report = read_report(target / REPORT)
+    report = _read_report(target / REPORT)
     if report is None or not report.get("adapter_sha256") or report.get("adapter_sha256") != adapter_digest(run):
         return None
     stored = {"format": report.get("format"), "merge_base": report.get("merge_base"), "dtype": report.get("dtype"),
@@ -123,7 +123,7 @@ def adapter_digest(run: finished.RunInfo) -> dict[str, str]:
     return {p.name: file_sha256(p) for p in sorted(adapter.iterdir()) if p.is_file()}
 
 
-def read_report(path: Path) -> dict[str, Any] | None:
+def _read_report(path: Path) -> dict[str, Any] | None:
     """An export's ``export_report.json`` as a dict, or None when it is missing or not a JSON object."""
     try:
         report = json.loads(path.read_text(encoding="utf-8"))

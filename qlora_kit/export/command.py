@@ -149,9 +149,9 @@ def export_model(run_dir: str | Path, out: str | Path, dtype: str | None = None,
                 wanted = {"format": fmt, "merge_base": merge_base, "dtype": dtype, "quant": quant}
                 done = None if overwrite else _already_exported(Path(out), run, wanted, verify)
                 if done is not None:
-                    report = card.read_report(done / card.REPORT) or {"verification": {}}
+                    target, report = done
                     if push_to_hub and token:  # the export is there: publish it
-                        card.record_export(run, done, report, _push(run, done, push_to_hub, token, private))
+                        card.record_export(run, target, report, _push(run, target, push_to_hub, token, private))
                     return report
                 target = check_target(Path(out), run, overwrite)
                 with runlock.exclusive(target, "export", option="--out"):
@@ -202,8 +202,10 @@ def _push(run: finished.RunInfo, target: Path, repo_id: str, token: str, private
     return url
 
 
-def _already_exported(out: Path, run: finished.RunInfo, wanted: dict[str, Any], verify: bool) -> Path | None:
-    """``--out`` when it already holds this very export (a rerun after a stop that came once it was complete)."""
+def _already_exported(out: Path, run: finished.RunInfo, wanted: dict[str, Any], verify: bool
+                      ) -> tuple[Path, dict[str, Any]] | None:
+    """``--out`` and its report when it already holds this very export (a rerun after a stop that came once it
+    was complete), else None."""
     target = out.expanduser().resolve()
     restore_moved_aside(target)
     report = card.same_export(target, run, wanted, verify)
@@ -212,7 +214,7 @@ def _already_exported(out: Path, run: finished.RunInfo, wanted: dict[str, Any], 
     status = report["verification"].get("status")
     log.warning("%s already holds this export of %s (made %s, verification %s): nothing to do; --overwrite makes it "
                 "again", out, run.run_dir, report.get("created", "earlier"), status)
-    return target
+    return target, report
 
 
 def _publish(staging: Path, target: Path, options: dict[str, Any]) -> None:
